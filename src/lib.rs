@@ -1,0 +1,21 @@
+//! memplan: how much GPU and host memory an LLM training plan needs, and whether it fits.
+//!
+//! The crate has separate rooms with little traffic between them:
+//! - [`profiles`] and [`plan`]: model and GPU profiles, and the one place where user input
+//!   becomes a validated [`plan::Plan`];
+//! - [`estimate`]: the analytic estimator, pure arithmetic over `&Plan`;
+//! - [`output`]: tables, JSON and markdown; renders, computes nothing;
+//! - [`cli`]: flags and commands;
+//! - `trainer` (cargo feature `trainer`): a real libtorch run that measures what the
+//!   estimator predicts. The estimator and the trainer never import each other; only the
+//!   validation command sees both.
+
+pub mod cli;
+pub mod error;
+pub mod estimate;
+pub mod output;
+pub mod plan;
+pub mod profiles;
+pub mod units;
+#[cfg(feature = "trainer")]
+pub mod trainer;

@@ -1,0 +1,690 @@
+//! The training plan: raw input ([`PlanFile`]) and its resolved, validated form ([`Plan`]).
+//!
+//! This is the one place where user input becomes a plan. Flags and plan files both produce a
+//! [`PlanFile`] (every key optional); [`PlanFile::overlay`] lets flags override a file, and
+//! [`PlanFile::resolve`] looks up profiles, fills defaults and checks every constraint, giving
+//! a [`Plan`] with no `Option`s that the estimator and the trainer take by reference.
+//!
+//! # Plan file schema (JSON; every key optional except `model`)
+//! ```json
+//! {"model": "llama3-8b", "gpu": "rtx-a6000-48g", "num_gpus": 2, "gpus_per_node": 8,
+//!  "host_ram": "512GiB",
+//!  "parallel": {"dp_shard": 2, "dp_replicate": 1, "tp": 1, "pp": 1, "cp": 1, "sp": false},
+//!  "batch": {"micro_batch_size": 4, "seq_len": 2048, "grad_accum_steps": 1},
+//!  "precision": {"param": "bf16", "reduce": "fp32", "master": "fp32"},
+//!  "optimizer": "adamw", "activation_checkpointing": "full",
+//!  "offload": "none", "reshard_after_forward": true,
+//!  "implementation": {"attention": "flash", "rmsnorm": "eager", "gqa": "repeat-kv",
+//!                     "logits": "float-output", "optimizer": "foreach"}}
+//! ```
+//! `dp_shard` may be -1 (or left out): it then takes whatever the other degrees leave of
+//! `num_gpus`, as in torchtitan.
+
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::profiles::{self, GpuSpec, ModelSpec};
+use crate::units::Bytes;
+
+/// Largest degree, batch or sequence accepted: far beyond any real plan, small enough that
+/// products of a few of them stay inside 64 bits (the arithmetic is checked regardless).
+pub const MAX_DIM: u64 = 1 << 24;
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PlanFile {
+    pub model: Option<String>,
+    pub gpu: Option<String>,
+    pub num_gpus: Option<i64>,
+    pub gpus_per_node: Option<i64>,
+    /// Host RAM per node: bytes as an integer, or a string such as "512GiB" or "1TB".
+    pub host_ram: Option<serde_json::Value>,
+    #[serde(default)]
+    pub parallel: ParallelFile,
+    #[serde(default)]
+    pub batch: BatchFile,
+    #[serde(default)]
+    pub precision: PrecisionFile,
+    pub optimizer: Option<String>,
+    pub activation_checkpointing: Option<String>,
+    pub offload: Option<String>,
+    pub reshard_after_forward: Option<bool>,
+    #[serde(default)]
+    pub implementation: ImplementationFile,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelFile {
+    pub dp_shard: Option<i64>,
+    pub dp_replicate: Option<i64>,
+    pub tp: Option<i64>,
+    pub pp: Option<i64>,
+    pub cp: Option<i64>,
+    pub sp: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BatchFile {
+    pub micro_batch_size: Option<i64>,
+    pub seq_len: Option<i64>,
+    pub grad_accum_steps: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PrecisionFile {
+    pub param: Option<String>,
+    pub reduce: Option<String>,
+    pub master: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ImplementationFile {
+    pub attention: Option<String>,
+    pub rmsnorm: Option<String>,
+    pub gqa: Option<String>,
+    pub logits: Option<String>,
+    pub optimizer: Option<String>,
+}
+
+/// A named choice parsed from text, with the list of accepted spellings for errors.
+pub trait Choice: Sized + Copy {
+    const FIELD: &'static str;
+    const ACCEPTED: &'static str;
+    fn from_text(s: &str) -> Option<Self>;
+    fn parse(s: &str) -> Result<Self> {
+        Self::from_text(s.trim())
+            .ok_or_else(|| Error::invalid(Self::FIELD, format!("{s:?}"), Self::ACCEPTED))
+    }
+}
+
+macro_rules! choice {
+    ($(#[$m:meta])* $ty:ident, $field:literal { $($(#[$vm:meta])* $var:ident = $($txt:literal)|+),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+        #[serde(rename_all = "kebab-case")]
+        pub enum $ty { $($(#[$vm])* $var),+ }
+        impl Choice for $ty {
+            const FIELD: &'static str = $field;
+            const ACCEPTED: &'static str = concat!("one of ", choice!(@list $($($txt)|+),+));
+            fn from_text(s: &str) -> Option<Self> {
+                match s.to_ascii_lowercase().as_str() { $($($txt)|+ => Some($ty::$var),)+ _ => None }
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(match self { $($ty::$var => choice!(@first $($txt)|+)),+ })
+            }
+        }
+    };
+    (@first $a:literal $(| $rest:literal)*) => { $a };
+    (@list $($a:literal $(| $rest:literal)*),+) => { concat!($($a, " "),+) };
+}
+
+choice!(
+    /// Element type of a tensor.
+    DType, "precision dtype" {
+        Fp32 = "fp32" | "float32" | "float",
+        Bf16 = "bf16" | "bfloat16",
+        Fp16 = "fp16" | "float16" | "half",
+    }
+);
+
+impl DType {
+    pub const fn bytes(self) -> u64 {
+        match self {
+            DType::Fp32 => 4,
+            DType::Bf16 | DType::Fp16 => 2,
+        }
+    }
+}
+
+choice!(
+    /// The optimizer, which decides the per-parameter state.
+    Optimizer, "optimizer" {
+        /// AdamW (decoupled weight decay): exp_avg and exp_avg_sq per parameter.
+        AdamW = "adamw",
+        /// Adam: as AdamW for memory.
+        Adam = "adam",
+        /// SGD with momentum: one momentum buffer per parameter.
+        SgdMomentum = "sgd-momentum" | "sgdm",
+        /// Plain SGD: no state.
+        Sgd = "sgd",
+    }
+);
+
+impl Optimizer {
+    /// Optimizer state tensors per parameter, each in the master dtype.
+    pub const fn states_per_param(self) -> u64 {
+        match self {
+            Optimizer::AdamW | Optimizer::Adam => 2,
+            Optimizer::SgdMomentum => 1,
+            Optimizer::Sgd => 0,
+        }
+    }
+}
+
+/// Activation checkpointing mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Checkpointing {
+    /// Autograd keeps every tensor it saves.
+    None,
+    /// Each block keeps only its input; the block is recomputed in backward.
+    Full,
+    /// torchtitan's selective layer AC: every K-th block is checkpointed in full.
+    SelectiveLayer(u64),
+    /// torchtitan's per-op policy: matmul and attention outputs are kept (every other matmul
+    /// recomputed), everything else recomputed.
+    SelectiveOp,
+}
+
+impl Checkpointing {
+    pub const FIELD: &'static str = "activation_checkpointing";
+    pub const ACCEPTED: &'static str = "one of none, full, selective-layer:K (K >= 1), selective-op";
+    pub fn parse(s: &str) -> Result<Self> {
+        let t = s.trim().to_ascii_lowercase();
+        let bad = || Error::invalid(Self::FIELD, format!("{s:?}"), Self::ACCEPTED);
+        match t.as_str() {
+            "none" | "no" => Ok(Checkpointing::None),
+            "full" => Ok(Checkpointing::Full),
+            "selective-op" | "op" | "selective:op" => Ok(Checkpointing::SelectiveOp),
+            _ => {
+                let k = t
+                    .strip_prefix("selective-layer:")
+                    .or_else(|| t.strip_prefix("selective:"))
+                    .ok_or_else(bad)?;
+                match k.parse::<u64>() {
+                    Ok(k) if (1..=MAX_DIM).contains(&k) => Ok(Checkpointing::SelectiveLayer(k)),
+                    _ => Err(bad()),
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for Checkpointing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Checkpointing::None => f.write_str("none"),
+            Checkpointing::Full => f.write_str("full"),
+            Checkpointing::SelectiveLayer(k) => write!(f, "selective-layer:{k}"),
+            Checkpointing::SelectiveOp => f.write_str("selective-op"),
+        }
+    }
+}
+
+choice!(
+    /// What lives in host memory instead of on the GPU.
+    Offload, "offload" {
+        None = "none",
+        /// Optimizer states on the host; the step runs on the host.
+        Optimizer = "optimizer",
+        /// FSDP2 CPUOffloadPolicy: sharded params, grads and optimizer states pinned on the host.
+        Full = "full" | "cpu",
+    }
+);
+
+choice!(
+    /// Attention kernel chosen by scaled_dot_product_attention.
+    Attention, "implementation.attention" {
+        /// FlashAttention-2: saves q, k, v, output and the log-sum-exp; no seq x seq buffer.
+        Flash = "flash",
+        /// Memory-efficient attention (xformers/cutlass): as flash for memory.
+        Efficient = "efficient" | "mem-efficient",
+        /// The math fallback: materialises and saves the seq x seq attention probabilities.
+        Math = "math",
+    }
+);
+
+choice!(
+    /// RMSNorm implementation, which decides the tensors saved for backward.
+    RmsNorm, "implementation.rmsnorm" {
+        /// Op by op (`x.float()`, pow, mean, rsqrt, mul, `type_as`, mul by weight): saves an
+        /// fp32 copy of the input and the normalised bf16 tensor.
+        Eager = "eager",
+        /// One fused kernel (torch.compile, `torch.nn.RMSNorm` fused path): saves the input and
+        /// the per-row reciprocal RMS.
+        Fused = "fused",
+    }
+);
+
+choice!(
+    /// How grouped-query attention reaches the attention kernel.
+    Gqa, "implementation.gqa" {
+        /// K and V are expanded to every query head (`repeat_kv`) before attention, and the
+        /// expanded copies are what attention saves.
+        RepeatKv = "repeat-kv",
+        /// `enable_gqa=True`: the kernel reads the KV heads directly.
+        Native = "native" | "enable-gqa",
+    }
+);
+
+choice!(
+    /// Where the logits become fp32 for cross-entropy.
+    Logits, "implementation.logits" {
+        /// The model returns `output(h).float()` (torchtitan of 2024): bf16 logits and an fp32
+        /// copy both exist in forward.
+        FloatOutput = "float-output",
+        /// The model returns bf16 logits; the loss upcasts them.
+        FloatInLoss = "float-in-loss",
+        /// Cross-entropy in the compute dtype, no upcast.
+        ComputeDtype = "compute-dtype",
+    }
+);
+
+choice!(
+    /// Optimizer kernel style, which decides its temporaries.
+    OptimizerImpl, "implementation.optimizer" {
+        /// `torch.optim` foreach: one temporary as large as every parameter of the group.
+        Foreach = "foreach",
+        /// `torch.optim` fused: no temporaries.
+        Fused = "fused",
+        /// One parameter at a time (libtorch C++ optimizers, `torch.optim` single-tensor path):
+        /// temporaries as large as the largest parameter.
+        PerParam = "per-param" | "for-loop" | "single-tensor",
+    }
+);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Parallel {
+    /// FSDP shard degree.
+    pub dp_shard: u64,
+    /// Replicate degree (HSDP when dp_shard > 1).
+    pub dp_replicate: u64,
+    pub tp: u64,
+    pub pp: u64,
+    pub cp: u64,
+    /// Sequence parallelism alongside TP.
+    pub sp: bool,
+}
+
+impl Parallel {
+    /// Ranks a parameter shard is split over: FSDP shards over dp_shard x cp (torchtitan folds
+    /// the CP mesh into the FSDP mesh).
+    pub fn fsdp_degree(&self) -> u64 {
+        self.dp_shard * self.cp
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Batch {
+    pub micro_batch_size: u64,
+    pub seq_len: u64,
+    pub grad_accum_steps: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Precision {
+    /// dtype of the unsharded parameters used in forward and backward (FSDP2 param_dtype).
+    pub param: DType,
+    /// dtype of the gradient reduction (FSDP2 reduce_dtype).
+    pub reduce: DType,
+    /// dtype of the sharded master parameters, their gradients and the optimizer states.
+    pub master: DType,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Implementation {
+    pub attention: Attention,
+    pub rmsnorm: RmsNorm,
+    pub gqa: Gqa,
+    pub logits: Logits,
+    pub optimizer: OptimizerImpl,
+}
+
+impl Default for Implementation {
+    /// torchtitan as of late 2024, the version behind the published measurements.
+    fn default() -> Self {
+        Implementation {
+            attention: Attention::Flash,
+            rmsnorm: RmsNorm::Eager,
+            gqa: Gqa::RepeatKv,
+            logits: Logits::FloatOutput,
+            optimizer: OptimizerImpl::Foreach,
+        }
+    }
+}
+
+/// A resolved, validated plan.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Plan {
+    pub model: ModelSpec,
+    pub gpu: GpuSpec,
+    pub num_gpus: u64,
+    pub gpus_per_node: u64,
+    pub host_ram: Bytes,
+    pub parallel: Parallel,
+    pub batch: Batch,
+    pub precision: Precision,
+    pub optimizer: Optimizer,
+    pub activation_checkpointing: Checkpointing,
+    pub offload: Offload,
+    pub reshard_after_forward: bool,
+    pub implementation: Implementation,
+}
+
+impl Plan {
+    /// GPUs on one node (the last node may hold fewer when num_gpus is not a multiple).
+    pub fn gpus_on_busiest_node(&self) -> u64 {
+        self.gpus_per_node.min(self.num_gpus)
+    }
+}
+
+fn positive(field: &str, v: Option<i64>, default: u64) -> Result<u64> {
+    match v {
+        None => Ok(default),
+        Some(n) if n >= 1 && (n as u64) <= MAX_DIM => Ok(n as u64),
+        Some(n) => Err(Error::invalid(
+            field,
+            n,
+            format!("an integer from 1 to {MAX_DIM}"),
+        )),
+    }
+}
+
+fn parse_opt<T: Choice>(v: &Option<String>, default: T) -> Result<T> {
+    v.as_deref().map_or(Ok(default), T::parse)
+}
+
+fn divides(field: &str, degree: u64, what: &str, n: u64) -> Result<()> {
+    if n % degree != 0 {
+        return Err(Error::invalid(
+            field,
+            degree,
+            format!("a divisor of {what} ({n})"),
+        ));
+    }
+    Ok(())
+}
+
+impl PlanFile {
+    /// Reads a plan file; malformed JSON is reported with its line.
+    pub fn read(path: &Path) -> Result<PlanFile> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_str(&text).map_err(|e| {
+            Error::input(format!(
+                "plan {}: malformed at line {} column {}: {e}",
+                path.display(),
+                e.line(),
+                e.column()
+            ))
+        })
+    }
+
+    /// Keys set in `top` replace those of `self`.
+    pub fn overlay(self, top: PlanFile) -> PlanFile {
+        fn o<T>(a: Option<T>, b: Option<T>) -> Option<T> {
+            b.or(a)
+        }
+        PlanFile {
+            model: o(self.model, top.model),
+            gpu: o(self.gpu, top.gpu),
+            num_gpus: o(self.num_gpus, top.num_gpus),
+            gpus_per_node: o(self.gpus_per_node, top.gpus_per_node),
+            host_ram: o(self.host_ram, top.host_ram),
+            parallel: ParallelFile {
+                dp_shard: o(self.parallel.dp_shard, top.parallel.dp_shard),
+                dp_replicate: o(self.parallel.dp_replicate, top.parallel.dp_replicate),
+                tp: o(self.parallel.tp, top.parallel.tp),
+                pp: o(self.parallel.pp, top.parallel.pp),
+                cp: o(self.parallel.cp, top.parallel.cp),
+                sp: o(self.parallel.sp, top.parallel.sp),
+            },
+            batch: BatchFile {
+                micro_batch_size: o(self.batch.micro_batch_size, top.batch.micro_batch_size),
+                seq_len: o(self.batch.seq_len, top.batch.seq_len),
+                grad_accum_steps: o(self.batch.grad_accum_steps, top.batch.grad_accum_steps),
+            },
+            precision: PrecisionFile {
+                param: o(self.precision.param, top.precision.param),
+                reduce: o(self.precision.reduce, top.precision.reduce),
+                master: o(self.precision.master, top.precision.master),
+            },
+            optimizer: o(self.optimizer, top.optimizer),
+            activation_checkpointing: o(
+                self.activation_checkpointing,
+                top.activation_checkpointing,
+            ),
+            offload: o(self.offload, top.offload),
+            reshard_after_forward: o(self.reshard_after_forward, top.reshard_after_forward),
+            implementation: ImplementationFile {
+                attention: o(self.implementation.attention, top.implementation.attention),
+                rmsnorm: o(self.implementation.rmsnorm, top.implementation.rmsnorm),
+                gqa: o(self.implementation.gqa, top.implementation.gqa),
+                logits: o(self.implementation.logits, top.implementation.logits),
+                optimizer: o(self.implementation.optimizer, top.implementation.optimizer),
+            },
+        }
+    }
+
+    /// Looks up the profiles and resolves the plan.
+    pub fn resolve(&self) -> Result<Plan> {
+        let model_name = self.model.as_deref().ok_or_else(|| {
+            Error::input("missing model: pass --model NAME|config.json or \"model\" in the plan")
+        })?;
+        let model = profiles::model(model_name)?;
+        let gpu = profiles::gpu(self.gpu.as_deref().unwrap_or("h100-80g"))?;
+        self.resolve_with(model, gpu)
+    }
+
+    /// Resolves the plan against given profiles (what `resolve` does after the lookup).
+    pub fn resolve_with(&self, model: ModelSpec, gpu: GpuSpec) -> Result<Plan> {
+        let p = &self.parallel;
+        let tp = positive("parallel.tp", p.tp, 1)?;
+        let pp = positive("parallel.pp", p.pp, 1)?;
+        let cp = positive("parallel.cp", p.cp, 1)?;
+        let dp_replicate = positive("parallel.dp_replicate", p.dp_replicate, 1)?;
+        let others = [tp, pp, cp]
+            .iter()
+            .try_fold(dp_replicate, |a, &b| a.checked_mul(b))
+            .ok_or_else(|| Error::overflow("product of parallel degrees"))?;
+        let num_gpus = match self.num_gpus {
+            Some(_) => positive("num_gpus", self.num_gpus, 1)?,
+            None => match p.dp_shard {
+                Some(d) if d >= 1 => positive("parallel.dp_shard", Some(d), 1)?
+                    .checked_mul(others)
+                    .ok_or_else(|| Error::overflow("num_gpus"))?,
+                _ => others,
+            },
+        };
+        let dp_shard = match p.dp_shard {
+            None | Some(-1) => {
+                if num_gpus % others != 0 {
+                    return Err(Error::invalid(
+                        "num_gpus",
+                        num_gpus,
+                        format!("a multiple of dp_replicate x tp x pp x cp ({others})"),
+                    ));
+                }
+                num_gpus / others
+            }
+            Some(d) => positive("parallel.dp_shard", Some(d), 1)?,
+        };
+        if dp_shard.checked_mul(others) != Some(num_gpus) {
+            return Err(Error::invalid(
+                "num_gpus",
+                num_gpus,
+                format!(
+                    "dp_replicate x dp_shard x tp x pp x cp = {dp_replicate} x {dp_shard} x {tp} x {pp} x {cp}"
+                ),
+            ));
+        }
+        let gpus_per_node = positive("gpus_per_node", self.gpus_per_node, num_gpus.min(8))?;
+
+        divides("parallel.tp", tp, "num_attention_heads", model.heads)?;
+        divides("parallel.tp", tp, "num_key_value_heads", model.kv_heads)?;
+        divides("parallel.tp", tp, "intermediate_size", model.intermediate)?;
+        if pp > model.layers {
+            return Err(Error::invalid(
+                "parallel.pp",
+                pp,
+                format!("at most num_hidden_layers ({})", model.layers),
+            ));
+        }
+
+        let b = &self.batch;
+        let micro_batch_size = positive("batch.micro_batch_size", b.micro_batch_size, 1)?;
+        let seq_len = positive("batch.seq_len", b.seq_len, 2048.min(model.max_seq_len))?;
+        let grad_accum_steps = positive("batch.grad_accum_steps", b.grad_accum_steps, 1)?;
+        if seq_len > model.max_seq_len {
+            return Err(Error::invalid(
+                "batch.seq_len",
+                seq_len,
+                format!(
+                    "at most the model's max_position_embeddings ({})",
+                    model.max_seq_len
+                ),
+            ));
+        }
+        if cp > 1 && seq_len % (2 * cp) != 0 {
+            return Err(Error::invalid(
+                "parallel.cp",
+                cp,
+                format!("a degree with 2 x cp dividing seq_len ({seq_len}) for load-balanced ring attention"),
+            ));
+        }
+        let sp = p.sp.unwrap_or(tp > 1);
+        if sp && tp > 1 && seq_len / cp % tp != 0 {
+            return Err(Error::invalid(
+                "parallel.sp",
+                true,
+                format!("seq_len / cp ({}) divisible by tp ({tp}), or sp false", seq_len / cp),
+            ));
+        }
+
+        let pr = &self.precision;
+        let param = parse_opt(&pr.param, DType::Bf16)?;
+        let reduce = parse_opt(&pr.reduce, DType::Fp32)?;
+        let master = parse_opt(&pr.master, DType::Fp32)?;
+        if master == DType::Fp16 {
+            return Err(Error::invalid(
+                "precision.master",
+                "\"fp16\"",
+                "one of fp32 bf16 (fp16 master weights need loss scaling, not modelled)",
+            ));
+        }
+        let im = &self.implementation;
+        let implementation = Implementation {
+            attention: parse_opt(&im.attention, Attention::Flash)?,
+            rmsnorm: parse_opt(&im.rmsnorm, RmsNorm::Eager)?,
+            gqa: parse_opt(&im.gqa, Gqa::RepeatKv)?,
+            logits: parse_opt(&im.logits, Logits::FloatOutput)?,
+            optimizer: parse_opt(&im.optimizer, OptimizerImpl::Foreach)?,
+        };
+        let host_ram = match &self.host_ram {
+            None => Bytes::gib(1024),
+            Some(serde_json::Value::Number(n)) => n
+                .as_u64()
+                .filter(|&n| n > 0)
+                .map(Bytes)
+                .ok_or_else(|| Error::invalid("host_ram", n, "a positive byte count"))?,
+            Some(serde_json::Value::String(s)) => Bytes::parse(s)
+                .filter(|b| b.get() > 0)
+                .ok_or_else(|| {
+                    Error::invalid("host_ram", format!("{s:?}"), "a size such as 512GiB or 1TB")
+                })?,
+            Some(v) => return Err(Error::invalid("host_ram", v, "a size such as 512GiB or 1TB")),
+        };
+        Ok(Plan {
+            model,
+            gpu,
+            num_gpus,
+            gpus_per_node,
+            host_ram,
+            parallel: Parallel {
+                dp_shard,
+                dp_replicate,
+                tp,
+                pp,
+                cp,
+                sp: sp && tp > 1,
+            },
+            batch: Batch {
+                micro_batch_size,
+                seq_len,
+                grad_accum_steps,
+            },
+            precision: Precision {
+                param,
+                reduce,
+                master,
+            },
+            optimizer: parse_opt(&self.optimizer, Optimizer::AdamW)?,
+            activation_checkpointing: self
+                .activation_checkpointing
+                .as_deref()
+                .map_or(Ok(Checkpointing::None), Checkpointing::parse)?,
+            offload: parse_opt(&self.offload, Offload::None)?,
+            reshard_after_forward: self.reshard_after_forward.unwrap_or(true),
+            implementation,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(json: &str) -> PlanFile {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn dp_shard_takes_what_the_other_degrees_leave() {
+        let p = file(r#"{"model":"llama3-8b","num_gpus":16,"parallel":{"tp":2,"dp_shard":-1}}"#)
+            .resolve()
+            .unwrap();
+        assert_eq!(p.parallel.dp_shard, 8);
+        assert!(p.parallel.sp, "sp defaults on with tp");
+    }
+
+    #[test]
+    fn rejects_tp_degree_that_does_not_divide_kv_heads() {
+        let e = file(r#"{"model":"llama3-8b","num_gpus":16,"parallel":{"tp":16}}"#)
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("parallel.tp") && e.contains("num_key_value_heads (8)"), "{e}");
+    }
+
+    #[test]
+    fn rejects_degrees_that_do_not_multiply_to_the_world_size() {
+        let e = file(r#"{"model":"llama3-8b","num_gpus":6,"parallel":{"dp_shard":4}}"#)
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("invalid num_gpus: got 6"), "{e}");
+    }
+
+    #[test]
+    fn rejects_sequences_longer_than_the_model_holds() {
+        let e = file(r#"{"model":"llama2-7b","batch":{"seq_len":8192}}"#)
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("batch.seq_len") && e.contains("4096"), "{e}");
+    }
+
+    #[test]
+    fn parses_checkpointing_modes() {
+        assert_eq!(Checkpointing::parse("selective-layer:2").unwrap(), Checkpointing::SelectiveLayer(2));
+        assert!(Checkpointing::parse("selective-layer:0").is_err());
+        assert!(Checkpointing::parse("sometimes").is_err());
+    }
+
+    #[test]
+    fn overlay_prefers_the_top_layer() {
+        let base = file(r#"{"model":"llama3-8b","batch":{"seq_len":2048,"micro_batch_size":4}}"#);
+        let top = file(r#"{"batch":{"seq_len":4096}}"#);
+        let m = base.overlay(top);
+        assert_eq!(m.batch.seq_len, Some(4096));
+        assert_eq!(m.batch.micro_batch_size, Some(4));
+    }
+}

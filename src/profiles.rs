@@ -1,0 +1,359 @@
+//! Model and GPU profiles.
+//!
+//! A model profile is a Hugging Face `config.json` (same field names), read into
+//! [`ModelConfig`] with `Option`s and then turned into the plain [`ModelSpec`] the arithmetic
+//! uses. Shipped profiles live in `profiles/models/*.json` and `profiles/gpus/*.json` and are
+//! compiled into the binary, so `--model llama3-8b` works from any directory; `--model` also
+//! takes a path to any `config.json`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::units::Bytes;
+
+/// A Hugging Face `config.json`, as far as memory is concerned. Unknown keys are ignored.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ModelConfig {
+    pub model_type: Option<String>,
+    pub hidden_size: Option<u64>,
+    pub num_hidden_layers: Option<u64>,
+    pub num_attention_heads: Option<u64>,
+    pub num_key_value_heads: Option<u64>,
+    pub head_dim: Option<u64>,
+    pub intermediate_size: Option<u64>,
+    pub vocab_size: Option<u64>,
+    pub tie_word_embeddings: Option<bool>,
+    pub max_position_embeddings: Option<u64>,
+    /// Llama: bias on q, k, v and o projections.
+    pub attention_bias: Option<bool>,
+    /// Llama: bias on the MLP projections.
+    pub mlp_bias: Option<bool>,
+    // Mixture-of-experts keys of current families; read so that an MoE config is recognised
+    // (and refused until MoE is modelled) instead of being silently estimated as dense.
+    pub num_local_experts: Option<u64>,
+    pub num_experts: Option<u64>,
+    pub n_routed_experts: Option<u64>,
+}
+
+/// The plain model description the estimator and the trainer use: a Llama-family decoder
+/// (RMSNorm, rotary attention with grouped-query heads, SwiGLU MLP).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ModelSpec {
+    pub name: String,
+    pub hidden: u64,
+    pub layers: u64,
+    pub heads: u64,
+    pub kv_heads: u64,
+    pub head_dim: u64,
+    pub intermediate: u64,
+    pub vocab: u64,
+    pub tied_embeddings: bool,
+    pub max_seq_len: u64,
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+}
+
+/// One parameter tensor of a block: rows (dim 0, the dimension FSDP shards) x cols.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParamShape {
+    pub rows: u64,
+    pub cols: u64,
+}
+
+impl ParamShape {
+    pub const fn numel(self) -> u64 {
+        self.rows * self.cols
+    }
+}
+
+impl ModelConfig {
+    /// Checks every field and yields the spec. `name` labels the model in output.
+    pub fn into_spec(self, name: &str) -> Result<ModelSpec> {
+        let field = |v: Option<u64>, key: &str| -> Result<u64> {
+            match v {
+                None => Err(Error::input(format!(
+                    "model {name}: missing {key} (a positive integer, as in Hugging Face config.json)"
+                ))),
+                Some(0) => Err(Error::invalid(
+                    &format!("model {name}: {key}"),
+                    0,
+                    "a positive integer",
+                )),
+                Some(n) if n > 1 << 32 => Err(Error::invalid(
+                    &format!("model {name}: {key}"),
+                    n,
+                    "at most 2^32",
+                )),
+                Some(n) => Ok(n),
+            }
+        };
+        if let Some(e) = self
+            .num_local_experts
+            .or(self.num_experts)
+            .or(self.n_routed_experts)
+            .filter(|&e| e > 1)
+        {
+            return Err(Error::input(format!(
+                "model {name}: mixture-of-experts configs ({e} experts) are not modelled yet; \
+                 dense Llama-family decoders are"
+            )));
+        }
+        let hidden = field(self.hidden_size, "hidden_size")?;
+        let layers = field(self.num_hidden_layers, "num_hidden_layers")?;
+        let heads = field(self.num_attention_heads, "num_attention_heads")?;
+        let kv_heads = field(
+            self.num_key_value_heads.or(self.num_attention_heads),
+            "num_key_value_heads",
+        )?;
+        let intermediate = field(self.intermediate_size, "intermediate_size")?;
+        let vocab = field(self.vocab_size, "vocab_size")?;
+        if heads % kv_heads != 0 {
+            return Err(Error::invalid(
+                &format!("model {name}: num_key_value_heads"),
+                kv_heads,
+                format!("a divisor of num_attention_heads ({heads})"),
+            ));
+        }
+        let head_dim = match self.head_dim {
+            Some(d) => field(Some(d), "head_dim")?,
+            None if hidden % heads == 0 => hidden / heads,
+            None => {
+                return Err(Error::invalid(
+                    &format!("model {name}: num_attention_heads"),
+                    heads,
+                    format!("a divisor of hidden_size ({hidden}) or an explicit head_dim"),
+                ))
+            }
+        };
+        // Qwen2 hard-codes a bias on q, k and v (not o) without a config key.
+        let qwen2 = matches!(self.model_type.as_deref(), Some("qwen2"));
+        let attention_bias = self.attention_bias.unwrap_or(false);
+        Ok(ModelSpec {
+            name: name.to_string(),
+            hidden,
+            layers,
+            heads,
+            kv_heads,
+            head_dim,
+            intermediate,
+            vocab,
+            tied_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            max_seq_len: self.max_position_embeddings.unwrap_or(u64::MAX),
+            qkv_bias: attention_bias || qwen2,
+            o_bias: attention_bias,
+            mlp_bias: self.mlp_bias.unwrap_or(false),
+        })
+    }
+}
+
+impl ModelSpec {
+    /// Width of the query projection output: heads x head_dim.
+    pub fn q_dim(&self) -> u64 {
+        self.heads * self.head_dim
+    }
+    /// Width of each of the key and value projection outputs: kv_heads x head_dim.
+    pub fn kv_dim(&self) -> u64 {
+        self.kv_heads * self.head_dim
+    }
+
+    /// The parameter tensors of one decoder block, in the order the block uses them, as
+    /// (rows, cols) with rows the output features (PyTorch's `nn.Linear.weight` layout, which
+    /// is the dimension FSDP2 shards). Biases and norm weights are `rows x 1`.
+    pub fn block_params(&self) -> Vec<ParamShape> {
+        let (h, q, kv, f) = (self.hidden, self.q_dim(), self.kv_dim(), self.intermediate);
+        let mut v = vec![ParamShape { rows: h, cols: 1 }]; // attention_norm
+        for rows in [q, kv, kv] {
+            v.push(ParamShape { rows, cols: h });
+            if self.qkv_bias {
+                v.push(ParamShape { rows, cols: 1 });
+            }
+        }
+        v.push(ParamShape { rows: h, cols: q }); // o_proj
+        if self.o_bias {
+            v.push(ParamShape { rows: h, cols: 1 });
+        }
+        v.push(ParamShape { rows: h, cols: 1 }); // ffn_norm
+        for (rows, cols) in [(f, h), (f, h), (h, f)] {
+            v.push(ParamShape { rows, cols });
+            if self.mlp_bias {
+                v.push(ParamShape { rows, cols: 1 });
+            }
+        }
+        v
+    }
+
+    /// Parameters of one decoder block.
+    pub fn block_param_count(&self) -> u64 {
+        self.block_params().iter().map(|p| p.numel()).sum()
+    }
+
+    /// Parameters outside the blocks: token embedding, final norm, and the output projection
+    /// unless it is tied to the embedding.
+    pub fn root_params(&self) -> Vec<ParamShape> {
+        let mut v = vec![
+            ParamShape { rows: self.vocab, cols: self.hidden },
+            ParamShape { rows: self.hidden, cols: 1 },
+        ];
+        if !self.tied_embeddings {
+            v.push(ParamShape { rows: self.vocab, cols: self.hidden });
+        }
+        v
+    }
+
+    /// Exact parameter count (`sum(p.numel() for p in model.parameters())`).
+    ///
+    /// ```
+    /// let m = memplan::profiles::model("llama3-8b").unwrap();
+    /// assert_eq!(m.param_count(), 8_030_261_248);
+    /// ```
+    pub fn param_count(&self) -> u64 {
+        self.layers * self.block_param_count()
+            + self.root_params().iter().map(|p| p.numel()).sum::<u64>()
+    }
+
+    /// A 2-layer model small enough to train on a CPU in a test: hidden 64, 4 heads, 2 KV
+    /// heads, vocab 256.
+    pub fn tiny() -> ModelSpec {
+        model("tiny").expect("the tiny profile ships with the binary")
+    }
+}
+
+/// A GPU as the driver reports it.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuSpec {
+    pub name: String,
+    /// Total device memory as the driver reports it (nvidia-smi "Total", in bytes).
+    pub memory_bytes: Bytes,
+    /// Device memory taken outside PyTorch's caching allocator: CUDA context, kernel images,
+    /// cuBLAS/cuDNN handles. What nvidia-smi shows minus what the allocator reserves.
+    pub runtime_overhead_bytes: Bytes,
+    /// Dense bf16 tensor throughput, TFLOP/s (for ranking plans by time).
+    pub bf16_tflops: f64,
+    /// Device memory bandwidth, GB/s.
+    pub hbm_gbps: f64,
+    /// Host link bandwidth per direction, GB/s (PCIe).
+    pub host_link_gbps: f64,
+    /// Intra-node GPU interconnect per direction, GB/s (NVLink, Infinity Fabric, or PCIe).
+    pub intra_node_gbps: f64,
+    /// Where the figures come from.
+    pub source: String,
+}
+
+macro_rules! shipped {
+    ($dir:literal: $($name:literal),* $(,)?) => {
+        &[$(($name, include_str!(concat!("../profiles/", $dir, "/", $name, ".json")))),*]
+    };
+}
+
+/// The shipped model profiles, name and text.
+pub const MODELS: &[(&str, &str)] = shipped!("models":
+    "llama2-7b", "llama2-13b", "llama3-8b", "llama3-70b", "llama3.1-405b", "llama3.2-1b",
+    "mistral-7b", "qwen2.5-7b", "tiny", "tiny-gqa", "tiny-tied",
+);
+
+/// The shipped GPU profiles, name and text.
+pub const GPUS: &[(&str, &str)] = shipped!("gpus":
+    "rtx4090-24g", "rtx-a6000-48g", "l40s-48g", "a100-40g", "a100-80g", "h100-80g", "h100-96g",
+    "h200-141g", "mi300x-192g", "cpu",
+);
+
+fn names(list: &[(&str, &str)]) -> String {
+    list.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| {
+        Error::input(format!(
+            "{what}: malformed JSON at line {} column {}: {e}",
+            e.line(),
+            e.column()
+        ))
+    })
+}
+
+/// A model by shipped name, or by path to a Hugging Face `config.json`.
+pub fn model(name_or_path: &str) -> Result<ModelSpec> {
+    if let Some((name, text)) = MODELS.iter().find(|(n, _)| *n == name_or_path) {
+        let cfg: ModelConfig = parse_json(&format!("model profile {name}"), text)?;
+        return cfg.into_spec(name);
+    }
+    let path = Path::new(name_or_path);
+    if path.is_file() {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let cfg: ModelConfig = parse_json(&format!("model config {}", path.display()), &text)?;
+        let name = path
+            .parent()
+            .and_then(|p| p.file_name())
+            .filter(|_| path.file_name().is_some_and(|f| f == "config.json"))
+            .or_else(|| path.file_stem())
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| name_or_path.to_string());
+        return cfg.into_spec(&name);
+    }
+    Err(Error::invalid(
+        "model",
+        format!("{name_or_path:?}"),
+        format!("a path to a config.json or one of: {}", names(MODELS)),
+    ))
+}
+
+/// A GPU by shipped name, or by path to a GPU profile JSON.
+pub fn gpu(name_or_path: &str) -> Result<GpuSpec> {
+    if let Some((name, text)) = GPUS.iter().find(|(n, _)| *n == name_or_path) {
+        return parse_json(&format!("gpu profile {name}"), text);
+    }
+    let path = Path::new(name_or_path);
+    if path.is_file() {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        return parse_json(&format!("gpu profile {}", path.display()), &text);
+    }
+    Err(Error::invalid(
+        "gpu",
+        format!("{name_or_path:?}"),
+        format!("a path to a GPU profile JSON or one of: {}", names(GPUS)),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_shipped_profile_parses() {
+        for (name, _) in MODELS {
+            model(name).unwrap();
+        }
+        for (name, _) in GPUS {
+            assert_eq!(&gpu(name).unwrap().name, name);
+        }
+    }
+
+    #[test]
+    fn block_of_llama3_8b_is_counted_by_hand() {
+        // q 4096x4096, k and v 1024x4096, o 4096x4096, three MLP 14336x4096, two norms.
+        let m = model("llama3-8b").unwrap();
+        let by_hand = 2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 14336 * 4096 + 2 * 4096;
+        assert_eq!(m.block_param_count(), by_hand);
+    }
+
+    #[test]
+    fn unknown_model_lists_the_known_ones() {
+        let e = model("llama9-1t").unwrap_err().to_string();
+        assert!(e.contains("llama3-8b") && e.contains("llama9-1t"), "{e}");
+    }
+
+    #[test]
+    fn moe_configs_are_refused_not_misread() {
+        let cfg: ModelConfig = serde_json::from_str(
+            r#"{"hidden_size":4096,"num_hidden_layers":32,"num_attention_heads":32,
+                "intermediate_size":14336,"vocab_size":32000,"num_local_experts":8}"#,
+        )
+        .unwrap();
+        assert!(cfg.into_spec("mixtral").is_err());
+    }
+}
