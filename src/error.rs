@@ -47,7 +47,9 @@ impl Error {
     pub fn overflow(what: &str) -> Error {
         Error {
             kind: Kind::Overflow,
-            message: format!("{what} overflows 64-bit bytes: the plan is far outside any real size"),
+            message: format!(
+                "{what} overflows 64-bit bytes: the plan is far outside any real size"
+            ),
         }
     }
     pub fn io(path: &std::path::Path, err: std::io::Error) -> Error {

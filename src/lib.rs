@@ -16,6 +16,6 @@ pub mod estimate;
 pub mod output;
 pub mod plan;
 pub mod profiles;
-pub mod units;
 #[cfg(feature = "trainer")]
 pub mod trainer;
+pub mod units;

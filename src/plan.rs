@@ -15,7 +15,7 @@
 //!  "optimizer": "adamw", "activation_checkpointing": "full",
 //!  "offload": "none", "reshard_after_forward": true,
 //!  "implementation": {"attention": "flash", "rmsnorm": "eager", "gqa": "repeat-kv",
-//!                     "logits": "float-output", "optimizer": "foreach"}}
+//!                     "logits": "float-in-loss", "optimizer": "foreach"}}
 //! ```
 //! `dp_shard` may be -1 (or left out): it then takes whatever the other degrees leave of
 //! `num_gpus`, as in torchtitan.
@@ -187,7 +187,8 @@ pub enum Checkpointing {
 
 impl Checkpointing {
     pub const FIELD: &'static str = "activation_checkpointing";
-    pub const ACCEPTED: &'static str = "one of none, full, selective-layer:K (K >= 1), selective-op";
+    pub const ACCEPTED: &'static str =
+        "one of none, full, selective-layer:K (K >= 1), selective-op";
     pub fn parse(s: &str) -> Result<Self> {
         let t = s.trim().to_ascii_lowercase();
         let bad = || Error::invalid(Self::FIELD, format!("{s:?}"), Self::ACCEPTED);
@@ -272,6 +273,9 @@ choice!(
         /// The model returns `output(h).float()` (torchtitan of 2024): bf16 logits and an fp32
         /// copy both exist in forward.
         FloatOutput = "float-output",
+        /// As float-output, and the training loop keeps the fp32 logits alive through backward
+        /// (torchtitan before June 2024, PR #391 added `del pred`).
+        FloatOutputKept = "float-output-kept",
         /// The model returns bf16 logits; the loss upcasts them.
         FloatInLoss = "float-in-loss",
         /// Cross-entropy in the compute dtype, no upcast.
@@ -340,13 +344,14 @@ pub struct Implementation {
 }
 
 impl Default for Implementation {
-    /// torchtitan as of late 2024, the version behind the published measurements.
+    /// torchtitan as of December 2024 (commit 9dec370, the version behind its published
+    /// memory table): eager RMSNorm, `repeat_kv`, bf16 logits upcast in the loss, foreach AdamW.
     fn default() -> Self {
         Implementation {
             attention: Attention::Flash,
             rmsnorm: RmsNorm::Eager,
             gqa: Gqa::RepeatKv,
-            logits: Logits::FloatOutput,
+            logits: Logits::FloatInLoss,
             optimizer: OptimizerImpl::Foreach,
         }
     }
@@ -555,7 +560,10 @@ impl PlanFile {
             return Err(Error::invalid(
                 "parallel.sp",
                 true,
-                format!("seq_len / cp ({}) divisible by tp ({tp}), or sp false", seq_len / cp),
+                format!(
+                    "seq_len / cp ({}) divisible by tp ({tp}), or sp false",
+                    seq_len / cp
+                ),
             ));
         }
 
@@ -571,12 +579,13 @@ impl PlanFile {
             ));
         }
         let im = &self.implementation;
+        let d = Implementation::default();
         let implementation = Implementation {
-            attention: parse_opt(&im.attention, Attention::Flash)?,
-            rmsnorm: parse_opt(&im.rmsnorm, RmsNorm::Eager)?,
-            gqa: parse_opt(&im.gqa, Gqa::RepeatKv)?,
-            logits: parse_opt(&im.logits, Logits::FloatOutput)?,
-            optimizer: parse_opt(&im.optimizer, OptimizerImpl::Foreach)?,
+            attention: parse_opt(&im.attention, d.attention)?,
+            rmsnorm: parse_opt(&im.rmsnorm, d.rmsnorm)?,
+            gqa: parse_opt(&im.gqa, d.gqa)?,
+            logits: parse_opt(&im.logits, d.logits)?,
+            optimizer: parse_opt(&im.optimizer, d.optimizer)?,
         };
         let host_ram = match &self.host_ram {
             None => Bytes::gib(1024),
@@ -585,12 +594,18 @@ impl PlanFile {
                 .filter(|&n| n > 0)
                 .map(Bytes)
                 .ok_or_else(|| Error::invalid("host_ram", n, "a positive byte count"))?,
-            Some(serde_json::Value::String(s)) => Bytes::parse(s)
-                .filter(|b| b.get() > 0)
-                .ok_or_else(|| {
+            Some(serde_json::Value::String(s)) => {
+                Bytes::parse(s).filter(|b| b.get() > 0).ok_or_else(|| {
                     Error::invalid("host_ram", format!("{s:?}"), "a size such as 512GiB or 1TB")
-                })?,
-            Some(v) => return Err(Error::invalid("host_ram", v, "a size such as 512GiB or 1TB")),
+                })?
+            }
+            Some(v) => {
+                return Err(Error::invalid(
+                    "host_ram",
+                    v,
+                    "a size such as 512GiB or 1TB",
+                ))
+            }
         };
         Ok(Plan {
             model,
@@ -651,7 +666,10 @@ mod tests {
             .resolve()
             .unwrap_err()
             .to_string();
-        assert!(e.contains("parallel.tp") && e.contains("num_key_value_heads (8)"), "{e}");
+        assert!(
+            e.contains("parallel.tp") && e.contains("num_key_value_heads (8)"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -674,7 +692,10 @@ mod tests {
 
     #[test]
     fn parses_checkpointing_modes() {
-        assert_eq!(Checkpointing::parse("selective-layer:2").unwrap(), Checkpointing::SelectiveLayer(2));
+        assert_eq!(
+            Checkpointing::parse("selective-layer:2").unwrap(),
+            Checkpointing::SelectiveLayer(2)
+        );
         assert!(Checkpointing::parse("selective-layer:0").is_err());
         assert!(Checkpointing::parse("sometimes").is_err());
     }
@@ -687,4 +708,30 @@ mod tests {
         assert_eq!(m.batch.seq_len, Some(4096));
         assert_eq!(m.batch.micro_batch_size, Some(4));
     }
+}
+
+/// Built-in example plans (`--example NAME`), shipped in profiles/plans/.
+pub const EXAMPLES: &[(&str, &str)] = &[
+    (
+        "seed-8b-2x48g",
+        include_str!("../profiles/plans/seed-8b-2x48g.json"),
+    ),
+    (
+        "seed-8b-2x48g-offload",
+        include_str!("../profiles/plans/seed-8b-2x48g-offload.json"),
+    ),
+];
+
+/// A built-in example plan by name.
+pub fn example(name: &str) -> Result<PlanFile> {
+    let (_, text) = EXAMPLES.iter().find(|(n, _)| *n == name).ok_or_else(|| {
+        let known: Vec<_> = EXAMPLES.iter().map(|(n, _)| *n).collect();
+        Error::invalid(
+            "example",
+            format!("{name:?}"),
+            format!("one of {}", known.join(", ")),
+        )
+    })?;
+    serde_json::from_str(text)
+        .map_err(|e| Error::input(format!("example {name}: malformed plan: {e}")))
 }

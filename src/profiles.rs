@@ -70,6 +70,37 @@ impl ParamShape {
     }
 }
 
+/// The parameter tensors of a module, in a fixed-capacity list (no heap allocation: the
+/// estimator walks it on every call).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ParamList {
+    items: [ParamShape; 16],
+    len: usize,
+}
+
+impl Default for ParamShape {
+    fn default() -> Self {
+        ParamShape { rows: 0, cols: 0 }
+    }
+}
+
+impl ParamList {
+    /// Appends a parameter (at most 16 per list: a block has at most 14).
+    pub fn push(&mut self, p: ParamShape) {
+        self.items[self.len] = p;
+        self.len += 1;
+    }
+    pub fn iter(&self) -> std::slice::Iter<'_, ParamShape> {
+        self.items[..self.len].iter()
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 impl ModelConfig {
     /// Checks every field and yields the spec. `name` labels the model in output.
     pub fn into_spec(self, name: &str) -> Result<ModelSpec> {
@@ -163,9 +194,10 @@ impl ModelSpec {
     /// The parameter tensors of one decoder block, in the order the block uses them, as
     /// (rows, cols) with rows the output features (PyTorch's `nn.Linear.weight` layout, which
     /// is the dimension FSDP2 shards). Biases and norm weights are `rows x 1`.
-    pub fn block_params(&self) -> Vec<ParamShape> {
+    pub fn block_params(&self) -> ParamList {
         let (h, q, kv, f) = (self.hidden, self.q_dim(), self.kv_dim(), self.intermediate);
-        let mut v = vec![ParamShape { rows: h, cols: 1 }]; // attention_norm
+        let mut v = ParamList::default();
+        v.push(ParamShape { rows: h, cols: 1 }); // attention_norm
         for rows in [q, kv, kv] {
             v.push(ParamShape { rows, cols: h });
             if self.qkv_bias {
@@ -193,13 +225,21 @@ impl ModelSpec {
 
     /// Parameters outside the blocks: token embedding, final norm, and the output projection
     /// unless it is tied to the embedding.
-    pub fn root_params(&self) -> Vec<ParamShape> {
-        let mut v = vec![
-            ParamShape { rows: self.vocab, cols: self.hidden },
-            ParamShape { rows: self.hidden, cols: 1 },
-        ];
+    pub fn root_params(&self) -> ParamList {
+        let mut v = ParamList::default();
+        v.push(ParamShape {
+            rows: self.vocab,
+            cols: self.hidden,
+        }); // tok_embeddings
+        v.push(ParamShape {
+            rows: self.hidden,
+            cols: 1,
+        }); // final norm
         if !self.tied_embeddings {
-            v.push(ParamShape { rows: self.vocab, cols: self.hidden });
+            v.push(ParamShape {
+                rows: self.vocab,
+                cols: self.hidden,
+            });
         }
         v
     }
@@ -232,6 +272,13 @@ pub struct GpuSpec {
     /// Device memory taken outside PyTorch's caching allocator: CUDA context, kernel images,
     /// cuBLAS/cuDNN handles. What nvidia-smi shows minus what the allocator reserves.
     pub runtime_overhead_bytes: Bytes,
+    /// Library workspaces allocated through the caching allocator (cuBLAS), so counted in
+    /// allocated bytes.
+    pub workspace_bytes: Bytes,
+    /// Whether allocations go through PyTorch's CUDA caching allocator (so reserved exceeds
+    /// allocated by its fragmentation). False for the CPU, whose allocator returns memory.
+    #[serde(default = "yes")]
+    pub caching_allocator: bool,
     /// Dense bf16 tensor throughput, TFLOP/s (for ranking plans by time).
     pub bf16_tflops: f64,
     /// Device memory bandwidth, GB/s.
@@ -242,6 +289,10 @@ pub struct GpuSpec {
     pub intra_node_gbps: f64,
     /// Where the figures come from.
     pub source: String,
+}
+
+fn yes() -> bool {
+    true
 }
 
 macro_rules! shipped {

@@ -18,7 +18,9 @@ use crate::error::{Error, Result};
 /// assert_eq!(Bytes::gib(1).get(), 1 << 30);
 /// assert_eq!(Bytes::gib(80).to_string(), "80.00 GiB");
 /// ```
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Bytes(pub u64);
 

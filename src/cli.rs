@@ -1,0 +1,269 @@
+//! Command-line interface: raw flags (clap) become a [`PlanFile`] overlay, which
+//! [`PlanFile::resolve`] turns into a validated plan; commands call the estimator and a
+//! renderer.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::error::{Error, Result};
+use crate::estimate::{estimate, Estimate};
+use crate::output::{renderer, Format, Row};
+use crate::plan::{self, Plan, PlanFile};
+use crate::profiles;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "memplan",
+    version,
+    about = "How much GPU and host memory an LLM training plan needs, and whether it fits"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Estimate one plan: per-GPU breakdown at the peak, host memory, verdict.
+    Estimate {
+        #[command(flatten)]
+        plan: PlanArgs,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Put plan files side by side, with the difference of each against the first.
+    Compare {
+        /// Plan files (JSON); `example:NAME` takes a built-in example.
+        #[arg(required = true, num_args = 2..)]
+        plans: Vec<String>,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// List the shipped model and GPU profiles and example plans.
+    Profiles {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+}
+
+/// Plan flags. Every flag overrides the same key of `--plan` or `--example`.
+#[derive(Args, Debug, Default, Clone)]
+pub struct PlanArgs {
+    /// Plan file (JSON; schema in the README).
+    #[arg(long)]
+    pub plan: Option<PathBuf>,
+    /// Built-in example plan, e.g. seed-8b-2x48g-offload (see `memplan profiles`).
+    #[arg(long, conflicts_with = "plan")]
+    pub example: Option<String>,
+    /// Model profile name or path to a Hugging Face config.json.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// GPU profile name or path to a GPU profile JSON.
+    #[arg(long)]
+    pub gpu: Option<String>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub num_gpus: Option<i64>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub gpus_per_node: Option<i64>,
+    /// Host RAM per node, e.g. 512GiB or 1TB.
+    #[arg(long)]
+    pub host_ram: Option<String>,
+    /// FSDP shard degree (-1: whatever the other degrees leave).
+    #[arg(long, allow_negative_numbers = true)]
+    pub dp_shard: Option<i64>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub dp_replicate: Option<i64>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub tp: Option<i64>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub pp: Option<i64>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub cp: Option<i64>,
+    /// Sequence parallelism with TP (default: on when tp > 1).
+    #[arg(long)]
+    pub sp: Option<bool>,
+    /// Micro-batch size per GPU.
+    #[arg(long, alias = "batch", allow_negative_numbers = true)]
+    pub micro_batch_size: Option<i64>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub seq_len: Option<i64>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub grad_accum_steps: Option<i64>,
+    /// Compute dtype of parameters: fp32, bf16, fp16.
+    #[arg(long)]
+    pub param_dtype: Option<String>,
+    /// Gradient reduction dtype.
+    #[arg(long)]
+    pub reduce_dtype: Option<String>,
+    /// Master weights, gradients and optimizer states dtype.
+    #[arg(long)]
+    pub master_dtype: Option<String>,
+    /// adamw, adam, sgd-momentum, sgd.
+    #[arg(long)]
+    pub optimizer: Option<String>,
+    /// none, full, selective-layer:K, selective-op.
+    #[arg(long)]
+    pub ac: Option<String>,
+    /// none, optimizer, full.
+    #[arg(long)]
+    pub offload: Option<String>,
+    /// Keep every block's gathered parameters from forward to backward.
+    #[arg(long)]
+    pub no_reshard_after_forward: bool,
+    /// flash, efficient, math.
+    #[arg(long)]
+    pub attention: Option<String>,
+    /// eager, fused.
+    #[arg(long)]
+    pub rmsnorm: Option<String>,
+    /// repeat-kv, native.
+    #[arg(long)]
+    pub gqa: Option<String>,
+    /// float-output, float-output-kept, float-in-loss, compute-dtype.
+    #[arg(long)]
+    pub logits: Option<String>,
+    /// foreach, fused, per-param.
+    #[arg(long)]
+    pub optimizer_impl: Option<String>,
+}
+
+impl PlanArgs {
+    /// The plan file (or example) with the flags laid over it.
+    pub fn to_plan_file(&self) -> Result<PlanFile> {
+        let base = match (&self.plan, &self.example) {
+            (Some(p), _) => PlanFile::read(p)?,
+            (None, Some(name)) => plan::example(name)?,
+            (None, None) => PlanFile::default(),
+        };
+        let mut top = PlanFile {
+            model: self.model.clone(),
+            gpu: self.gpu.clone(),
+            num_gpus: self.num_gpus,
+            gpus_per_node: self.gpus_per_node,
+            host_ram: self.host_ram.clone().map(serde_json::Value::String),
+            optimizer: self.optimizer.clone(),
+            activation_checkpointing: self.ac.clone(),
+            offload: self.offload.clone(),
+            reshard_after_forward: self.no_reshard_after_forward.then_some(false),
+            ..PlanFile::default()
+        };
+        top.parallel = plan::ParallelFile {
+            dp_shard: self.dp_shard,
+            dp_replicate: self.dp_replicate,
+            tp: self.tp,
+            pp: self.pp,
+            cp: self.cp,
+            sp: self.sp,
+        };
+        top.batch = plan::BatchFile {
+            micro_batch_size: self.micro_batch_size,
+            seq_len: self.seq_len,
+            grad_accum_steps: self.grad_accum_steps,
+        };
+        top.precision = plan::PrecisionFile {
+            param: self.param_dtype.clone(),
+            reduce: self.reduce_dtype.clone(),
+            master: self.master_dtype.clone(),
+        };
+        top.implementation = plan::ImplementationFile {
+            attention: self.attention.clone(),
+            rmsnorm: self.rmsnorm.clone(),
+            gqa: self.gqa.clone(),
+            logits: self.logits.clone(),
+            optimizer: self.optimizer_impl.clone(),
+        };
+        // When the flags name the world size but not the FSDP degree, the degree follows the
+        // world size rather than a file's value.
+        if top.num_gpus.is_some() && top.parallel.dp_shard.is_none() {
+            top.parallel.dp_shard = Some(-1);
+        }
+        Ok(base.overlay(top))
+    }
+
+    pub fn resolve(&self) -> Result<Plan> {
+        self.to_plan_file()?.resolve()
+    }
+}
+
+fn load_plan(arg: &str) -> Result<(String, Plan)> {
+    let file = match arg.strip_prefix("example:") {
+        Some(name) => plan::example(name)?,
+        None => PlanFile::read(std::path::Path::new(arg))?,
+    };
+    let label = std::path::Path::new(arg.trim_start_matches("example:"))
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| arg.to_string());
+    Ok((label, file.resolve()?))
+}
+
+fn print(s: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    // A closed pipe (`| head`) is not an error worth reporting.
+    match out.write_all(s.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.map_err(|e| Error::runtime(format!("cannot write output: {e}"))),
+    }
+}
+
+/// Runs a parsed command; the exit code says whether the plan fits (0), not (1) or the
+/// input was bad (2, through the error).
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Estimate { plan, format } => {
+            let plan = plan.resolve()?;
+            let est: Estimate = estimate(&plan)?;
+            print(&renderer(format).estimate(&Row {
+                label: &plan.model.name,
+                plan: &plan,
+                estimate: &est,
+            }))?;
+            Ok(if est.fits {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Compare { plans, format } => {
+            let loaded = plans
+                .iter()
+                .map(|p| load_plan(p))
+                .collect::<Result<Vec<_>>>()?;
+            let ests = loaded
+                .iter()
+                .map(|(_, p)| estimate(p))
+                .collect::<Result<Vec<_>>>()?;
+            let rows: Vec<Row> = loaded
+                .iter()
+                .zip(&ests)
+                .map(|((label, plan), estimate)| Row {
+                    label,
+                    plan,
+                    estimate,
+                })
+                .collect();
+            print(&renderer(format).compare(&rows))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Profiles { format } => {
+            let models = profiles::MODELS
+                .iter()
+                .map(|(n, _)| profiles::model(n))
+                .collect::<Result<Vec<_>>>()?;
+            let gpus = profiles::GPUS
+                .iter()
+                .map(|(n, _)| profiles::gpu(n))
+                .collect::<Result<Vec<_>>>()?;
+            let mut s = renderer(format).profiles(&models, &gpus);
+            if format != Format::Json {
+                let names: Vec<_> = plan::EXAMPLES.iter().map(|(n, _)| *n).collect();
+                s += &format!("example plans (--example NAME): {}\n", names.join(", "));
+            }
+            print(&s)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! Logits and cross-entropy buffers, per rank, for one micro-batch.
+//!
+//! `F.cross_entropy` is `log_softmax` followed by `nll_loss`. `log_softmax` saves its output
+//! for backward; `nll_loss` backward allocates a zero-filled gradient of the input's shape and
+//! scatters into it; `log_softmax` backward then allocates its own result while both its
+//! incoming gradient and its saved output are alive (PyTorch derivatives.yaml:
+//! `_log_softmax_backward_data(grad, result, dim, dtype)`). With T tokens and V vocabulary
+//! entries on this rank, in bytes per logit:
+//!
+//! | logits mode            | forward peak                         | alive after forward | backward peak |
+//! |------------------------|--------------------------------------|---------------------|---------------|
+//! | float-output           | fp32 logits + log-softmax output: 8  | log-softmax out: 4  | 4 + 4 + 4 = 12 |
+//! | float-output-kept      | 8                                    | 8 (logits kept)     | 16            |
+//! | float-in-loss          | e-byte logits + fp32 copy + log-softmax: e + 8 | 4         | 12            |
+//! | compute-dtype          | e + e                                | e                   | 3e            |
+//!
+//! In float-output the bf16 logits exist together with their fp32 copy for a moment (e + 4),
+//! always below the 8 of the next line. torchtitan deletes `pred` before `backward()` since
+//! June 2024 (PR #391); before, the fp32 logits stayed alive through backward.
+//!
+//! Worked number: llama3-8b at batch 4 x 2048 tokens (T = 8192), V = 128,256, float-in-loss:
+//! backward peak 12 x 8192 x 128,256 = 12.61 GB, the largest single buffer of the seed case.
+
+use crate::plan::{Logits, Plan};
+
+/// Logits buffers in bytes, for one micro-batch of `tokens` on a rank holding `vocab`
+/// entries of the vocabulary.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogitsBytes {
+    pub forward_peak: u128,
+    pub after_forward: u128,
+    pub backward_peak: u128,
+}
+
+/// ```
+/// use memplan::estimate::logits::logits_bytes;
+/// use memplan::plan::PlanFile;
+/// let plan: PlanFile = serde_json::from_str(r#"{"model":"llama3-8b"}"#).unwrap();
+/// let l = logits_bytes(&plan.resolve().unwrap(), 8192);
+/// assert_eq!(l.backward_peak, 12 * 8192 * 128_256);
+/// ```
+pub fn logits_bytes(plan: &Plan, tokens: u128) -> LogitsBytes {
+    let v = plan.model.vocab.div_ceil(plan.parallel.tp) as u128;
+    let tv = tokens * v;
+    let e = plan.precision.param.bytes() as u128;
+    let (fwd, after, bwd) = match plan.implementation.logits {
+        Logits::FloatOutput => ((e + 4).max(8), 4, 12),
+        Logits::FloatOutputKept => ((e + 4).max(8), 8, 16),
+        Logits::FloatInLoss => (e + 8, 4, 12),
+        Logits::ComputeDtype => (2 * e, e, 3 * e),
+    };
+    LogitsBytes {
+        forward_peak: fwd * tv,
+        after_forward: after * tv,
+        backward_peak: bwd * tv,
+    }
+}

@@ -1,0 +1,467 @@
+//! The analytic estimator: per-GPU and per-host memory of a [`Plan`], phase by phase.
+//!
+//! [`estimate`] walks one training step of the most loaded rank through its memory events,
+//! in the order they happen, and sums the live tensors at each:
+//!
+//! 1. `forward`: end of forward, at the cross-entropy, where every block's saved activations
+//!    and the logits buffers are alive;
+//! 2. `loss-backward`: the log-softmax backward ([`logits`]);
+//! 3. `backward`: the last block's backward (all activations still alive, the block
+//!    recomputed under checkpointing, its unsharded gradients and the gradient temporaries);
+//! 4. `backward-end`: the first block's backward (activations mostly freed, sharded
+//!    gradients of every other block accumulated) and the root's reduce-scatter;
+//! 5. `optimizer`: parameters, gradients, states and the optimizer's temporaries.
+//!
+//! It does so for the first step (no optimizer states until the step creates them: this is
+//! where the seed case runs out of memory) and a steady step, and reports the peak, where it
+//! happens, and the first event that would not fit. Every input is bounded by the plan's
+//! validation and every product is taken in 128 bits, then checked into 64-bit [`Bytes`].
+//!
+//! Memory kinds follow the PyTorch caching allocator's counters: `peak_allocated` is what
+//! `torch.cuda.max_memory_allocated()` reports, `peak_reserved` adds the allocator's
+//! fragmentation ([`overhead`]), and `device_total` adds what lives outside the allocator
+//! (CUDA context, NCCL), comparable with nvidia-smi.
+
+pub mod activations;
+pub mod host;
+pub mod logits;
+pub mod overhead;
+pub mod params;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::plan::{Checkpointing, Offload, OptimizerImpl, Plan};
+use crate::units::Bytes;
+
+use activations::{block_activations, BlockActivations};
+use params::{stage_params, StageParams};
+
+/// Where the per-GPU bytes go at one moment. Fields are in allocator-counted bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Breakdown {
+    /// Sharded master parameters (FSDP shard, master dtype).
+    pub master_params_bytes: Bytes,
+    /// Unsharded compute-dtype parameters held (root, block in use, prefetched block) and,
+    /// under CPU offload, the shards copied in for the all-gather.
+    pub unsharded_params_bytes: Bytes,
+    /// Sharded gradients (master dtype).
+    pub gradients_bytes: Bytes,
+    /// Unsharded compute-dtype gradients and reduce-scatter buffers in flight.
+    pub gradient_buffers_bytes: Bytes,
+    /// Optimizer states.
+    pub optimizer_states_bytes: Bytes,
+    /// Optimizer step temporaries.
+    pub optimizer_temporaries_bytes: Bytes,
+    /// Activations saved for backward, every block of every in-flight micro-batch.
+    pub activations_bytes: Bytes,
+    /// Recomputed activations of the block in backward (checkpointing) and the gradient
+    /// temporaries of its backward.
+    pub backward_working_set_bytes: Bytes,
+    /// Logits and cross-entropy buffers.
+    pub logits_bytes: Bytes,
+    /// Library workspaces taken from the allocator (cuBLAS).
+    pub workspace_bytes: Bytes,
+}
+
+impl Breakdown {
+    /// Component names and bytes, in display order.
+    pub fn items(&self) -> [(&'static str, Bytes); 10] {
+        [
+            ("master params", self.master_params_bytes),
+            ("unsharded params", self.unsharded_params_bytes),
+            ("gradients", self.gradients_bytes),
+            ("gradient buffers", self.gradient_buffers_bytes),
+            ("optimizer states", self.optimizer_states_bytes),
+            ("optimizer temporaries", self.optimizer_temporaries_bytes),
+            ("activations", self.activations_bytes),
+            ("backward working set", self.backward_working_set_bytes),
+            ("logits", self.logits_bytes),
+            ("workspace", self.workspace_bytes),
+        ]
+    }
+    pub fn total(&self) -> Bytes {
+        self.items().iter().map(|(_, b)| *b).sum()
+    }
+}
+
+/// A moment of the training step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Forward,
+    LossBackward,
+    Backward,
+    BackwardEnd,
+    Optimizer,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Forward => "forward",
+            Phase::LossBackward => "loss-backward",
+            Phase::Backward => "backward",
+            Phase::BackwardEnd => "backward-end",
+            Phase::Optimizer => "optimizer",
+        }
+    }
+}
+
+/// Allocated bytes at one moment of the first or a steady step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct PhasePoint {
+    pub first_step: bool,
+    pub phase: Phase,
+    pub allocated_bytes: Bytes,
+}
+
+/// The per-GPU answer for the most loaded rank.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GpuEstimate {
+    /// Pipeline stage of the most loaded rank (0 without PP).
+    pub stage: u64,
+    pub peak_allocated_bytes: Bytes,
+    pub peak_reserved_bytes: Bytes,
+    /// Outside the caching allocator: CUDA context, kernels, NCCL.
+    pub runtime_overhead_bytes: Bytes,
+    /// peak_reserved + runtime_overhead: comparable with nvidia-smi.
+    pub device_total_bytes: Bytes,
+    pub capacity_bytes: Bytes,
+    /// capacity - device_total; negative when it does not fit.
+    pub headroom_bytes: i128,
+    /// Phase of the peak, e.g. "optimizer (steady step)".
+    pub peak_phase: String,
+    pub breakdown: Breakdown,
+    /// The first event, in time order, whose device total would exceed the capacity.
+    pub first_oom: Option<PhasePoint>,
+    /// Allocated bytes at every phase of the first and a steady step, in time order.
+    pub timeline: Vec<PhasePoint>,
+}
+
+/// The answer for the whole plan.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Estimate {
+    pub per_gpu: GpuEstimate,
+    pub host: host::HostEstimate,
+    pub fits_gpu: bool,
+    pub fits_host: bool,
+    pub fits: bool,
+}
+
+/// Everything about one stage that does not depend on the phase.
+#[derive(Clone, Copy)]
+struct Stage {
+    p: StageParams,
+    act: BlockActivations,
+    /// Tokens per micro-batch on this rank.
+    tokens: u128,
+    /// Micro-batches whose activations are alive at once.
+    in_flight: u128,
+}
+
+fn to_bytes(v: u128, what: &str) -> Result<Bytes> {
+    u64::try_from(v)
+        .map(Bytes)
+        .map_err(|_| Error::overflow(what))
+}
+
+#[derive(Default, Clone, Copy)]
+struct Wide([u128; 10]);
+
+impl Wide {
+    fn into_breakdown(self) -> Result<Breakdown> {
+        let b = |i: usize, w: &str| to_bytes(self.0[i], w);
+        let out = Breakdown {
+            master_params_bytes: b(0, "master params")?,
+            unsharded_params_bytes: b(1, "unsharded params")?,
+            gradients_bytes: b(2, "gradients")?,
+            gradient_buffers_bytes: b(3, "gradient buffers")?,
+            optimizer_states_bytes: b(4, "optimizer states")?,
+            optimizer_temporaries_bytes: b(5, "optimizer temporaries")?,
+            activations_bytes: b(6, "activations")?,
+            backward_working_set_bytes: b(7, "backward working set")?,
+            logits_bytes: b(8, "logits")?,
+            workspace_bytes: b(9, "workspace")?,
+        };
+        to_bytes(self.total(), "peak allocated")?;
+        Ok(out)
+    }
+    fn total(&self) -> u128 {
+        self.0.iter().sum()
+    }
+}
+
+/// Number of checkpointed blocks among `layers` under torchtitan's selective-layer rule
+/// (a block is wrapped when a running count of blocks reaches a multiple of K).
+fn checkpointed_layers(ac: Checkpointing, layers: u64) -> (u64, u64, u64) {
+    // (plain, fully checkpointed, selective-op)
+    match ac {
+        Checkpointing::None => (layers, 0, 0),
+        Checkpointing::Full => (0, layers, 0),
+        Checkpointing::SelectiveLayer(k) => (layers - layers / k, layers / k, 0),
+        Checkpointing::SelectiveOp => (0, 0, layers),
+    }
+}
+
+fn stage(plan: &Plan, index: u64) -> Stage {
+    let b = &plan.batch;
+    let par = &plan.parallel;
+    let tokens = b.micro_batch_size as u128 * (b.seq_len / par.cp) as u128;
+    // 1F1B: stage s keeps the activations of min(pp - s, micro-batches) micro-batches.
+    let in_flight = if par.pp > 1 {
+        (par.pp - index).min(b.grad_accum_steps) as u128
+    } else {
+        1
+    };
+    Stage {
+        p: stage_params(plan, index),
+        act: block_activations(plan),
+        tokens,
+        in_flight,
+    }
+}
+
+/// Allocated bytes of `phase` for a stage; `first` is the first step (no optimizer states
+/// before the step creates them).
+fn phase_bytes(plan: &Plan, st: &Stage, phase: Phase, first: bool) -> Wide {
+    let p = &st.p;
+    let pr = &plan.precision;
+    let (e, m, r) = (
+        pr.param.bytes() as u128,
+        pr.master.bytes() as u128,
+        pr.reduce.bytes() as u128,
+    );
+    let n = plan.parallel.fsdp_degree();
+    let layers = p.layers as u128;
+    // A separate compute-dtype copy exists when FSDP gathers or when it casts.
+    let copies = n > 1 || pr.param != pr.master;
+    let on_gpu_params = plan.offload != Offload::Full;
+    let states_on_gpu = plan.offload == Offload::None;
+    let shard = p.shard_total();
+    let accum = plan.batch.grad_accum_steps > 1 || plan.parallel.pp > 1;
+
+    let mut w = Wide::default();
+    w.0[9] = plan.gpu.workspace_bytes.get() as u128;
+    if on_gpu_params {
+        w.0[0] = shard * m;
+    }
+    if states_on_gpu && !first {
+        w.0[4] = plan.optimizer.states_per_param() as u128 * shard * m;
+    }
+    // Sharded gradients alive from earlier micro-batches of the same step.
+    let grads_all = if on_gpu_params { shard * m } else { 0 };
+    let grads_prior = if accum { grads_all } else { 0 };
+
+    let (plain, full, sac) = checkpointed_layers(plan.activation_checkpointing, p.layers);
+    let a = &st.act;
+    let per_mb = st.tokens
+        * (plain as u128 * a.no_ac + full as u128 * a.full_ac + sac as u128 * a.selective_op);
+    let acts = per_mb * st.in_flight;
+    // Working set of a block's backward: recomputed tensors plus gradient temporaries.
+    let recompute = if full > 0 {
+        a.no_ac
+    } else if sac > 0 {
+        a.no_ac - a.selective_op_overlap
+    } else {
+        0
+    };
+    let working = st.tokens * (recompute + a.backward_transient);
+    let block_u = if copies { p.block_unsharded * e } else { 0 };
+    let root_u = if copies { p.root_unsharded * e } else { 0 };
+    // Blocks whose gathered parameters are alive between forward and backward.
+    let held = if plan.reshard_after_forward {
+        1
+    } else {
+        layers
+    };
+    // Under CPU offload each block's fp32 shard is copied to the device for its all-gather.
+    let offload_in = if on_gpu_params {
+        0
+    } else {
+        2 * p.block_shard * m
+    };
+    let lg = if p.last {
+        logits::logits_bytes(plan, st.tokens)
+    } else {
+        logits::LogitsBytes::default()
+    };
+    // The output weight's unsharded gradient is produced first in backward and, on the root
+    // FSDP unit, reduce-scattered only at the root's post-backward after every block.
+    let out_grad = if copies { p.output_unsharded * e } else { 0 };
+    // FSDP2 copies a unit's unsharded gradients into a reduce-dtype reduce-scatter input and
+    // keeps it until the next unit's reduce-scatter: one unit's worth beyond the block's own.
+    let rs = if copies { p.block_unsharded * r } else { 0 };
+
+    match phase {
+        Phase::Forward => {
+            w.0[1] = root_u + held.max(1) * block_u;
+            w.0[2] = grads_prior;
+            w.0[6] = acts;
+            w.0[8] = lg.forward_peak;
+        }
+        Phase::LossBackward => {
+            w.0[1] = root_u + held * block_u;
+            w.0[2] = grads_prior;
+            w.0[6] = acts;
+            w.0[8] = lg.backward_peak;
+        }
+        Phase::Backward => {
+            w.0[1] = root_u + held.max(2).min(layers.max(1)) * block_u + offload_in;
+            w.0[2] = grads_prior;
+            w.0[3] = out_grad + block_u;
+            w.0[6] = acts;
+            w.0[7] = working;
+        }
+        Phase::BackwardEnd => {
+            let done_blocks = layers.saturating_sub(1) * p.block_shard * m;
+            w.0[1] = root_u + 2.min(layers) * block_u + offload_in;
+            w.0[2] = if on_gpu_params {
+                grads_prior.max(done_blocks)
+            } else {
+                0
+            };
+            // One block's activations of this micro-batch, and other in-flight micro-batches.
+            let one_block = if layers == 0 { 0 } else { per_mb / layers };
+            w.0[3] = out_grad + block_u + rs;
+            w.0[6] = acts - per_mb + one_block;
+            w.0[7] = working;
+            // The root's own post-backward: its unsharded gradients and reduce-scatter input,
+            // after every block has finished, can exceed the above for large vocabularies.
+            let root_rs = if copies {
+                p.root_unsharded * (e + r)
+            } else {
+                0
+            };
+            let root_moment = root_u + grads_all.max(grads_prior) + root_rs;
+            let block_moment = w.0[1] + w.0[2] + w.0[3] + w.0[6] + w.0[7];
+            if root_moment > block_moment {
+                w.0[1] = root_u;
+                w.0[2] = if on_gpu_params { grads_all } else { 0 };
+                w.0[3] = root_rs;
+                w.0[6] = acts - per_mb;
+                w.0[7] = 0;
+            }
+        }
+        Phase::Optimizer => {
+            w.0[2] = grads_all;
+            if states_on_gpu {
+                w.0[4] = plan.optimizer.states_per_param() as u128 * shard * m;
+                w.0[5] = optimizer_temporaries(plan, p);
+            }
+        }
+    }
+    w
+}
+
+/// Temporaries of one optimizer step over this rank's shards, in bytes.
+///
+/// torch.optim AdamW foreach (`_multi_tensor_adam`): weight decay, `lerp_` and `addcmul_` are
+/// in place; `exp_avg_sq_sqrt = _foreach_sqrt(exp_avg_sqs)` is one temporary as large as all
+/// the parameters of the group. Fused: none. Per-parameter (single-tensor path, libtorch C++
+/// optimizers): `denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)` holds two
+/// tensors of the largest parameter for a moment. SGD momentum: in-place, none.
+pub fn optimizer_temporaries(plan: &Plan, p: &StageParams) -> u128 {
+    let m = plan.precision.master.bytes() as u128;
+    if plan.optimizer.states_per_param() < 2 {
+        return 0;
+    }
+    match plan.implementation.optimizer {
+        OptimizerImpl::Foreach => p.shard_total() * m,
+        OptimizerImpl::Fused => 0,
+        OptimizerImpl::PerParam => 2 * p.largest_shard() * m,
+    }
+}
+
+const PHASES: [Phase; 5] = [
+    Phase::Forward,
+    Phase::LossBackward,
+    Phase::Backward,
+    Phase::BackwardEnd,
+    Phase::Optimizer,
+];
+
+/// Estimates the plan.
+///
+/// ```
+/// use memplan::plan::PlanFile;
+/// let plan: PlanFile = serde_json::from_str(
+///     r#"{"model":"llama3-8b","gpu":"rtx-a6000-48g","num_gpus":2,
+///         "batch":{"micro_batch_size":1,"seq_len":8192},"activation_checkpointing":"full"}"#,
+/// ).unwrap();
+/// let est = memplan::estimate::estimate(&plan.resolve().unwrap()).unwrap();
+/// assert!(!est.fits); // 16 bytes per parameter over 2 GPUs is 64 GB before activations
+/// ```
+pub fn estimate(plan: &Plan) -> Result<Estimate> {
+    let last = plan.parallel.pp - 1;
+    let stages: &[u64] = if last == 0 { &[0] } else { &[0, last] };
+    let runtime = overhead::runtime_overhead(plan);
+    let capacity = plan.gpu.memory_bytes;
+
+    let mut best: Option<(u128, u64, Phase, bool, Wide, Stage)> = None;
+    for &s in stages {
+        let st = stage(plan, s);
+        for first in [true, false] {
+            for ph in PHASES {
+                let w = phase_bytes(plan, &st, ph, first);
+                let t = w.total();
+                if best.as_ref().is_none_or(|b| t > b.0) {
+                    best = Some((t, s, ph, first, w, st));
+                }
+            }
+        }
+    }
+    let (_, stage_index, phase, first, wide, st) = best.expect("at least one stage and phase");
+    let breakdown = wide.into_breakdown()?;
+    let peak_allocated = breakdown.total();
+    let peak_reserved = overhead::reserved(plan, &breakdown)?;
+    let device_total = peak_reserved.add(runtime, "device total")?;
+
+    let mut timeline = Vec::with_capacity(10);
+    let mut first_oom = None;
+    for first in [true, false] {
+        for ph in PHASES {
+            let w = phase_bytes(plan, &st, ph, first).into_breakdown()?;
+            let point = PhasePoint {
+                first_step: first,
+                phase: ph,
+                allocated_bytes: w.total(),
+            };
+            let total = overhead::reserved(plan, &w)?.add(runtime, "device total")?;
+            if first_oom.is_none() && total > capacity {
+                first_oom = Some(point);
+            }
+            timeline.push(point);
+        }
+    }
+    let host = host::host_estimate(plan, &st.p)?;
+    let fits_gpu = device_total <= capacity;
+    let fits_host = host.per_node_bytes <= plan.host_ram;
+    let peak_phase = if phase == Phase::Optimizer {
+        format!(
+            "optimizer ({} step)",
+            if first { "first" } else { "steady" }
+        )
+    } else {
+        phase.name().to_string()
+    };
+    Ok(Estimate {
+        per_gpu: GpuEstimate {
+            stage: stage_index,
+            peak_allocated_bytes: peak_allocated,
+            peak_reserved_bytes: peak_reserved,
+            runtime_overhead_bytes: runtime,
+            device_total_bytes: device_total,
+            capacity_bytes: capacity,
+            headroom_bytes: capacity.get() as i128 - device_total.get() as i128,
+            peak_phase,
+            breakdown,
+            first_oom,
+            timeline,
+        },
+        host,
+        fits_gpu,
+        fits_host,
+        fits: fits_gpu && fits_host,
+    })
+}

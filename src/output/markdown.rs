@@ -1,0 +1,108 @@
+//! Markdown tables, for pasting into issues and READMEs.
+
+use super::{plan_summary, verdict, Render, Row};
+use crate::profiles::{GpuSpec, ModelSpec};
+
+pub struct Markdown;
+
+fn gib(b: crate::units::Bytes) -> String {
+    format!("{:.2}", b.as_gib())
+}
+
+impl Render for Markdown {
+    fn estimate(&self, row: &Row) -> String {
+        let e = row.estimate;
+        let g = &e.per_gpu;
+        let mut s = format!(
+            "**{}**\n\n| per GPU at peak ({}) | GiB |\n|---|---:|\n",
+            plan_summary(row.plan),
+            g.peak_phase
+        );
+        for (name, b) in g.breakdown.items() {
+            if b.get() > 0 {
+                s += &format!("| {name} | {} |\n", gib(b));
+            }
+        }
+        s += &format!(
+            "| **peak allocated** | **{}** |\n| peak reserved | {} |\n| device total | {} |\n| capacity | {} |\n\n",
+            gib(g.peak_allocated_bytes),
+            gib(g.peak_reserved_bytes),
+            gib(g.device_total_bytes),
+            gib(g.capacity_bytes)
+        );
+        s += "| host per node | GiB |\n|---|---:|\n";
+        for (name, b) in e.host.breakdown.items() {
+            if b.get() > 0 {
+                s += &format!("| {name} | {} |\n", gib(b));
+            }
+        }
+        s += &format!(
+            "| **total** | **{}** |\n\n{}\n",
+            gib(e.host.per_node_bytes),
+            verdict(e)
+        );
+        s
+    }
+
+    fn compare(&self, rows: &[Row]) -> String {
+        let mut s = String::from("| GiB |");
+        for r in rows {
+            s += &format!(" {} |", r.label);
+        }
+        s += "\n|---|";
+        s += &"---:|".repeat(rows.len());
+        s += "\n";
+        let n = rows[0].estimate.per_gpu.breakdown.items().len();
+        for i in 0..n {
+            let name = rows[0].estimate.per_gpu.breakdown.items()[i].0;
+            s += &format!("| {name} |");
+            for r in rows {
+                s += &format!(" {} |", gib(r.estimate.per_gpu.breakdown.items()[i].1));
+            }
+            s += "\n";
+        }
+        for (name, f) in [
+            (
+                "**peak allocated**",
+                (|e| e.per_gpu.peak_allocated_bytes)
+                    as fn(&crate::estimate::Estimate) -> crate::units::Bytes,
+            ),
+            ("peak reserved", |e| e.per_gpu.peak_reserved_bytes),
+            ("device total", |e| e.per_gpu.device_total_bytes),
+            ("host per node", |e| e.host.per_node_bytes),
+        ] {
+            s += &format!("| {name} |");
+            for r in rows {
+                s += &format!(" {} |", gib(f(r.estimate)));
+            }
+            s += "\n";
+        }
+        s += "| fits |";
+        for r in rows {
+            s += &format!(" {} |", if r.estimate.fits { "yes" } else { "**no**" });
+        }
+        s += "\n";
+        s
+    }
+
+    fn profiles(&self, models: &[ModelSpec], gpus: &[GpuSpec]) -> String {
+        let mut s = String::from("| model | params | hidden | layers | heads | kv heads | vocab |\n|---|---:|---:|---:|---:|---:|---:|\n");
+        for m in models {
+            s += &format!(
+                "| {} | {} | {} | {} | {} | {} | {} |\n",
+                m.name,
+                m.param_count(),
+                m.hidden,
+                m.layers,
+                m.heads,
+                m.kv_heads,
+                m.vocab
+            );
+        }
+        s += "\n| gpu | memory (GiB) |\n|---|---:|\n";
+        for g in gpus {
+            s += &format!("| {} | {} |\n", g.name, gib(g.memory_bytes));
+        }
+        s
+    }
+}

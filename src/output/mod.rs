@@ -1,0 +1,128 @@
+//! Renderers: table, JSON and markdown, one file each behind [`Render`]. They format what
+//! the estimator computed and compute nothing themselves.
+
+pub mod json;
+pub mod markdown;
+pub mod table;
+
+use crate::estimate::Estimate;
+use crate::plan::Plan;
+use crate::profiles::{GpuSpec, ModelSpec};
+
+/// One estimated plan, labelled.
+pub struct Row<'a> {
+    pub label: &'a str,
+    pub plan: &'a Plan,
+    pub estimate: &'a Estimate,
+}
+
+/// An output format.
+pub trait Render {
+    /// One plan: breakdown, totals and verdict.
+    fn estimate(&self, row: &Row) -> String;
+    /// Several plans side by side, with the difference of each against the first.
+    fn compare(&self, rows: &[Row]) -> String;
+    /// The shipped profiles.
+    fn profiles(&self, models: &[ModelSpec], gpus: &[GpuSpec]) -> String;
+}
+
+/// The renderer for a `--format` value.
+pub fn renderer(format: Format) -> Box<dyn Render> {
+    match format {
+        Format::Table => Box::new(table::Table),
+        Format::Json => Box::new(json::Json),
+        Format::Markdown => Box::new(markdown::Markdown),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Markdown,
+}
+
+/// A one-line description of a plan's parallelism, batch and memory options.
+pub fn plan_summary(p: &Plan) -> String {
+    let par = &p.parallel;
+    let mut s = format!("{} on {} x {}", p.model.name, p.num_gpus, p.gpu.name);
+    let mut deg = vec![];
+    for (name, v) in [
+        ("dp_replicate", par.dp_replicate),
+        ("fsdp", par.dp_shard),
+        ("tp", par.tp),
+        ("pp", par.pp),
+        ("cp", par.cp),
+    ] {
+        if v > 1 {
+            deg.push(format!("{name} {v}"));
+        }
+    }
+    if par.sp {
+        deg.push("sp".into());
+    }
+    if !deg.is_empty() {
+        s += &format!(" ({})", deg.join(", "));
+    }
+    s += &format!(
+        ", batch {} x seq {}{}, {}/{}/{} (param/reduce/master), {}, AC {}, offload {}",
+        p.batch.micro_batch_size,
+        p.batch.seq_len,
+        if p.batch.grad_accum_steps > 1 {
+            format!(" x accum {}", p.batch.grad_accum_steps)
+        } else {
+            String::new()
+        },
+        p.precision.param,
+        p.precision.reduce,
+        p.precision.master,
+        p.optimizer,
+        p.activation_checkpointing,
+        p.offload
+    );
+    s
+}
+
+/// The verdict in words.
+pub fn verdict(e: &Estimate) -> String {
+    let g = &e.per_gpu;
+    let gpu = if e.fits_gpu {
+        format!(
+            "fits: {} of {} per GPU, {} headroom",
+            g.device_total_bytes,
+            g.capacity_bytes,
+            crate::units::Bytes(g.headroom_bytes.max(0) as u64)
+        )
+    } else {
+        let at = g
+            .first_oom
+            .map(|p| {
+                format!(
+                    " at the {} {} phase",
+                    if p.first_step {
+                        "first step's"
+                    } else {
+                        "steady step's"
+                    },
+                    p.phase.name()
+                )
+            })
+            .unwrap_or_default();
+        format!(
+            "OUT OF MEMORY{at}: needs {} per GPU, has {}",
+            g.device_total_bytes, g.capacity_bytes
+        )
+    };
+    let host = if e.fits_host {
+        format!(
+            "host fits: {} of {} per node",
+            e.host.per_node_bytes, e.host.capacity_bytes
+        )
+    } else {
+        format!(
+            "host OUT OF MEMORY: needs {} per node, has {}",
+            e.host.per_node_bytes, e.host.capacity_bytes
+        )
+    };
+    format!("{gpu}; {host}")
+}
