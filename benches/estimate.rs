@@ -1,1 +1,72 @@
-fn main() {}
+//! Criterion benches: one estimate, and a sweep of 100,000 plans.
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use memplan::estimate::estimate;
+use memplan::plan::{Checkpointing, Offload, Plan, PlanFile};
+
+fn seed() -> Plan {
+    serde_json::from_str::<PlanFile>(memplan::plan::EXAMPLES[1].1)
+        .unwrap()
+        .resolve()
+        .unwrap()
+}
+
+fn one(c: &mut Criterion) {
+    let plan = seed();
+    c.bench_function("estimate/one (llama3-8b seed offload)", |b| {
+        b.iter(|| estimate(black_box(&plan)).unwrap())
+    });
+}
+
+/// 100,000 plans: FSDP degrees x checkpointing modes x offload modes x micro-batches x
+/// accumulation x sequence lengths (9 x 4 x 3 x 64 x 15 = 103,680, truncated at 100,000),
+/// each estimated in full, on one thread.
+fn sweep(c: &mut Criterion) {
+    let mut plan = seed();
+    let acs = [
+        Checkpointing::None,
+        Checkpointing::Full,
+        Checkpointing::SelectiveLayer(2),
+        Checkpointing::SelectiveOp,
+    ];
+    let offs = [Offload::None, Offload::Optimizer, Offload::Full];
+    let mut g = c.benchmark_group("estimate");
+    g.sample_size(10);
+    g.bench_function("sweep/100k plans", |b| {
+        b.iter(|| {
+            let mut fits = 0u32;
+            let mut n = 0u32;
+            'outer: for shard in [1u64, 2, 4, 8, 16, 32, 64, 128, 256] {
+                for ac in acs {
+                    for off in offs {
+                        for (mb, accum) in (1..=32u64).flat_map(|m| [(m, 1u64), (m, 4)]) {
+                            for seq in [
+                                512u64, 1024, 2048, 4096, 8192, 1536, 3072, 6144, 768, 2560, 5120,
+                                7168, 256, 384, 640,
+                            ] {
+                                plan.parallel.dp_shard = shard;
+                                plan.num_gpus = shard;
+                                plan.activation_checkpointing = ac;
+                                plan.offload = off;
+                                plan.batch.micro_batch_size = mb;
+                                plan.batch.seq_len = seq;
+                                plan.batch.grad_accum_steps = accum;
+                                fits += estimate(&plan).unwrap().fits as u32;
+                                n += 1;
+                                if n == 100_000 {
+                                    break 'outer;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            assert_eq!(n, 100_000);
+            black_box(fits)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, one, sweep);
+criterion_main!(benches);

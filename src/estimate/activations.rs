@@ -69,6 +69,15 @@ pub struct BlockActivations {
 /// assert_eq!(a.full_ac, 8_192);
 /// ```
 pub fn block_activations(plan: &Plan) -> BlockActivations {
+    // Division by a parallel degree, skipped when the degree is 1 (the common case; 128-bit
+    // division is a library call and this runs on every estimate).
+    fn div(x: u128, d: u128) -> u128 {
+        if d == 1 {
+            x
+        } else {
+            x / d
+        }
+    }
     let m = &plan.model;
     let par = &plan.parallel;
     let imp = &plan.implementation;
@@ -87,39 +96,40 @@ pub fn block_activations(plan: &Plan) -> BlockActivations {
     // (4 B, fp32) plus the normalised tensor before the weight multiply (eh). Fused: the input
     // (eh) and the fp32 reciprocal RMS per row (4 B).
     let norm = match imp.rmsnorm {
-        RmsNorm::Eager => (4 * h + 4 + e * h) / sp_div,
-        RmsNorm::Fused => (e * h + 4) / sp_div,
+        RmsNorm::Eager => div(4 * h + 4 + e * h, sp_div),
+        RmsNorm::Fused => div(e * h + 4, sp_div),
     };
     // K and V as the attention kernel sees them.
     let kv_seen = match imp.gqa {
         Gqa::RepeatKv => q,
         Gqa::Native => kv,
     };
-    let lse = 4 * heads / tp;
+    let lse = div(4 * heads, tp);
     let quadratic = match imp.attention {
         // softmax output, heads x (causal row of the full sequence) per token
-        Attention::Math => e * heads * plan.batch.seq_len as u128 / tp,
+        Attention::Math => div(e * heads * plan.batch.seq_len as u128, tp),
         Attention::Flash | Attention::Efficient => 0,
     };
-    let attention = e * (q + 2 * kv_seen + q) / tp + lse + quadratic; // q, k, v, out
-    let o_input = e * q / tp;
+    let attention = div(e * (q + 2 * kv_seen + q), tp) + lse + quadratic; // q, k, v, out
+    let o_input = div(e * q, tp);
     let linear_inputs = 2 * e * h; // norm outputs, full size (replicated or all-gathered)
-    let mlp = 4 * e * f / tp; // silu input, silu output, w3 output, product
+    let mlp = div(4 * e * f, tp); // silu input, silu output, w3 output, product
     let no_ac = 2 * norm + linear_inputs + attention + o_input + mlp;
 
-    let block_input = e * h / sp_div;
+    let block_input = div(e * h, sp_div);
     // torchtitan `_save_list` with its every-other-mm rule, counted per block: the 1st, 3rd,
     // 5th and 7th mm outputs are kept (wq, wv, w1, w2), plus the attention outputs (out and
     // log-sum-exp); wk, wo, w3 and everything else are recomputed. The w2 output is the
     // pre-reduction partial sum under TP: full hidden width.
-    let sac_attention = e * q / tp + lse;
-    let selective_op = block_input + e * q / tp + e * kv / tp + e * f / tp + e * h + sac_attention;
+    let sac_attention = o_input + lse;
+    let (kv_tp, f_tp) = (div(e * kv, tp), div(e * f, tp));
+    let selective_op = block_input + o_input + kv_tp + f_tp + e * h + sac_attention;
     // Shared with the no-AC set: w1 output (silu input), attention out and lse, and the wv
     // output when attention sees V unexpanded.
-    let overlap = e * f / tp
+    let overlap = f_tp
         + sac_attention
         + match imp.gqa {
-            Gqa::Native => e * kv / tp,
+            Gqa::Native => kv_tp,
             Gqa::RepeatKv => 0,
         };
 
@@ -128,8 +138,8 @@ pub fn block_activations(plan: &Plan) -> BlockActivations {
     // product's backward holds grad(product), grad(silu) and grad(w3 out) while freeing the
     // w2 input: net eh + 2ef. Attention, at the flash backward: grad of out (eq), dq, dk, dv
     // (e(q + 2kv_seen)) and FlashAttention-2's fp32 dq accumulator (4q), plus eh.
-    let mlp_bwd = e * h / sp_div + 2 * e * f / tp;
-    let attn_bwd = e * h / sp_div + (e * (2 * q + 2 * kv_seen) + 4 * q) / tp;
+    let mlp_bwd = block_input + 2 * f_tp;
+    let attn_bwd = block_input + div(e * (2 * q + 2 * kv_seen) + 4 * q, tp);
     BlockActivations {
         no_ac,
         full_ac: block_input,

@@ -131,12 +131,12 @@ pub struct GpuEstimate {
     /// capacity - device_total; negative when it does not fit.
     pub headroom_bytes: i128,
     /// Phase of the peak, e.g. "optimizer (steady step)".
-    pub peak_phase: String,
+    pub peak_phase: &'static str,
     pub breakdown: Breakdown,
     /// The first event, in time order, whose device total would exceed the capacity.
     pub first_oom: Option<PhasePoint>,
     /// Allocated bytes at every phase of the first and a steady step, in time order.
-    pub timeline: Vec<PhasePoint>,
+    pub timeline: [PhasePoint; 10],
 }
 
 /// The answer for the whole plan.
@@ -158,6 +158,8 @@ struct Stage {
     tokens: u128,
     /// Micro-batches whose activations are alive at once.
     in_flight: u128,
+    /// Logits buffers of one micro-batch (zero off the last stage).
+    logits: logits::LogitsBytes,
 }
 
 fn to_bytes(v: u128, what: &str) -> Result<Bytes> {
@@ -214,8 +216,14 @@ fn stage(plan: &Plan, index: u64) -> Stage {
     } else {
         1
     };
+    let p = stage_params(plan, index);
     Stage {
-        p: stage_params(plan, index),
+        logits: if p.last {
+            logits::logits_bytes(plan, tokens)
+        } else {
+            logits::LogitsBytes::default()
+        },
+        p,
         act: block_activations(plan),
         tokens,
         in_flight,
@@ -281,11 +289,7 @@ fn phase_bytes(plan: &Plan, st: &Stage, phase: Phase, first: bool) -> Wide {
     } else {
         2 * p.block_shard * m
     };
-    let lg = if p.last {
-        logits::logits_bytes(plan, st.tokens)
-    } else {
-        logits::LogitsBytes::default()
-    };
+    let lg = st.logits;
     // The output weight's unsharded gradient is produced first in backward and, on the root
     // FSDP unit, reduce-scattered only at the root's post-backward after every block.
     let out_grad = if copies { p.output_unsharded * e } else { 0 };
@@ -321,8 +325,17 @@ fn phase_bytes(plan: &Plan, st: &Stage, phase: Phase, first: bool) -> Wide {
             } else {
                 0
             };
-            // One block's activations of this micro-batch, and other in-flight micro-batches.
-            let one_block = if layers == 0 { 0 } else { per_mb / layers };
+            // The first block's activations of this micro-batch, and other in-flight
+            // micro-batches. Block 0 is checkpointed only under full AC or selective-layer:1
+            // (the selective-layer rule wraps blocks whose 1-based index is a multiple of K).
+            let one_block = st.tokens
+                * match plan.activation_checkpointing {
+                    Checkpointing::None => a.no_ac,
+                    Checkpointing::Full | Checkpointing::SelectiveLayer(1) => a.full_ac,
+                    Checkpointing::SelectiveLayer(_) => a.no_ac,
+                    Checkpointing::SelectiveOp => a.selective_op,
+                };
+            let one_block = if layers == 0 { 0 } else { one_block };
             w.0[3] = out_grad + block_u + rs;
             w.0[6] = acts - per_mb + one_block;
             w.0[7] = working;
@@ -394,56 +407,61 @@ const PHASES: [Phase; 5] = [
 /// ```
 pub fn estimate(plan: &Plan) -> Result<Estimate> {
     let last = plan.parallel.pp - 1;
-    let stages: &[u64] = if last == 0 { &[0] } else { &[0, last] };
     let runtime = overhead::runtime_overhead(plan);
     let capacity = plan.gpu.memory_bytes;
 
-    let mut best: Option<(u128, u64, Phase, bool, Wide, Stage)> = None;
-    for &s in stages {
+    // The first and the last pipeline stage bound every stage: the first keeps the most
+    // micro-batches in flight and the embedding, the last computes the logits.
+    let mut best: Option<(u128, u64, Stage, [Wide; 10])> = None;
+    for s in if last == 0 { 0..=0 } else { 0..=last }.step_by(last.max(1) as usize) {
         let st = stage(plan, s);
-        for first in [true, false] {
-            for ph in PHASES {
-                let w = phase_bytes(plan, &st, ph, first);
-                let t = w.total();
-                if best.as_ref().is_none_or(|b| t > b.0) {
-                    best = Some((t, s, ph, first, w, st));
-                }
-            }
+        let mut walls = [Wide::default(); 10];
+        let mut top = 0;
+        for (i, w) in walls.iter_mut().enumerate() {
+            *w = phase_bytes(plan, &st, PHASES[i % 5], i < 5);
+            top = top.max(w.total());
+        }
+        if best.as_ref().is_none_or(|b| top > b.0) {
+            best = Some((top, s, st, walls));
         }
     }
-    let (_, stage_index, phase, first, wide, st) = best.expect("at least one stage and phase");
+    let (_, stage_index, st, walls) = best.expect("at least one stage");
+    let mut timeline = [PhasePoint {
+        first_step: true,
+        phase: Phase::Forward,
+        allocated_bytes: Bytes::ZERO,
+    }; 10];
+    let mut first_oom = None;
+    let mut peak = (0, Wide::default(), Phase::Forward, true);
+    for (i, w) in walls.iter().enumerate() {
+        let (first, phase) = (i < 5, PHASES[i % 5]);
+        let b = w.into_breakdown()?;
+        let point = PhasePoint {
+            first_step: first,
+            phase,
+            allocated_bytes: b.total(),
+        };
+        let total = overhead::reserved(plan, &b)?.add(runtime, "device total")?;
+        if first_oom.is_none() && total > capacity {
+            first_oom = Some(point);
+        }
+        if w.total() > peak.0 {
+            peak = (w.total(), *w, phase, first);
+        }
+        timeline[i] = point;
+    }
+    let (_, wide, phase, first) = peak;
     let breakdown = wide.into_breakdown()?;
     let peak_allocated = breakdown.total();
     let peak_reserved = overhead::reserved(plan, &breakdown)?;
     let device_total = peak_reserved.add(runtime, "device total")?;
-
-    let mut timeline = Vec::with_capacity(10);
-    let mut first_oom = None;
-    for first in [true, false] {
-        for ph in PHASES {
-            let w = phase_bytes(plan, &st, ph, first).into_breakdown()?;
-            let point = PhasePoint {
-                first_step: first,
-                phase: ph,
-                allocated_bytes: w.total(),
-            };
-            let total = overhead::reserved(plan, &w)?.add(runtime, "device total")?;
-            if first_oom.is_none() && total > capacity {
-                first_oom = Some(point);
-            }
-            timeline.push(point);
-        }
-    }
     let host = host::host_estimate(plan, &st.p)?;
     let fits_gpu = device_total <= capacity;
     let fits_host = host.per_node_bytes <= plan.host_ram;
-    let peak_phase = if phase == Phase::Optimizer {
-        format!(
-            "optimizer ({} step)",
-            if first { "first" } else { "steady" }
-        )
-    } else {
-        phase.name().to_string()
+    let peak_phase = match (phase, first) {
+        (Phase::Optimizer, true) => "optimizer (first step)",
+        (Phase::Optimizer, false) => "optimizer (steady step)",
+        (p, _) => p.name(),
     };
     Ok(Estimate {
         per_gpu: GpuEstimate {

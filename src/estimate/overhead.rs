@@ -55,7 +55,8 @@ pub fn reserved(plan: &Plan, b: &Breakdown) -> Result<Bytes> {
     ]
     .into_iter()
     .sum::<Bytes>();
-    let frag = (churn.get() as u128 * FRAGMENTATION as u128 / 1000) as u64;
+    let c = churn.get();
+    let frag = c / 1000 * FRAGMENTATION + c % 1000 * FRAGMENTATION / 1000;
     allocated.add(Bytes(frag), "peak reserved")
 }
 

@@ -52,7 +52,11 @@ impl StageParams {
 }
 
 fn ceil_div(a: u64, b: u64) -> u64 {
-    a.div_ceil(b)
+    if b == 1 {
+        a
+    } else {
+        a.div_ceil(b)
+    }
 }
 
 /// Sums shard and padded-unsharded element counts over `params` for a shard group of `n`.
@@ -133,7 +137,12 @@ pub fn stage_params(plan: &Plan, stage: u64) -> StageParams {
     let (block_shard, block_unsharded, block_largest_shard) =
         shard_sizes(tp_split(&block, par.tp, m.hidden), n);
     let mb = plan.precision.master.bytes();
-    let block_pinned_extra = pinned_extra(tp_split(&block, par.tp, m.hidden), n, mb);
+    let offload = plan.offload != crate::plan::Offload::None;
+    let block_pinned_extra = if offload {
+        pinned_extra(tp_split(&block, par.tp, m.hidden), n, mb)
+    } else {
+        0
+    };
     let first = stage == 0;
     let last = stage + 1 == par.pp;
     let root = m.root_params();
@@ -157,7 +166,11 @@ pub fn stage_params(plan: &Plan, stage: u64) -> StageParams {
     }
     let (root_shard, root_unsharded, root_largest_shard) =
         shard_sizes(root_list.iter().copied(), n);
-    let root_pinned_extra = pinned_extra(root_list.iter().copied(), n, mb);
+    let root_pinned_extra = if offload {
+        pinned_extra(root_list.iter().copied(), n, mb)
+    } else {
+        0
+    };
     StageParams {
         layers: stage_layers(m.layers, par.pp, stage),
         block_shard,

@@ -1,0 +1,241 @@
+//! The binary, end to end: commands, formats, exit codes and one-line errors.
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+
+fn memplan() -> Command {
+    Command::cargo_bin("memplan").unwrap()
+}
+
+fn json(args: &[&str]) -> serde_json::Value {
+    let out = memplan()
+        .args(args)
+        .args(["--format", "json"])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn seed_plan_without_offload_is_out_of_memory_at_the_first_optimizer_step() {
+    memplan()
+        .args(["estimate", "--example", "seed-8b-2x48g"])
+        .assert()
+        .code(1)
+        .stdout(predicate::str::contains(
+            "OUT OF MEMORY at the first step's optimizer phase",
+        ));
+}
+
+#[test]
+fn seed_plan_with_offload_fits_and_exits_zero() {
+    memplan()
+        .args(["estimate", "--example", "seed-8b-2x48g-offload"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("fits:"));
+}
+
+#[test]
+fn json_output_carries_the_documented_fields() {
+    let v = json(&["estimate", "--example", "seed-8b-2x48g-offload"]);
+    assert_eq!(v["schema"], "memplan.estimate/1");
+    let g = &v["per_gpu"];
+    let breakdown_sum: u64 = g["breakdown"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|b| b.as_u64().unwrap())
+        .sum();
+    assert_eq!(breakdown_sum, g["peak_allocated_bytes"].as_u64().unwrap());
+    assert!(g["peak_reserved_bytes"].as_u64().unwrap() >= breakdown_sum);
+    assert_eq!(g["peak_phase"], "loss-backward");
+    assert!(v["host"]["per_node_bytes"].as_u64().unwrap() > 100_000_000_000);
+    assert_eq!(v["fits"], true);
+}
+
+#[test]
+fn flags_override_the_example() {
+    let small = json(&["estimate", "--example", "seed-8b-2x48g-offload"]);
+    let big = json(&[
+        "estimate",
+        "--example",
+        "seed-8b-2x48g-offload",
+        "--micro-batch-size",
+        "8",
+    ]);
+    assert_eq!(big["plan"]["batch"]["micro_batch_size"], 8);
+    assert!(
+        big["per_gpu"]["peak_allocated_bytes"].as_u64()
+            > small["per_gpu"]["peak_allocated_bytes"].as_u64()
+    );
+}
+
+#[test]
+fn markdown_output_is_a_table() {
+    memplan()
+        .args([
+            "estimate",
+            "--model",
+            "llama3-8b",
+            "--num-gpus",
+            "8",
+            "--format",
+            "markdown",
+        ])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("| **peak allocated** |"));
+}
+
+#[test]
+fn compare_puts_offload_beside_no_offload_with_differences() {
+    memplan()
+        .args([
+            "compare",
+            "example:seed-8b-2x48g",
+            "example:seed-8b-2x48g-offload",
+        ])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "seed-8b-2x48g-offload - seed-8b-2x48g",
+        ))
+        .stdout(predicate::str::contains("optimizer states"));
+}
+
+#[test]
+fn profiles_lists_models_gpus_and_examples() {
+    memplan()
+        .arg("profiles")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("8030261248"))
+        .stdout(predicate::str::contains("mi300x-192g"))
+        .stdout(predicate::str::contains("seed-8b-2x48g-offload"));
+}
+
+fn rejects(args: &[&str], needle: &str) {
+    let out = memplan().args(args).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{args:?}");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains(needle), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(!err.contains("panicked"));
+}
+
+#[test]
+fn rejects_unknown_model_and_lists_the_known_ones() {
+    rejects(&["estimate", "--model", "gpt-5"], "llama3-8b");
+}
+
+#[test]
+fn rejects_unknown_gpu() {
+    rejects(
+        &["estimate", "--model", "llama3-8b", "--gpu", "tpu"],
+        "h100-80g",
+    );
+}
+
+#[test]
+fn rejects_tp_degree_that_does_not_divide_heads() {
+    rejects(
+        &[
+            "estimate",
+            "--model",
+            "llama2-7b",
+            "--num-gpus",
+            "3",
+            "--tp",
+            "3",
+        ],
+        "parallel.tp",
+    );
+}
+
+#[test]
+fn rejects_degrees_that_do_not_divide_the_world_size() {
+    rejects(
+        &[
+            "estimate",
+            "--model",
+            "llama3-8b",
+            "--num-gpus",
+            "6",
+            "--tp",
+            "4",
+        ],
+        "num_gpus",
+    );
+}
+
+#[test]
+fn rejects_zero_and_negative_sizes() {
+    rejects(
+        &["estimate", "--model", "tiny", "--micro-batch-size", "0"],
+        "batch.micro_batch_size",
+    );
+    rejects(
+        &["estimate", "--model", "tiny", "--seq-len", "-5"],
+        "batch.seq_len",
+    );
+}
+
+#[test]
+fn rejects_sequences_beyond_the_model() {
+    rejects(
+        &["estimate", "--model", "tiny", "--seq-len", "4096"],
+        "max_position_embeddings",
+    );
+}
+
+#[test]
+fn rejects_more_pipeline_stages_than_layers() {
+    rejects(
+        &[
+            "estimate",
+            "--model",
+            "tiny",
+            "--num-gpus",
+            "4",
+            "--pp",
+            "4",
+        ],
+        "parallel.pp",
+    );
+}
+
+#[test]
+fn rejects_malformed_plan_json_with_its_line() {
+    rejects(&["estimate", "--plan", "tests/data/bad.json"], "line 4");
+}
+
+#[test]
+fn rejects_unknown_choices_naming_what_is_accepted() {
+    rejects(
+        &["estimate", "--model", "tiny", "--ac", "sometimes"],
+        "selective-op",
+    );
+    rejects(
+        &["estimate", "--model", "tiny", "--offload", "disk"],
+        "optimizer",
+    );
+    rejects(
+        &["estimate", "--model", "tiny", "--param-dtype", "fp8"],
+        "bf16",
+    );
+}
+
+#[test]
+fn rejects_absurd_sizes_without_wrapping() {
+    rejects(
+        &[
+            "estimate",
+            "--model",
+            "tiny",
+            "--micro-batch-size",
+            "99999999999",
+        ],
+        "batch.micro_batch_size",
+    );
+}
