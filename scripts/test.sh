@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs every test of memplan from nothing: the estimator's unit, integration, CLI and property
+# tests and doctests, then, when the trainer is in the tree, sets up libtorch 2.11.0 in
+# .venv (idempotent; about 4.6 GB on first run) and runs the trainer's tests against real
+# libtorch on the CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo test --locked
+
+if [ -d src/trainer ] && [ -f scripts/libtorch-env.sh ]; then
+  # shellcheck source=scripts/libtorch-env.sh
+  source scripts/libtorch-env.sh
+  cargo test --locked --features trainer --test trainer -- --test-threads=1
+fi
