@@ -30,7 +30,7 @@ pub enum Command {
     /// Estimate one plan: per-GPU breakdown at the peak, host memory, verdict.
     Estimate {
         #[command(flatten)]
-        plan: PlanArgs,
+        plan: Box<PlanArgs>,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },

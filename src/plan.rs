@@ -643,6 +643,32 @@ impl PlanFile {
     }
 }
 
+/// Built-in example plans (`--example NAME`), shipped in profiles/plans/.
+pub const EXAMPLES: &[(&str, &str)] = &[
+    (
+        "seed-8b-2x48g",
+        include_str!("../profiles/plans/seed-8b-2x48g.json"),
+    ),
+    (
+        "seed-8b-2x48g-offload",
+        include_str!("../profiles/plans/seed-8b-2x48g-offload.json"),
+    ),
+];
+
+/// A built-in example plan by name.
+pub fn example(name: &str) -> Result<PlanFile> {
+    let (_, text) = EXAMPLES.iter().find(|(n, _)| *n == name).ok_or_else(|| {
+        let known: Vec<_> = EXAMPLES.iter().map(|(n, _)| *n).collect();
+        Error::invalid(
+            "example",
+            format!("{name:?}"),
+            format!("one of {}", known.join(", ")),
+        )
+    })?;
+    serde_json::from_str(text)
+        .map_err(|e| Error::input(format!("example {name}: malformed plan: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -708,30 +734,4 @@ mod tests {
         assert_eq!(m.batch.seq_len, Some(4096));
         assert_eq!(m.batch.micro_batch_size, Some(4));
     }
-}
-
-/// Built-in example plans (`--example NAME`), shipped in profiles/plans/.
-pub const EXAMPLES: &[(&str, &str)] = &[
-    (
-        "seed-8b-2x48g",
-        include_str!("../profiles/plans/seed-8b-2x48g.json"),
-    ),
-    (
-        "seed-8b-2x48g-offload",
-        include_str!("../profiles/plans/seed-8b-2x48g-offload.json"),
-    ),
-];
-
-/// A built-in example plan by name.
-pub fn example(name: &str) -> Result<PlanFile> {
-    let (_, text) = EXAMPLES.iter().find(|(n, _)| *n == name).ok_or_else(|| {
-        let known: Vec<_> = EXAMPLES.iter().map(|(n, _)| *n).collect();
-        Error::invalid(
-            "example",
-            format!("{name:?}"),
-            format!("one of {}", known.join(", ")),
-        )
-    })?;
-    serde_json::from_str(text)
-        .map_err(|e| Error::input(format!("example {name}: malformed plan: {e}")))
 }

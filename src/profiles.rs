@@ -58,7 +58,7 @@ pub struct ModelSpec {
 }
 
 /// One parameter tensor of a block: rows (dim 0, the dimension FSDP shards) x cols.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ParamShape {
     pub rows: u64,
     pub cols: u64,
@@ -76,12 +76,6 @@ impl ParamShape {
 pub struct ParamList {
     items: [ParamShape; 16],
     len: usize,
-}
-
-impl Default for ParamShape {
-    fn default() -> Self {
-        ParamShape { rows: 0, cols: 0 }
-    }
 }
 
 impl ParamList {

@@ -25,9 +25,9 @@
 //! | w2                                       | its input (ef)                            |
 //!
 //! Worked number, llama3-8b (h 4096, q 4096, kv 1024, f 14336, 32 heads), bf16, eager norm,
-//! `repeat_kv`, flash: 2 x (4x4096 + 4 + 2x4096) norms + 2x4096 + 2x(3x4096) + 2x4096 + 128
-//! + 2x4096 + 2x4096 (linear inputs and o input) + 4 x 2 x 14336 = 221,320 bytes per token per layer,
-//! which [`BlockActivations::no_ac`] gives.
+//! `repeat_kv`, flash: norms 2 x (4x4096 + 4 + 2x4096), attention 2x(4x4096) + 128, linear
+//! and o inputs 3 x 2x4096, MLP 4 x 2x14336: 221,320 bytes per token per layer, which
+//! [`BlockActivations::no_ac`] gives.
 //!
 //! Tensor parallelism divides the attention and MLP tensors by `tp`; the norm tensors and the
 //! residual stream are divided only under sequence parallelism (Korthikanti section 4.2.2).

@@ -133,7 +133,7 @@ impl Render for Table {
         }
         let mut cells = vec![Cell::new("peak phase")];
         for (i, r) in rows.iter().enumerate() {
-            cells.push(Cell::new(&r.estimate.per_gpu.peak_phase));
+            cells.push(Cell::new(r.estimate.per_gpu.peak_phase));
             if i > 0 {
                 cells.push(Cell::new(""));
             }
