@@ -1,0 +1,73 @@
+//! Build script: only with the `trainer` feature, compiles the small C++ shim in `csrc/`
+//! against libtorch and links the binary so that CUDA is usable when libtorch has it.
+//!
+//! torch-sys (links = "tch") exports libtorch's lib folder to its direct dependents as
+//! `DEP_TCH_LIBTORCH_LIB`; the headers are in the `include` folder next to it. rustc links with
+//! `--as-needed`, which would drop libtorch_cuda.so (nothing references it by symbol), so it is
+//! linked with `--no-as-needed` when present. An rpath to libtorch's lib folder lets the test
+//! and release binaries run without `LD_LIBRARY_PATH`.
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-env-changed=CARGO_FEATURE_TRAINER");
+    if std::env::var_os("CARGO_FEATURE_TRAINER").is_some() {
+        #[cfg(feature = "trainer")]
+        trainer::build();
+    }
+}
+
+#[cfg(feature = "trainer")]
+mod trainer {
+    use std::path::PathBuf;
+
+    pub fn build() {
+        println!("cargo:rerun-if-changed=csrc");
+        println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+        let lib =
+            PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").expect(
+                "torch-sys did not export DEP_TCH_LIBTORCH_LIB (is the tch dependency on?)",
+            ));
+        let root = lib
+            .parent()
+            .expect("libtorch lib folder has a parent")
+            .to_path_buf();
+        let include = root.join("include");
+        let api_include = include.join("torch/csrc/api/include");
+
+        let mut sources: Vec<PathBuf> = std::fs::read_dir("csrc")
+            .expect("csrc/ exists")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "cpp"))
+            .collect();
+        sources.sort();
+        for s in &sources {
+            println!("cargo:rerun-if-changed={}", s.display());
+        }
+
+        // libtorch from pip is built with the C++11 ABI since 2.6; torch-sys asks Python, here
+        // the manylinux wheels (2.11) all use it.
+        let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+        cc::Build::new()
+            .cpp(true)
+            .pic(true)
+            .warnings(false)
+            .include(&include)
+            .include(&api_include)
+            .flag("-std=c++17")
+            .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+            .flag("-DGLOG_USE_GLOG_EXPORT")
+            .files(&sources)
+            .compile("memplan_shim");
+
+        println!("cargo:rustc-link-search=native={}", lib.display());
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+        if lib.join("libtorch_cuda.so").exists() {
+            println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+            println!("cargo:rustc-link-arg=-ltorch_cuda");
+            println!("cargo:rustc-link-arg=-ltorch");
+            println!("cargo:rustc-link-arg=-Wl,--as-needed");
+        }
+        println!("cargo:rustc-link-lib=dylib=torch_cpu");
+        println!("cargo:rustc-link-lib=dylib=c10");
+    }
+}

@@ -1,0 +1,432 @@
+// memplan trainer shim: the few libtorch entry points tch does not expose.
+//
+// - a counting CPU allocator (exact live and peak bytes of CPU tensors, in two channels:
+//   "device" and "host", plus an "off" mode whose allocations are never counted);
+// - the accelerator's caching-allocator counters (at::accelerator);
+// - autograd: backward with incoming gradients, identity nodes whose backward calls back into
+//   Rust (FSDP2's pre-/post-backward hooks), a checkpoint link node, storage resize (FSDP2's
+//   free/re-allocate of unsharded parameters) and copies that do not bump version counters;
+// - torch's fused AdamW kernel.
+//
+// Every entry point is extern "C", catches C++ exceptions and returns 0 on success or -1 with
+// a malloc'd message in *err (free it with mp_free_error).
+//
+// A tensor handle is tch's `*mut C_tensor`, which is a heap `at::Tensor*` (torch-sys
+// libtch/torch_api.h: `typedef at::Tensor *tensor;`). Handles returned through `out`
+// parameters are new heap tensors owned by the caller (tch frees them with `delete`).
+
+#include <ATen/ATen.h>
+#include <ATen/DeviceAccelerator.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/StorageImpl.h>
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+namespace {
+
+char *dup_error(const std::string &s) {
+  char *p = static_cast<char *>(std::malloc(s.size() + 1));
+  if (p) std::memcpy(p, s.c_str(), s.size() + 1);
+  return p;
+}
+
+#define MP_TRY try {
+#define MP_CATCH                                                   \
+  }                                                                \
+  catch (const std::exception &e) {                                \
+    if (err) *err = dup_error(e.what());                           \
+    return -1;                                                     \
+  }                                                                \
+  catch (...) {                                                    \
+    if (err) *err = dup_error("unknown C++ exception in memplan shim"); \
+    return -1;                                                     \
+  }                                                                \
+  return 0;
+
+// ---------------------------------------------------------------------------------------------
+// Counting CPU allocator.
+
+constexpr int kChannels = 2;  // 0: device, 1: host; 2 (kOff) means "do not count"
+constexpr int kOff = 2;
+
+struct Counter {
+  int64_t current = 0;
+  int64_t peak = 0;
+};
+
+struct Live {
+  size_t size;
+  int channel;
+};
+
+std::mutex g_mu;
+std::unordered_map<void *, Live> g_live;
+Counter g_counters[kChannels];
+std::atomic<int> g_channel{kOff};
+
+void counted_delete(void *ptr);
+
+struct CountingAllocator final : public c10::Allocator {
+  c10::Allocator *inner = nullptr;
+
+  c10::DataPtr allocate(size_t n) override {
+    c10::DataPtr d = inner->allocate(n);
+    void *data = d.get();
+    // The default CPU allocator's context is its data pointer; take ownership of the raw
+    // pointer and hand back a DataPtr whose context is the data (raw_allocate asserts it).
+    void *ctx = d.release_context();
+    if (data == nullptr) {
+      if (ctx != nullptr) inner->raw_deleter()(ctx);
+      return c10::DataPtr(nullptr, nullptr, &counted_delete, c10::Device(c10::DeviceType::CPU));
+    }
+    int ch = g_channel.load(std::memory_order_relaxed);
+    if (ch < kChannels) {
+      std::lock_guard<std::mutex> lock(g_mu);
+      g_live[data] = Live{n, ch};
+      Counter &c = g_counters[ch];
+      c.current += static_cast<int64_t>(n);
+      if (c.current > c.peak) c.peak = c.current;
+    }
+    return c10::DataPtr(data, data, &counted_delete, c10::Device(c10::DeviceType::CPU));
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &counted_delete; }
+
+  void copy_data(void *dest, const void *src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+CountingAllocator g_allocator;
+std::once_flag g_install_once;
+
+void counted_delete(void *ptr) {
+  if (ptr == nullptr) return;
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    auto it = g_live.find(ptr);
+    if (it != g_live.end()) {
+      g_counters[it->second.channel].current -= static_cast<int64_t>(it->second.size);
+      g_live.erase(it);
+    }
+  }
+  g_allocator.inner->raw_deleter()(ptr);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Autograd nodes.
+
+using mp_callback = int (*)(void *ctx, int64_t tag, at::Tensor *grad_in,
+                            at::Tensor **grad_out);
+
+// Identity in forward; its backward calls back into Rust with the incoming gradient, then
+// passes the gradient on unchanged. Placed on a block's input it runs after the block's whole
+// backward (FSDP2's RegisterPostBackwardFunction); on a block's output, before it (FSDP2's
+// pre-backward hook).
+struct Boundary : public torch::autograd::Function<Boundary> {
+  static at::Tensor forward(torch::autograd::AutogradContext *ctx, at::Tensor x,
+                               int64_t tag, int64_t cb, int64_t user) {
+    ctx->saved_data["tag"] = tag;
+    ctx->saved_data["cb"] = cb;
+    ctx->saved_data["user"] = user;
+    return x;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto cb = reinterpret_cast<mp_callback>(ctx->saved_data["cb"].toInt());
+    auto user = reinterpret_cast<void *>(ctx->saved_data["user"].toInt());
+    auto tag = ctx->saved_data["tag"].toInt();
+    auto *g = new at::Tensor(grads[0]);
+    at::Tensor *unused = nullptr;
+    int rc = cb(user, tag, g, &unused);  // the callback takes ownership of g
+    if (unused) delete unused;
+    if (rc != 0) throw std::runtime_error("memplan: backward hook failed (see the trainer's error)");
+    return {grads[0], at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// Links a block output computed without autograd (y) to the block input (x): forward returns
+// y; backward calls Rust, which recomputes the block from x with autograd, runs its backward
+// with the incoming gradient and returns the gradient for x. This is reentrant activation
+// checkpointing (torch.utils.checkpoint with use_reentrant=True).
+struct CheckpointLink : public torch::autograd::Function<CheckpointLink> {
+  static at::Tensor forward(torch::autograd::AutogradContext *ctx, at::Tensor x,
+                               at::Tensor y, int64_t tag, int64_t cb, int64_t user) {
+    ctx->saved_data["tag"] = tag;
+    ctx->saved_data["cb"] = cb;
+    ctx->saved_data["user"] = user;
+    return y;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto cb = reinterpret_cast<mp_callback>(ctx->saved_data["cb"].toInt());
+    auto user = reinterpret_cast<void *>(ctx->saved_data["user"].toInt());
+    auto tag = ctx->saved_data["tag"].toInt();
+    auto *g = new at::Tensor(grads[0]);
+    grads.clear();  // the callback holds the only reference to the incoming gradient
+    at::Tensor *gx = nullptr;
+    int rc = cb(user, tag, g, &gx);
+    at::Tensor grad_x;
+    if (gx) {
+      grad_x = *gx;
+      delete gx;
+    }
+    if (rc != 0) throw std::runtime_error("memplan: checkpoint recompute failed (see the trainer's error)");
+    return {grad_x, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+void mp_free_error(char *e) { std::free(e); }
+
+// ---- counting allocator ----
+
+int mp_install_counting_allocator(char **err) {
+  MP_TRY
+  std::call_once(g_install_once, [] {
+    g_allocator.inner = c10::GetDefaultCPUAllocator();
+    c10::SetCPUAllocator(&g_allocator, /*priority=*/100);
+  });
+  if (c10::GetCPUAllocator() != &g_allocator)
+    throw std::runtime_error("another CPU allocator with a higher priority is installed");
+  MP_CATCH
+}
+
+// 0: count CPU allocations as device memory, 1: as host memory, 2: do not count.
+void mp_set_channel(int ch) { g_channel.store(ch < 0 || ch > kOff ? kOff : ch); }
+int mp_get_channel() { return g_channel.load(); }
+
+void mp_counter(int ch, int64_t *current, int64_t *peak) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  if (ch < 0 || ch >= kChannels) {
+    *current = 0;
+    *peak = 0;
+    return;
+  }
+  *current = g_counters[ch].current;
+  *peak = g_counters[ch].peak;
+}
+
+void mp_reset_peak(int ch) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  if (ch >= 0 && ch < kChannels) g_counters[ch].peak = g_counters[ch].current;
+}
+
+// ---- accelerator ----
+
+int mp_accel_count(int64_t *n, char **err) {
+  MP_TRY
+  *n = 0;
+  if (at::accelerator::getAccelerator(false).has_value())
+    *n = static_cast<int64_t>(at::accelerator::deviceCount());
+  MP_CATCH
+}
+
+// out: allocated current, allocated peak, reserved current, reserved peak, num_ooms.
+int mp_accel_stats(int64_t device, int64_t *out, char **err) {
+  MP_TRY
+  auto s = at::accelerator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
+  auto agg = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+  out[0] = s.allocated_bytes[agg].current;
+  out[1] = s.allocated_bytes[agg].peak;
+  out[2] = s.reserved_bytes[agg].current;
+  out[3] = s.reserved_bytes[agg].peak;
+  out[4] = s.num_ooms;
+  MP_CATCH
+}
+
+int mp_accel_reset_peak(int64_t device, char **err) {
+  MP_TRY
+  at::accelerator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
+  MP_CATCH
+}
+
+int mp_accel_synchronize(int64_t device, char **err) {
+  MP_TRY
+  at::accelerator::synchronizeDevice(static_cast<c10::DeviceIndex>(device));
+  MP_CATCH
+}
+
+int mp_accel_mem_info(int64_t device, int64_t *free_bytes, int64_t *total_bytes, char **err) {
+  MP_TRY
+  auto p = at::accelerator::getMemoryInfo(static_cast<c10::DeviceIndex>(device));
+  *free_bytes = static_cast<int64_t>(p.first);
+  *total_bytes = static_cast<int64_t>(p.second);
+  MP_CATCH
+}
+
+// ---- autograd ----
+
+// torch::autograd::backward(tensors, grad_tensors): grads may hold null entries (implicit
+// ones for scalars).
+int mp_backward(at::Tensor **tensors, at::Tensor **grads, int n, char **err) {
+  MP_TRY
+  torch::autograd::variable_list ts, gs;
+  for (int i = 0; i < n; ++i) {
+    ts.push_back(*tensors[i]);
+    gs.push_back(grads[i] ? *grads[i] : at::Tensor());
+  }
+  torch::autograd::backward(ts, gs, /*retain_graph=*/false, /*create_graph=*/false);
+  MP_CATCH
+}
+
+int mp_boundary(at::Tensor *x, int64_t tag, mp_callback cb, void *user, at::Tensor **out,
+                char **err) {
+  MP_TRY
+  auto y = Boundary::apply(*x, tag, reinterpret_cast<int64_t>(cb),
+                           reinterpret_cast<int64_t>(user));
+  *out = new at::Tensor(y);
+  MP_CATCH
+}
+
+int mp_checkpoint_link(at::Tensor *x, at::Tensor *y, int64_t tag, mp_callback cb,
+                       void *user, at::Tensor **out, char **err) {
+  MP_TRY
+  auto z = CheckpointLink::apply(*x, *y, tag, reinterpret_cast<int64_t>(cb),
+                                 reinterpret_cast<int64_t>(user));
+  *out = new at::Tensor(z);
+  MP_CATCH
+}
+
+// Gives the tensor's storage `nbytes` bytes from the storage's own allocator (0 frees it),
+// without copying, as FSDP2 does with `untyped_storage().resize_()` on unsharded parameters.
+// Every tensor sharing the storage (views, autograd's saved references) sees the change.
+int mp_storage_resize(at::Tensor *t, int64_t nbytes, char **err) {
+  MP_TRY
+  c10::StorageImpl *s = t->storage().unsafeGetStorageImpl();
+  if (!s->resizable()) throw std::runtime_error("storage is not resizable");
+  auto n = static_cast<size_t>(nbytes);
+  if (s->nbytes() == n) return 0;
+  c10::DataPtr d;
+  if (n > 0) {
+    c10::DeviceGuard guard(t->device());
+    d = s->allocator()->allocate(n);
+  } else {
+    d = c10::DataPtr(nullptr, t->device());
+  }
+  s->set_data_ptr_noswap(std::move(d));
+  s->set_nbytes(n);
+  MP_CATCH
+}
+
+int64_t mp_storage_nbytes(at::Tensor *t) {
+  try {
+    return static_cast<int64_t>(t->storage().nbytes());
+  } catch (...) {
+    return -1;
+  }
+}
+
+// dst.copy_(src) below autograd and without bumping version counters (FSDP2's
+// `_unsafe_preserve_version_counter` around the all-gather copy-out).
+int mp_copy_unversioned(at::Tensor *dst, at::Tensor *src, char **err) {
+  MP_TRY
+  at::AutoDispatchBelowADInplaceOrView guard;
+  dst->copy_(*src);
+  MP_CATCH
+}
+
+// Takes a leaf's .grad out (null if none) and sets .grad to None.
+int mp_take_grad(at::Tensor *t, at::Tensor **out, char **err) {
+  MP_TRY
+  *out = nullptr;
+  at::Tensor g = t->grad();
+  if (g.defined()) *out = new at::Tensor(g);
+  t->mutable_grad() = at::Tensor();
+  MP_CATCH
+}
+
+// AdamW as torch.optim.AdamW runs it (torch/optim/adam.py, decoupled weight decay), over n
+// parameters. mode 0: single-tensor (foreach=False): one parameter at a time, whose
+// `denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)` makes two parameter-sized temporaries
+// for a moment; mode 1: foreach (the CUDA default): `_foreach_sqrt` over every parameter at
+// once, one temporary as large as all of them; mode 2: fused (`_fused_adamw_`), none.
+// `steps` are float32 scalar tensors, incremented here as torch.optim does.
+int mp_adamw_step(int mode, at::Tensor **params, at::Tensor **grads,
+                  at::Tensor **exp_avgs, at::Tensor **exp_avg_sqs, at::Tensor **steps,
+                  int n, double lr, double beta1, double beta2, double weight_decay, double eps,
+                  char **err) {
+  MP_TRY
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> p, g, m, v, s;
+  for (int i = 0; i < n; ++i) {
+    p.push_back(*params[i]);
+    g.push_back(*grads[i]);
+    m.push_back(*exp_avgs[i]);
+    v.push_back(*exp_avg_sqs[i]);
+    s.push_back(*steps[i]);
+  }
+  if (n == 0) return 0;
+  if (mode == 2) {
+    at::_foreach_add_(s, 1);
+    at::_fused_adamw_(p, g, m, v, {}, s, lr, beta1, beta2, weight_decay, eps, false, false);
+  } else if (mode == 1) {
+    at::_foreach_add_(s, 1);
+    if (weight_decay != 0) at::_foreach_mul_(p, 1 - lr * weight_decay);
+    at::_foreach_lerp_(m, g, 1 - beta1);
+    at::_foreach_mul_(v, beta2);
+    at::_foreach_addcmul_(v, g, g, 1 - beta2);
+    std::vector<c10::Scalar> step_size, bc2_sqrt;
+    for (int i = 0; i < n; ++i) {
+      double step = s[i].item<double>();
+      double bc1 = 1 - std::pow(beta1, step);
+      double bc2 = 1 - std::pow(beta2, step);
+      step_size.push_back(-(lr / bc1));
+      bc2_sqrt.push_back(std::sqrt(bc2));
+    }
+    {
+      auto sq = at::_foreach_sqrt(v);
+      at::_foreach_div_(sq, bc2_sqrt);
+      at::_foreach_add_(sq, eps);
+      at::_foreach_addcdiv_(p, m, sq, step_size);
+    }
+  } else {
+    for (int i = 0; i < n; ++i) {
+      s[i].add_(1);
+      if (weight_decay != 0) p[i].mul_(1 - lr * weight_decay);
+      m[i].lerp_(g[i], 1 - beta1);
+      v[i].mul_(beta2).addcmul_(g[i], g[i], 1 - beta2);
+      double step = s[i].item<double>();
+      double bc1 = 1 - std::pow(beta1, step);
+      double bc2 = 1 - std::pow(beta2, step);
+      double step_size = lr / bc1;
+      double bc2_sqrt = std::sqrt(bc2);
+      auto denom = (v[i].sqrt() / bc2_sqrt).add_(eps);
+      p[i].addcdiv_(m[i], denom, -step_size);
+    }
+  }
+  MP_CATCH
+}
+
+// SGD as torch.optim.SGD runs it (dampening 0, no weight decay, no Nesterov): with momentum,
+// `buf.mul_(momentum).add_(grad)` then `param.add_(buf, alpha=-lr)`; without, `param.add_(grad,
+// alpha=-lr)`. bufs[i] null means no momentum. The first step's `buf = grad.clone()` is done
+// by the caller.
+int mp_sgd_step(at::Tensor **params, at::Tensor **grads, at::Tensor **bufs, int n,
+                double lr, double momentum, int first, char **err) {
+  MP_TRY
+  at::NoGradGuard no_grad;
+  for (int i = 0; i < n; ++i) {
+    at::Tensor d = *grads[i];
+    if (bufs[i]) {
+      if (!first) bufs[i]->mul_(momentum).add_(d);
+      d = *bufs[i];
+    }
+    params[i]->add_(d, -lr);
+  }
+  MP_CATCH
+}
+
+}  // extern "C"
