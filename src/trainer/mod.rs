@@ -1,0 +1,798 @@
+//! A real training run on libtorch (through tch) that executes a [`Plan`] and measures the
+//! exact peak allocations of each phase, so that the estimator can be checked against it.
+//!
+//! # What runs
+//! The Llama decoder of torchtitan (late 2024) op for op ([`model`]), trained on synthetic
+//! token sequences with learnable structure, under FSDP2 as rank 0 of `dp_shard` ranks sees it
+//! ([`fsdp`]), with torchtitan's mixed precision (fp32 master parameters, compute copies in
+//! `precision.param`, gradients reduced in `precision.reduce`), activation checkpointing,
+//! offload and torch.optim's optimizers ([`optim`]). One training step is torchtitan's:
+//! `zero_grad` (gradients set to None), then per micro-batch forward, loss, `del pred`,
+//! backward; then the optimizer step.
+//!
+//! # What is measured
+//! Per step and per phase (forward, backward, optimizer), with peaks reset between phases:
+//! - CPU run: exact bytes of live tensors from a counting CPU allocator (requested sizes, no
+//!   allocator rounding). Tensors the device would hold and tensors the host would hold
+//!   (offloaded state) are counted in separate channels, so a CPU run reports what a GPU
+//!   would hold even though both are the same RAM here.
+//! - CUDA run: the caching allocator's allocated and reserved bytes (current and peak), the
+//!   process's device use from the driver, and host bytes from the counting allocator.
+//!
+//! Step 1 (optimizer states are created there) and the last step (steady state) are
+//! reported separately. Out of memory is a result: the report names the step and phase.
+//!
+//! # What is and is not modelled
+//! It is a single-device emulation of rank 0: the other ranks' shards live on the host,
+//! outside the counters; every rank sees the same data, so rank 0's gradient is the average.
+//! Not modelled: communication time, NCCL buffers, FSDP2's separate CUDA streams (which
+//! change reserved, not allocated, bytes), pinned host memory, gradient clipping, the
+//! dataloader. Tensor, pipeline and context parallelism, HSDP, fp16 and selective per-op
+//! checkpointing are refused with an error. Checkpointing is reentrant (the recompute also
+//! materialises the block output, one activation of the block's output size more than
+//! torch's non-reentrant checkpoint at that moment).
+
+pub mod ffi;
+pub mod fsdp;
+pub mod memory;
+pub mod model;
+pub mod optim;
+
+use std::cell::RefCell;
+use std::ffi::{c_int, c_void};
+use std::panic::AssertUnwindSafe;
+use std::time::Instant;
+
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+use torch_sys::C_tensor;
+
+use crate::error::{Error, Result};
+use crate::plan::{Checkpointing, DType, Logits, Offload, Plan};
+use crate::profiles::ModelSpec;
+use ffi::Channel;
+use fsdp::{Emulated, Env, Fsdp, FsdpParam, Group};
+use memory::{Meter, PhaseMemory};
+use model::{BlockWeights, Dims, Flavor, RootWeights, TResult};
+use optim::OptConfig;
+
+/// Where the run happens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrainDevice {
+    Cpu,
+    Cuda(usize),
+}
+
+/// How to run a plan.
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    /// Optimizer steps to run.
+    pub steps: u64,
+    pub device: TrainDevice,
+    /// Seeds the weights and the data.
+    pub seed: u64,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+    /// Learning rate.
+    pub lr: f64,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            steps: 3,
+            device: TrainDevice::Cpu,
+            seed: 0,
+            progress: false,
+            lr: 3e-3,
+        }
+    }
+}
+
+/// The three phases of a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Setup,
+    Forward,
+    Backward,
+    Optimizer,
+}
+
+/// Memory and loss of one optimizer step. With gradient accumulation, forward and backward
+/// hold the maxima over the micro-batches.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepReport {
+    /// 1-based.
+    pub step: u64,
+    /// Mean loss over the step's micro-batches.
+    pub loss: f64,
+    /// L2 norm of the whole job's gradient (every rank's shard), before the optimizer.
+    pub grad_norm: f64,
+    pub forward: PhaseMemory,
+    pub backward: PhaseMemory,
+    pub optimizer: PhaseMemory,
+    /// Highest device bytes allocated in the step.
+    pub peak_allocated_bytes: u64,
+}
+
+/// Where a run ran out of memory.
+#[derive(Clone, Debug, Serialize)]
+pub struct OomReport {
+    pub step: u64,
+    pub phase: Phase,
+    pub message: String,
+}
+
+/// What a run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainReport {
+    pub model: String,
+    pub device: TrainDevice,
+    /// FSDP degree emulated (rank 0 of this many).
+    pub dp_shard: u64,
+    pub steps_requested: u64,
+    /// Steps that completed.
+    pub steps_completed: u64,
+    /// Device bytes allocated after setup (rank 0's sharded parameters, rotary table).
+    pub setup_allocated_bytes: u64,
+    /// Host bytes allocated after setup (offloaded shards).
+    pub setup_host_bytes: u64,
+    /// Step 1 (optimizer states are created there).
+    pub first_step: Option<StepReport>,
+    /// The last completed step.
+    pub steady_step: Option<StepReport>,
+    pub steps: Vec<StepReport>,
+    pub losses: Vec<f64>,
+    /// Highest device bytes allocated over the run.
+    pub peak_allocated_bytes: u64,
+    /// CUDA only: highest bytes reserved by the caching allocator over the run.
+    pub peak_reserved_bytes: Option<u64>,
+    /// Highest counted host bytes over the run.
+    pub peak_host_bytes: u64,
+    pub tokens_per_second: f64,
+    pub oom: Option<OomReport>,
+    pub notes: Vec<String>,
+}
+
+fn unsupported(what: &str, got: impl std::fmt::Display, accepted: &str) -> Error {
+    Error::invalid(
+        what,
+        got,
+        format!("{accepted} (not supported by the trainer)"),
+    )
+}
+
+fn kind(d: DType) -> Kind {
+    match d {
+        DType::Fp32 => Kind::Float,
+        DType::Bf16 => Kind::BFloat16,
+        DType::Fp16 => Kind::Half,
+    }
+}
+
+/// Refuses what the trainer cannot run, with the reason.
+fn check_supported(plan: &Plan) -> Result<()> {
+    let p = &plan.parallel;
+    for (name, v) in [
+        ("parallel.tp", p.tp),
+        ("parallel.pp", p.pp),
+        ("parallel.cp", p.cp),
+    ] {
+        if v != 1 {
+            return Err(unsupported(
+                name,
+                v,
+                "1: the trainer emulates FSDP rank 0 only",
+            ));
+        }
+    }
+    if p.dp_replicate != 1 {
+        return Err(unsupported(
+            "parallel.dp_replicate",
+            p.dp_replicate,
+            "1: HSDP is not emulated",
+        ));
+    }
+    if plan.activation_checkpointing == Checkpointing::SelectiveOp {
+        return Err(unsupported(
+            "activation_checkpointing",
+            "\"selective-op\"",
+            "none, full or selective-layer:K: per-op policies need saved-tensor hooks tch lacks",
+        ));
+    }
+    for (name, d) in [
+        ("precision.param", plan.precision.param),
+        ("precision.reduce", plan.precision.reduce),
+    ] {
+        if d == DType::Fp16 {
+            return Err(unsupported(
+                name,
+                "\"fp16\"",
+                "fp32 or bf16: fp16 needs loss scaling",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether block `i` is checkpointed: torchtitan's `_apply_ac_to_transformer_block` counts
+/// blocks from 1 and wraps a block when the count is a multiple of K.
+pub fn checkpointed(ac: Checkpointing, i: u64) -> bool {
+    match ac {
+        Checkpointing::None | Checkpointing::SelectiveOp => false,
+        Checkpointing::Full => true,
+        Checkpointing::SelectiveLayer(k) => (i + 1) % k == 0,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Autograd hooks: pre-backward (unshard, prefetch), checkpoint recompute, post-backward.
+
+const PRE: i64 = 1;
+const CKPT: i64 = 2;
+const POST: i64 = 3;
+const TAG: i64 = 1 << 32;
+
+struct State {
+    fsdp: Fsdp,
+    spec: ModelSpec,
+    dims: Dims,
+    flavor: Flavor,
+    freqs: Tensor,
+    /// Inputs kept by checkpointed blocks.
+    ckpt: Vec<Option<Tensor>>,
+    error: Option<tch::TchError>,
+}
+
+impl State {
+    fn block(&self, i: usize, x: &Tensor) -> TResult<Tensor> {
+        let leaves = self.fsdp.groups[i].leaves();
+        let w = BlockWeights::from_list(&self.spec, &leaves);
+        let s = x.size()[1];
+        let f = self.freqs.f_narrow(0, 0, s)?;
+        model::block_forward(x, &w, &f, self.dims, self.flavor)
+    }
+
+    fn on_backward(&mut self, tag: i64, grad: Tensor) -> TResult<Option<Tensor>> {
+        let (what, i) = (tag / TAG, (tag % TAG) as usize);
+        match what {
+            PRE => {
+                drop(grad);
+                self.fsdp.wait_for_unshard(i, false)?;
+                if i > 0 {
+                    self.fsdp.unshard(i - 1)?;
+                }
+                Ok(None)
+            }
+            CKPT => {
+                let x = self.ckpt[i]
+                    .take()
+                    .expect("checkpointed block kept its input");
+                let xd = x.f_detach()?.f_set_requires_grad(true)?;
+                drop(x);
+                let y = tch::with_grad(|| self.block(i, &xd))?;
+                ffi::backward(&[&y], &[Some(&grad)]).map_err(fsdp::shim)?;
+                drop((y, grad));
+                ffi::take_grad(&xd).map_err(fsdp::shim)
+            }
+            POST => {
+                drop(grad);
+                self.fsdp.post_backward(i)?;
+                Ok(None)
+            }
+            _ => unreachable!("unknown hook tag {tag}"),
+        }
+    }
+}
+
+struct Hooks(RefCell<State>);
+
+unsafe extern "C" fn hook(
+    user: *mut c_void,
+    tag: i64,
+    grad_in: *mut C_tensor,
+    grad_out: *mut *mut C_tensor,
+) -> c_int {
+    // SAFETY: `user` is the Hooks box that outlives every graph of the run (see `train`).
+    let hooks = &*(user as *const Hooks);
+    let grad = Tensor::from_ptr(grad_in);
+    let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let mut st = hooks
+            .0
+            .try_borrow_mut()
+            .map_err(|_| tch::TchError::Torch("trainer state busy in a hook".into()))?;
+        st.on_backward(tag, grad)
+    }));
+    let err = match r {
+        Ok(Ok(Some(mut t))) => {
+            *grad_out = t.as_mut_ptr();
+            std::mem::forget(t);
+            return 0;
+        }
+        Ok(Ok(None)) => return 0,
+        Ok(Err(e)) => e,
+        Err(_) => tch::TchError::Torch("panic in a backward hook".into()),
+    };
+    if let Ok(mut st) = hooks.0.try_borrow_mut() {
+        st.error.get_or_insert(err);
+    }
+    1
+}
+
+impl Hooks {
+    fn user(&self) -> *mut c_void {
+        self as *const Hooks as *mut c_void
+    }
+
+    fn boundary(&self, x: &Tensor, what: i64, i: usize) -> TResult<Tensor> {
+        // SAFETY: self outlives the graph (see `train`).
+        unsafe { ffi::boundary(x, what * TAG + i as i64, hook, self.user()) }.map_err(fsdp::shim)
+    }
+
+    /// One micro-batch's forward and loss, FSDP2 hooks and checkpointing included.
+    /// Returns the loss, and the fp32 logits when the plan keeps them through backward
+    /// (`float-output-kept`, torchtitan before `del pred`).
+    fn forward(
+        &self,
+        plan: &Plan,
+        tokens: &Tensor,
+        labels: &Tensor,
+    ) -> TResult<(Tensor, Option<Tensor>)> {
+        let layers = plan.model.layers as usize;
+        let root = layers;
+        let mut st = self.0.borrow_mut();
+        st.fsdp.wait_for_unshard(root, true)?;
+        let root_leaves = st.fsdp.groups[root].leaves();
+        let rw = RootWeights::from_list(&st.spec, &root_leaves);
+        let mut h = model::embed(tokens, &rw)?;
+        for i in 0..layers {
+            st.fsdp.wait_for_unshard(i, true)?;
+            let x = self.boundary(&h, POST, i)?;
+            drop(h);
+            let y = if checkpointed(plan.activation_checkpointing, i as u64) {
+                let y = tch::no_grad(|| st.block(i, &x))?;
+                // SAFETY: as for `boundary`.
+                let y = unsafe {
+                    ffi::checkpoint_link(&x, &y, CKPT * TAG + i as i64, hook, self.user())
+                }
+                .map_err(fsdp::shim)?;
+                st.ckpt[i] = Some(x.shallow_clone());
+                y
+            } else {
+                st.block(i, &x)?
+            };
+            drop(x);
+            if st.fsdp.groups[i].reshard_after_forward {
+                st.fsdp.reshard(i)?;
+            }
+            h = self.boundary(&y, PRE, i)?;
+        }
+        let pred = model::head(&h, &rw, st.flavor)?;
+        drop(h);
+        st.fsdp.root_post_forward();
+        let loss = model::loss(&pred, labels, st.flavor)?;
+        if plan.implementation.logits == Logits::FloatOutputKept {
+            return Ok((loss, Some(pred)));
+        }
+        drop(pred); // torchtitan: `del pred` before backward
+        Ok((loss, None))
+    }
+
+    /// Backward from the loss, then the root's post-backward.
+    fn backward(&self, plan: &Plan, loss: Tensor) -> TResult<()> {
+        let r = ffi::backward(&[&loss], &[None]);
+        drop(loss);
+        let mut st = self.0.borrow_mut();
+        if let Err(e) = r {
+            return Err(st.error.take().unwrap_or(tch::TchError::Torch(e.0)));
+        }
+        st.fsdp.post_backward(plan.model.layers as usize)?;
+        st.fsdp.finish_backward();
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Setup: weights, sharding, data.
+
+/// Full fp32 weights of one group (host, uncounted), in [`ModelSpec`]'s order: torchtitan's
+/// init is trunc-normal; a plain normal of std 0.02 (norms at one) trains as well here.
+fn init_weights(shapes: &[(u64, u64)], norm_rows: &[bool]) -> TResult<Vec<Tensor>> {
+    let _off = ffi::channel(Channel::Off);
+    shapes
+        .iter()
+        .zip(norm_rows)
+        .map(|(&(r, c), &is_norm)| {
+            let shape: Vec<i64> = if c == 1 {
+                vec![r as i64]
+            } else {
+                vec![r as i64, c as i64]
+            };
+            if is_norm {
+                Tensor::f_ones(shape.as_slice(), (Kind::Float, Device::Cpu))
+            } else {
+                Tensor::f_randn(shape.as_slice(), (Kind::Float, Device::Cpu))?.f_mul_scalar(0.02)
+            }
+        })
+        .collect()
+}
+
+fn build_groups(plan: &Plan, env: &Env) -> TResult<Vec<Group>> {
+    let m = &plan.model;
+    let mut groups = Vec::new();
+    let block = m.block_params();
+    // Norm weights (and biases) are the 1-column entries; biases start at zero like nn.Linear's
+    // would not, but their memory is what matters.
+    let shapes: Vec<(u64, u64)> = block.iter().map(|p| (p.rows, p.cols)).collect();
+    let norms: Vec<bool> = shapes.iter().map(|&(_, c)| c == 1).collect();
+    let layers = m.layers as usize;
+    for i in 0..layers {
+        let full = init_weights(&shapes, &norms)?;
+        let params = full
+            .iter()
+            .map(|t| FsdpParam::new(t, env))
+            .collect::<TResult<Vec<_>>>()?;
+        // torchtitan: the last block is not resharded after forward (backward needs it first).
+        let reshard = plan.reshard_after_forward && i + 1 < layers;
+        groups.push(Group::new(params, reshard));
+    }
+    let root_shapes: Vec<(u64, u64)> = m.root_params().iter().map(|p| (p.rows, p.cols)).collect();
+    let root_norms: Vec<bool> = root_shapes.iter().map(|&(_, c)| c == 1).collect();
+    let full = init_weights(&root_shapes, &root_norms)?;
+    let params = full
+        .iter()
+        .map(|t| FsdpParam::new(t, env))
+        .collect::<TResult<Vec<_>>>()?;
+    groups.push(Group::new(params, false));
+    Ok(groups)
+}
+
+/// A small deterministic generator (splitmix64).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// `batch x (seq + 1)` tokens: each row starts at a random token and follows a fixed
+/// permutation of the vocabulary (`next = (5 x + 3) mod vocab`, a bijection for the power-of-two
+/// and odd vocabularies of the profiles, a fixed map otherwise), so the next token is learnable
+/// from the current one. Same seed and index, same batch.
+fn synthetic_tokens(seed: u64, index: u64, batch: u64, seq: u64, vocab: u64) -> Vec<i64> {
+    let mut rng = Rng(seed ^ index.wrapping_mul(0xD6E8_FEB8_6659_FD93));
+    let mut v = Vec::with_capacity((batch * (seq + 1)) as usize);
+    for _ in 0..batch {
+        let mut x = rng.next() % vocab;
+        for _ in 0..=seq {
+            v.push(x as i64);
+            x = (5 * x + 3) % vocab;
+        }
+    }
+    v
+}
+
+/// The micro-batch on the device: `input_ids` and `labels`, each `batch x seq` int64.
+fn batch_on_device(env: &Env, plan: &Plan, seed: u64, index: u64) -> TResult<(Tensor, Tensor)> {
+    let (b, s) = (plan.batch.micro_batch_size, plan.batch.seq_len);
+    let toks = {
+        let _off = ffi::channel(Channel::Off);
+        Tensor::from_slice(&synthetic_tokens(seed, index, b, s, plan.model.vocab))
+            .f_view([b as i64, s as i64 + 1])?
+    };
+    let input = env.copy_to(&toks.f_narrow(1, 0, s as i64)?, fsdp::Place::Device)?;
+    let labels = env.copy_to(&toks.f_narrow(1, 1, s as i64)?, fsdp::Place::Device)?;
+    Ok((input, labels))
+}
+
+fn is_oom(e: &tch::TchError) -> bool {
+    let m = e.to_string().to_ascii_lowercase();
+    m.contains("out of memory")
+        || m.contains("can't allocate memory")
+        || m.contains("cannot allocate memory")
+}
+
+/// Global L2 norm of every rank's sharded gradients (uncounted).
+fn grad_norm(fsdp: &Fsdp) -> TResult<f64> {
+    let _off = ffi::channel(Channel::Off);
+    let _ng = tch::no_grad_guard();
+    let mut sq = 0.0;
+    for g in &fsdp.groups {
+        for p in &g.params {
+            for s in std::iter::once(&p.local).chain(&p.remote) {
+                if let Some(gr) = &s.grad {
+                    let n = gr
+                        .f_to_kind(Kind::Double)?
+                        .f_square()?
+                        .f_sum(Kind::Double)?
+                        .f_double_value(&[])?;
+                    sq += n;
+                }
+            }
+        }
+    }
+    Ok(sq.sqrt())
+}
+
+/// Runs `opts.steps` optimizer steps of `plan` and reports the memory of each phase.
+///
+/// Errors are for plans the trainer cannot run and for failures other than running out of
+/// memory; an out-of-memory is reported in [`TrainReport::oom`].
+pub fn train(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
+    check_supported(plan)?;
+    // The counters are process-wide: one run at a time.
+    static RUN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = RUN.lock().unwrap_or_else(|p| p.into_inner());
+    let rt = |e: tch::TchError| Error::runtime(format!("trainer: {e}"));
+    ffi::install_counting_allocator()
+        .map_err(|e| Error::runtime(format!("installing the counting allocator: {e}")))?;
+    let (device, cuda) = match opts.device {
+        TrainDevice::Cpu => (Device::Cpu, None),
+        TrainDevice::Cuda(i) => {
+            let n = ffi::accelerator_count().map_err(|e| Error::runtime(e.0))?;
+            if !tch::Cuda::is_available() || i as i64 >= n {
+                return Err(Error::input(format!(
+                    "device cuda:{i} is not available (libtorch sees {n} accelerator(s)); use --device cpu"
+                )));
+            }
+            (Device::Cuda(i), Some(i as i64))
+        }
+    };
+    let env = Env {
+        device,
+        compute: kind(plan.precision.param),
+        reduce: kind(plan.precision.reduce),
+        master: kind(plan.precision.master),
+        world: plan.parallel.dp_shard as i64,
+        offload: plan.offload,
+    };
+    let _default = ffi::channel(env.default_channel());
+    let meter = Meter::new(cuda)?;
+    tch::manual_seed(opts.seed as i64);
+
+    let setup_start = meter.start()?;
+    let (groups, freqs) = (|| -> TResult<_> {
+        let groups = build_groups(plan, &env)?;
+        // torchtitan's rotary table: a buffer of 2 x seq_len rows, replicated on every rank.
+        let freqs = model::precompute_freqs_cis(
+            plan.model.head_dim as i64,
+            2 * plan.batch.seq_len as i64,
+            device,
+        )?;
+        Ok((groups, freqs))
+    })()
+    .map_err(rt)?;
+    let setup = meter.finish(setup_start)?;
+    let setup_host = meter.host();
+
+    let layers = plan.model.layers as usize;
+    let hooks = Box::new(Hooks(RefCell::new(State {
+        fsdp: Fsdp::new(env, groups, Box::new(Emulated { world: env.world })),
+        spec: plan.model.clone(),
+        dims: Dims::new(&plan.model),
+        flavor: Flavor {
+            gqa: plan.implementation.gqa,
+            logits: plan.implementation.logits,
+        },
+        freqs,
+        ckpt: (0..layers).map(|_| None).collect(),
+        error: None,
+    })));
+    let cfg = OptConfig {
+        kind: plan.optimizer,
+        imp: plan.implementation.optimizer,
+        lr: opts.lr,
+    };
+
+    let bar = opts.progress.then(|| {
+        let b = indicatif::ProgressBar::new(opts.steps);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+
+    let mut steps = Vec::new();
+    let mut oom = None;
+    let accum = plan.batch.grad_accum_steps;
+    let started = Instant::now();
+    let mut tokens = 0u64;
+    'steps: for step in 1..=opts.steps {
+        // torchtitan's `optimizers.zero_grad()`: gradients set to None.
+        {
+            let mut st = hooks.0.borrow_mut();
+            for g in &mut st.fsdp.groups {
+                for p in &mut g.params {
+                    p.local.grad = None;
+                    let _off = ffi::channel(Channel::Off);
+                    p.remote.iter_mut().for_each(|s| s.grad = None);
+                }
+            }
+        }
+        let (mut fwd, mut bwd) = (None, None);
+        let mut loss_sum = 0.0;
+        for micro in 0..accum {
+            let start = meter.start()?;
+            let r = (|| -> TResult<(Tensor, Option<Tensor>)> {
+                let (input, labels) =
+                    batch_on_device(&env, plan, opts.seed, (step - 1) * accum + micro)?;
+                hooks.forward(plan, &input, &labels)
+            })();
+            Meter::merge(&mut fwd, meter.finish(start)?);
+            let (loss, kept_pred) = match r {
+                Ok(l) => l,
+                Err(e) if is_oom(&e) => {
+                    oom = Some(OomReport {
+                        step,
+                        phase: Phase::Forward,
+                        message: e.to_string(),
+                    });
+                    break 'steps;
+                }
+                Err(e) => return Err(rt(e)),
+            };
+            loss_sum += loss.f_double_value(&[]).map_err(rt)?;
+            let start = meter.start()?;
+            let r = hooks.backward(plan, loss);
+            drop(kept_pred);
+            Meter::merge(&mut bwd, meter.finish(start)?);
+            match r {
+                Ok(()) => {}
+                Err(e) if is_oom(&e) => {
+                    oom = Some(OomReport {
+                        step,
+                        phase: Phase::Backward,
+                        message: e.to_string(),
+                    });
+                    break 'steps;
+                }
+                Err(e) => return Err(rt(e)),
+            }
+            tokens += plan.batch.micro_batch_size * plan.batch.seq_len;
+        }
+        let norm = grad_norm(&hooks.0.borrow().fsdp).map_err(rt)?;
+
+        let start = meter.start()?;
+        let r = (|| -> TResult<()> {
+            let mut st = hooks.0.borrow_mut();
+            let mut local: Vec<&mut fsdp::Shard> = st
+                .fsdp
+                .groups
+                .iter_mut()
+                .flat_map(|g| g.params.iter_mut().map(|p| &mut p.local))
+                .collect();
+            optim::step(&cfg, &env, &mut local, false)?;
+            drop(local);
+            for r in 0..(env.world - 1) as usize {
+                let mut peer: Vec<&mut fsdp::Shard> = st
+                    .fsdp
+                    .groups
+                    .iter_mut()
+                    .flat_map(|g| g.params.iter_mut().map(|p| &mut p.remote[r]))
+                    .collect();
+                optim::step(&cfg, &env, &mut peer, true)?;
+            }
+            Ok(())
+        })();
+        let opt = meter.finish(start)?;
+        match r {
+            Ok(()) => {}
+            Err(e) if is_oom(&e) => {
+                oom = Some(OomReport {
+                    step,
+                    phase: Phase::Optimizer,
+                    message: e.to_string(),
+                });
+                break 'steps;
+            }
+            Err(e) => return Err(rt(e)),
+        }
+        let (forward, backward) = (fwd.unwrap_or_default(), bwd.unwrap_or_default());
+        let loss = loss_sum / accum as f64;
+        steps.push(StepReport {
+            step,
+            loss,
+            grad_norm: norm,
+            peak_allocated_bytes: forward
+                .peak_allocated_bytes
+                .max(backward.peak_allocated_bytes)
+                .max(opt.peak_allocated_bytes),
+            forward,
+            backward,
+            optimizer: opt,
+        });
+        if let Some(b) = &bar {
+            b.set_message(format!("loss {loss:.4}"));
+            b.inc(1);
+        }
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+
+    let peak = |f: fn(&PhaseMemory) -> u64| {
+        steps
+            .iter()
+            .flat_map(|s| [f(&s.forward), f(&s.backward), f(&s.optimizer)])
+            .max()
+            .unwrap_or(0)
+    };
+    let peak_reserved = steps
+        .iter()
+        .flat_map(|s| {
+            [
+                s.forward.peak_reserved_bytes,
+                s.backward.peak_reserved_bytes,
+                s.optimizer.peak_reserved_bytes,
+            ]
+        })
+        .flatten()
+        .max();
+    let mut notes = vec![format!(
+        "single-device emulation of rank 0 of {} FSDP2 ranks: the device holds what rank 0 would \
+         (its 1/{} shards, all-gathered blocks, its activations); the other ranks' shards live \
+         on the host, uncounted; every rank sees the same data; no communication time, no NCCL \
+         buffers",
+        env.world, env.world
+    )];
+    if device == Device::Cpu {
+        notes.push(
+            "CPU run: exact live bytes of a counting allocator (requested sizes); device and host \
+             are the same RAM here, counted in separate channels"
+                .into(),
+        );
+        if plan.offload != Offload::None {
+            notes.push(format!(
+                "offload {}: on a CPU run nothing moves physically; offloaded tensors are counted \
+                 as host bytes, not device bytes",
+                plan.offload
+            ));
+        }
+    } else {
+        notes.push(
+            "CUDA run: one stream (FSDP2's all-gather and reduce-scatter streams are not used, \
+             which may change reserved but not allocated bytes)"
+                .into(),
+        );
+    }
+    notes.push(format!(
+        "device memory includes the micro-batch's input ids and labels (2 x {} x {} int64) and \
+         the rotary table (2 x seq_len x head_dim/2 complex64)",
+        plan.batch.micro_batch_size, plan.batch.seq_len
+    ));
+    if plan.activation_checkpointing != Checkpointing::None {
+        notes.push("activation checkpointing is reentrant-style: the recompute materialises the block output".into());
+    }
+    Ok(TrainReport {
+        model: plan.model.name.clone(),
+        device: opts.device,
+        dp_shard: env.world as u64,
+        steps_requested: opts.steps,
+        steps_completed: steps.len() as u64,
+        setup_allocated_bytes: setup.end_allocated_bytes,
+        setup_host_bytes: setup_host,
+        first_step: steps.first().cloned(),
+        steady_step: steps.last().cloned(),
+        losses: steps.iter().map(|s| s.loss).collect(),
+        peak_allocated_bytes: peak(|p| p.peak_allocated_bytes),
+        peak_reserved_bytes: peak_reserved,
+        peak_host_bytes: peak(|p| p.peak_host_bytes),
+        tokens_per_second: if elapsed > 0.0 {
+            tokens as f64 / elapsed
+        } else {
+            0.0
+        },
+        oom,
+        notes,
+        steps,
+    })
+}

@@ -1,0 +1,272 @@
+//! The Llama decoder as torchtitan wrote it in late 2024 (`torchtitan/models/llama/model.py`),
+//! op for op, so that autograd saves the same tensors the estimator models.
+//!
+//! The layers take their weights as arguments instead of owning them: under FSDP the weights
+//! are the unsharded parameters that [`super::fsdp`] materialises and frees around each block.
+//! Every op is a fallible `f_*` call, so an allocation failure is an error, not a panic.
+
+use tch::{Kind, Tensor};
+
+use crate::plan::{Gqa, Logits};
+use crate::profiles::ModelSpec;
+
+pub type TResult<T> = Result<T, tch::TchError>;
+
+/// RMSNorm epsilon (torchtitan's `norm_eps`, Hugging Face `rms_norm_eps` of the profiles).
+pub const NORM_EPS: f64 = 1e-5;
+/// Rotary base (torchtitan's `rope_theta` default); it does not change memory.
+pub const ROPE_THETA: f64 = 10_000.0;
+
+/// Sizes derived once from the model spec.
+#[derive(Clone, Copy, Debug)]
+pub struct Dims {
+    pub hidden: i64,
+    pub heads: i64,
+    pub kv_heads: i64,
+    pub head_dim: i64,
+    pub vocab: i64,
+}
+
+impl Dims {
+    pub fn new(m: &ModelSpec) -> Dims {
+        Dims {
+            hidden: m.hidden as i64,
+            heads: m.heads as i64,
+            kv_heads: m.kv_heads as i64,
+            head_dim: m.head_dim as i64,
+            vocab: m.vocab as i64,
+        }
+    }
+}
+
+/// How attention and logits are computed (from `plan.implementation`).
+#[derive(Clone, Copy, Debug)]
+pub struct Flavor {
+    pub gqa: Gqa,
+    pub logits: Logits,
+}
+
+/// The weights of one block, in the order of [`ModelSpec::block_params`].
+pub struct BlockWeights<'a> {
+    pub attention_norm: &'a Tensor,
+    pub wq: (&'a Tensor, Option<&'a Tensor>),
+    pub wk: (&'a Tensor, Option<&'a Tensor>),
+    pub wv: (&'a Tensor, Option<&'a Tensor>),
+    pub wo: (&'a Tensor, Option<&'a Tensor>),
+    pub ffn_norm: &'a Tensor,
+    pub w1: (&'a Tensor, Option<&'a Tensor>),
+    pub w3: (&'a Tensor, Option<&'a Tensor>),
+    pub w2: (&'a Tensor, Option<&'a Tensor>),
+}
+
+impl<'a> BlockWeights<'a> {
+    /// Names the tensors of `params`, laid out as [`ModelSpec::block_params`] lists them.
+    pub fn from_list(m: &ModelSpec, params: &'a [Tensor]) -> BlockWeights<'a> {
+        let mut i = 0;
+        let mut one = || {
+            i += 1;
+            &params[i - 1]
+        };
+        let attention_norm = one();
+        let mut lin = |bias: bool| {
+            let w = one();
+            (w, bias.then(&mut one))
+        };
+        let wq = lin(m.qkv_bias);
+        let wk = lin(m.qkv_bias);
+        let wv = lin(m.qkv_bias);
+        let wo = lin(m.o_bias);
+        let ffn_norm = lin(false).0;
+        let w1 = lin(m.mlp_bias);
+        let w3 = lin(m.mlp_bias);
+        let w2 = lin(m.mlp_bias);
+        BlockWeights {
+            attention_norm,
+            wq,
+            wk,
+            wv,
+            wo,
+            ffn_norm,
+            w1,
+            w3,
+            w2,
+        }
+    }
+}
+
+/// The root's weights: token embedding, final norm, output projection (the embedding again
+/// when tied).
+pub struct RootWeights<'a> {
+    pub embedding: &'a Tensor,
+    pub norm: &'a Tensor,
+    pub output: &'a Tensor,
+}
+
+impl<'a> RootWeights<'a> {
+    pub fn from_list(m: &ModelSpec, params: &'a [Tensor]) -> RootWeights<'a> {
+        RootWeights {
+            embedding: &params[0],
+            norm: &params[1],
+            output: if m.tied_embeddings {
+                &params[0]
+            } else {
+                &params[2]
+            },
+        }
+    }
+}
+
+fn linear(x: &Tensor, w: (&Tensor, Option<&Tensor>)) -> TResult<Tensor> {
+    x.f_linear(w.0, w.1)
+}
+
+/// torchtitan `RMSNorm.forward`: `self._norm(x.float()).type_as(x) * self.weight` with
+/// `_norm(x) = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)`. One `x.float()` copy
+/// (none when x is already fp32), reused by `pow` and the multiply.
+pub fn rms_norm(x: &Tensor, weight: &Tensor) -> TResult<Tensor> {
+    let xf = x.f_to_kind(Kind::Float)?;
+    let ms = xf
+        .f_pow_tensor_scalar(2)?
+        .f_mean_dim(Some(&[-1i64][..]), true, None::<Kind>)?;
+    let r = ms.f_add_scalar(NORM_EPS)?.f_rsqrt()?;
+    let n = xf.f_mul(&r)?;
+    drop(xf);
+    n.f_type_as(x)?.f_mul(weight)
+}
+
+/// torchtitan `precompute_freqs_cis(head_dim, end, theta)`: complex64 `(end, head_dim / 2)`.
+pub fn precompute_freqs_cis(head_dim: i64, end: i64, device: tch::Device) -> TResult<Tensor> {
+    let _g = tch::no_grad_guard();
+    let idx = Tensor::f_arange_start_step(0, head_dim, 2, (Kind::Float, device))?.f_narrow(
+        0,
+        0,
+        head_dim / 2,
+    )?;
+    let freqs = idx.f_div_scalar(head_dim as f64)?;
+    let freqs = Tensor::f_pow_scalar(ROPE_THETA, &freqs)?.f_reciprocal()?;
+    let t = Tensor::f_arange(end, (Kind::Float, device))?;
+    let angles = t.f_outer(&freqs)?;
+    let ones = angles.f_ones_like()?;
+    Tensor::f_polar(&ones, &angles)
+}
+
+/// torchtitan `apply_rotary_emb` for one of q or k: `(b, s, heads, head_dim)`.
+fn rotary(x: &Tensor, freqs_cis: &Tensor) -> TResult<Tensor> {
+    let (b, s, h, d) = x.size4()?;
+    let xc = x
+        .f_to_kind(Kind::Float)?
+        .f_reshape([b, s, h, d / 2, 2])?
+        .f_view_as_complex()?;
+    let f = freqs_cis.f_view([1, s, 1, d / 2])?;
+    let out = xc.f_mul(&f)?.f_view_as_real()?.f_flatten(3, -1)?;
+    out.f_type_as(x)
+}
+
+/// torchtitan `repeat_kv`: `x[:, :, :, None, :].expand(...).reshape(...)`.
+fn repeat_kv(x: &Tensor, n_rep: i64) -> TResult<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.shallow_clone());
+    }
+    let (b, s, kv, d) = x.size4()?;
+    x.f_unsqueeze(3)?
+        .f_expand([b, s, kv, n_rep, d], false)?
+        .f_reshape([b, s, kv * n_rep, d])
+}
+
+/// torchtitan `Attention.forward`, with scaled_dot_product_attention (causal).
+fn attention(
+    x: &Tensor,
+    w: &BlockWeights,
+    freqs_cis: &Tensor,
+    d: Dims,
+    f: Flavor,
+) -> TResult<Tensor> {
+    let (b, s, _) = x.size3()?;
+    let xq = linear(x, w.wq)?.f_view([b, s, -1, d.head_dim])?;
+    let xk = linear(x, w.wk)?.f_view([b, s, -1, d.head_dim])?;
+    let xv = linear(x, w.wv)?.f_view([b, s, -1, d.head_dim])?;
+    let xq = rotary(&xq, freqs_cis)?;
+    let xk = rotary(&xk, freqs_cis)?;
+    let (keys, values, native) = match f.gqa {
+        Gqa::RepeatKv => {
+            let n_rep = d.heads / d.kv_heads;
+            (repeat_kv(&xk, n_rep)?, repeat_kv(&xv, n_rep)?, false)
+        }
+        Gqa::Native => (xk, xv, d.heads != d.kv_heads),
+    };
+    let q = xq.f_transpose(1, 2)?;
+    let k = keys.f_transpose(1, 2)?;
+    let v = values.f_transpose(1, 2)?;
+    drop((xq, keys, values));
+    let out = Tensor::f_scaled_dot_product_attention(
+        &q,
+        &k,
+        &v,
+        None::<Tensor>,
+        0.0,
+        true,
+        None,
+        native,
+    )?;
+    drop((q, k, v));
+    let out = out.f_transpose(1, 2)?.f_contiguous()?.f_view([b, s, -1])?;
+    linear(&out, w.wo)
+}
+
+/// torchtitan `FeedForward.forward`: `w2(F.silu(w1(x)) * w3(x))`.
+fn feed_forward(x: &Tensor, w: &BlockWeights) -> TResult<Tensor> {
+    let a = linear(x, w.w1)?.f_silu()?;
+    let g = linear(x, w.w3)?;
+    let h = a.f_mul(&g)?;
+    drop((a, g));
+    linear(&h, w.w2)
+}
+
+/// torchtitan `TransformerBlock.forward`:
+/// `h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h))`.
+pub fn block_forward(
+    x: &Tensor,
+    w: &BlockWeights,
+    freqs_cis: &Tensor,
+    d: Dims,
+    f: Flavor,
+) -> TResult<Tensor> {
+    let n = rms_norm(x, w.attention_norm)?;
+    let a = attention(&n, w, freqs_cis, d, f)?;
+    drop(n);
+    let h = x.f_add(&a)?;
+    drop(a);
+    let n = rms_norm(&h, w.ffn_norm)?;
+    let m = feed_forward(&n, w)?;
+    drop(n);
+    h.f_add(&m)
+}
+
+/// torchtitan `Transformer.forward` up to the first block: `tok_embeddings(tokens)`.
+pub fn embed(tokens: &Tensor, r: &RootWeights) -> TResult<Tensor> {
+    Tensor::f_embedding(r.embedding, tokens, -1, false, false)
+}
+
+/// The model's output per `implementation.logits`: final norm, output projection, and
+/// `.float()` when the model upcasts (`float-output`).
+pub fn head(h: &Tensor, r: &RootWeights, f: Flavor) -> TResult<Tensor> {
+    let n = rms_norm(h, r.norm)?;
+    let logits = n.f_linear(r.output, None::<&Tensor>)?;
+    drop(n);
+    match f.logits {
+        Logits::FloatOutput | Logits::FloatOutputKept => logits.f_to_kind(Kind::Float),
+        Logits::FloatInLoss | Logits::ComputeDtype => Ok(logits),
+    }
+}
+
+/// torchtitan's loss: `cross_entropy(pred.flatten(0, 1), labels.flatten(0, 1))`, with the
+/// upcast inside the loss for `float-in-loss`.
+pub fn loss(pred: &Tensor, labels: &Tensor, f: Flavor) -> TResult<Tensor> {
+    let flat = pred.f_flatten(0, 1)?;
+    let flat = match f.logits {
+        Logits::FloatInLoss => flat.f_to_kind(Kind::Float)?,
+        _ => flat,
+    };
+    let l = labels.f_flatten(0, 1)?;
+    flat.f_cross_entropy_loss(&l, None::<Tensor>, tch::Reduction::Mean, -100, 0.0)
+}
