@@ -1,0 +1,190 @@
+#![cfg(feature = "trainer")]
+//! The libtorch trainer: it trains, its emulations keep the math, and its counter is exact.
+//!
+//! Run with `source scripts/libtorch-env.sh && cargo test --features trainer --test trainer`.
+
+use memplan::plan::{Plan, PlanFile};
+use memplan::trainer::{train, TrainOptions, TrainReport};
+
+fn plan(json: &str) -> Plan {
+    let f: PlanFile = serde_json::from_str(json).expect("plan JSON");
+    f.resolve().expect("plan resolves")
+}
+
+fn run(json: &str, steps: u64) -> TrainReport {
+    let opts = TrainOptions {
+        steps,
+        ..TrainOptions::default()
+    };
+    let r = train(&plan(json), &opts).expect("trainer runs");
+    assert!(r.oom.is_none(), "{:?}", r.oom);
+    assert_eq!(r.steps_completed, steps);
+    r
+}
+
+/// The tiny model in fp32 on one rank, no checkpointing, batch 2 x 32, plus `extra` keys.
+fn tiny(extra: &str) -> String {
+    let base = r#""model":"tiny","gpu":"cpu","batch":{"micro_batch_size":2,"seq_len":32},
+                  "precision":{"param":"fp32","reduce":"fp32"}"#;
+    if extra.is_empty() {
+        format!("{{{base}}}")
+    } else {
+        format!("{{{base},{extra}}}")
+    }
+}
+
+fn close(a: f64, b: f64, rel: f64) -> bool {
+    (a - b).abs() <= rel * a.abs().max(b.abs()).max(1e-12)
+}
+
+#[test]
+fn loss_falls_over_thirty_steps_on_the_tiny_model() {
+    let r = run(
+        &tiny(r#""batch":{"micro_batch_size":8,"seq_len":32}"#)
+            .replace(r#""batch":{"micro_batch_size":2,"seq_len":32},"#, ""),
+        30,
+    );
+    let first = r.losses[0];
+    let last = *r.losses.last().unwrap();
+    assert!(last < 0.5 * first, "loss {first} -> {last}: {:?}", r.losses);
+}
+
+#[test]
+fn mixed_precision_trains_too() {
+    let r = run(
+        r#"{"model":"tiny","gpu":"cpu","batch":{"micro_batch_size":8,"seq_len":32},
+            "precision":{"param":"bf16","reduce":"fp32"},"num_gpus":2,"parallel":{"dp_shard":2}}"#,
+        30,
+    );
+    assert!(r.losses[29] < 0.6 * r.losses[0], "{:?}", r.losses);
+}
+
+#[test]
+fn full_checkpointing_gives_the_same_losses_and_gradients_as_none() {
+    let none = run(&tiny(""), 4);
+    let full = run(&tiny(r#""activation_checkpointing":"full""#), 4);
+    for (a, b) in none.steps.iter().zip(&full.steps) {
+        assert!(close(a.loss, b.loss, 1e-6), "loss {} vs {}", a.loss, b.loss);
+        assert!(
+            close(a.grad_norm, b.grad_norm, 1e-6),
+            "grad norm {} vs {}",
+            a.grad_norm,
+            b.grad_norm
+        );
+    }
+}
+
+#[test]
+fn selective_layer_checkpointing_keeps_the_math() {
+    let none = run(&tiny(""), 3);
+    let sel = run(
+        &tiny(r#""activation_checkpointing":"selective-layer:2""#),
+        3,
+    );
+    for (a, b) in none.steps.iter().zip(&sel.steps) {
+        assert!(close(a.loss, b.loss, 1e-6) && close(a.grad_norm, b.grad_norm, 1e-6));
+    }
+    assert!(
+        sel.steady_step.unwrap().forward.end_allocated_bytes
+            < none.steady_step.unwrap().forward.end_allocated_bytes
+    );
+}
+
+#[test]
+fn fsdp_emulation_over_two_ranks_keeps_the_loss_trajectory() {
+    let one = run(&tiny(""), 5);
+    let two = run(&tiny(r#""num_gpus":2,"parallel":{"dp_shard":2}"#), 5);
+    assert_eq!(two.dp_shard, 2);
+    for (a, b) in one.steps.iter().zip(&two.steps) {
+        assert!(close(a.loss, b.loss, 1e-5), "loss {} vs {}", a.loss, b.loss);
+        assert!(
+            close(a.grad_norm, b.grad_norm, 1e-5),
+            "grad norm {} vs {}",
+            a.grad_norm,
+            b.grad_norm
+        );
+    }
+    // Rank 0 holds half of the sharded parameters (the tiny model's rows are all even).
+    assert_eq!(
+        two.setup_allocated_bytes - FREQS,
+        (one.setup_allocated_bytes - FREQS) / 2
+    );
+}
+
+#[test]
+fn full_checkpointing_lowers_the_peak() {
+    // Activations must outweigh the parameters: batch 8 x 128.
+    let big = |ac: &str| {
+        tiny(&format!(
+            r#""batch":{{"micro_batch_size":8,"seq_len":128}},"activation_checkpointing":"{ac}""#
+        ))
+        .replace(r#""batch":{"micro_batch_size":2,"seq_len":32},"#, "")
+    };
+    let none = run(&big("none"), 2);
+    let full = run(&big("full"), 2);
+    let (n, f) = (none.steady_step.unwrap(), full.steady_step.unwrap());
+    let fb = |s: &memplan::trainer::StepReport| {
+        s.forward
+            .peak_allocated_bytes
+            .max(s.backward.peak_allocated_bytes)
+    };
+    assert!(f.forward.peak_allocated_bytes < n.forward.peak_allocated_bytes);
+    assert!(fb(&f) < fb(&n), "full AC {} vs none {}", fb(&f), fb(&n));
+}
+
+/// Hand count of the tiny profile (hidden 64, 2 layers, 4 heads of 16, 4 KV heads,
+/// intermediate 176, vocab 256, untied).
+const TINY_PARAMS: u64 = {
+    let (h, kv, f, v) = (64, 64, 176, 256);
+    let block = h + h * h + 2 * kv * h + h * h + h + 3 * f * h;
+    2 * block + v * h + h + v * h
+};
+/// The rotary table: 2 x seq_len rows of head_dim / 2 complex64.
+const FREQS: u64 = (2 * 32) * 8 * 8;
+
+#[test]
+fn counter_matches_a_hand_count_of_sgd_momentum_buffers() {
+    let r = run(
+        &tiny(r#""optimizer":"sgd-momentum","implementation":{"optimizer":"per-param"}"#),
+        2,
+    );
+    let s1 = r.first_step.unwrap();
+    // After setup: fp32 parameters and the rotary table.
+    assert_eq!(r.setup_allocated_bytes, 4 * TINY_PARAMS + FREQS);
+    // The optimizer of step 1 starts with parameters and gradients, clones each gradient into
+    // its momentum buffer and updates in place: exactly one more copy of the parameters.
+    assert_eq!(
+        s1.optimizer.start_allocated_bytes,
+        2 * 4 * TINY_PARAMS + FREQS
+    );
+    assert_eq!(
+        s1.optimizer.peak_allocated_bytes,
+        3 * 4 * TINY_PARAMS + FREQS
+    );
+    assert_eq!(
+        s1.optimizer.end_allocated_bytes,
+        3 * 4 * TINY_PARAMS + FREQS
+    );
+}
+
+#[test]
+fn counter_matches_a_hand_count_of_adamw_states() {
+    let r = run(
+        &tiny(r#""optimizer":"adamw","implementation":{"optimizer":"foreach"}"#),
+        2,
+    );
+    let (s1, s2) = (r.first_step.unwrap(), r.steady_step.unwrap());
+    let p = 4 * TINY_PARAMS;
+    assert_eq!(s1.optimizer.start_allocated_bytes, 2 * p + FREQS);
+    // exp_avg and exp_avg_sq for every parameter, created lazily at step 1.
+    assert_eq!(s1.optimizer.end_allocated_bytes, 4 * p + FREQS);
+    // foreach: `_foreach_sqrt(exp_avg_sqs)` is one more copy of every parameter at once (plus
+    // libtorch's few-byte wrapped scalars).
+    let transient = s1.optimizer.peak_allocated_bytes - s1.optimizer.end_allocated_bytes;
+    assert!(
+        (p..p + 64).contains(&transient),
+        "transient {transient}, params {p}"
+    );
+    // Steady state: zero_grad freed the gradients before forward.
+    assert_eq!(s2.forward.start_allocated_bytes, 3 * p + FREQS);
+}
