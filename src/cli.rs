@@ -85,6 +85,27 @@ pub struct PlanArgs {
     /// Sequence parallelism with TP (default: on when tp > 1).
     #[arg(long)]
     pub sp: Option<bool>,
+    /// Expert parallel degree (MoE models).
+    #[arg(long, allow_negative_numbers = true)]
+    pub ep: Option<i64>,
+    /// Tensor parallel degree inside experts.
+    #[arg(long, allow_negative_numbers = true)]
+    pub etp: Option<i64>,
+    /// Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1.
+    #[arg(long)]
+    pub pp_schedule: Option<String>,
+    /// Virtual pipeline stages per rank (interleaved schedules).
+    #[arg(long, allow_negative_numbers = true)]
+    pub pp_virtual_stages: Option<i64>,
+    /// Allow seq_len beyond the model's max_position_embeddings.
+    #[arg(long)]
+    pub ignore_max_position: bool,
+    /// Float8 training (torchao Float8Linear: fp8 matmul inputs, fp8 all-gather).
+    #[arg(long)]
+    pub float8: bool,
+    /// torch.compile per block (fused norms and activations).
+    #[arg(long)]
+    pub compile: bool,
     /// Micro-batch size per GPU.
     #[arg(long, alias = "batch", allow_negative_numbers = true)]
     pub micro_batch_size: Option<i64>,
@@ -157,12 +178,19 @@ impl PlanArgs {
             pp: self.pp,
             cp: self.cp,
             sp: self.sp,
+            ep: self.ep,
+            etp: self.etp,
+            pp_schedule: self.pp_schedule.clone(),
+            pp_virtual_stages: self.pp_virtual_stages,
         };
         top.batch = plan::BatchFile {
             micro_batch_size: self.micro_batch_size,
             seq_len: self.seq_len,
             grad_accum_steps: self.grad_accum_steps,
+            ignore_max_position: self.ignore_max_position.then_some(true),
         };
+        top.float8 = self.float8.then_some(true);
+        top.compile = self.compile.then_some(true);
         top.precision = plan::PrecisionFile {
             param: self.param_dtype.clone(),
             reduce: self.reduce_dtype.clone(),

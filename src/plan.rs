@@ -54,6 +54,12 @@ pub struct PlanFile {
     pub reshard_after_forward: Option<bool>,
     #[serde(default)]
     pub implementation: ImplementationFile,
+    /// Float8 training (torchao `Float8Linear`): fp8 matmul inputs and fp8 all-gather.
+    pub float8: Option<bool>,
+    /// torch.compile of each block.
+    pub compile: Option<bool>,
+    /// MoE capacity factor: routed token copies are padded to top_k x this per token.
+    pub moe_capacity_factor: Option<f64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -65,6 +71,14 @@ pub struct ParallelFile {
     pub pp: Option<i64>,
     pub cp: Option<i64>,
     pub sp: Option<bool>,
+    /// Expert parallel degree (MoE models).
+    pub ep: Option<i64>,
+    /// Tensor parallel degree inside each expert.
+    pub etp: Option<i64>,
+    /// Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1.
+    pub pp_schedule: Option<String>,
+    /// Virtual stages per rank for interleaved schedules.
+    pub pp_virtual_stages: Option<i64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -73,6 +87,9 @@ pub struct BatchFile {
     pub micro_batch_size: Option<i64>,
     pub seq_len: Option<i64>,
     pub grad_accum_steps: Option<i64>,
+    /// Allow seq_len beyond the model's max_position_embeddings (torchtitan computes rotary
+    /// frequencies for whatever seq_len it is given).
+    pub ignore_max_position: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -296,6 +313,21 @@ choice!(
     }
 );
 
+choice!(
+    /// Pipeline schedule, which decides how many micro-batches' activations a stage holds.
+    PpSchedule, "parallel.pp_schedule" {
+        /// All forwards, then all backwards: every micro-batch in flight.
+        GPipe = "gpipe",
+        /// One forward, one backward: stage s holds pp - s micro-batches.
+        OneFOneB = "1f1b",
+        /// Interleaved 1F1B with virtual stages (Narayanan et al. 2021, section 2.2).
+        Interleaved1F1B = "interleaved-1f1b" | "interleaved1f1b",
+        /// Zero-bubble ZB-H1 (Qi et al. 2023): as 1F1B for activations, weight-gradient
+        /// inputs kept a little longer.
+        ZbH1 = "zb-h1" | "zbh1",
+    }
+);
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Parallel {
     /// FSDP shard degree.
@@ -307,6 +339,13 @@ pub struct Parallel {
     pub cp: u64,
     /// Sequence parallelism alongside TP.
     pub sp: bool,
+    /// Expert parallel degree (1 for dense models).
+    pub ep: u64,
+    /// Tensor parallel degree inside experts.
+    pub etp: u64,
+    pub pp_schedule: PpSchedule,
+    /// Virtual stages per rank (1 unless interleaved).
+    pub pp_virtual_stages: u64,
 }
 
 impl Parallel {
@@ -373,6 +412,10 @@ pub struct Plan {
     pub offload: Offload,
     pub reshard_after_forward: bool,
     pub implementation: Implementation,
+    pub float8: bool,
+    pub compile: bool,
+    /// MoE capacity factor in thousandths (1000 = no padding).
+    pub moe_capacity_milli: u64,
 }
 
 impl Plan {
@@ -423,50 +466,32 @@ impl PlanFile {
         })
     }
 
-    /// Keys set in `top` replace those of `self`.
+    /// Keys set in `top` replace those of `self`, recursively through the nested tables.
     pub fn overlay(self, top: PlanFile) -> PlanFile {
-        fn o<T>(a: Option<T>, b: Option<T>) -> Option<T> {
-            b.or(a)
+        fn merge(base: &mut serde_json::Value, top: serde_json::Value) {
+            match (base, top) {
+                (serde_json::Value::Object(b), serde_json::Value::Object(t)) => {
+                    for (k, v) in t {
+                        if v.is_null() {
+                            continue;
+                        }
+                        match b.get_mut(&k) {
+                            Some(slot) => merge(slot, v),
+                            None => {
+                                b.insert(k, v);
+                            }
+                        }
+                    }
+                }
+                (slot, v) => *slot = v,
+            }
         }
-        PlanFile {
-            model: o(self.model, top.model),
-            gpu: o(self.gpu, top.gpu),
-            num_gpus: o(self.num_gpus, top.num_gpus),
-            gpus_per_node: o(self.gpus_per_node, top.gpus_per_node),
-            host_ram: o(self.host_ram, top.host_ram),
-            parallel: ParallelFile {
-                dp_shard: o(self.parallel.dp_shard, top.parallel.dp_shard),
-                dp_replicate: o(self.parallel.dp_replicate, top.parallel.dp_replicate),
-                tp: o(self.parallel.tp, top.parallel.tp),
-                pp: o(self.parallel.pp, top.parallel.pp),
-                cp: o(self.parallel.cp, top.parallel.cp),
-                sp: o(self.parallel.sp, top.parallel.sp),
-            },
-            batch: BatchFile {
-                micro_batch_size: o(self.batch.micro_batch_size, top.batch.micro_batch_size),
-                seq_len: o(self.batch.seq_len, top.batch.seq_len),
-                grad_accum_steps: o(self.batch.grad_accum_steps, top.batch.grad_accum_steps),
-            },
-            precision: PrecisionFile {
-                param: o(self.precision.param, top.precision.param),
-                reduce: o(self.precision.reduce, top.precision.reduce),
-                master: o(self.precision.master, top.precision.master),
-            },
-            optimizer: o(self.optimizer, top.optimizer),
-            activation_checkpointing: o(
-                self.activation_checkpointing,
-                top.activation_checkpointing,
-            ),
-            offload: o(self.offload, top.offload),
-            reshard_after_forward: o(self.reshard_after_forward, top.reshard_after_forward),
-            implementation: ImplementationFile {
-                attention: o(self.implementation.attention, top.implementation.attention),
-                rmsnorm: o(self.implementation.rmsnorm, top.implementation.rmsnorm),
-                gqa: o(self.implementation.gqa, top.implementation.gqa),
-                logits: o(self.implementation.logits, top.implementation.logits),
-                optimizer: o(self.implementation.optimizer, top.implementation.optimizer),
-            },
-        }
+        let mut base = serde_json::to_value(self).expect("a plan file serializes");
+        merge(
+            &mut base,
+            serde_json::to_value(top).expect("a plan file serializes"),
+        );
+        serde_json::from_value(base).expect("merging two plan files gives a plan file")
     }
 
     /// Looks up the profiles and resolves the plan.
@@ -538,12 +563,12 @@ impl PlanFile {
         let micro_batch_size = positive("batch.micro_batch_size", b.micro_batch_size, 1)?;
         let seq_len = positive("batch.seq_len", b.seq_len, 2048.min(model.max_seq_len))?;
         let grad_accum_steps = positive("batch.grad_accum_steps", b.grad_accum_steps, 1)?;
-        if seq_len > model.max_seq_len {
+        if seq_len > model.max_seq_len && !b.ignore_max_position.unwrap_or(false) {
             return Err(Error::invalid(
                 "batch.seq_len",
                 seq_len,
                 format!(
-                    "at most the model's max_position_embeddings ({})",
+                    "at most the model's max_position_embeddings ({}), or batch.ignore_max_position",
                     model.max_seq_len
                 ),
             ));
@@ -564,6 +589,49 @@ impl PlanFile {
                     "seq_len / cp ({}) divisible by tp ({tp}), or sp false",
                     seq_len / cp
                 ),
+            ));
+        }
+
+        let ep = positive("parallel.ep", p.ep, 1)?;
+        let etp = positive("parallel.etp", p.etp, 1)?;
+        let experts = model.moe.map_or(1, |m| m.experts);
+        if ep > 1 && model.moe.is_none() {
+            return Err(Error::invalid(
+                "parallel.ep",
+                ep,
+                "1 for a dense model (expert parallelism needs a mixture-of-experts model)",
+            ));
+        }
+        divides("parallel.ep", ep, "the number of routed experts", experts)?;
+        // torchtitan borrows the EP ranks from dp_shard x cp (and tp when etp = 1).
+        let ep_pool = dp_shard * cp * if etp == 1 { tp } else { 1 };
+        divides(
+            "parallel.ep",
+            ep,
+            "dp_shard x cp (x tp when etp is 1)",
+            ep_pool,
+        )?;
+        if etp != 1 && etp != tp {
+            return Err(Error::invalid(
+                "parallel.etp",
+                etp,
+                format!("1 or tp ({tp})"),
+            ));
+        }
+        let pp_schedule = parse_opt(&p.pp_schedule, PpSchedule::OneFOneB)?;
+        let pp_virtual_stages = positive("parallel.pp_virtual_stages", p.pp_virtual_stages, 1)?;
+        if pp_virtual_stages > 1 && pp_schedule != PpSchedule::Interleaved1F1B {
+            return Err(Error::invalid(
+                "parallel.pp_virtual_stages",
+                pp_virtual_stages,
+                "1 unless pp_schedule is interleaved-1f1b",
+            ));
+        }
+        if pp * pp_virtual_stages > model.layers {
+            return Err(Error::invalid(
+                "parallel.pp_virtual_stages",
+                pp_virtual_stages,
+                format!("at most num_hidden_layers / pp ({})", model.layers / pp),
             ));
         }
 
@@ -620,6 +688,10 @@ impl PlanFile {
                 pp,
                 cp,
                 sp: sp && tp > 1,
+                ep,
+                etp,
+                pp_schedule,
+                pp_virtual_stages,
             },
             batch: Batch {
                 micro_batch_size,
@@ -639,6 +711,21 @@ impl PlanFile {
             offload: parse_opt(&self.offload, Offload::None)?,
             reshard_after_forward: self.reshard_after_forward.unwrap_or(true),
             implementation,
+            float8: self.float8.unwrap_or(false),
+            compile: self.compile.unwrap_or(false),
+            moe_capacity_milli: match self.moe_capacity_factor {
+                None => 1000,
+                Some(c) if c.is_finite() && (1.0..=64.0).contains(&c) => {
+                    (c * 1000.0).round() as u64
+                }
+                Some(c) => {
+                    return Err(Error::invalid(
+                        "moe_capacity_factor",
+                        c,
+                        "a number from 1.0 to 64.0",
+                    ))
+                }
+            },
         })
     }
 }

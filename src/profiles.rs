@@ -31,11 +31,44 @@ pub struct ModelConfig {
     pub attention_bias: Option<bool>,
     /// Llama: bias on the MLP projections.
     pub mlp_bias: Option<bool>,
-    // Mixture-of-experts keys of current families; read so that an MoE config is recognised
-    // (and refused until MoE is modelled) instead of being silently estimated as dense.
+    // Mixture-of-experts keys of current families: Mixtral (num_local_experts), Qwen-MoE
+    // (num_experts, moe_intermediate_size, shared_expert_intermediate_size,
+    // decoder_sparse_step, mlp_only_layers), DeepSeek (n_routed_experts, n_shared_experts,
+    // first_k_dense_replace, moe_layer_freq).
     pub num_local_experts: Option<u64>,
     pub num_experts: Option<u64>,
     pub n_routed_experts: Option<u64>,
+    pub num_experts_per_tok: Option<u64>,
+    pub moe_intermediate_size: Option<u64>,
+    pub shared_expert_intermediate_size: Option<u64>,
+    pub n_shared_experts: Option<u64>,
+    pub first_k_dense_replace: Option<u64>,
+    pub moe_layer_freq: Option<u64>,
+    pub decoder_sparse_step: Option<u64>,
+    pub mlp_only_layers: Option<Vec<u64>>,
+    /// DeepSeek multi-head latent attention; refused (not modelled).
+    pub kv_lora_rank: Option<u64>,
+}
+
+/// Mixture-of-experts layout of a model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct MoeSpec {
+    /// Routed experts per MoE layer.
+    pub experts: u64,
+    /// Experts each token is routed to.
+    pub top_k: u64,
+    /// Intermediate size of one routed expert's SwiGLU.
+    pub expert_intermediate: u64,
+    /// Summed intermediate size of the shared experts (0 if none).
+    pub shared_intermediate: u64,
+    /// Whether the shared expert output goes through a sigmoid gate (Qwen-MoE): an h x 1
+    /// weight.
+    pub shared_gate: bool,
+    /// Leading layers that stay dense (DeepSeek first_k_dense_replace).
+    pub first_dense: u64,
+    /// Every `every`-th layer after those is MoE (Qwen decoder_sparse_step, DeepSeek
+    /// moe_layer_freq); 1 means all.
+    pub every: u64,
 }
 
 /// The plain model description the estimator and the trainer use: a Llama-family decoder
@@ -55,6 +88,9 @@ pub struct ModelSpec {
     pub qkv_bias: bool,
     pub o_bias: bool,
     pub mlp_bias: bool,
+    /// RMSNorm on each query and key head (Qwen3): two head_dim weights per layer.
+    pub qk_norm: bool,
+    pub moe: Option<MoeSpec>,
 }
 
 /// One parameter tensor of a block: rows (dim 0, the dimension FSDP shards) x cols.
@@ -116,15 +152,10 @@ impl ModelConfig {
                 Some(n) => Ok(n),
             }
         };
-        if let Some(e) = self
-            .num_local_experts
-            .or(self.num_experts)
-            .or(self.n_routed_experts)
-            .filter(|&e| e > 1)
-        {
+        if self.kv_lora_rank.is_some() {
             return Err(Error::input(format!(
-                "model {name}: mixture-of-experts configs ({e} experts) are not modelled yet; \
-                 dense Llama-family decoders are"
+                "model {name}: multi-head latent attention (kv_lora_rank) is not modelled; \
+                 Llama-family attention with grouped KV heads is"
             )));
         }
         let hidden = field(self.hidden_size, "hidden_size")?;
@@ -154,8 +185,54 @@ impl ModelConfig {
                 ))
             }
         };
+        let experts = self
+            .num_local_experts
+            .or(self.num_experts)
+            .or(self.n_routed_experts)
+            .unwrap_or(0);
+        let moe = if experts > 1 {
+            let top_k = field(self.num_experts_per_tok, "num_experts_per_tok")?;
+            if top_k > experts {
+                return Err(Error::invalid(
+                    &format!("model {name}: num_experts_per_tok"),
+                    top_k,
+                    format!("at most the number of experts ({experts})"),
+                ));
+            }
+            if self.mlp_only_layers.as_ref().is_some_and(|v| !v.is_empty()) {
+                return Err(Error::input(format!(
+                    "model {name}: mlp_only_layers (an irregular dense/MoE pattern) is not modelled"
+                )));
+            }
+            let expert_intermediate = match self.moe_intermediate_size {
+                Some(_) => field(self.moe_intermediate_size, "moe_intermediate_size")?,
+                None => field(self.intermediate_size, "intermediate_size")?,
+            };
+            let shared_intermediate =
+                match (self.shared_expert_intermediate_size, self.n_shared_experts) {
+                    (Some(s), _) => s,
+                    (None, Some(n)) => n * expert_intermediate,
+                    (None, None) => 0,
+                };
+            Some(MoeSpec {
+                experts,
+                top_k,
+                expert_intermediate,
+                shared_intermediate,
+                shared_gate: self.shared_expert_intermediate_size.is_some(),
+                first_dense: self.first_k_dense_replace.unwrap_or(0),
+                every: self
+                    .moe_layer_freq
+                    .or(self.decoder_sparse_step)
+                    .unwrap_or(1)
+                    .max(1),
+            })
+        } else {
+            None
+        };
         // Qwen2 hard-codes a bias on q, k and v (not o) without a config key.
-        let qwen2 = matches!(self.model_type.as_deref(), Some("qwen2"));
+        let qwen2 = matches!(self.model_type.as_deref(), Some("qwen2" | "qwen2_moe"));
+        let qk_norm = matches!(self.model_type.as_deref(), Some("qwen3" | "qwen3_moe"));
         let attention_bias = self.attention_bias.unwrap_or(false);
         Ok(ModelSpec {
             name: name.to_string(),
@@ -171,6 +248,8 @@ impl ModelConfig {
             qkv_bias: attention_bias || qwen2,
             o_bias: attention_bias,
             mlp_bias: self.mlp_bias.unwrap_or(false),
+            qk_norm,
+            moe,
         })
     }
 }
@@ -189,20 +268,8 @@ impl ModelSpec {
     /// (rows, cols) with rows the output features (PyTorch's `nn.Linear.weight` layout, which
     /// is the dimension FSDP2 shards). Biases and norm weights are `rows x 1`.
     pub fn block_params(&self) -> ParamList {
-        let (h, q, kv, f) = (self.hidden, self.q_dim(), self.kv_dim(), self.intermediate);
-        let mut v = ParamList::default();
-        v.push(ParamShape { rows: h, cols: 1 }); // attention_norm
-        for rows in [q, kv, kv] {
-            v.push(ParamShape { rows, cols: h });
-            if self.qkv_bias {
-                v.push(ParamShape { rows, cols: 1 });
-            }
-        }
-        v.push(ParamShape { rows: h, cols: q }); // o_proj
-        if self.o_bias {
-            v.push(ParamShape { rows: h, cols: 1 });
-        }
-        v.push(ParamShape { rows: h, cols: 1 }); // ffn_norm
+        let mut v = self.attention_params();
+        let (h, f) = (self.hidden, self.intermediate);
         for (rows, cols) in [(f, h), (f, h), (h, f)] {
             v.push(ParamShape { rows, cols });
             if self.mlp_bias {
@@ -212,9 +279,89 @@ impl ModelSpec {
         v
     }
 
-    /// Parameters of one decoder block.
+    /// Norms and attention of a block (what dense and MoE blocks share).
+    fn attention_params(&self) -> ParamList {
+        let (h, q, kv) = (self.hidden, self.q_dim(), self.kv_dim());
+        let mut v = ParamList::default();
+        v.push(ParamShape { rows: h, cols: 1 }); // attention_norm
+        for rows in [q, kv, kv] {
+            v.push(ParamShape { rows, cols: h });
+            if self.qkv_bias {
+                v.push(ParamShape { rows, cols: 1 });
+            }
+        }
+        if self.qk_norm {
+            v.push(ParamShape {
+                rows: self.head_dim,
+                cols: 1,
+            });
+            v.push(ParamShape {
+                rows: self.head_dim,
+                cols: 1,
+            });
+        }
+        v.push(ParamShape { rows: h, cols: q }); // o_proj
+        if self.o_bias {
+            v.push(ParamShape { rows: h, cols: 1 });
+        }
+        v.push(ParamShape { rows: h, cols: 1 }); // ffn_norm
+        v
+    }
+
+    /// An MoE block: its non-expert tensors (norms, attention, router, shared experts and
+    /// their gate) and its routed experts as three grouped tensors (w1, w3, w2), each
+    /// `experts x (hidden * expert_intermediate)` with dim 0 the expert index, as torchtitan's
+    /// `GroupedExperts` stores them (FSDP and EP split dim 0).
+    pub fn moe_block_params(&self) -> Option<(ParamList, [ParamShape; 3])> {
+        let m = self.moe?;
+        let mut v = self.attention_params();
+        let h = self.hidden;
+        v.push(ParamShape {
+            rows: m.experts,
+            cols: h,
+        }); // router
+        if m.shared_intermediate > 0 {
+            let fs = m.shared_intermediate;
+            for (rows, cols) in [(fs, h), (fs, h), (h, fs)] {
+                v.push(ParamShape { rows, cols });
+            }
+            if m.shared_gate {
+                v.push(ParamShape { rows: 1, cols: h });
+            }
+        }
+        let e = ParamShape {
+            rows: m.experts,
+            cols: h * m.expert_intermediate,
+        };
+        Some((v, [e; 3]))
+    }
+
+    /// Number of MoE layers (0 for a dense model). DeepSeek: layers from
+    /// `first_k_dense_replace` on whose index is a multiple of `moe_layer_freq`; Qwen-MoE:
+    /// layers whose 1-based index is a multiple of `decoder_sparse_step`.
+    pub fn moe_layers(&self) -> u64 {
+        (0..self.layers).filter(|&i| self.is_moe_layer(i)).count() as u64
+    }
+
+    /// Whether decoder layer `i` (0-based) is an MoE layer.
+    pub fn is_moe_layer(&self, i: u64) -> bool {
+        match self.moe {
+            None => false,
+            Some(m) if m.first_dense > 0 => i >= m.first_dense && i % m.every == 0,
+            Some(m) => (i + 1) % m.every == 0,
+        }
+    }
+
+    /// Parameters of one dense decoder block.
     pub fn block_param_count(&self) -> u64 {
         self.block_params().iter().map(|p| p.numel()).sum()
+    }
+
+    /// Parameters of one MoE block (0 for a dense model).
+    pub fn moe_block_param_count(&self) -> u64 {
+        self.moe_block_params().map_or(0, |(v, e)| {
+            v.iter().map(|p| p.numel()).sum::<u64>() + e.iter().map(|p| p.numel()).sum::<u64>()
+        })
     }
 
     /// Parameters outside the blocks: token embedding, final norm, and the output projection
@@ -245,7 +392,9 @@ impl ModelSpec {
     /// assert_eq!(m.param_count(), 8_030_261_248);
     /// ```
     pub fn param_count(&self) -> u64 {
-        self.layers * self.block_param_count()
+        let moe = self.moe_layers();
+        (self.layers - moe) * self.block_param_count()
+            + moe * self.moe_block_param_count()
             + self.root_params().iter().map(|p| p.numel()).sum::<u64>()
     }
 
@@ -298,7 +447,8 @@ macro_rules! shipped {
 /// The shipped model profiles, name and text.
 pub const MODELS: &[(&str, &str)] = shipped!("models":
     "llama2-7b", "llama2-13b", "llama3-8b", "llama3-70b", "llama3.1-405b", "llama3.2-1b",
-    "mistral-7b", "qwen2.5-7b", "tiny", "tiny-gqa", "tiny-tied",
+    "mistral-7b", "qwen2.5-7b", "mixtral-8x7b", "deepseek-moe-16b", "qwen1.5-moe-a2.7b",
+    "tiny", "tiny-gqa", "tiny-tied", "tiny-moe",
 );
 
 /// The shipped GPU profiles, name and text.
@@ -393,12 +543,12 @@ mod tests {
     }
 
     #[test]
-    fn moe_configs_are_refused_not_misread() {
+    fn latent_attention_configs_are_refused_not_misread() {
         let cfg: ModelConfig = serde_json::from_str(
             r#"{"hidden_size":4096,"num_hidden_layers":32,"num_attention_heads":32,
-                "intermediate_size":14336,"vocab_size":32000,"num_local_experts":8}"#,
+                "intermediate_size":14336,"vocab_size":32000,"kv_lora_rank":512}"#,
         )
         .unwrap();
-        assert!(cfg.into_spec("mixtral").is_err());
+        assert!(cfg.into_spec("deepseek-v3").is_err());
     }
 }

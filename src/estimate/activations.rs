@@ -54,21 +54,23 @@ pub struct BlockActivations {
     /// Extra per-token bytes of attention that scale with sequence length (math backend);
     /// already included in `no_ac`.
     pub attention_quadratic: u128,
+    /// What the final norm and the output projection save (last stage only, never
+    /// checkpointed by torchtitan): the norm's tensors and the output layer's input.
+    pub head: u128,
 }
 
-/// Per-token saved bytes of one block for `plan`, at the per-rank sequence length
-/// `seq_local` (the math backend's probabilities scale with the full causal row, which with
-/// context parallelism is the local chunk times `cp` for the ring's key chunks).
+/// Per-token saved bytes of one block for `plan`: a dense block, or an MoE block when
+/// `moe` is set (the model must have an MoE layout).
 ///
 /// ```
 /// use memplan::estimate::activations::block_activations;
 /// use memplan::plan::PlanFile;
 /// let plan: PlanFile = serde_json::from_str(r#"{"model":"llama3-8b"}"#).unwrap();
-/// let a = block_activations(&plan.resolve().unwrap());
+/// let a = block_activations(&plan.resolve().unwrap(), false);
 /// assert_eq!(a.no_ac, 221_320);
 /// assert_eq!(a.full_ac, 8_192);
 /// ```
-pub fn block_activations(plan: &Plan) -> BlockActivations {
+pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
     // Division by a parallel degree, skipped when the degree is 1 (the common case; 128-bit
     // division is a library call and this runs on every estimate).
     fn div(x: u128, d: u128) -> u128 {
@@ -91,13 +93,22 @@ pub fn block_activations(plan: &Plan) -> BlockActivations {
     let heads = m.heads as u128;
     let tp = par.tp as u128;
     let sp_div = if par.sp { tp } else { 1 };
+    // torch.compile fuses each norm into one kernel and lets the partitioner recompute
+    // pointwise ops (silu, the SwiGLU product) from the matmul outputs it keeps.
+    let fused_norm = plan.compile || imp.rmsnorm == RmsNorm::Fused;
+    // Float8 linears (torchao Float8Linear) save their input cast to fp8 (1 byte) instead
+    // of the e-byte input; eager, each linear casts (and saves) its own copy; compiled, the
+    // casts of a shared input are one.
+    let f8 = plan.float8;
+    let f8_shared = |consumers: u128| if plan.compile { 1 } else { consumers };
 
     // One RMSNorm's saved tensors. Eager: fp32 copy of the input (4h) plus the rsqrt per row
     // (4 B, fp32) plus the normalised tensor before the weight multiply (eh). Fused: the input
     // (eh) and the fp32 reciprocal RMS per row (4 B).
-    let norm = match imp.rmsnorm {
-        RmsNorm::Eager => div(4 * h + 4 + e * h, sp_div),
-        RmsNorm::Fused => div(e * h + 4, sp_div),
+    let norm = if fused_norm {
+        div(e * h + 4, sp_div)
+    } else {
+        div(4 * h + 4 + e * h, sp_div)
     };
     // K and V as the attention kernel sees them.
     let kv_seen = match imp.gqa {
@@ -111,43 +122,103 @@ pub fn block_activations(plan: &Plan) -> BlockActivations {
         Attention::Flash | Attention::Efficient => 0,
     };
     let attention = div(e * (q + 2 * kv_seen + q), tp) + lse + quadratic; // q, k, v, out
-    let o_input = div(e * q, tp);
-    let linear_inputs = 2 * e * h; // norm outputs, full size (replicated or all-gathered)
-    let mlp = div(4 * e * f, tp); // silu input, silu output, w3 output, product
-    let no_ac = 2 * norm + linear_inputs + attention + o_input + mlp;
-
+    let o_input = div(if f8 { q } else { e * q }, tp);
+    // Norm outputs into q/k/v and w1/w3 (or router and experts): full size (replicated, or
+    // all-gathered under SP).
+    let qkv_input = if f8 { f8_shared(3) * h } else { e * h };
     let block_input = div(e * h, sp_div);
+
+    let (ffn, ffn_sac, ffn_overlap, ffn_bwd) = if moe {
+        moe_ffn(plan, e, h, tp, f8)
+    } else {
+        let f_tp = div(e * f, tp);
+        let ffn_input = if f8 { f8_shared(2) * h } else { e * h };
+        // silu input, silu output, w3 output, product (w2's input: fp8 under float8).
+        // Compiled: only the w1 and w3 outputs; the rest is recomputed.
+        let mlp = if plan.compile {
+            2 * f_tp
+        } else if f8 {
+            3 * f_tp + div(f, tp)
+        } else {
+            4 * f_tp
+        };
+        // torchtitan's selective-op keeps the w1 (1st of the MLP's mm) and w2 outputs; the
+        // w2 output is the pre-reduction partial sum under TP: full hidden width.
+        let sac = f_tp + e * h;
+        // MLP backward at the `silu * w3` product: grad(product), grad(silu), grad(w3 out)
+        // alive while the w2 input is freed: net 2ef beyond the saved set, plus the
+        // block-output gradient kept for the residual branch.
+        (ffn_input + mlp, sac, f_tp, block_input + 2 * f_tp)
+    };
+
+    let no_ac = 2 * norm + qkv_input + attention + o_input + ffn;
     // torchtitan `_save_list` with its every-other-mm rule, counted per block: the 1st, 3rd,
     // 5th and 7th mm outputs are kept (wq, wv, w1, w2), plus the attention outputs (out and
-    // log-sum-exp); wk, wo, w3 and everything else are recomputed. The w2 output is the
-    // pre-reduction partial sum under TP: full hidden width.
-    let sac_attention = o_input + lse;
-    let (kv_tp, f_tp) = (div(e * kv, tp), div(e * f, tp));
-    let selective_op = block_input + o_input + kv_tp + f_tp + e * h + sac_attention;
-    // Shared with the no-AC set: w1 output (silu input), attention out and lse, and the wv
-    // output when attention sees V unexpanded.
-    let overlap = f_tp
-        + sac_attention
+    // log-sum-exp); wk, wo, w3 and everything else are recomputed.
+    let sac_attention = div(e * q, tp) + lse;
+    let kv_tp = div(e * kv, tp);
+    let selective_op = block_input + div(e * q, tp) + kv_tp + sac_attention + ffn_sac;
+    // Shared with the no-AC set: the attention out and lse, the wv output when attention sees
+    // V unexpanded, and the FFN's kept matmul output.
+    let overlap = sac_attention
+        + ffn_overlap
         + match imp.gqa {
             Gqa::Native => kv_tp,
             Gqa::RepeatKv => 0,
         };
-
-    // Backward transients beyond the saved tensors. MLP, at the `silu * w3` backward: the
-    // incoming gradient of the block output (eh) stays alive for the residual branch, and the
-    // product's backward holds grad(product), grad(silu) and grad(w3 out) while freeing the
-    // w2 input: net eh + 2ef. Attention, at the flash backward: grad of out (eq), dq, dk, dv
-    // (e(q + 2kv_seen)) and FlashAttention-2's fp32 dq accumulator (4q), plus eh.
-    let mlp_bwd = block_input + 2 * f_tp;
+    // Attention backward (flash): grad of out, dq, dk, dv, FlashAttention-2's fp32 dq
+    // accumulator, plus the block-output gradient.
     let attn_bwd = block_input + div(e * (2 * q + 2 * kv_seen) + 4 * q, tp);
+    // Ring attention (context parallelism): K/V chunks in flight (current and next) and the
+    // fp32 output and log-sum-exp merge buffers, forward and backward (dK/dV travel too).
+    let ring = if par.cp > 1 {
+        div(2 * 2 * e * kv_seen + 4 * q, tp)
+    } else {
+        0
+    };
     BlockActivations {
         no_ac,
         full_ac: block_input,
         selective_op,
         selective_op_overlap: overlap,
-        backward_transient: mlp_bwd.max(attn_bwd),
+        backward_transient: ffn_bwd.max(attn_bwd) + ring,
         attention_quadratic: quadratic,
+        head: norm + e * h,
     }
+}
+
+/// The MoE feed-forward of a block, per token: (saved without AC, kept by selective-op,
+/// overlap of the two, backward transient).
+///
+/// torchtitan's MoE: the router (`gate`, h x E) saves its input (the norm output, shared with
+/// the shared expert) and its fp32 scores (4E) and top-k indices (8k); tokens are gathered
+/// into a routed copy per chosen expert, padded to the capacity (k x capacity factor copies
+/// per token), which the grouped w1/w3 matmuls save (eh each); each expert's SwiGLU saves as a
+/// dense MLP does (4ef per copy, 2ef compiled); the expert output is scaled by its score
+/// (saves the output, eh per copy) and scattered back. A shared expert is a dense SwiGLU.
+/// Dispatch and combine (all-to-all under EP) hold a send and a receive buffer of the routed
+/// copies in backward.
+fn moe_ffn(plan: &Plan, e: u128, h: u128, tp: u128, f8: bool) -> (u128, u128, u128, u128) {
+    let moe = plan
+        .model
+        .moe
+        .expect("moe_ffn is called for MoE models only");
+    let etp = plan.parallel.etp as u128;
+    let cf = plan.moe_capacity_milli as u128;
+    let copies = |x: u128| x * moe.top_k as u128 * cf / 1000;
+    let fe = e * moe.expert_intermediate as u128 / etp;
+    let fs = e * moe.shared_intermediate as u128 / tp;
+    let per_copy_mlp = if plan.compile { 2 * fe } else { 4 * fe };
+    let routed_input = if f8 { h } else { e * h };
+    let router = 4 * moe.experts as u128 + 8 * moe.top_k as u128;
+    let shared = if plan.compile { 2 * fs } else { 4 * fs };
+    let saved = e * h + router + copies(routed_input + per_copy_mlp + e * h) + shared;
+    // selective-op: the mm outputs kept are the router's scores and, per copy, the first
+    // grouped matmul and the second (w1 and w2 outputs), and the shared expert's w1 and w2.
+    let sac = router + copies(fe + e * h) + fs + e * h;
+    let overlap = router + copies(fe) + fs;
+    let bwd = e * h + copies(2 * e * h + 2 * fe) + 2 * fs;
+    (saved, sac, overlap, bwd)
 }
 
 #[cfg(test)]
@@ -164,46 +235,83 @@ mod tests {
 
     #[test]
     fn native_gqa_saves_unexpanded_kv() {
-        let rep = block_activations(&plan(r#"{"model":"llama3-8b"}"#));
-        let nat = block_activations(&plan(
-            r#"{"model":"llama3-8b","implementation":{"gqa":"native"}}"#,
-        ));
+        let rep = block_activations(&plan(r#"{"model":"llama3-8b"}"#), false);
+        let nat = block_activations(
+            &plan(r#"{"model":"llama3-8b","implementation":{"gqa":"native"}}"#),
+            false,
+        );
         // K and V shrink from 4096 to 1024 wide, 2 bytes each.
         assert_eq!(rep.no_ac - nat.no_ac, 2 * 2 * (4096 - 1024));
     }
 
     #[test]
     fn fused_norm_saves_the_input_and_rstd_only() {
-        let eager = block_activations(&plan(r#"{"model":"llama3-8b"}"#));
-        let fused = block_activations(&plan(
-            r#"{"model":"llama3-8b","implementation":{"rmsnorm":"fused"}}"#,
-        ));
+        let eager = block_activations(&plan(r#"{"model":"llama3-8b"}"#), false);
+        let fused = block_activations(
+            &plan(r#"{"model":"llama3-8b","implementation":{"rmsnorm":"fused"}}"#),
+            false,
+        );
         assert_eq!(eager.no_ac - fused.no_ac, 2 * (4 * 4096));
     }
 
     #[test]
     fn selective_op_keeps_four_matmuls_and_attention() {
-        let a = block_activations(&plan(r#"{"model":"llama3-8b"}"#));
+        let a = block_activations(&plan(r#"{"model":"llama3-8b"}"#), false);
         // input 2h, wq 2h, wv 2*1024, w1 2f, w2 2h, attention out 2h, lse 4*32
         assert_eq!(a.selective_op, 2 * 4096 * 4 + 2 * 1024 + 2 * 14336 + 4 * 32);
     }
 
     #[test]
     fn sequence_parallel_divides_the_norm_region() {
-        let tp = block_activations(&plan(
-            r#"{"model":"llama3-8b","num_gpus":4,"parallel":{"tp":4,"sp":false}}"#,
-        ));
-        let sp = block_activations(&plan(
-            r#"{"model":"llama3-8b","num_gpus":4,"parallel":{"tp":4,"sp":true}}"#,
-        ));
+        let tp = block_activations(
+            &plan(r#"{"model":"llama3-8b","num_gpus":4,"parallel":{"tp":4,"sp":false}}"#),
+            false,
+        );
+        let sp = block_activations(
+            &plan(r#"{"model":"llama3-8b","num_gpus":4,"parallel":{"tp":4,"sp":true}}"#),
+            false,
+        );
         assert_eq!(tp.no_ac - sp.no_ac, 2 * (4 * 4096 + 4 + 2 * 4096) * 3 / 4);
     }
 
     #[test]
+    fn compile_keeps_two_mlp_matmul_outputs_and_fused_norms() {
+        let eager = block_activations(&plan(r#"{"model":"llama3-8b"}"#), false);
+        let compiled = block_activations(&plan(r#"{"model":"llama3-8b","compile":true}"#), false);
+        // norms: 2 x 4 x 4096 fp32 copies gone; MLP: silu output and product (2 x 2 x 14336).
+        assert_eq!(eager.no_ac - compiled.no_ac, 2 * 4 * 4096 + 2 * 2 * 14336);
+    }
+
+    #[test]
+    fn float8_saves_linear_inputs_in_one_byte() {
+        let bf16 = block_activations(&plan(r#"{"model":"llama3-8b","compile":true}"#), false);
+        let f8 = block_activations(
+            &plan(r#"{"model":"llama3-8b","compile":true,"float8":true}"#),
+            false,
+        );
+        // q/k/v input, w1/w3 input and wo input drop from 2 to 1 byte per element.
+        assert_eq!(bf16.no_ac - f8.no_ac, 4096 + 4096 + 4096);
+    }
+
+    #[test]
+    fn moe_block_counts_routed_copies() {
+        // tiny-moe: h 64, 4 experts of 128, top-2, bf16, eager norms, capacity factor 1.
+        let p = plan(r#"{"model":"tiny-moe"}"#);
+        let a = block_activations(&p, true);
+        let d = block_activations(&p, false);
+        let dense_ffn = 2 * 64 + 4 * 2 * 128;
+        let moe_ffn = 2 * 64 + (4 * 4 + 8 * 2) + 2 * (2 * 64 + 4 * 2 * 128 + 2 * 64);
+        assert_eq!(a.no_ac - d.no_ac, moe_ffn - dense_ffn);
+    }
+
+    #[test]
     fn math_attention_saves_probabilities() {
-        let a = block_activations(&plan(
-            r#"{"model":"llama3-8b","batch":{"seq_len":1024},"implementation":{"attention":"math"}}"#,
-        ));
+        let a = block_activations(
+            &plan(
+                r#"{"model":"llama3-8b","batch":{"seq_len":1024},"implementation":{"attention":"math"}}"#,
+            ),
+            false,
+        );
         assert_eq!(a.attention_quadratic, 2 * 32 * 1024);
     }
 }

@@ -67,7 +67,7 @@ pub fn host_estimate(plan: &Plan, p: &StageParams) -> Result<HostEstimate> {
     let m = plan.precision.master.bytes() as u128;
     let shard = p.shard_total() * m;
     let states = plan.optimizer.states_per_param() as u128 * shard;
-    let pinned = p.layers as u128 * p.block_pinned_extra + p.root_pinned_extra;
+    let pinned = p.pinned_extra();
     // (params, grads, states, temporaries, pinned rounding) per rank
     let per_rank = match plan.offload {
         Offload::None => (0, 0, 0, 0, 0),

@@ -30,6 +30,10 @@ pub struct LogitsBytes {
     pub forward_peak: u128,
     pub after_forward: u128,
     pub backward_peak: u128,
+    /// Reserved but unusable at the backward peak: the compute-dtype logits' segment, freed
+    /// before backward, is too small for the fp32 buffers of the loss backward, so the
+    /// caching allocator keeps it and maps new segments for them.
+    pub freed_segment: u128,
 }
 
 /// ```
@@ -49,9 +53,15 @@ pub fn logits_bytes(plan: &Plan, tokens: u128) -> LogitsBytes {
         Logits::FloatInLoss => (e + 8, 4, 12),
         Logits::ComputeDtype => (2 * e, e, 3 * e),
     };
+    let freed = match plan.implementation.logits {
+        Logits::ComputeDtype => 0,
+        _ if e < 4 => e * tv,
+        _ => 0,
+    };
     LogitsBytes {
         forward_peak: fwd * tv,
         after_forward: after * tv,
         backward_peak: bwd * tv,
+        freed_segment: freed,
     }
 }

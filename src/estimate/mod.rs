@@ -31,7 +31,7 @@ pub mod params;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::plan::{Checkpointing, Offload, OptimizerImpl, Plan};
+use crate::plan::{Checkpointing, Offload, OptimizerImpl, Plan, PpSchedule};
 use crate::units::Bytes;
 
 use activations::{block_activations, BlockActivations};
@@ -153,11 +153,13 @@ pub struct Estimate {
 #[derive(Clone, Copy)]
 struct Stage {
     p: StageParams,
-    act: BlockActivations,
+    dense: BlockActivations,
+    moe: BlockActivations,
     /// Tokens per micro-batch on this rank.
     tokens: u128,
-    /// Micro-batches whose activations are alive at once.
-    in_flight: u128,
+    /// Micro-batches whose activations are alive at once, in thousandths (interleaved
+    /// schedules hold fractions of a stage's layers per micro-batch).
+    in_flight_milli: u128,
     /// Logits buffers of one micro-batch (zero off the last stage).
     logits: logits::LogitsBytes,
 }
@@ -168,8 +170,10 @@ fn to_bytes(v: u128, what: &str) -> Result<Bytes> {
         .map_err(|_| Error::overflow(what))
 }
 
+/// Allocated bytes per breakdown component, and the bytes the caching allocator holds beyond
+/// them at that moment (`cached`: fragmentation and unreusable freed segments).
 #[derive(Default, Clone, Copy)]
-struct Wide([u128; 10]);
+struct Wide([u128; 10], u128);
 
 impl Wide {
     fn into_breakdown(self) -> Result<Breakdown> {
@@ -206,16 +210,35 @@ fn checkpointed_layers(ac: Checkpointing, layers: u64) -> (u64, u64, u64) {
     }
 }
 
+/// Micro-batches of activations pipeline stage `s` holds at its peak, in thousandths.
+///
+/// GPipe runs every forward before any backward: all `m` micro-batches. 1F1B (Narayanan et
+/// al. 2021, section 2.2; PipeDream-Flush) and ZB-H1 (Qi et al. 2023, "same peak memory as
+/// 1F1B") hold `min(pp - s, m)`. Interleaved 1F1B with `v` chunks per rank warms up with
+/// `2 (pp - s - 1) + (v - 1) pp` chunk forwards (Megatron-LM's schedule), each chunk 1/v of
+/// the rank's layers, so it holds `(that + 1) / v` micro-batches' worth, at most `m`.
+pub fn in_flight_milli(plan: &Plan, s: u64) -> u128 {
+    let par = &plan.parallel;
+    let m = plan.batch.grad_accum_steps as u128;
+    if par.pp == 1 {
+        return 1000;
+    }
+    let (pp, s) = (par.pp as u128, s as u128);
+    match par.pp_schedule {
+        PpSchedule::GPipe => 1000 * m,
+        PpSchedule::OneFOneB | PpSchedule::ZbH1 => 1000 * (pp - s).min(m),
+        PpSchedule::Interleaved1F1B => {
+            let v = par.pp_virtual_stages as u128;
+            let chunks = 2 * (pp - s - 1) + (v - 1) * pp + 1;
+            (1000 * chunks / v).min(1000 * m)
+        }
+    }
+}
+
 fn stage(plan: &Plan, index: u64) -> Stage {
     let b = &plan.batch;
     let par = &plan.parallel;
     let tokens = b.micro_batch_size as u128 * (b.seq_len / par.cp) as u128;
-    // 1F1B: stage s keeps the activations of min(pp - s, micro-batches) micro-batches.
-    let in_flight = if par.pp > 1 {
-        (par.pp - index).min(b.grad_accum_steps) as u128
-    } else {
-        1
-    };
     let p = stage_params(plan, index);
     Stage {
         logits: if p.last {
@@ -223,11 +246,32 @@ fn stage(plan: &Plan, index: u64) -> Stage {
         } else {
             logits::LogitsBytes::default()
         },
+        dense: block_activations(plan, false),
+        moe: if p.moe_layers > 0 {
+            block_activations(plan, true)
+        } else {
+            BlockActivations::default()
+        },
         p,
-        act: block_activations(plan),
         tokens,
-        in_flight,
+        in_flight_milli: in_flight_milli(plan, index),
     }
+}
+
+/// Saved bytes per token of `layers` blocks of one kind under the plan's checkpointing.
+fn saved_per_token(ac: Checkpointing, layers: u64, a: &BlockActivations) -> u128 {
+    let (plain, full, sac) = checkpointed_layers(ac, layers);
+    plain as u128 * a.no_ac + full as u128 * a.full_ac + sac as u128 * a.selective_op
+}
+
+/// Recompute working set plus gradient temporaries of one block's backward, per token.
+fn working_per_token(ac: Checkpointing, a: &BlockActivations) -> u128 {
+    let recompute = match ac {
+        Checkpointing::None => 0,
+        Checkpointing::Full | Checkpointing::SelectiveLayer(_) => a.no_ac,
+        Checkpointing::SelectiveOp => a.no_ac - a.selective_op_overlap,
+    };
+    recompute + a.backward_transient
 }
 
 /// Allocated bytes of `phase` for a stage; `first` is the first step (no optimizer states
@@ -241,7 +285,8 @@ fn phase_bytes(plan: &Plan, st: &Stage, phase: Phase, first: bool) -> Wide {
         pr.reduce.bytes() as u128,
     );
     let n = plan.parallel.fsdp_degree();
-    let layers = p.layers as u128;
+    let layers = p.layers() as u128;
+    let ac = plan.activation_checkpointing;
     // A separate compute-dtype copy exists when FSDP gathers or when it casts.
     let copies = n > 1 || pr.param != pr.master;
     let on_gpu_params = plan.offload != Offload::Full;
@@ -261,41 +306,50 @@ fn phase_bytes(plan: &Plan, st: &Stage, phase: Phase, first: bool) -> Wide {
     let grads_all = if on_gpu_params { shard * m } else { 0 };
     let grads_prior = if accum { grads_all } else { 0 };
 
-    let (plain, full, sac) = checkpointed_layers(plan.activation_checkpointing, p.layers);
-    let a = &st.act;
+    let head = if p.last { st.dense.head } else { 0 };
     let per_mb = st.tokens
-        * (plain as u128 * a.no_ac + full as u128 * a.full_ac + sac as u128 * a.selective_op);
-    let acts = per_mb * st.in_flight;
-    // Working set of a block's backward: recomputed tensors plus gradient temporaries.
-    let recompute = if full > 0 {
-        a.no_ac
-    } else if sac > 0 {
-        a.no_ac - a.selective_op_overlap
-    } else {
-        0
+        * (saved_per_token(ac, p.dense_layers, &st.dense)
+            + saved_per_token(ac, p.moe_layers, &st.moe)
+            + head);
+    let acts = per_mb * st.in_flight_milli / 1000;
+    // The block in backward: the larger kind present.
+    let working = st.tokens
+        * if p.moe_layers > 0 {
+            working_per_token(ac, &st.moe)
+        } else {
+            working_per_token(ac, &st.dense)
+        };
+    let big = p.biggest_block();
+    // Gathered parameters of a block: float8 all-gathers the linear weights in one byte.
+    let gathered = |b: &crate::estimate::params::BlockParams| -> u128 {
+        if !copies {
+            0
+        } else if plan.float8 {
+            b.unsharded_linear + (b.unsharded - b.unsharded_linear) * e
+        } else {
+            b.unsharded * e
+        }
     };
-    let working = st.tokens * (recompute + a.backward_transient);
-    let block_u = if copies { p.block_unsharded * e } else { 0 };
+    let block_u = gathered(&big);
+    let block_grad_u = if copies { big.unsharded * e } else { 0 };
     let root_u = if copies { p.root_unsharded * e } else { 0 };
-    // Blocks whose gathered parameters are alive between forward and backward.
+    // Blocks whose gathered parameters are alive between forward and backward: torchtitan
+    // does not reshard the last block after forward; with reshard_after_forward off, none.
     let held = if plan.reshard_after_forward {
         1
     } else {
         layers
     };
-    // Under CPU offload each block's fp32 shard is copied to the device for its all-gather.
-    let offload_in = if on_gpu_params {
-        0
-    } else {
-        2 * p.block_shard * m
-    };
+    // Under CPU offload each block's fp32 shard is copied to the device for its all-gather
+    // (the one in use and the prefetched one).
+    let offload_in = if on_gpu_params { 0 } else { 2 * big.shard * m };
     let lg = st.logits;
     // The output weight's unsharded gradient is produced first in backward and, on the root
     // FSDP unit, reduce-scattered only at the root's post-backward after every block.
     let out_grad = if copies { p.output_unsharded * e } else { 0 };
     // FSDP2 copies a unit's unsharded gradients into a reduce-dtype reduce-scatter input and
     // keeps it until the next unit's reduce-scatter: one unit's worth beyond the block's own.
-    let rs = if copies { p.block_unsharded * r } else { 0 };
+    let rs = if copies { big.unsharded * r } else { 0 };
 
     match phase {
         Phase::Forward => {
@@ -313,12 +367,12 @@ fn phase_bytes(plan: &Plan, st: &Stage, phase: Phase, first: bool) -> Wide {
         Phase::Backward => {
             w.0[1] = root_u + held.max(2).min(layers.max(1)) * block_u + offload_in;
             w.0[2] = grads_prior;
-            w.0[3] = out_grad + block_u;
+            w.0[3] = out_grad + block_grad_u;
             w.0[6] = acts;
             w.0[7] = working;
         }
         Phase::BackwardEnd => {
-            let done_blocks = layers.saturating_sub(1) * p.block_shard * m;
+            let done_blocks = (p.blocks_shard() - big.shard.min(p.blocks_shard())) * m;
             w.0[1] = root_u + 2.min(layers) * block_u + offload_in;
             w.0[2] = if on_gpu_params {
                 grads_prior.max(done_blocks)
@@ -328,16 +382,22 @@ fn phase_bytes(plan: &Plan, st: &Stage, phase: Phase, first: bool) -> Wide {
             // The first block's activations of this micro-batch, and other in-flight
             // micro-batches. Block 0 is checkpointed only under full AC or selective-layer:1
             // (the selective-layer rule wraps blocks whose 1-based index is a multiple of K).
+            let a0 = if p.dense_layers > 0 {
+                &st.dense
+            } else {
+                &st.moe
+            };
             let one_block = st.tokens
-                * match plan.activation_checkpointing {
-                    Checkpointing::None => a.no_ac,
-                    Checkpointing::Full | Checkpointing::SelectiveLayer(1) => a.full_ac,
-                    Checkpointing::SelectiveLayer(_) => a.no_ac,
-                    Checkpointing::SelectiveOp => a.selective_op,
+                * match ac {
+                    Checkpointing::None => a0.no_ac,
+                    Checkpointing::Full | Checkpointing::SelectiveLayer(1) => a0.full_ac,
+                    Checkpointing::SelectiveLayer(_) => a0.no_ac,
+                    Checkpointing::SelectiveOp => a0.selective_op,
                 };
             let one_block = if layers == 0 { 0 } else { one_block };
-            w.0[3] = out_grad + block_u + rs;
-            w.0[6] = acts - per_mb + one_block;
+            let others = acts.saturating_sub(per_mb);
+            w.0[3] = out_grad + block_grad_u + rs;
+            w.0[6] = others + one_block;
             w.0[7] = working;
             // The root's own post-backward: its unsharded gradients and reduce-scatter input,
             // after every block has finished, can exceed the above for large vocabularies.
@@ -346,13 +406,13 @@ fn phase_bytes(plan: &Plan, st: &Stage, phase: Phase, first: bool) -> Wide {
             } else {
                 0
             };
-            let root_moment = root_u + grads_all.max(grads_prior) + root_rs;
+            let root_moment = root_u + grads_all.max(grads_prior) + root_rs + others;
             let block_moment = w.0[1] + w.0[2] + w.0[3] + w.0[6] + w.0[7];
             if root_moment > block_moment {
                 w.0[1] = root_u;
-                w.0[2] = if on_gpu_params { grads_all } else { 0 };
+                w.0[2] = grads_all.max(grads_prior);
                 w.0[3] = root_rs;
-                w.0[6] = acts - per_mb;
+                w.0[6] = others;
                 w.0[7] = 0;
             }
         }
@@ -362,6 +422,20 @@ fn phase_bytes(plan: &Plan, st: &Stage, phase: Phase, first: bool) -> Wide {
                 w.0[4] = plan.optimizer.states_per_param() as u128 * shard * m;
                 w.0[5] = optimizer_temporaries(plan, p);
             }
+        }
+    }
+    if plan.gpu.caching_allocator {
+        // Kept activations interleaved with freed temporaries of other sizes fragment the
+        // cache; block inputs kept by full checkpointing are allocated between a block's
+        // temporaries that are all freed, and do not.
+        let full_ac_inputs = match ac {
+            Checkpointing::Full => w.0[6],
+            _ => 0,
+        };
+        let churn = w.0[1] + w.0[3] + w.0[5] + (w.0[6] - full_ac_inputs) + w.0[7];
+        w.1 = overhead::fragmentation(churn);
+        if phase == Phase::LossBackward {
+            w.1 += lg.freed_segment;
         }
     }
     w
@@ -433,6 +507,9 @@ pub fn estimate(plan: &Plan) -> Result<Estimate> {
     }; 10];
     let mut first_oom = None;
     let mut peak = (0, Wide::default(), Phase::Forward, true);
+    // The caching allocator never returns segments mid-run: reserved peaks at the largest
+    // allocated-plus-cached moment, which need not be the allocated peak.
+    let mut reserved_peak = 0u128;
     for (i, w) in walls.iter().enumerate() {
         let (first, phase) = (i < 5, PHASES[i % 5]);
         let b = w.into_breakdown()?;
@@ -441,19 +518,23 @@ pub fn estimate(plan: &Plan) -> Result<Estimate> {
             phase,
             allocated_bytes: b.total(),
         };
-        let total = overhead::reserved(plan, &b)?.add(runtime, "device total")?;
+        let total = b
+            .total()
+            .add(to_bytes(w.1, "fragmentation")?, "peak reserved")?
+            .add(runtime, "device total")?;
         if first_oom.is_none() && total > capacity {
             first_oom = Some(point);
         }
         if w.total() > peak.0 {
             peak = (w.total(), *w, phase, first);
         }
+        reserved_peak = reserved_peak.max(w.total() + w.1);
         timeline[i] = point;
     }
     let (_, wide, phase, first) = peak;
     let breakdown = wide.into_breakdown()?;
     let peak_allocated = breakdown.total();
-    let peak_reserved = overhead::reserved(plan, &breakdown)?;
+    let peak_reserved = to_bytes(reserved_peak, "peak reserved")?;
     let device_total = peak_reserved.add(runtime, "device total")?;
     let host = host::host_estimate(plan, &st.p)?;
     let fits_gpu = device_total <= capacity;

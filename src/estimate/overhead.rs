@@ -4,60 +4,46 @@
 //! PyTorch's caching allocator (c10/cuda/CUDACachingAllocator.cpp) rounds requests to 512 B,
 //! serves requests above 1 MiB from a large pool of segments rounded to 2 MiB, and never
 //! returns a segment during training, so `max_memory_reserved` exceeds
-//! `max_memory_allocated` by blocks that were split and cannot be merged again. That excess
-//! comes from the tensors whose sizes churn during the step (activations, logits, gradient
-//! buffers, temporaries), not from the parameters and states allocated once at start.
-//! [`FRAGMENTATION`] is the fraction of that churning part held as unusable cache; it is the
-//! one fitted constant of the estimator (see the README's accuracy table for the fit).
+//! `max_memory_allocated` by cached blocks that cannot serve the request at hand. Two sources
+//! are modelled:
+//!
+//! - freed segments of the wrong size at the peak: the bf16 logits are freed before backward
+//!   (`del pred`) and their segment is too small for the fp32 loss-backward buffers, so it
+//!   stays cached beside them ([`super::logits::LogitsBytes::freed_segment`]; e.g. 3.9 GiB at
+//!   llama3-8b, 16,384 tokens);
+//! - fragmentation from kept tensors interleaved with freed temporaries of other sizes
+//!   (saved activations without or with selective checkpointing, recompute and gradient
+//!   temporaries, gathered parameters, gradient buffers). Full checkpointing's kept block
+//!   inputs are allocated between whole blocks of freed temporaries and do not fragment;
+//!   parameters and states are allocated once at start.
+//!
+//! [`FRAGMENTATION`] is the one fitted constant of the estimator: 0.228 balances the error
+//! of torchtitan's two December 2024 llama3-8b FSDP rows (8 and 128 H100s, batch 2 x 8192,
+//! selective-op AC: 82.4 and 67.0 GiB reserved; docs/performance.md), which differ only in
+//! parameter sharding. The README's accuracy table gives the errors it leaves on every
+//! published row.
 
-use crate::error::Result;
 use crate::plan::Plan;
 use crate::units::Bytes;
 
-use super::Breakdown;
-
-/// Fraction of the transient (per-step) bytes the caching allocator keeps reserved beyond
-/// allocated at the peak, in parts per thousand.
-pub const FRAGMENTATION: u64 = 350;
+/// Fraction of the fragmenting bytes (see the module doc) the caching allocator keeps
+/// reserved beyond allocated, in parts per thousand.
+pub const FRAGMENTATION: u64 = 228;
 
 /// NCCL's device buffers outside the caching allocator when any process group has more than
 /// one rank: approximately what NCCL 2.2x allocates per process for its communicators with
 /// default buffer sizes (4 MiB per channel and peer, tens of channels on NVLink systems).
 pub const NCCL_BYTES: Bytes = Bytes::mib(512);
 
-/// Predicted peak reserved bytes for a breakdown of allocated bytes.
+/// Bytes the caching allocator holds as unusable cache for `churn` bytes of kept tensors
+/// interleaved with freed temporaries.
 ///
 /// ```
-/// use memplan::estimate::{overhead::reserved, Breakdown};
-/// use memplan::plan::PlanFile;
-/// use memplan::units::Bytes;
-/// let plan: PlanFile = serde_json::from_str(r#"{"model":"tiny"}"#).unwrap();
-/// let b = Breakdown {
-///     activations_bytes: Bytes(1000),
-///     logits_bytes: Bytes(3000),
-///     master_params_bytes: Bytes(5000),
-///     ..Default::default()
-/// };
-/// // 35% of the 1000 activation bytes; parameters and logits add no fragmentation.
-/// assert_eq!(reserved(&plan.resolve().unwrap(), &b).unwrap(), Bytes(9350));
+/// use memplan::estimate::overhead::fragmentation;
+/// assert_eq!(fragmentation(1_000_000), 228_000);
 /// ```
-pub fn reserved(plan: &Plan, b: &Breakdown) -> Result<Bytes> {
-    let allocated = b.total();
-    if !plan.gpu.caching_allocator {
-        return Ok(allocated);
-    }
-    let churn = [
-        b.unsharded_params_bytes,
-        b.gradient_buffers_bytes,
-        b.optimizer_temporaries_bytes,
-        b.activations_bytes,
-        b.backward_working_set_bytes,
-    ]
-    .into_iter()
-    .sum::<Bytes>();
-    let c = churn.get();
-    let frag = c / 1000 * FRAGMENTATION + c % 1000 * FRAGMENTATION / 1000;
-    allocated.add(Bytes(frag), "peak reserved")
+pub fn fragmentation(churn: u128) -> u128 {
+    churn * FRAGMENTATION as u128 / 1000
 }
 
 /// Device memory outside the caching allocator.

@@ -11,26 +11,47 @@
 use crate::plan::Plan;
 use crate::profiles::{ParamList, ParamShape};
 
+/// Element counts of one kind of block (dense or MoE) on one rank.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockParams {
+    /// Elements this rank holds (its FSDP shard, after TP and EP).
+    pub shard: u128,
+    /// Elements once all-gathered (padded), after TP and EP.
+    pub unsharded: u128,
+    /// Of `unsharded`, the 2-D linear weights (float8 all-gathers these in one byte).
+    pub unsharded_linear: u128,
+    /// Largest single parameter shard (per-parameter optimizer temporaries).
+    pub largest_shard: u128,
+    /// Bytes the pinned host allocator adds to this rank's master-dtype shards: it rounds
+    /// every allocation up to a power of two (PyTorch `CachingHostAllocatorImpl::allocate`,
+    /// "round up to the nearest power of two"), and FSDP2's CPU offload pins each parameter's
+    /// shard on its own. Computed only under offload.
+    pub pinned_extra: u128,
+}
+
+impl BlockParams {
+    fn add(&mut self, (shard, unsharded, largest): (u128, u128, u128), linear: bool) {
+        self.shard += shard;
+        self.unsharded += unsharded;
+        if linear {
+            self.unsharded_linear += unsharded;
+        }
+        self.largest_shard = self.largest_shard.max(largest);
+    }
+}
+
 /// Parameter element counts of one pipeline stage on one rank.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StageParams {
-    /// Decoder blocks on the stage.
-    pub layers: u64,
-    /// Elements of one block that this rank holds (its FSDP shard, after TP).
-    pub block_shard: u128,
-    /// Elements of one block once all-gathered (padded), after TP.
-    pub block_unsharded: u128,
-    /// Largest single parameter shard of a block (per-parameter optimizer temporaries).
-    pub block_largest_shard: u128,
+    /// Dense and MoE decoder blocks on the stage.
+    pub dense_layers: u64,
+    pub moe_layers: u64,
+    pub dense: BlockParams,
+    pub moe: BlockParams,
     /// Root parameters (embedding, final norm, output) this stage holds: shard and unsharded.
     pub root_shard: u128,
     pub root_unsharded: u128,
     pub root_largest_shard: u128,
-    /// Bytes the pinned host allocator adds to this rank's master-dtype shards of one block
-    /// and of the root: it rounds every allocation up to a power of two (PyTorch
-    /// `CachingHostAllocatorImpl::allocate`, "round up to the nearest power of two"), and
-    /// FSDP2's CPU offload pins each parameter's shard on its own.
-    pub block_pinned_extra: u128,
     pub root_pinned_extra: u128,
     /// Output-projection weight (or the tied embedding) unsharded, when this stage computes
     /// the logits: its gradient is held unsharded until the root's post-backward.
@@ -41,13 +62,39 @@ pub struct StageParams {
 }
 
 impl StageParams {
+    pub fn layers(&self) -> u64 {
+        self.dense_layers + self.moe_layers
+    }
+    /// Elements of every block shard this rank holds on this stage.
+    pub fn blocks_shard(&self) -> u128 {
+        self.dense_layers as u128 * self.dense.shard + self.moe_layers as u128 * self.moe.shard
+    }
     /// Elements of every parameter shard this rank holds on this stage.
     pub fn shard_total(&self) -> u128 {
-        self.layers as u128 * self.block_shard + self.root_shard
+        self.blocks_shard() + self.root_shard
     }
     /// The largest single parameter shard.
     pub fn largest_shard(&self) -> u128 {
-        self.block_largest_shard.max(self.root_largest_shard)
+        self.dense
+            .largest_shard
+            .max(self.moe.largest_shard)
+            .max(self.root_largest_shard)
+    }
+    /// The larger kind of block present on the stage.
+    pub fn biggest_block(&self) -> BlockParams {
+        if self.moe_layers > 0
+            && (self.dense_layers == 0 || self.moe.unsharded > self.dense.unsharded)
+        {
+            self.moe
+        } else {
+            self.dense
+        }
+    }
+    /// Pinned-allocator rounding of every shard of the stage.
+    pub fn pinned_extra(&self) -> u128 {
+        self.dense_layers as u128 * self.dense.pinned_extra
+            + self.moe_layers as u128 * self.moe.pinned_extra
+            + self.root_pinned_extra
     }
 }
 
@@ -129,22 +176,70 @@ pub fn stage_layers(layers: u64, pp: u64, stage: u64) -> u64 {
 }
 
 /// Parameter counts for pipeline stage `stage` on its most loaded rank (FSDP rank 0).
+///
+/// Routed experts (torchtitan `GroupedExperts`, dim 0 the expert index) are split over the
+/// expert-parallel degree first and FSDP-sharded over what is left of the data-parallel ranks
+/// (torchtitan's `dp_shard_mod_ep` mesh, which also takes the TP ranks when `etp` is 1), so
+/// every rank holds 1/(N x tp) of the experts, and gathers only its own E/ep experts.
 pub fn stage_params(plan: &Plan, stage: u64) -> StageParams {
     let m = &plan.model;
     let par = &plan.parallel;
     let n = par.fsdp_degree();
-    let block = m.block_params();
-    let (block_shard, block_unsharded, block_largest_shard) =
-        shard_sizes(tp_split(&block, par.tp, m.hidden), n);
-    let mb = plan.precision.master.bytes();
     let offload = plan.offload != crate::plan::Offload::None;
-    let block_pinned_extra = if offload {
-        pinned_extra(tp_split(&block, par.tp, m.hidden), n, mb)
+    let mb = plan.precision.master.bytes();
+    let first = stage == 0;
+    let last = stage + 1 == par.pp;
+
+    let layers = stage_layers(m.layers, par.pp, stage);
+    let start: u64 = (0..stage).map(|s| stage_layers(m.layers, par.pp, s)).sum();
+    let moe_layers = if m.moe.is_some() {
+        (start..start + layers)
+            .filter(|&i| m.is_moe_layer(i))
+            .count() as u64
     } else {
         0
     };
-    let first = stage == 0;
-    let last = stage + 1 == par.pp;
+
+    let block_of = |list: &ParamList| {
+        let mut b = BlockParams::default();
+        for p in tp_split(list, par.tp, m.hidden) {
+            b.add(shard_sizes(std::iter::once(p), n), p.cols > 1 && p.rows > 1);
+        }
+        if offload {
+            b.pinned_extra = pinned_extra(tp_split(list, par.tp, m.hidden), n, mb);
+        }
+        b
+    };
+    let dense = if layers > moe_layers {
+        block_of(&m.block_params())
+    } else {
+        BlockParams::default()
+    };
+    let moe = match m.moe_block_params() {
+        Some((list, experts)) if moe_layers > 0 => {
+            let mut b = block_of(&list);
+            let local_rows = experts[0].rows / par.ep;
+            let (cols_div, fsdp_e) = if par.etp == 1 {
+                (1, n * par.tp / par.ep)
+            } else {
+                (par.tp, n / par.ep)
+            };
+            let local: Vec<ParamShape> = experts
+                .iter()
+                .map(|e| ParamShape {
+                    rows: local_rows,
+                    cols: e.cols / cols_div,
+                })
+                .collect();
+            b.add(shard_sizes(local.iter().copied(), fsdp_e.max(1)), false);
+            if offload {
+                b.pinned_extra += pinned_extra(local.iter().copied(), fsdp_e.max(1), mb);
+            }
+            b
+        }
+        _ => BlockParams::default(),
+    };
+
     let root = m.root_params();
     let vocab_rows = m.vocab.div_ceil(par.tp);
     // root_params: [embedding, final norm, output (untied only)].
@@ -153,7 +248,6 @@ pub fn stage_params(plan: &Plan, stage: u64) -> StageParams {
     for (i, p) in root.iter().enumerate() {
         let keep = match i {
             0 => first || (last && m.tied_embeddings),
-            1 => last,
             _ => last,
         };
         if keep {
@@ -172,14 +266,13 @@ pub fn stage_params(plan: &Plan, stage: u64) -> StageParams {
         0
     };
     StageParams {
-        layers: stage_layers(m.layers, par.pp, stage),
-        block_shard,
-        block_unsharded,
-        block_largest_shard,
+        dense_layers: layers - moe_layers,
+        moe_layers,
+        dense,
+        moe,
         root_shard,
         root_unsharded,
         root_largest_shard,
-        block_pinned_extra,
         root_pinned_extra,
         output_unsharded,
         first,
@@ -217,8 +310,8 @@ mod tests {
             + 22 // ffn norm
             + 59 * 64 * 2 // w1, w3: ceil(176/3) = 59 rows of 64
             + 22 * 176; // w2: 64 rows of 176
-        assert_eq!(s.block_shard, per_block_by_hand);
-        assert_eq!(s.block_unsharded, per_block_by_hand * 3);
+        assert_eq!(s.dense.shard, per_block_by_hand);
+        assert_eq!(s.dense.unsharded, per_block_by_hand * 3);
         // embedding 256x64 -> 86 rows; norm 22; output 86 rows.
         assert_eq!(s.root_shard, 86 * 64 * 2 + 22);
     }
@@ -228,7 +321,22 @@ mod tests {
         let p = plan(r#"{"model":"llama3-8b","num_gpus":4,"parallel":{"tp":4}}"#);
         let s = stage_params(&p, 0);
         let block = 2 * 4096 + (2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 14336 * 4096) / 4;
-        assert_eq!(s.block_shard, block);
+        assert_eq!(s.dense.shard, block);
+    }
+
+    #[test]
+    fn experts_are_split_over_ep_and_sharded_over_the_rest() {
+        // mixtral-8x7b, 8 GPUs, EP 8: each rank holds one expert of each of w1, w3, w2
+        // (3 x 4096 x 14336) and gathers only that one; attention etc. over 8 FSDP ranks.
+        let p = plan(r#"{"model":"mixtral-8x7b","num_gpus":8,"parallel":{"ep":8}}"#);
+        let s = stage_params(&p, 0);
+        assert_eq!(s.moe_layers, 32);
+        let experts = 3 * 4096 * 14336u128; // one expert's w1, w3, w2 = 1/8 of all experts
+        let rest = (2 * 4096 + 2 * 4096 * 4096 + 2 * 1024 * 4096 + 8 * 4096) / 8;
+        assert_eq!(s.moe.shard, experts + rest);
+        let no_ep = stage_params(&plan(r#"{"model":"mixtral-8x7b","num_gpus":8}"#), 0);
+        assert_eq!(no_ep.moe.shard, s.moe.shard);
+        assert_eq!(no_ep.moe.unsharded - s.moe.unsharded, 7 * experts);
     }
 
     #[test]
@@ -236,7 +344,7 @@ mod tests {
         let p = plan(r#"{"model":"llama3-8b","num_gpus":4,"parallel":{"pp":4}}"#);
         let first = stage_params(&p, 0);
         let last = stage_params(&p, 3);
-        assert_eq!(first.layers, 8);
+        assert_eq!(first.layers(), 8);
         assert_eq!(first.root_shard, 128_256 * 4096);
         assert_eq!(last.root_shard, 128_256 * 4096 + 4096);
         assert_eq!(stage_layers(30, 4, 0), 8);
