@@ -68,5 +68,26 @@ fn sweep(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, one, sweep);
+/// The whole plan space of llama3-70b on 64 H100s (8 per node): every TP/PP/CP/HSDP layout,
+/// checkpointing and offload mode, each with a binary search for its largest micro-batch.
+fn search_64(c: &mut Criterion) {
+    let base: PlanFile = serde_json::from_str(
+        r#"{"model":"llama3-70b","gpu":"h100-80g","num_gpus":64,"gpus_per_node":8,
+            "batch":{"seq_len":8192}}"#,
+    )
+    .unwrap();
+    let cons = memplan::search::Constraints {
+        max_micro_batch: 64,
+        headroom_milli: 50,
+        ..Default::default()
+    };
+    let mut g = c.benchmark_group("search");
+    g.sample_size(10);
+    g.bench_function("llama3-70b on 64 GPUs", |b| {
+        b.iter(|| memplan::search::search(black_box(&base), &cons).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, one, sweep, search_64);
 criterion_main!(benches);

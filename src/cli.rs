@@ -13,6 +13,7 @@ use crate::estimate::{estimate, Estimate};
 use crate::output::{renderer, Format, Row};
 use crate::plan::{self, Plan, PlanFile};
 use crate::profiles;
+use crate::search::{self, Constraints, RankBy};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -39,6 +40,29 @@ pub enum Command {
         /// Plan files (JSON); `example:NAME` takes a built-in example.
         #[arg(required = true, num_args = 2..)]
         plans: Vec<String>,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Find the plans that fit, best first; or, with --max-batch, the largest micro-batch a
+    /// fixed plan allows. Parallel degree, --ac and --offload flags constrain the search.
+    Search {
+        #[command(flatten)]
+        plan: Box<PlanArgs>,
+        /// Binary-search the largest micro-batch of the plan as given, instead of searching
+        /// layouts.
+        #[arg(long)]
+        max_batch: bool,
+        /// Largest micro-batch tried.
+        #[arg(long, default_value_t = 64)]
+        max_micro_batch: u64,
+        /// Fraction of GPU memory to keep free, 0 to 0.5.
+        #[arg(long, default_value_t = 0.05)]
+        headroom: f64,
+        #[arg(long, value_enum, default_value_t = RankBy::Tokens)]
+        rank_by: RankBy,
+        /// Candidates to print.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
@@ -275,6 +299,87 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 .collect();
             print(&renderer(format).compare(&rows))?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Search {
+            plan,
+            max_batch,
+            max_micro_batch,
+            headroom,
+            rank_by,
+            top,
+            format,
+        } => {
+            if !(0.0..=0.5).contains(&headroom) {
+                return Err(Error::invalid(
+                    "--headroom",
+                    headroom,
+                    "a fraction from 0 to 0.5",
+                ));
+            }
+            if !(1..=crate::plan::MAX_DIM).contains(&max_micro_batch) {
+                return Err(Error::invalid(
+                    "--max-micro-batch",
+                    max_micro_batch,
+                    format!("an integer from 1 to {}", crate::plan::MAX_DIM),
+                ));
+            }
+            let headroom_milli = (headroom * 1000.0).round() as u64;
+            if max_batch {
+                let p = plan.resolve()?;
+                let mut n = 0;
+                return match search::max_micro_batch(&p, max_micro_batch, headroom_milli, &mut n)? {
+                    Some((mb, est)) => {
+                        let mut at = p.clone();
+                        at.batch.micro_batch_size = mb;
+                        print(&format!(
+                            "largest micro-batch that fits with {:.0}% headroom: {mb}{} ({n} estimates)\n",
+                            headroom * 100.0,
+                            if mb == max_micro_batch { " (the --max-micro-batch limit)" } else { "" }
+                        ))?;
+                        print(&renderer(format).estimate(&Row {
+                            label: &at.model.name,
+                            plan: &at,
+                            estimate: &est,
+                        }))?;
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    None => {
+                        print(&format!(
+                            "no micro-batch fits: even 1 exceeds the GPU (with {:.0}% headroom) or the host\n",
+                            headroom * 100.0
+                        ))?;
+                        Ok(ExitCode::from(1))
+                    }
+                };
+            }
+            let u = |v: Option<i64>| v.filter(|&x| x > 0).map(|x| x as u64);
+            let constraints = Constraints {
+                tp: u(plan.tp),
+                pp: u(plan.pp),
+                cp: u(plan.cp),
+                dp_shard: u(plan.dp_shard),
+                ep: u(plan.ep),
+                ac: plan
+                    .ac
+                    .as_deref()
+                    .map(crate::plan::Checkpointing::parse)
+                    .transpose()?,
+                offload: plan
+                    .offload
+                    .as_deref()
+                    .map(<crate::plan::Offload as crate::plan::Choice>::parse)
+                    .transpose()?,
+                max_micro_batch,
+                headroom_milli,
+                rank_by,
+            };
+            let result = search::search(&plan.to_plan_file()?, &constraints)?;
+            print(&renderer(format).search(&result, top))?;
+            Ok(if result.candidates.is_empty() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Profiles { format } => {
             let models = profiles::MODELS

@@ -16,6 +16,7 @@ pub mod estimate;
 pub mod output;
 pub mod plan;
 pub mod profiles;
+pub mod search;
 #[cfg(feature = "trainer")]
 pub mod trainer;
 pub mod units;

@@ -239,3 +239,54 @@ fn rejects_absurd_sizes_without_wrapping() {
         "batch.micro_batch_size",
     );
 }
+
+#[test]
+fn search_answers_the_seed_question() {
+    memplan()
+        .args([
+            "search",
+            "--model",
+            "llama3-8b",
+            "--gpu",
+            "rtx-a6000-48g",
+            "--num-gpus",
+            "2",
+            "--seq-len",
+            "2048",
+            "--host-ram",
+            "256GB",
+        ])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("no plan fits with offload none"))
+        .stdout(predicate::str::contains("best with offload full"));
+}
+
+#[test]
+fn max_batch_reports_the_largest_micro_batch() {
+    memplan()
+        .args([
+            "search",
+            "--max-batch",
+            "--example",
+            "seed-8b-2x48g-offload",
+        ])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "largest micro-batch that fits with 5% headroom: 10",
+        ));
+    memplan()
+        .args(["search", "--max-batch", "--example", "seed-8b-2x48g"])
+        .assert()
+        .code(1)
+        .stdout(predicate::str::contains("no micro-batch fits"));
+}
+
+#[test]
+fn rejects_a_headroom_outside_its_range() {
+    rejects(
+        &["search", "--model", "tiny", "--headroom", "0.9"],
+        "--headroom",
+    );
+}

@@ -23,6 +23,7 @@
 //! (CUDA context, NCCL), comparable with nvidia-smi.
 
 pub mod activations;
+pub mod cost;
 pub mod host;
 pub mod logits;
 pub mod overhead;

@@ -38,6 +38,7 @@ use super::{Render, Row};
 use crate::estimate::Estimate;
 use crate::plan::Plan;
 use crate::profiles::{GpuSpec, ModelSpec};
+use crate::search::SearchResult;
 
 pub struct Json;
 
@@ -110,6 +111,28 @@ impl Render for Json {
                 })
                 .collect(),
             gpus,
+        })
+    }
+
+    fn search(&self, r: &SearchResult, top: usize) -> String {
+        #[derive(Serialize)]
+        struct Search<'a> {
+            schema: &'static str,
+            layouts: u64,
+            estimates: u64,
+            feasible: usize,
+            capacity_bytes: crate::units::Bytes,
+            usable_bytes: crate::units::Bytes,
+            candidates: &'a [crate::search::Candidate],
+        }
+        to_string(&Search {
+            schema: "memplan.search/1",
+            layouts: r.layouts,
+            estimates: r.estimates,
+            feasible: r.candidates.len(),
+            capacity_bytes: r.capacity_bytes,
+            usable_bytes: r.usable_bytes,
+            candidates: &r.candidates[..top.min(r.candidates.len())],
         })
     }
 }

@@ -1,7 +1,8 @@
 //! Markdown tables, for pasting into issues and READMEs.
 
-use super::{plan_summary, verdict, Render, Row};
+use super::{layout, plan_summary, verdict, Render, Row};
 use crate::profiles::{GpuSpec, ModelSpec};
+use crate::search::SearchResult;
 
 pub struct Markdown;
 
@@ -102,6 +103,25 @@ impl Render for Markdown {
         s += "\n| gpu | memory (GiB) |\n|---|---:|\n";
         for g in gpus {
             s += &format!("| {} | {} |\n", g.name, gib(g.memory_bytes));
+        }
+        s
+    }
+
+    fn search(&self, r: &SearchResult, top: usize) -> String {
+        let mut s = String::from(
+            "| # | layout | micro-batch | AC | offload | tokens/micro-step | device total (GiB) |\n|---:|---|---:|---|---|---:|---:|\n",
+        );
+        for (i, c) in r.candidates.iter().take(top).enumerate() {
+            s += &format!(
+                "| {} | {} | {} | {} | {} | {} | {} |\n",
+                i + 1,
+                layout(c),
+                c.plan.batch.micro_batch_size,
+                c.plan.activation_checkpointing,
+                c.plan.offload,
+                c.tokens_per_micro_step,
+                gib(c.device_total_bytes)
+            );
         }
         s
     }

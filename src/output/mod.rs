@@ -8,6 +8,7 @@ pub mod table;
 use crate::estimate::Estimate;
 use crate::plan::Plan;
 use crate::profiles::{GpuSpec, ModelSpec};
+use crate::search::{Candidate, SearchResult};
 
 /// One estimated plan, labelled.
 pub struct Row<'a> {
@@ -24,6 +25,8 @@ pub trait Render {
     fn compare(&self, rows: &[Row]) -> String;
     /// The shipped profiles.
     fn profiles(&self, models: &[ModelSpec], gpus: &[GpuSpec]) -> String;
+    /// Plan search results: the best `top`, and the best per offload mode.
+    fn search(&self, result: &SearchResult, top: usize) -> String;
 }
 
 /// The renderer for a `--format` value.
@@ -125,4 +128,20 @@ pub fn verdict(e: &Estimate) -> String {
         )
     };
     format!("{gpu}; {host}")
+}
+
+/// A short description of a candidate's layout.
+pub fn layout(c: &Candidate) -> String {
+    let p = &c.plan.parallel;
+    let mut parts = vec![];
+    if p.dp_replicate > 1 {
+        parts.push(format!("rep {}", p.dp_replicate));
+    }
+    parts.push(format!("fsdp {}", p.dp_shard));
+    for (name, v) in [("tp", p.tp), ("pp", p.pp), ("cp", p.cp), ("ep", p.ep)] {
+        if v > 1 {
+            parts.push(format!("{name} {v}"));
+        }
+    }
+    parts.join(", ")
 }

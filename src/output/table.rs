@@ -2,8 +2,9 @@
 
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, Table as Ct};
 
-use super::{plan_summary, verdict, Render, Row};
+use super::{layout, plan_summary, verdict, Render, Row};
 use crate::profiles::{GpuSpec, ModelSpec};
+use crate::search::SearchResult;
 use crate::units::Bytes;
 
 pub struct Table;
@@ -180,5 +181,61 @@ impl Render for Table {
             ]);
         }
         format!("{t}\n{g}\n")
+    }
+
+    fn search(&self, r: &SearchResult, top: usize) -> String {
+        let mut t = new_table(
+            [
+                "#",
+                "layout",
+                "micro-batch",
+                "AC",
+                "offload",
+                "tokens/micro-step",
+                "device total",
+                "host/node",
+                "peak phase",
+                "rel. tokens/s",
+            ]
+            .map(String::from)
+            .to_vec(),
+        );
+        let best = r.candidates.first().map_or(1.0, |c| c.cost.tokens_per_s);
+        for (i, c) in r.candidates.iter().take(top).enumerate() {
+            t.add_row(vec![
+                right(i + 1),
+                Cell::new(layout(c)),
+                right(c.plan.batch.micro_batch_size),
+                Cell::new(c.plan.activation_checkpointing),
+                Cell::new(c.plan.offload),
+                right(c.tokens_per_micro_step),
+                right(c.device_total_bytes),
+                right(c.host_per_node_bytes),
+                Cell::new(c.peak_phase),
+                right(format!("{:.2}", c.cost.tokens_per_s / best)),
+            ]);
+        }
+        let mut s = format!(
+            "{} feasible of {} layouts ({} estimates); GPU usable {} of {}\n{t}\n",
+            r.candidates.len(),
+            r.layouts,
+            r.estimates,
+            r.usable_bytes,
+            r.capacity_bytes
+        );
+        for c in r.best_per_offload() {
+            s += &format!(
+                "best with offload {}: {}, micro-batch {}, AC {} ({} per GPU)\n",
+                c.plan.offload,
+                layout(c),
+                c.plan.batch.micro_batch_size,
+                c.plan.activation_checkpointing,
+                c.device_total_bytes
+            );
+        }
+        for mode in r.offload_modes_without_fit() {
+            s += &format!("no plan fits with offload {mode}\n");
+        }
+        s
     }
 }
