@@ -17,7 +17,7 @@
 //!   inputs are allocated between whole blocks of freed temporaries and do not fragment;
 //!   parameters and states are allocated once at start.
 //!
-//! [`FRAGMENTATION`] is the one fitted constant of the estimator: 0.228 balances the error
+//! [`FRAGMENTATION`] is the one fitted constant of the estimator: 0.21 balances the error
 //! of torchtitan's two December 2024 llama3-8b FSDP rows (8 and 128 H100s, batch 2 x 8192,
 //! selective-op AC: 82.4 and 67.0 GiB reserved; docs/performance.md), which differ only in
 //! parameter sharding. The README's accuracy table gives the errors it leaves on every
@@ -28,7 +28,7 @@ use crate::units::Bytes;
 
 /// Fraction of the fragmenting bytes (see the module doc) the caching allocator keeps
 /// reserved beyond allocated, in parts per thousand.
-pub const FRAGMENTATION: u64 = 228;
+pub const FRAGMENTATION: u64 = 210;
 
 /// NCCL's device buffers outside the caching allocator when any process group has more than
 /// one rank: approximately what NCCL 2.2x allocates per process for its communicators with
@@ -40,7 +40,7 @@ pub const NCCL_BYTES: Bytes = Bytes::mib(512);
 ///
 /// ```
 /// use memplan::estimate::overhead::fragmentation;
-/// assert_eq!(fragmentation(1_000_000), 228_000);
+/// assert_eq!(fragmentation(1_000_000), 210_000);
 /// ```
 pub fn fragmentation(churn: u128) -> u128 {
     churn * FRAGMENTATION as u128 / 1000
