@@ -34,6 +34,13 @@
 //! them their chunks. Every rank is assumed to see the same micro-batch, so the averaged
 //! gradient equals rank 0's; this changes the numbers, not the memory.
 //!
+//! The root group (embedding, final norm, output) is unsharded at the root's pre-forward and
+//! stays so through backward: FSDP2 does not reshard the root after forward when
+//! `reshard_after_forward` is left to it, and no torch of 2024 did. (torch 2.11 does reshard
+//! the root when torchtitan passes `reshard_after_forward=True` explicitly, and re-gathers it
+//! at the start of backward.) The last block is not resharded after forward either
+//! (torchtitan: backward needs it first).
+//!
 //! Not modelled: communication time and overlap, NCCL's own buffers and streams (the caching
 //! allocator's per-stream pools change reserved, not allocated, bytes), pinned host memory.
 
@@ -352,16 +359,44 @@ impl Fsdp {
         }
         let _ng = tch::no_grad_guard();
         let n = group.shard_numel();
+        // `_get_param_all_gather_inputs`: with a param dtype and no offload, one flat cast of
+        // every shard (`_foreach_copy_` into splits of one buffer); otherwise each shard's
+        // `all_gather_inputs` (a device copy under offload, then the cast if needed). All are
+        // alive until the copy-in.
+        let inputs: Vec<Tensor> = if env.compute != env.master && env.offload != Offload::Full {
+            let flat_in = Tensor::f_empty([n], (env.compute, env.device))?;
+            let mut off = 0;
+            let mut v = Vec::with_capacity(group.params.len());
+            for p in &group.params {
+                let len = p.shard_numel();
+                let split = flat_in.f_narrow(0, off, len)?;
+                split
+                    .shallow_clone()
+                    .f_copy_(&p.local.data.f_reshape([len])?)?;
+                v.push(split);
+                off += len;
+            }
+            v
+        } else {
+            group
+                .params
+                .iter()
+                .map(|p| {
+                    env.on_device(&p.local.data)?
+                        .f_to_kind(env.compute)?
+                        .f_reshape([-1])
+                })
+                .collect::<TResult<_>>()?
+        };
         let flat = Tensor::f_empty([env.world * n], (env.compute, env.device))?;
         let mine = flat.f_narrow(0, self.comm.rank() * n, n)?;
         let mut off = 0;
-        for p in &group.params {
-            let input = env.on_device(&p.local.data)?.f_to_kind(env.compute)?;
-            let len = p.shard_numel();
-            mine.f_narrow(0, off, len)?
-                .f_copy_(&input.f_reshape([len])?)?;
+        for input in &inputs {
+            let len = input.numel() as i64;
+            mine.f_narrow(0, off, len)?.f_copy_(input)?;
             off += len;
         }
+        drop(inputs);
         let params = &group.params;
         let mut peer = |r: i64| -> TResult<Tensor> {
             let parts = params
@@ -395,11 +430,17 @@ impl Fsdp {
         }
         let group = &mut self.groups[g];
         if env.world == 1 {
+            // FSDP2's world-size-1 path: per parameter, `all_gather_inputs[0]` (the cast, or a
+            // device copy under offload) is made while the previous one is still bound.
+            let mut prev: Option<Tensor> = None;
             for p in &group.params {
                 let input = env.on_device(&p.local.data)?.f_to_kind(env.compute)?;
+                drop(prev.take());
                 ffi::storage_resize(&p.padded, p.unsharded_nbytes(&env)).map_err(shim)?;
                 ffi::copy_unversioned(&p.padded, &input.f_reshape([-1])?).map_err(shim)?;
+                prev = Some(input);
             }
+            drop(prev);
         } else {
             let flat = group.pending.take().expect("unshard issued the all-gather");
             let n = group.shard_numel();
@@ -455,38 +496,17 @@ impl Fsdp {
             return Ok(());
         }
         self.reduce_scatter_state = None;
+        // Only parameters with a gradient take part (`fsdp_params_with_grad`).
+        let with: Vec<usize> = (0..grads.len()).filter(|&i| grads[i].is_some()).collect();
+        let grads: Vec<Tensor> = grads.into_iter().flatten().collect();
         let group = &mut self.groups[g];
-        let n = group.shard_numel();
+        let n: i64 = with.iter().map(|&i| group.params[i].shard_numel()).sum();
         let world = env.world;
         let rs_input = Tensor::f_empty([world * n], (env.reduce, env.device))?;
-        {
-            let by_rank = rs_input.f_view([world, n])?;
-            let mut off = 0;
-            for (p, grad) in group.params.iter().zip(&grads) {
-                let len = p.shard_numel();
-                for r in 0..world {
-                    let dst = by_rank
-                        .f_select(0, r)?
-                        .f_narrow(0, off, len)?
-                        .f_view(p.shard_shape(p.shard_rows).as_slice())?;
-                    let start = r * p.shard_rows;
-                    let own = (p.rows - start).clamp(0, p.shard_rows);
-                    match grad {
-                        Some(gr) if own > 0 => {
-                            dst.f_narrow(0, 0, own)?
-                                .f_copy_(&gr.f_narrow(0, start, own)?)?;
-                        }
-                        _ => {
-                            let _ = dst.f_narrow(0, 0, own)?.f_zero_()?;
-                        }
-                    }
-                    if own < p.shard_rows {
-                        let _ = dst.f_narrow(0, own, p.shard_rows - own)?.f_zero_()?;
-                    }
-                }
-                off += len;
-            }
-        }
+        // `foreach_reduce_scatter_copy_in`: torch._chunk_cat pads each gradient to a multiple
+        // of world rows on dim 0, splits it in world chunks and lays the chunks out rank-major,
+        // casting to the reduce dtype.
+        let _ = Tensor::f_internal_chunk_cat_out(&rs_input.f_view([world, n])?, &grads, 0, world)?;
         drop(grads);
         let rs_output = Tensor::f_empty([n], (env.reduce, env.device))?;
         let mut peer_chunks: Vec<(i64, Tensor)> = Vec::new();
@@ -505,13 +525,13 @@ impl Fsdp {
         } else {
             out
         };
-        accumulate(&mut self.groups[g].params, &out, |p| &mut p.local)?;
+        accumulate(&mut self.groups[g].params, &with, &out, |p| &mut p.local)?;
         drop(out);
         self.reduce_scatter_state = Some(rs_input);
         let _off = ffi::channel(Channel::Off);
         for (r, chunk) in peer_chunks {
             let chunk = chunk.f_to_kind(env.master)?;
-            accumulate(&mut self.groups[g].params, &chunk, |p| {
+            accumulate(&mut self.groups[g].params, &with, &chunk, |p| {
                 &mut p.remote[(r - 1) as usize]
             })?;
         }
@@ -522,11 +542,13 @@ impl Fsdp {
 /// Sets (or adds into) each parameter's sharded gradient from one flat reduce-scatter output.
 fn accumulate(
     params: &mut [FsdpParam],
+    with: &[usize],
     flat: &Tensor,
     shard: impl Fn(&mut FsdpParam) -> &mut Shard,
 ) -> TResult<()> {
     let mut off = 0;
-    for p in params.iter_mut() {
+    for &i in with {
+        let p = &mut params[i];
         let len = p.shard_numel();
         let shape = p.shard_shape(p.shard_rows);
         let s = shard(p);

@@ -123,15 +123,27 @@ fn linear(x: &Tensor, w: (&Tensor, Option<&Tensor>)) -> TResult<Tensor> {
 /// torchtitan `RMSNorm.forward`: `self._norm(x.float()).type_as(x) * self.weight` with
 /// `_norm(x) = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)`. One `x.float()` copy
 /// (none when x is already fp32), reused by `pow` and the multiply.
+///
+/// Here and below, temporaries are freed exactly when the Python code drops its last
+/// reference (end of expression, rebinding, or return), which decides transient peaks when
+/// autograd does not keep them (under checkpointing).
 pub fn rms_norm(x: &Tensor, weight: &Tensor) -> TResult<Tensor> {
-    let xf = x.f_to_kind(Kind::Float)?;
-    let ms = xf
-        .f_pow_tensor_scalar(2)?
-        .f_mean_dim(Some(&[-1i64][..]), true, None::<Kind>)?;
-    let r = ms.f_add_scalar(NORM_EPS)?.f_rsqrt()?;
-    let n = xf.f_mul(&r)?;
-    drop(xf);
-    n.f_type_as(x)?.f_mul(weight)
+    let normed = {
+        let xf = x.f_to_kind(Kind::Float)?;
+        let r = {
+            let ms = {
+                let sq = xf.f_pow_tensor_scalar(2)?;
+                sq.f_mean_dim(Some(&[-1i64][..]), true, None::<Kind>)?
+            };
+            let mse = ms.f_add_scalar(NORM_EPS)?;
+            drop(ms);
+            mse.f_rsqrt()?
+        };
+        xf.f_mul(&r)?
+    };
+    let output = normed.f_type_as(x)?;
+    drop(normed);
+    output.f_mul(weight)
 }
 
 /// torchtitan `precompute_freqs_cis(head_dim, end, theta)`: complex64 `(end, head_dim / 2)`.
@@ -150,19 +162,27 @@ pub fn precompute_freqs_cis(head_dim: i64, end: i64, device: tch::Device) -> TRe
     Tensor::f_polar(&ones, &angles)
 }
 
-/// torchtitan `apply_rotary_emb` for one of q or k: `(b, s, heads, head_dim)`.
-fn rotary(x: &Tensor, freqs_cis: &Tensor) -> TResult<Tensor> {
-    let (b, s, h, d) = x.size4()?;
-    let xc = x
-        .f_to_kind(Kind::Float)?
-        .f_reshape([b, s, h, d / 2, 2])?
-        .f_view_as_complex()?;
-    let f = freqs_cis.f_view([1, s, 1, d / 2])?;
-    let out = xc.f_mul(&f)?.f_view_as_real()?.f_flatten(3, -1)?;
-    out.f_type_as(x)
+/// torchtitan `apply_rotary_emb(xq, xk, freqs_cis)`, q and k interleaved as there: both fp32
+/// complex views and both products are alive until the function returns.
+fn rotary(xq: &Tensor, xk: &Tensor, freqs_cis: &Tensor) -> TResult<(Tensor, Tensor)> {
+    let complex = |x: &Tensor| -> TResult<Tensor> {
+        let (b, s, h, d) = x.size4()?;
+        x.f_to_kind(Kind::Float)?
+            .f_reshape([b, s, h, d / 2, 2])?
+            .f_view_as_complex()
+    };
+    let xq_ = complex(xq)?;
+    let xk_ = complex(xk)?;
+    let (_, s, _, half) = xq_.size4()?;
+    let f = freqs_cis.f_view([1, s, 1, half])?;
+    let xq_out = xq_.f_mul(&f)?.f_view_as_real()?.f_flatten(3, -1)?;
+    let xk_out = xk_.f_mul(&f)?.f_view_as_real()?.f_flatten(3, -1)?;
+    let q = xq_out.f_type_as(xq)?;
+    let k = xk_out.f_type_as(xk)?;
+    Ok((q, k))
 }
 
-/// torchtitan `repeat_kv`: `x[:, :, :, None, :].expand(...).reshape(...)`.
+/// torchtitan `repeat_kv`: `x[:, :, :, None, :].expand(...).reshape(...)`, or x itself.
 fn repeat_kv(x: &Tensor, n_rep: i64) -> TResult<Tensor> {
     if n_rep == 1 {
         return Ok(x.shallow_clone());
@@ -173,7 +193,8 @@ fn repeat_kv(x: &Tensor, n_rep: i64) -> TResult<Tensor> {
         .f_reshape([b, s, kv * n_rep, d])
 }
 
-/// torchtitan `Attention.forward`, with scaled_dot_product_attention (causal).
+/// torchtitan `Attention.forward`, with scaled_dot_product_attention (causal). Python's
+/// bindings are mirrored: `keys`, `values` and the transposed q/k/v live until the return.
 fn attention(
     x: &Tensor,
     w: &BlockWeights,
@@ -182,35 +203,45 @@ fn attention(
     f: Flavor,
 ) -> TResult<Tensor> {
     let (b, s, _) = x.size3()?;
+    // xq, xk, xv = self.wq(x), self.wk(x), self.wv(x); then .view(...)
     let xq = linear(x, w.wq)?.f_view([b, s, -1, d.head_dim])?;
     let xk = linear(x, w.wk)?.f_view([b, s, -1, d.head_dim])?;
     let xv = linear(x, w.wv)?.f_view([b, s, -1, d.head_dim])?;
-    let xq = rotary(&xq, freqs_cis)?;
-    let xk = rotary(&xk, freqs_cis)?;
-    let (keys, values, native) = match f.gqa {
-        Gqa::RepeatKv => {
-            let n_rep = d.heads / d.kv_heads;
-            (repeat_kv(&xk, n_rep)?, repeat_kv(&xv, n_rep)?, false)
-        }
-        Gqa::Native => (xk, xv, d.heads != d.kv_heads),
+    // xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
+    let (q_rot, k_rot) = rotary(&xq, &xk, freqs_cis)?;
+    drop((xq, xk));
+    let (xq, xk) = (q_rot, k_rot);
+    let (native, n_rep) = match f.gqa {
+        Gqa::RepeatKv => (false, d.heads / d.kv_heads),
+        Gqa::Native => (d.heads != d.kv_heads, 1),
     };
-    let q = xq.f_transpose(1, 2)?;
-    let k = keys.f_transpose(1, 2)?;
-    let v = values.f_transpose(1, 2)?;
-    drop((xq, keys, values));
-    let out = Tensor::f_scaled_dot_product_attention(
-        &q,
-        &k,
-        &v,
+    // keys = repeat_kv(xk, n_rep); values = repeat_kv(xv, n_rep)
+    let keys = repeat_kv(&xk, n_rep)?;
+    let values = repeat_kv(&xv, n_rep)?;
+    // xq = xq.transpose(1, 2); xk = keys.transpose(1, 2); xv = values.transpose(1, 2)
+    let xq = xq.f_transpose(1, 2)?;
+    let xk_t = keys.f_transpose(1, 2)?;
+    drop(xk);
+    let xv_t = values.f_transpose(1, 2)?;
+    drop(xv);
+    let output = Tensor::f_scaled_dot_product_attention(
+        &xq,
+        &xk_t,
+        &xv_t,
         None::<Tensor>,
         0.0,
         true,
         None,
         native,
     )?;
-    drop((q, k, v));
-    let out = out.f_transpose(1, 2)?.f_contiguous()?.f_view([b, s, -1])?;
-    linear(&out, w.wo)
+    // output = output.transpose(1, 2).contiguous(); output = output.view(bs, seqlen, -1)
+    let contiguous = output.f_transpose(1, 2)?.f_contiguous()?;
+    drop(output);
+    let output = contiguous.f_view([b, s, -1])?;
+    drop(contiguous);
+    let out = linear(&output, w.wo)?;
+    drop((output, xq, xk_t, xv_t, keys, values));
+    Ok(out)
 }
 
 /// torchtitan `FeedForward.forward`: `w2(F.silu(w1(x)) * w3(x))`.
@@ -249,14 +280,18 @@ pub fn embed(tokens: &Tensor, r: &RootWeights) -> TResult<Tensor> {
 
 /// The model's output per `implementation.logits`: final norm, output projection, and
 /// `.float()` when the model upcasts (`float-output`).
-pub fn head(h: &Tensor, r: &RootWeights, f: Flavor) -> TResult<Tensor> {
-    let n = rms_norm(h, r.norm)?;
+pub fn head(h: Tensor, r: &RootWeights, f: Flavor) -> TResult<Tensor> {
+    // `h = self.norm(h)` rebinds: the last block's output is freed once normalised; the
+    // normalised h stays bound until the model returns.
+    let n = rms_norm(&h, r.norm)?;
+    drop(h);
     let logits = n.f_linear(r.output, None::<&Tensor>)?;
+    let out = match f.logits {
+        Logits::FloatOutput | Logits::FloatOutputKept => logits.f_to_kind(Kind::Float)?,
+        Logits::FloatInLoss | Logits::ComputeDtype => logits,
+    };
     drop(n);
-    match f.logits {
-        Logits::FloatOutput | Logits::FloatOutputKept => logits.f_to_kind(Kind::Float),
-        Logits::FloatInLoss | Logits::ComputeDtype => Ok(logits),
-    }
+    Ok(out)
 }
 
 /// torchtitan's loss: `cross_entropy(pred.flatten(0, 1), labels.flatten(0, 1))`, with the

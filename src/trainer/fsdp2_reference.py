@@ -1,0 +1,201 @@
+"""PyTorch's own FSDP2 as rank 0 of N ranks, for checking memplan's trainer byte for byte.
+
+torchtitan's Llama (late 2024) under `fully_shard` per block and on the root, in one process
+as rank 0 of a fake process group (collectives do nothing, allocations are real), with
+torch.optim.AdamW(foreach=True), counted by memplan's own counting CPU allocator: csrc/shim.cpp
+built as a shared library and loaded with ctypes (no ninja or cpp_extension needed):
+
+    T=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')
+    g++ -O1 -shared -fPIC -std=c++17 -D_GLIBCXX_USE_CXX11_ABI=1 -DGLOG_USE_GLOG_EXPORT \
+        -I$T/include -I$T/include/torch/csrc/api/include csrc/shim.cpp \
+        -L$T/lib -ltorch_cpu -lc10 -ltorch -Wl,-rpath,$T/lib -o /tmp/shim.so
+    python3 src/trainer/fsdp2_reference.py /tmp/shim.so '{"hidden":64,"layers":2,"heads":4,
+        "kv_heads":4,"ffn":176,"vocab":256,"batch":2,"seq":32,"world":2,"param":"bf16",
+        "reduce":"fp32","ac":"none","logits":"float-output","steps":2}'
+
+prints, per step, the device bytes at each phase's start, peak and end (relative to before
+the model was built), to compare with `memplan::trainer::train` on the same plan. The root
+is sharded with reshard_after_forward=None ("root_reshard" in the config overrides it): FSDP2
+then keeps the root unsharded between forward and backward, as every torch of 2024 did.
+Differences to expect: torch.optim's CPU `step` scalars (4 bytes per parameter tensor) count
+here as device bytes; the trainer counts them as host bytes. This script frees `inp`, `labels`
+and `loss` before the optimizer step; torchtitan (and the trainer) keep them until the next
+batch. ac: "none", "full" or "sel:K" (torchtitan's selective layer rule).
+"""
+import ctypes, json, math, sys
+
+lib = ctypes.CDLL(sys.argv[1])
+cfg = json.loads(sys.argv[2])
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+err = ctypes.c_char_p()
+assert lib.mp_install_counting_allocator(ctypes.byref(err)) == 0
+lib.mp_set_channel(2)
+
+
+def counter():
+    c, p = ctypes.c_int64(), ctypes.c_int64()
+    lib.mp_counter(0, ctypes.byref(c), ctypes.byref(p))
+    return c.value, p.value
+
+
+H, L, NH, NKV, FF, V = cfg["hidden"], cfg["layers"], cfg["heads"], cfg["kv_heads"], cfg["ffn"], cfg["vocab"]
+B, S, N = cfg["batch"], cfg["seq"], cfg["world"]
+HD = H // NH
+dt = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        output = self._norm(x.float()).type_as(x)
+        return output * self.weight
+
+
+def precompute_freqs_cis(dim, end, theta=10000.0):
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))
+    t = torch.arange(end, device=freqs.device)
+    freqs = torch.outer(t, freqs).float()
+    return torch.polar(torch.ones_like(freqs), freqs)
+
+
+def apply_rotary_emb(xq, xk, freqs_cis):
+    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
+    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
+    f = freqs_cis.view(1, xq_.shape[1], 1, xq_.shape[-1])
+    xq_out = torch.view_as_real(xq_ * f).flatten(3)
+    xk_out = torch.view_as_real(xk_ * f).flatten(3)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+def repeat_kv(x, n_rep):
+    bs, slen, n_kv_heads, head_dim = x.shape
+    if n_rep == 1:
+        return x
+    return x[:, :, :, None, :].expand(bs, slen, n_kv_heads, n_rep, head_dim).reshape(bs, slen, n_kv_heads * n_rep, head_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wq = nn.Linear(H, NH * HD, bias=False)
+        self.wk = nn.Linear(H, NKV * HD, bias=False)
+        self.wv = nn.Linear(H, NKV * HD, bias=False)
+        self.wo = nn.Linear(NH * HD, H, bias=False)
+
+    def forward(self, x, freqs_cis):
+        bs, seqlen, _ = x.shape
+        xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
+        xq = xq.view(bs, seqlen, -1, HD)
+        xk = xk.view(bs, seqlen, -1, HD)
+        xv = xv.view(bs, seqlen, -1, HD)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
+        keys = repeat_kv(xk, NH // NKV)
+        values = repeat_kv(xv, NH // NKV)
+        xq, xk, xv = xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
+        output = F.scaled_dot_product_attention(xq, xk, xv, is_causal=True)
+        output = output.transpose(1, 2).contiguous().view(bs, seqlen, -1)
+        return self.wo(output)
+
+
+class FeedForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Linear(H, FF, bias=False)
+        self.w2 = nn.Linear(FF, H, bias=False)
+        self.w3 = nn.Linear(H, FF, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attention = Attention()
+        self.feed_forward = FeedForward()
+        self.attention_norm = RMSNorm(H)
+        self.ffn_norm = RMSNorm(H)
+
+    def forward(self, x, freqs_cis):
+        h = x + self.attention(self.attention_norm(x), freqs_cis)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(V, H)
+        self.register_buffer("freqs_cis", precompute_freqs_cis(HD, S * 2), persistent=True)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock() for i in range(L)})
+        self.norm = RMSNorm(H)
+        self.output = nn.Linear(H, V, bias=False)
+
+    def forward(self, tokens):
+        h = self.tok_embeddings(tokens)
+        freqs = self.freqs_cis[0 : tokens.shape[1]]
+        for layer in self.layers.values():
+            h = layer(h, freqs)
+        h = self.norm(h)
+        out = self.output(h)
+        return out.float() if cfg.get("logits", "float-output") == "float-output" else out
+
+
+dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=N)
+mesh = init_device_mesh("cpu", (N,))
+lib.mp_set_channel(0)
+lib.mp_reset_peak(0)
+base = counter()[0]
+model = Transformer()
+mp = MixedPrecisionPolicy(param_dtype=dt[cfg["param"]], reduce_dtype=dt[cfg["reduce"]])
+for lid, block in list(model.layers.items()):
+    ac = cfg["ac"]
+    if ac == "full" or (ac.startswith("sel:") and (int(lid) + 1) % int(ac[4:]) == 0):
+        block = checkpoint_wrapper(block, preserve_rng_state=False)
+        model.layers.register_module(lid, block)
+    fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=int(lid) < L - 1)
+fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.get("root_reshard"))
+opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+setup = counter()[0] - base
+out = {"setup": setup, "steps": []}
+for step in range(cfg["steps"]):
+    opt.zero_grad()
+    lib.mp_reset_peak(0)
+    s0 = counter()[0]
+    lib.mp_set_channel(2)
+    toks = torch.randint(0, V, (B, S + 1))
+    lib.mp_set_channel(0)
+    inp, labels = toks[:, :-1].clone(), toks[:, 1:].clone()
+    pred = model(inp)
+    flat = pred.flatten(0, 1)
+    if cfg.get("logits") == "float-in-loss":
+        flat = flat.float()
+    loss = F.cross_entropy(flat, labels.flatten(0, 1))
+    del flat
+    del pred
+    f_end, f_peak = counter()
+    lib.mp_reset_peak(0)
+    loss.backward()
+    b_end, b_peak = counter()
+    del loss, inp, labels
+    lib.mp_reset_peak(0)
+    o0 = counter()[0]
+    opt.step()
+    o_end, o_peak = counter()
+    out["steps"].append({k: v - base for k, v in dict(fwd_start=s0, fwd_peak=f_peak, fwd_end=f_end, bwd_peak=b_peak,
+                         bwd_end=b_end, opt_start=o0, opt_peak=o_peak, opt_end=o_end).items()})
+print(json.dumps(out))
