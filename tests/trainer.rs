@@ -141,6 +141,9 @@ const TINY_PARAMS: u64 = {
 };
 /// The rotary table: 2 x seq_len rows of head_dim / 2 complex64.
 const FREQS: u64 = (2 * 32) * 8 * 8;
+/// What the training loop holds from forward until the next batch: `input_ids` and `labels`
+/// (2 x 32 int64 each) and the fp32 scalar loss.
+const LOOP: u64 = 2 * (2 * 32 * 8) + 4;
 
 #[test]
 fn counter_matches_a_hand_count_of_sgd_momentum_buffers() {
@@ -151,19 +154,20 @@ fn counter_matches_a_hand_count_of_sgd_momentum_buffers() {
     let s1 = r.first_step.unwrap();
     // After setup: fp32 parameters and the rotary table.
     assert_eq!(r.setup_allocated_bytes, 4 * TINY_PARAMS + FREQS);
-    // The optimizer of step 1 starts with parameters and gradients, clones each gradient into
+    // The optimizer of step 1 starts with parameters, gradients and the loop's batch and loss,
+    // clones each gradient into
     // its momentum buffer and updates in place: exactly one more copy of the parameters.
     assert_eq!(
         s1.optimizer.start_allocated_bytes,
-        2 * 4 * TINY_PARAMS + FREQS
+        2 * 4 * TINY_PARAMS + FREQS + LOOP
     );
     assert_eq!(
         s1.optimizer.peak_allocated_bytes,
-        3 * 4 * TINY_PARAMS + FREQS
+        3 * 4 * TINY_PARAMS + FREQS + LOOP
     );
     assert_eq!(
         s1.optimizer.end_allocated_bytes,
-        3 * 4 * TINY_PARAMS + FREQS
+        3 * 4 * TINY_PARAMS + FREQS + LOOP
     );
 }
 
@@ -175,9 +179,9 @@ fn counter_matches_a_hand_count_of_adamw_states() {
     );
     let (s1, s2) = (r.first_step.unwrap(), r.steady_step.unwrap());
     let p = 4 * TINY_PARAMS;
-    assert_eq!(s1.optimizer.start_allocated_bytes, 2 * p + FREQS);
+    assert_eq!(s1.optimizer.start_allocated_bytes, 2 * p + FREQS + LOOP);
     // exp_avg and exp_avg_sq for every parameter, created lazily at step 1.
-    assert_eq!(s1.optimizer.end_allocated_bytes, 4 * p + FREQS);
+    assert_eq!(s1.optimizer.end_allocated_bytes, 4 * p + FREQS + LOOP);
     // foreach: `_foreach_sqrt(exp_avg_sqs)` is one more copy of every parameter at once (plus
     // libtorch's few-byte wrapped scalars).
     let transient = s1.optimizer.peak_allocated_bytes - s1.optimizer.end_allocated_bytes;
@@ -186,5 +190,84 @@ fn counter_matches_a_hand_count_of_adamw_states() {
         "transient {transient}, params {p}"
     );
     // Steady state: zero_grad freed the gradients before forward.
-    assert_eq!(s2.forward.start_allocated_bytes, 3 * p + FREQS);
+    assert_eq!(s2.forward.start_allocated_bytes, 3 * p + FREQS + LOOP);
+}
+
+/// Prints the report of the plan in $MEMPLAN_PLAN (JSON) for $MEMPLAN_STEPS steps (default 2):
+/// `cargo test --features trainer --test trainer -- --ignored --nocapture report_for_env_plan`.
+#[test]
+#[ignore]
+fn report_for_env_plan() {
+    let json = std::env::var("MEMPLAN_PLAN").expect("set MEMPLAN_PLAN to a plan JSON");
+    let steps = std::env::var("MEMPLAN_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    let r = run(&json, steps);
+    println!("{}", serde_json::to_string_pretty(&r).unwrap());
+}
+
+#[test]
+fn native_gqa_computes_what_repeat_kv_does() {
+    let p = |gqa: &str| {
+        format!(
+            r#"{{"model":"tiny-gqa","gpu":"cpu","batch":{{"micro_batch_size":2,"seq_len":32}},
+                "precision":{{"param":"fp32","reduce":"fp32"}},"implementation":{{"gqa":"{gqa}"}}}}"#
+        )
+    };
+    let rep = run(&p("repeat-kv"), 3);
+    let nat = run(&p("native"), 3);
+    for (a, b) in rep.steps.iter().zip(&nat.steps) {
+        assert!(close(a.loss, b.loss, 1e-5) && close(a.grad_norm, b.grad_norm, 1e-4));
+    }
+    // repeat_kv materialises K and V for every query head; native attention does not.
+    let (r, n) = (rep.steady_step.unwrap(), nat.steady_step.unwrap());
+    assert!(n.forward.end_allocated_bytes < r.forward.end_allocated_bytes);
+}
+
+#[test]
+fn offload_moves_state_from_device_to_host() {
+    let none = run(&tiny(""), 2);
+    let opt = run(&tiny(r#""offload":"optimizer""#), 2);
+    let full = run(&tiny(r#""offload":"full""#), 2);
+    for (a, b) in none.steps.iter().zip(&full.steps) {
+        assert!(close(a.loss, b.loss, 1e-6), "offload keeps the math");
+    }
+    let p = 4 * TINY_PARAMS;
+    // Optimizer offload: exp_avg and exp_avg_sq on the host, not the device.
+    let (n1, o1) = (none.first_step.unwrap(), opt.first_step.unwrap());
+    assert_eq!(
+        n1.optimizer.end_allocated_bytes - o1.optimizer.end_allocated_bytes,
+        2 * p
+    );
+    assert!(o1.optimizer.peak_host_bytes >= 2 * p);
+    // Full offload: sharded parameters on the host from the start.
+    assert_eq!(full.setup_allocated_bytes, FREQS);
+    assert_eq!(full.setup_host_bytes, p);
+}
+
+#[test]
+fn gradient_accumulation_runs_every_micro_batch() {
+    let r = run(
+        &tiny(r#""batch":{"micro_batch_size":2,"seq_len":32,"grad_accum_steps":3}"#)
+            .replace(r#""batch":{"micro_batch_size":2,"seq_len":32},"#, ""),
+        2,
+    );
+    assert!(r.losses.iter().all(|l| l.is_finite()));
+}
+
+#[test]
+fn refuses_what_it_cannot_emulate() {
+    let opts = TrainOptions::default();
+    let e = train(
+        &plan(&tiny(r#""activation_checkpointing":"selective-op""#)),
+        &opts,
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("not supported by the trainer"),
+        "{e}"
+    );
+    let e = train(&plan(&tiny(r#""num_gpus":2,"parallel":{"tp":2}"#)), &opts).unwrap_err();
+    assert!(e.to_string().contains("parallel.tp"), "{e}");
 }
