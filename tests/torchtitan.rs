@@ -1,0 +1,589 @@
+//! torchtitan job configs read as plans: fixtures shaped like torchtitan's shipped Llama
+//! presets in the 2024 and 2025 layouts (tests/data/torchtitan/), the plans they become, the
+//! degrees those plans resolve to, and the errors for files memplan cannot map.
+
+use std::path::{Path, PathBuf};
+
+use memplan::error::Kind;
+use memplan::plan::{Checkpointing, OptimizerImpl, PlanFile, PpSchedule};
+use memplan::torchtitan::{from_toml_str, read};
+use proptest::prelude::*;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/torchtitan")
+        .join(name)
+}
+
+fn load(name: &str) -> PlanFile {
+    read(&fixture(name)).unwrap()
+}
+
+fn with_gpus(mut plan: PlanFile, n: i64) -> PlanFile {
+    plan.num_gpus = Some(n);
+    plan
+}
+
+fn error(text: &str) -> String {
+    from_toml_str(text, "train.toml").unwrap_err().to_string()
+}
+
+const LLAMA3_8B: &str = "[model]\nname = \"llama3\"\nflavor = \"8B\"\n";
+
+#[test]
+fn reads_the_2024_llama3_8b_layout() {
+    let p = load("llama3_8b_2024.toml");
+    assert_eq!(p.model.as_deref(), Some("llama3-8b"));
+    assert_eq!(p.num_gpus, None);
+    assert_eq!(p.gpu, None);
+    assert_eq!(p.batch.micro_batch_size, Some(1));
+    assert_eq!(p.batch.seq_len, Some(8192));
+    assert_eq!(p.batch.grad_accum_steps, None);
+    assert_eq!(p.batch.ignore_max_position, Some(true));
+    assert_eq!(p.parallel.dp_replicate, Some(1));
+    assert_eq!(p.parallel.dp_shard, Some(-1));
+    assert_eq!(p.parallel.tp, Some(1));
+    assert_eq!(p.parallel.pp, Some(1));
+    assert_eq!(p.parallel.cp, Some(1));
+    assert_eq!(p.parallel.pp_schedule, None);
+    assert_eq!(p.activation_checkpointing.as_deref(), Some("selective-op"));
+    assert_eq!(p.float8, Some(false));
+    assert_eq!(p.compile, Some(false));
+    assert_eq!(p.optimizer.as_deref(), Some("adamw"));
+    assert_eq!(p.implementation.optimizer, None);
+    assert_eq!(p.reshard_after_forward, None);
+    assert_eq!(p.offload, None);
+}
+
+#[test]
+fn llama3_8b_on_8_gpus_shards_over_all_8() {
+    let plan = with_gpus(load("llama3_8b_2024.toml"), 8).resolve().unwrap();
+    assert_eq!(plan.model.name, "llama3-8b");
+    assert_eq!(plan.num_gpus, 8);
+    assert_eq!(plan.parallel.dp_shard, 8);
+    assert_eq!(plan.parallel.tp, 1);
+    assert_eq!(plan.parallel.pp, 1);
+    assert_eq!(plan.batch.micro_batch_size, 1);
+    assert_eq!(plan.batch.seq_len, 8192);
+    assert_eq!(plan.batch.grad_accum_steps, 1);
+    assert_eq!(plan.activation_checkpointing, Checkpointing::SelectiveOp);
+    assert!(!plan.float8 && !plan.compile);
+}
+
+#[test]
+fn reads_the_2025_llama3_70b_layout() {
+    let p = load("llama3_70b_2025.toml");
+    assert_eq!(p.model.as_deref(), Some("llama3-70b"));
+    assert_eq!(p.batch.micro_batch_size, Some(8));
+    assert_eq!(p.batch.seq_len, Some(8192));
+    assert_eq!(p.parallel.tp, Some(8));
+    assert_eq!(p.parallel.dp_shard, Some(-1));
+    assert_eq!(p.activation_checkpointing.as_deref(), Some("full"));
+    assert_eq!(p.compile, Some(false));
+    // The converters line is commented out and [quantize.linear.float8] alone enables nothing.
+    assert_eq!(p.float8, None);
+
+    let plan = with_gpus(p, 64).resolve().unwrap();
+    assert_eq!(plan.parallel.dp_shard, 8);
+    assert_eq!(plan.parallel.tp, 8);
+    assert!(
+        plan.parallel.sp,
+        "torchtitan runs sequence parallel with TP"
+    );
+    assert_eq!(plan.activation_checkpointing, Checkpointing::Full);
+}
+
+#[test]
+fn reads_the_2025_llama3_405b_pipeline_layout() {
+    let p = load("llama3_405b_2025_pp.toml");
+    assert_eq!(p.model.as_deref(), Some("llama3.1-405b"));
+    assert_eq!(p.float8, Some(true));
+    assert_eq!(p.compile, Some(true));
+    assert_eq!(p.parallel.dp_shard, Some(2));
+    assert_eq!(p.parallel.tp, Some(8));
+    assert_eq!(p.parallel.pp, Some(8));
+    assert_eq!(p.parallel.pp_schedule.as_deref(), Some("interleaved-1f1b"));
+    // (126 layers + 1 + 1) / 8 layers per stage = 16 stages over 8 ranks.
+    assert_eq!(p.parallel.pp_virtual_stages, Some(2));
+    // Pipeline micro-batches of 2 from a local batch of 16: 8 per step, and
+    // 64 / (16 x dp_shard 2) = 2 accumulation steps of them.
+    assert_eq!(p.batch.micro_batch_size, Some(2));
+    assert_eq!(p.batch.grad_accum_steps, Some(16));
+    // "default" does not reshard under PP.
+    assert_eq!(p.reshard_after_forward, Some(false));
+    assert_eq!(p.precision.param.as_deref(), Some("bf16"));
+    assert_eq!(p.precision.reduce.as_deref(), Some("fp32"));
+    assert_eq!(p.implementation.optimizer.as_deref(), Some("fused"));
+
+    let plan = with_gpus(p, 128).resolve().unwrap();
+    assert_eq!(
+        (plan.parallel.dp_shard, plan.parallel.tp, plan.parallel.pp),
+        (2, 8, 8)
+    );
+    assert_eq!(plan.parallel.pp_schedule, PpSchedule::Interleaved1F1B);
+    assert_eq!(plan.parallel.pp_virtual_stages, 2);
+    assert_eq!(plan.batch.grad_accum_steps, 16);
+    assert!(plan.float8 && plan.compile && !plan.reshard_after_forward);
+    assert_eq!(plan.implementation.optimizer, OptimizerImpl::Fused);
+}
+
+#[test]
+fn reads_the_2024_pipeline_keys_under_experimental() {
+    let p = load("llama2_7b_2024_pp.toml");
+    assert_eq!(p.model.as_deref(), Some("llama2-7b"));
+    assert_eq!(p.parallel.tp, Some(2));
+    assert_eq!(p.parallel.pp, Some(2));
+    assert_eq!(p.parallel.pp_schedule.as_deref(), Some("gpipe"));
+    assert_eq!(p.parallel.pp_virtual_stages, None);
+    // 4 micro-batches of a batch of 8.
+    assert_eq!(p.batch.micro_batch_size, Some(2));
+    assert_eq!(p.batch.grad_accum_steps, Some(4));
+    assert_eq!(
+        p.activation_checkpointing.as_deref(),
+        Some("selective-layer:2")
+    );
+    assert_eq!(p.implementation.optimizer.as_deref(), Some("fused"));
+    assert_eq!(p.offload.as_deref(), Some("none"));
+    assert_eq!(p.compile, Some(true));
+
+    let plan = with_gpus(p, 16).resolve().unwrap();
+    assert_eq!(plan.parallel.dp_shard, 4);
+    assert_eq!(plan.parallel.pp_schedule, PpSchedule::GPipe);
+    assert_eq!(
+        plan.activation_checkpointing,
+        Checkpointing::SelectiveLayer(2)
+    );
+    assert!(!plan.reshard_after_forward);
+}
+
+#[test]
+fn every_fixture_resolves_with_the_cli_supplying_the_world_size() {
+    for (name, gpus) in [
+        ("llama3_8b_2024.toml", 64),
+        ("llama3_70b_2025.toml", 8),
+        ("llama3_405b_2025_pp.toml", 128),
+        ("llama2_7b_2024_pp.toml", 4),
+    ] {
+        let plan = with_gpus(load(name), gpus).resolve();
+        assert!(plan.is_ok(), "{name}: {:?}", plan.err());
+    }
+}
+
+#[test]
+fn global_batch_gives_accumulation_steps_when_the_shard_degree_is_known() {
+    let p = from_toml_str(
+        &format!(
+            "{LLAMA3_8B}[training]\nlocal_batch_size = 2\nglobal_batch_size = 32\n\
+             [parallelism]\ndata_parallel_replicate_degree = 2\ndata_parallel_shard_degree = 4\n"
+        ),
+        "train.toml",
+    )
+    .unwrap();
+    assert_eq!(p.batch.micro_batch_size, Some(2));
+    assert_eq!(p.batch.grad_accum_steps, Some(2));
+
+    // With dp_shard -1 the world size decides the data-parallel degree: left unset.
+    let p = from_toml_str(
+        &format!("{LLAMA3_8B}[training]\nlocal_batch_size = 2\nglobal_batch_size = 32\n"),
+        "train.toml",
+    )
+    .unwrap();
+    assert_eq!(p.batch.grad_accum_steps, None);
+
+    let e = error(&format!(
+        "{LLAMA3_8B}[training]\nlocal_batch_size = 3\nglobal_batch_size = 32\n\
+         [parallelism]\ndata_parallel_shard_degree = 4\n"
+    ));
+    assert_eq!(
+        e,
+        "invalid training.global_batch_size: got 32, expected a multiple of local_batch_size x \
+         data_parallel_replicate_degree x data_parallel_shard_degree (12)"
+    );
+}
+
+#[test]
+fn explicit_gradient_accumulation_steps_are_taken() {
+    let p = from_toml_str(
+        &format!("{LLAMA3_8B}[training]\ngradient_accumulation_steps = 4\n"),
+        "train.toml",
+    )
+    .unwrap();
+    assert_eq!(p.batch.grad_accum_steps, Some(4));
+}
+
+#[test]
+fn pipeline_micro_batch_size_defaults_to_one_in_the_2025_layout() {
+    let p = from_toml_str(
+        &format!(
+            "{LLAMA3_8B}[training]\nlocal_batch_size = 4\n[parallelism]\npipeline_parallel_degree = 2\n"
+        ),
+        "train.toml",
+    )
+    .unwrap();
+    assert_eq!(p.batch.micro_batch_size, Some(1));
+    assert_eq!(p.batch.grad_accum_steps, Some(4));
+    assert_eq!(p.parallel.pp_schedule.as_deref(), Some("1f1b"));
+    assert_eq!(p.reshard_after_forward, Some(false));
+}
+
+#[test]
+fn zero_bubble_schedules_map_to_zb_h1() {
+    for name in ["ZBVZeroBubble", "InterleavedZeroBubble"] {
+        let p = from_toml_str(
+            &format!(
+                "{LLAMA3_8B}[parallelism]\npipeline_parallel_degree = 4\n\
+                 pipeline_parallel_schedule = \"{name}\"\n"
+            ),
+            "train.toml",
+        )
+        .unwrap();
+        assert_eq!(p.parallel.pp_schedule.as_deref(), Some("zb-h1"), "{name}");
+    }
+}
+
+#[test]
+fn interleaved_schedule_takes_stages_from_split_points() {
+    let p = from_toml_str(
+        &format!(
+            "{LLAMA3_8B}[experimental]\npipeline_parallel_degree = 2\n\
+             pipeline_parallel_schedule = \"Interleaved1F1B\"\n\
+             pipeline_parallel_split_points = [\"layers.8\", \"layers.16\", \"layers.24\"]\n"
+        ),
+        "train.toml",
+    )
+    .unwrap();
+    assert_eq!(p.parallel.pp_virtual_stages, Some(2));
+    // 2024 default: as many micro-batches as pipeline ranks.
+    assert_eq!(p.batch.grad_accum_steps, Some(2));
+    assert_eq!(p.batch.micro_batch_size, Some(4));
+}
+
+#[test]
+fn reshard_policy_is_read() {
+    let read = |policy: &str| {
+        from_toml_str(
+            &format!("{LLAMA3_8B}[parallelism]\nfsdp_reshard_after_forward = \"{policy}\"\n"),
+            "train.toml",
+        )
+        .unwrap()
+        .reshard_after_forward
+    };
+    assert_eq!(read("always"), Some(true));
+    assert_eq!(read("never"), Some(false));
+    assert_eq!(read("default"), None);
+}
+
+#[test]
+fn full_bf16_training_and_cpu_offload_are_read() {
+    let p = from_toml_str(
+        &format!(
+            "{LLAMA3_8B}[training]\ndtype = \"bfloat16\"\nmixed_precision_param = \"float32\"\n\
+             enable_cpu_offload = true\n"
+        ),
+        "train.toml",
+    )
+    .unwrap();
+    assert_eq!(p.precision.master.as_deref(), Some("bf16"));
+    assert_eq!(p.precision.param.as_deref(), Some("fp32"));
+    assert_eq!(p.offload.as_deref(), Some("full"));
+}
+
+#[test]
+fn float8_comes_from_converters_of_either_naming() {
+    for conv in ["float8", "quantize.linear.float8"] {
+        let p = from_toml_str(
+            &format!("{LLAMA3_8B}converters = [\"{conv}\"]\n"),
+            "train.toml",
+        )
+        .unwrap();
+        assert_eq!(p.float8, Some(true), "{conv}");
+    }
+    let p = from_toml_str(
+        &format!("{LLAMA3_8B}[float8]\nenable_float8_linear = true\n"),
+        "train.toml",
+    )
+    .unwrap();
+    assert_eq!(p.float8, Some(true));
+}
+
+#[test]
+fn optimizer_implementations_map_to_memplan_names() {
+    for (tt, ours) in [
+        ("fused", "fused"),
+        ("foreach", "foreach"),
+        ("for-loop", "per-param"),
+    ] {
+        let p = from_toml_str(
+            &format!("{LLAMA3_8B}[optimizer]\nname = \"Adam\"\nimplementation = \"{tt}\"\n"),
+            "train.toml",
+        )
+        .unwrap();
+        assert_eq!(p.implementation.optimizer.as_deref(), Some(ours));
+        assert_eq!(p.optimizer.as_deref(), Some("adam"));
+    }
+}
+
+#[test]
+fn rejects_malformed_toml_with_file_and_line() {
+    let e = from_toml_str(
+        "[model]\nname = \"llama3\"\nflavor = \"8B\"\n[training]\nseq_len = = 8192\n",
+        "train.toml",
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), Kind::Input);
+    let e = e.to_string();
+    assert!(
+        e.starts_with("torchtitan config train.toml: malformed TOML at line 5 column"),
+        "{e}"
+    );
+}
+
+#[test]
+fn malformed_file_is_reported_with_its_path() {
+    let dir = std::env::temp_dir().join(format!("memplan-tt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("broken.toml");
+    std::fs::write(&path, "[training]\nseq_len = 8192\n[training]\n").unwrap();
+    let e = read(&path).unwrap_err().to_string();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        e.contains(&path.display().to_string()) && e.contains("line 3"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_file_is_an_io_error() {
+    let e = read(Path::new("/nonexistent/train.toml")).unwrap_err();
+    assert_eq!(e.kind(), Kind::Io);
+}
+
+#[test]
+fn rejects_a_key_of_the_wrong_type_naming_it() {
+    let e = error(&format!(
+        "{LLAMA3_8B}[training]\nlocal_batch_size = 2\nseq_len = \"8192\"\n"
+    ));
+    assert_eq!(
+        e,
+        "invalid training.seq_len: got \"8192\" (train.toml line 6), expected an integer"
+    );
+    let e = error(&format!(
+        "{LLAMA3_8B}[training]\ntensor_parallel_degree = \"2\"\n"
+    ));
+    assert_eq!(
+        e,
+        "invalid training.tensor_parallel_degree: got \"2\" (train.toml line 5), expected an integer"
+    );
+    let e = error(&format!("{LLAMA3_8B}[compile]\nenable = 1\n"));
+    assert_eq!(
+        e,
+        "invalid compile.enable: got 1 (train.toml line 5), expected a boolean"
+    );
+}
+
+#[test]
+fn rejects_the_debug_flavor_listing_the_known_ones() {
+    let e = error("[model]\nname = \"llama3\"\nflavor = \"debugmodel\"\n");
+    assert!(
+        e.starts_with("invalid model.flavor: got \"debugmodel\""),
+        "{e}"
+    );
+    for known in ["8B", "70B", "405B"] {
+        assert!(e.contains(known), "{e}");
+    }
+}
+
+#[test]
+fn rejects_an_unknown_model_listing_the_known_ones() {
+    let e = error("[model]\nname = \"deepseek_v3\"\nflavor = \"16B\"\n");
+    assert!(
+        e.starts_with("invalid model.name: got \"deepseek_v3\""),
+        "{e}"
+    );
+    assert!(e.contains("llama3 8B") && e.contains("llama2 13B"), "{e}");
+    let e = error("[model]\nname = \"llama3\"\n");
+    assert!(e.starts_with("invalid model.flavor"), "{e}");
+}
+
+#[test]
+fn rejects_a_selective_ac_option_that_is_neither_op_nor_a_number() {
+    let e = error(&format!(
+        "{LLAMA3_8B}[activation_checkpoint]\nmode = \"selective\"\nselective_ac_option = \"x\"\n"
+    ));
+    assert_eq!(
+        e,
+        "invalid activation_checkpoint.selective_ac_option: got \"x\", expected \"op\" or a \
+         layer frequency such as \"2\""
+    );
+}
+
+#[test]
+fn rejects_values_memplan_cannot_map_naming_the_key() {
+    for (toml, key) in [
+        (
+            "[parallelism]\npipeline_parallel_degree = 2\npipeline_parallel_schedule = \"DualPipeV\"\n",
+            "parallelism.pipeline_parallel_schedule",
+        ),
+        (
+            "[parallelism]\ndata_parallel_shard_degree = 0\n",
+            "parallelism.data_parallel_shard_degree",
+        ),
+        (
+            "[training]\ntensor_parallel_degree = -2\n",
+            "training.tensor_parallel_degree",
+        ),
+        (
+            "[activation_checkpoint]\nmode = \"memory_budget\"\n",
+            "activation_checkpoint.mode",
+        ),
+        (
+            "[training]\nmixed_precision_param = \"float16\"\n",
+            "training.mixed_precision_param",
+        ),
+        ("[optimizer]\nname = \"Muon\"\n", "optimizer.name"),
+        (
+            "[parallelism]\nfsdp_reshard_after_forward = \"sometimes\"\n",
+            "parallelism.fsdp_reshard_after_forward",
+        ),
+        (
+            "[training]\nlocal_batch_size = 6\n[parallelism]\npipeline_parallel_degree = 2\n\
+             pipeline_parallel_microbatch_size = 4\n",
+            "parallelism.pipeline_parallel_microbatch_size",
+        ),
+    ] {
+        let e = error(&format!("{LLAMA3_8B}{toml}"));
+        assert!(e.starts_with(&format!("invalid {key}: got ")), "{key}: {e}");
+    }
+}
+
+#[test]
+fn ignores_sections_and_keys_memplan_does_not_read() {
+    let p = from_toml_str(
+        &format!(
+            "[fault_tolerance]\nenable = \"yes\"\n{LLAMA3_8B}hf_assets_path = 3\n\
+             [training]\nseq_len = 4096\ndataset = [1, 2]\n[training.dataloader]\nnum_workers = 2\n"
+        ),
+        "train.toml",
+    )
+    .unwrap();
+    assert_eq!(p.batch.seq_len, Some(4096));
+}
+
+#[test]
+fn never_panics_on_extreme_integers() {
+    for v in [i64::MIN, -1, 0, 1, 1 << 24, (1 << 24) + 1, i64::MAX] {
+        for key in [
+            "local_batch_size",
+            "global_batch_size",
+            "seq_len",
+            "gradient_accumulation_steps",
+            "data_parallel_shard_degree",
+            "data_parallel_replicate_degree",
+        ] {
+            let _ = from_toml_str(
+                &format!(
+                    "{LLAMA3_8B}[training]\n{key} = {v}\n[parallelism]\n\
+                     data_parallel_shard_degree = 16777216\ndata_parallel_replicate_degree = 16777216\n\
+                     pipeline_parallel_degree = 2\npipeline_parallel_layers_per_stage = {}\n\
+                     pipeline_parallel_schedule = \"Interleaved1F1B\"\n",
+                    v.max(1)
+                ),
+                "train.toml",
+            );
+        }
+    }
+}
+
+const KEYS: &[(&str, &str)] = &[
+    ("training", "local_batch_size"),
+    ("training", "batch_size"),
+    ("training", "global_batch_size"),
+    ("training", "gradient_accumulation_steps"),
+    ("training", "seq_len"),
+    ("training", "data_parallel_shard_degree"),
+    ("training", "mixed_precision_param"),
+    ("training", "dtype"),
+    ("training", "compile"),
+    ("parallelism", "data_parallel_replicate_degree"),
+    ("parallelism", "data_parallel_shard_degree"),
+    ("parallelism", "tensor_parallel_degree"),
+    ("parallelism", "pipeline_parallel_degree"),
+    ("parallelism", "context_parallel_degree"),
+    ("parallelism", "pipeline_parallel_schedule"),
+    ("parallelism", "pipeline_parallel_microbatch_size"),
+    ("parallelism", "pipeline_parallel_layers_per_stage"),
+    ("parallelism", "pipeline_parallel_split_points"),
+    ("parallelism", "fsdp_reshard_after_forward"),
+    ("experimental", "pipeline_parallel_degree"),
+    ("experimental", "pipeline_parallel_microbatches"),
+    ("activation_checkpoint", "mode"),
+    ("activation_checkpoint", "selective_ac_option"),
+    ("model", "converters"),
+    ("optimizer", "implementation"),
+];
+
+fn toml_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<i64>().prop_map(|v| v.to_string()),
+        (-3i64..20).prop_map(|v| v.to_string()),
+        any::<bool>().prop_map(|b| b.to_string()),
+        prop::sample::select(vec![
+            "\"op\"",
+            "\"2\"",
+            "\"0\"",
+            "\"x\"",
+            "\"Interleaved1F1B\"",
+            "\"GPipe\"",
+            "\"bfloat16\"",
+            "\"float8\"",
+            "[\"float8\"]",
+            "[\"layers.4\"]",
+            "\"never\"",
+            "\"fused\"",
+            "1.5",
+            "[1, 2]",
+            "{ a = 1 }",
+        ])
+        .prop_map(str::to_string),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn never_panics_on_arbitrary_text(text in "\\PC{0,200}") {
+        let _ = from_toml_str(&text, "train.toml");
+    }
+
+    /// Any value of any key either maps or is rejected; neither reading nor resolving the
+    /// plan panics, and every rejection is an input error.
+    #[test]
+    fn never_panics_on_any_value_of_the_keys_it_reads(
+        picks in prop::collection::vec((prop::sample::select(KEYS), toml_value()), 1..6),
+        gpus in 1i64..300,
+    ) {
+        let mut sections: Vec<(&str, Vec<String>)> = Vec::new();
+        for ((section, key), value) in &picks {
+            let line = format!("{key} = {value}");
+            match sections.iter_mut().find(|(s, _)| s == section) {
+                Some((_, lines)) if !lines.iter().any(|l| l.starts_with(&format!("{key} ="))) => {
+                    lines.push(line)
+                }
+                Some(_) => {}
+                None => sections.push((section, vec![line])),
+            }
+        }
+        let mut text = String::from(LLAMA3_8B);
+        if let Some((_, lines)) = sections.iter().find(|(s, _)| *s == "model") {
+            text.push_str(&format!("{}\n", lines.join("\n")));
+        }
+        for (section, lines) in sections.iter().filter(|(s, _)| *s != "model") {
+            text.push_str(&format!("[{section}]\n{}\n", lines.join("\n")));
+        }
+        match from_toml_str(&text, "train.toml") {
+            Ok(plan) => {
+                let _ = with_gpus(plan, gpus).resolve();
+            }
+            Err(e) => prop_assert!(matches!(e.kind(), Kind::Input | Kind::Overflow), "{e}"),
+        }
+    }
+}
