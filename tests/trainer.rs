@@ -271,3 +271,17 @@ fn refuses_what_it_cannot_emulate() {
     let e = train(&plan(&tiny(r#""num_gpus":2,"parallel":{"tp":2}"#)), &opts).unwrap_err();
     assert!(e.to_string().contains("parallel.tp"), "{e}");
 }
+
+#[test]
+fn asking_for_a_missing_gpu_is_an_input_error() {
+    if tch::Cuda::is_available() {
+        return;
+    }
+    let opts = TrainOptions {
+        device: memplan::trainer::TrainDevice::Cuda(0),
+        progress: true,
+        ..TrainOptions::default()
+    };
+    let e = train(&plan(&tiny("")), &opts).unwrap_err();
+    assert_eq!(e.kind(), memplan::error::Kind::Input, "{e}");
+}
