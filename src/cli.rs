@@ -82,6 +82,10 @@ pub struct PlanArgs {
     /// Built-in example plan, e.g. seed-8b-2x48g-offload (see `memplan profiles`).
     #[arg(long, conflicts_with = "plan")]
     pub example: Option<String>,
+    /// A torchtitan job config (TOML); give the world size with --num-gpus and the GPU with
+    /// --gpu, as torchrun would.
+    #[arg(long, conflicts_with_all = ["plan", "example"])]
+    pub torchtitan: Option<PathBuf>,
     /// Model profile name or path to a Hugging Face config.json.
     #[arg(long)]
     pub model: Option<String>,
@@ -178,10 +182,11 @@ pub struct PlanArgs {
 impl PlanArgs {
     /// The plan file (or example) with the flags laid over it.
     pub fn to_plan_file(&self) -> Result<PlanFile> {
-        let base = match (&self.plan, &self.example) {
-            (Some(p), _) => PlanFile::read(p)?,
-            (None, Some(name)) => plan::example(name)?,
-            (None, None) => PlanFile::default(),
+        let base = match (&self.plan, &self.example, &self.torchtitan) {
+            (Some(p), _, _) => PlanFile::read(p)?,
+            (None, Some(name), _) => plan::example(name)?,
+            (None, None, Some(toml)) => crate::torchtitan::read(toml)?,
+            (None, None, None) => PlanFile::default(),
         };
         let mut top = PlanFile {
             model: self.model.clone(),

@@ -17,6 +17,7 @@ pub mod output;
 pub mod plan;
 pub mod profiles;
 pub mod search;
+pub mod torchtitan;
 #[cfg(feature = "trainer")]
 pub mod trainer;
 pub mod units;

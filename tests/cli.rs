@@ -290,3 +290,25 @@ fn rejects_a_headroom_outside_its_range() {
         "--headroom",
     );
 }
+
+#[test]
+fn estimates_a_torchtitan_config_with_the_world_size_from_flags() {
+    let v = json(&[
+        "estimate",
+        "--torchtitan",
+        "tests/data/torchtitan/llama3_8b_2024.toml",
+        "--num-gpus",
+        "8",
+        "--gpu",
+        "h100-96g",
+    ]);
+    assert_eq!(v["plan"]["model"]["name"], "llama3-8b");
+    assert_eq!(v["plan"]["parallel"]["dp_shard"], 8);
+    assert_eq!(v["plan"]["activation_checkpointing"], "selective-op");
+    // Same plan as the published December 2024 row at batch 1: the flags say the same thing.
+    let by_flags = json(&[
+        "estimate", "--model", "llama3-8b", "--gpu", "h100-96g", "--num-gpus", "8",
+        "--micro-batch-size", "1", "--seq-len", "8192", "--ac", "selective-op",
+    ]);
+    assert_eq!(v["per_gpu"]["peak_reserved_bytes"], by_flags["per_gpu"]["peak_reserved_bytes"]);
+}
