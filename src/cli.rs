@@ -66,6 +66,42 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// Train a plan for a few steps on libtorch and print measured peaks per phase beside
+    /// the prediction (a single-device emulation of FSDP rank 0).
+    #[cfg(feature = "trainer")]
+    Train {
+        #[command(flatten)]
+        plan: Box<PlanArgs>,
+        #[arg(long, default_value_t = 3)]
+        steps: u64,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Run a matrix of plans through the trainer and report predicted vs measured peaks.
+    #[cfg(feature = "trainer")]
+    Validate {
+        /// cpu (the CI matrix of small models) or a JSON file: a list of {"label", "plan"}.
+        #[arg(long, default_value = "cpu")]
+        matrix: String,
+        #[arg(long, default_value_t = 3)]
+        steps: u64,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long)]
+        quiet: bool,
+        /// Fail (exit 1) when any plan's peak error exceeds this percentage.
+        #[arg(long)]
+        max_error_pct: Option<f64>,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
     /// List the shipped model and GPU profiles and example plans.
     Profiles {
         #[arg(long, value_enum, default_value_t = Format::Table)]
@@ -386,6 +422,60 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
+        #[cfg(feature = "trainer")]
+        Command::Train {
+            plan,
+            steps,
+            device,
+            quiet,
+            format,
+        } => {
+            let plan = plan.resolve()?;
+            let opts = crate::trainer::TrainOptions {
+                steps: positive_steps(steps)?,
+                device: parse_device(&device)?,
+                progress: !quiet,
+                ..Default::default()
+            };
+            let v = crate::validate::validate_one(&plan.model.name, &plan, &opts)?;
+            print(&crate::output::validation::train(&v, format))?;
+            Ok(if v.report.oom.is_some() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        #[cfg(feature = "trainer")]
+        Command::Validate {
+            matrix,
+            steps,
+            device,
+            quiet,
+            max_error_pct,
+            format,
+        } => {
+            let plans = if matrix == "cpu" {
+                crate::validate::cpu_matrix()
+            } else {
+                crate::validate::read_matrix(std::path::Path::new(&matrix))?
+            };
+            let rows = crate::validate::validate_all(
+                &plans,
+                positive_steps(steps)?,
+                parse_device(&device)?,
+                !quiet,
+            )?;
+            print(&crate::output::validation::matrix(&rows, format))?;
+            let bad = max_error_pct.is_some_and(|m| {
+                rows.iter()
+                    .any(|v| v.error_pct().abs() > m || v.report.oom.is_some())
+            });
+            Ok(if bad {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
         Command::Profiles { format } => {
             let models = profiles::MODELS
                 .iter()
@@ -403,5 +493,33 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             print(&s)?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+#[cfg(feature = "trainer")]
+fn positive_steps(steps: u64) -> Result<u64> {
+    if (1..=100_000).contains(&steps) {
+        Ok(steps)
+    } else {
+        Err(Error::invalid(
+            "--steps",
+            steps,
+            "an integer from 1 to 100000",
+        ))
+    }
+}
+
+#[cfg(feature = "trainer")]
+fn parse_device(s: &str) -> Result<crate::trainer::TrainDevice> {
+    use crate::trainer::TrainDevice;
+    match s {
+        "cpu" => Ok(TrainDevice::Cpu),
+        "cuda" => Ok(TrainDevice::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|i| i.parse::<usize>().ok())
+            .filter(|&i| i < 64)
+            .map(TrainDevice::Cuda)
+            .ok_or_else(|| Error::invalid("--device", format!("{s:?}"), "cpu, cuda or cuda:N")),
     }
 }

@@ -21,3 +21,5 @@ pub mod torchtitan;
 #[cfg(feature = "trainer")]
 pub mod trainer;
 pub mod units;
+#[cfg(feature = "trainer")]
+pub mod validate;

@@ -307,8 +307,22 @@ fn estimates_a_torchtitan_config_with_the_world_size_from_flags() {
     assert_eq!(v["plan"]["activation_checkpointing"], "selective-op");
     // Same plan as the published December 2024 row at batch 1: the flags say the same thing.
     let by_flags = json(&[
-        "estimate", "--model", "llama3-8b", "--gpu", "h100-96g", "--num-gpus", "8",
-        "--micro-batch-size", "1", "--seq-len", "8192", "--ac", "selective-op",
+        "estimate",
+        "--model",
+        "llama3-8b",
+        "--gpu",
+        "h100-96g",
+        "--num-gpus",
+        "8",
+        "--micro-batch-size",
+        "1",
+        "--seq-len",
+        "8192",
+        "--ac",
+        "selective-op",
     ]);
-    assert_eq!(v["per_gpu"]["peak_reserved_bytes"], by_flags["per_gpu"]["peak_reserved_bytes"]);
+    assert_eq!(
+        v["per_gpu"]["peak_reserved_bytes"],
+        by_flags["per_gpu"]["peak_reserved_bytes"]
+    );
 }

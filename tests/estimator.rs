@@ -57,6 +57,10 @@ fn parameter_counts_are_exact() {
 
 /// tiny (h 64, 2 layers, 4 heads, 4 KV heads, ffn 176, vocab 256, untied) in fp32 on one
 /// CPU "GPU", no FSDP, no checkpointing, per-parameter AdamW; counted by hand.
+/// Token ids and labels (int64, 32 tokens each), the fp32 loss, and the rotary table (2 x 16
+/// positions x 8 complex64 for head_dim 16).
+const TINY_INPUTS: u64 = 2 * 8 * 32 + 4 + 2 * 16 * 8 * 8;
+
 const TINY_FP32: &str = r#"{"model":"tiny","gpu":"cpu","num_gpus":1,
     "batch":{"micro_batch_size":2,"seq_len":16},
     "precision":{"param":"fp32","reduce":"fp32","master":"fp32"},
@@ -76,7 +80,10 @@ fn tiny_fp32_optimizer_step_is_counted_by_hand() {
         .unwrap();
     // params + grads + exp_avg + exp_avg_sq, fp32; plus sqrt and divide temporaries of the
     // largest parameter (the 256x64 embedding).
-    assert_eq!(opt.allocated_bytes.get(), 16 * params + 2 * 256 * 64 * 4);
+    assert_eq!(
+        opt.allocated_bytes.get(),
+        16 * params + 2 * 256 * 64 * 4 + TINY_INPUTS
+    );
 }
 
 #[test]
@@ -84,18 +91,19 @@ fn tiny_fp32_activations_are_counted_by_hand() {
     // Per token per layer, fp32 (4 B): each eager RMSNorm saves the fp32 input copy (4x64),
     // rsqrt (4) and the normalised tensor (4x64) = 516; two norms 1032. Linear inputs: 2 x
     // 4x64 = 512. Attention (4 KV heads = 4 heads): q, k, v, out 4 x 4x64 + lse 4x4 = 1040.
-    // wo input 4x64 = 256. MLP: silu in, silu out, w3 out, product: 4 x 4x176 = 2816.
-    // Total 5,656 per token per layer; 32 tokens, 2 layers. After the blocks, the final
-    // norm saves 516 and the output projection its 4x64 input: 772 per token.
+    // wo's input is the attention output itself (flash returns a (b, s, heads, d) buffer, so
+    // `.contiguous()` copies nothing). MLP: silu in, silu out, w3 out, product: 4 x 4x176 =
+    // 2816. Total 5,400 per token per layer; 32 tokens, 2 layers. After the blocks, the
+    // final norm saves 516 and the output projection its 4x64 input: 772 per token.
     // The first step's forward end holds the fp32 params (no grads or states yet), those
-    // activations, and the loss buffers: logits, their fp32 copy and the log-softmax output,
-    // 12 bytes per logit over 32 tokens x 256 entries.
+    // activations, and the loss buffers: the fp32 logits (`.float()` of fp32 is the same
+    // tensor) and their log-softmax, 8 bytes per logit over 32 tokens x 256 entries.
     let e = est(TINY_FP32);
     let fwd = e.per_gpu.timeline[0];
     assert_eq!((fwd.first_step, fwd.phase), (true, Phase::Forward));
     assert_eq!(
         fwd.allocated_bytes.get(),
-        4 * 133_440 + (2 * 5_656 + 772) * 32 + 12 * 32 * 256
+        4 * 133_440 + (2 * 5_400 + 772) * 32 + 8 * 32 * 256 + TINY_INPUTS
     );
     assert_eq!(
         e.per_gpu.peak_reserved_bytes,
@@ -119,7 +127,7 @@ fn full_checkpointing_keeps_one_block_input_per_layer() {
     // Forward end: params (no grads or states yet in step 1) + 2 layers x 32 tokens x 64 x 4 B
     // of block inputs + the final norm and output input (772 per token, not checkpointed) +
     // the loss buffers as above.
-    let want = 4 * 133_440 + 2 * 32 * 64 * 4 + 772 * 32 + 12 * 32 * 256;
+    let want = 4 * 133_440 + 2 * 32 * 64 * 4 + 772 * 32 + 8 * 32 * 256 + TINY_INPUTS;
     assert_eq!(fwd.allocated_bytes.get(), want);
 }
 

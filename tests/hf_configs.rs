@@ -19,7 +19,10 @@ fn qwen3_moe_reads_experts() {
     // Qwen3-30B-A3B: 30.5 B parameters, 128 experts of 768, top-8, every layer MoE.
     let m = profiles::model("tests/data/hf/qwen3-30b-a3b.json").unwrap();
     let moe = m.moe.unwrap();
-    assert_eq!((moe.experts, moe.top_k, moe.expert_intermediate), (128, 8, 768));
+    assert_eq!(
+        (moe.experts, moe.top_k, moe.expert_intermediate),
+        (128, 8, 768)
+    );
     assert_eq!(m.moe_layers(), 48);
     assert_eq!(m.param_count(), 30_532_122_624);
 }
@@ -35,7 +38,10 @@ fn shipped_moe_profiles_match_published_totals() {
     ] {
         assert_eq!(profiles::model(name).unwrap().param_count(), want, "{name}");
     }
-    assert_eq!(profiles::model("deepseek-moe-16b").unwrap().moe_layers(), 27);
+    assert_eq!(
+        profiles::model("deepseek-moe-16b").unwrap().moe_layers(),
+        27
+    );
 }
 
 #[test]
@@ -55,8 +61,19 @@ fn a_config_path_estimates_like_a_profile() {
     let out = Command::cargo_bin("memplan")
         .unwrap()
         .args([
-            "estimate", "--model", "tests/data/hf/qwen3-30b-a3b.json", "--gpu", "h100-80g",
-            "--num-gpus", "8", "--ep", "8", "--ac", "full", "--format", "json",
+            "estimate",
+            "--model",
+            "tests/data/hf/qwen3-30b-a3b.json",
+            "--gpu",
+            "h100-80g",
+            "--num-gpus",
+            "8",
+            "--ep",
+            "8",
+            "--ac",
+            "full",
+            "--format",
+            "json",
         ])
         .output()
         .unwrap();

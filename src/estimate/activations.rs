@@ -16,7 +16,7 @@
 //! | `repeat_kv` (expand + reshape)           | nothing; its outputs are new e-byte copies |
 //! | SDPA flash/efficient                     | q, k, v as passed (e(q+2kv), or e*3q with `repeat_kv`), output (eq), log-sum-exp (4 B x heads) |
 //! | SDPA math                                | as above plus the softmax probabilities (e x heads x seq) |
-//! | `transpose(1,2).contiguous()` -> wo      | the contiguous copy (eq)                  |
+//! | `transpose(1,2).contiguous()` -> wo      | nothing new with flash/efficient (the kernel's output is already (b, s, heads, d)); the copy (eq) with math |
 //! | residual add                             | nothing                                   |
 //! | ffn RMSNorm                              | as the attention norm                     |
 //! | w1, w3                                   | their shared input (eh)                   |
@@ -26,7 +26,7 @@
 //!
 //! Worked number, llama3-8b (h 4096, q 4096, kv 1024, f 14336, 32 heads), bf16, eager norm,
 //! `repeat_kv`, flash: norms 2 x (4x4096 + 4 + 2x4096), attention 2x(4x4096) + 128, linear
-//! and o inputs 3 x 2x4096, MLP 4 x 2x14336: 221,320 bytes per token per layer, which
+//! inputs 2 x 2x4096, MLP 4 x 2x14336: 213,128 bytes per token per layer, which
 //! [`BlockActivations::no_ac`] gives.
 //!
 //! Tensor parallelism divides the attention and MLP tensors by `tp`; the norm tensors and the
@@ -57,6 +57,11 @@ pub struct BlockActivations {
     /// What the final norm and the output projection save (last stage only, never
     /// checkpointed by torchtitan): the norm's tensors and the output layer's input.
     pub head: u128,
+    /// Bytes of `no_ac` that are the block input itself: the attention norm saves its input
+    /// when it is fused, or when it is eager and the input is already fp32 (`x.float()` of an
+    /// fp32 tensor is the same tensor). A checkpointed block keeps its input anyway, so its
+    /// recomputation does not allocate these again.
+    pub input_alias: u128,
 }
 
 /// Per-token saved bytes of one block for `plan`: a dense block, or an MoE block when
@@ -67,7 +72,7 @@ pub struct BlockActivations {
 /// use memplan::plan::PlanFile;
 /// let plan: PlanFile = serde_json::from_str(r#"{"model":"llama3-8b"}"#).unwrap();
 /// let a = block_activations(&plan.resolve().unwrap(), false);
-/// assert_eq!(a.no_ac, 221_320);
+/// assert_eq!(a.no_ac, 213_128);
 /// assert_eq!(a.full_ac, 8_192);
 /// ```
 pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
@@ -111,9 +116,11 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
         div(4 * h + 4 + e * h, sp_div)
     };
     // K and V as the attention kernel sees them.
+    // `repeat_kv` expands and reshapes; with one KV head the merged dims are (1, n_rep), which
+    // a reshape can view (a size-1 dim's stride is free), so nothing is copied.
     let kv_seen = match imp.gqa {
-        Gqa::RepeatKv => q,
-        Gqa::Native => kv,
+        Gqa::RepeatKv if m.kv_heads > 1 => q,
+        Gqa::RepeatKv | Gqa::Native => kv,
     };
     let lse = div(4 * heads, tp);
     let quadratic = match imp.attention {
@@ -122,7 +129,16 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
         Attention::Flash | Attention::Efficient => 0,
     };
     let attention = div(e * (q + 2 * kv_seen + q), tp) + lse + quadratic; // q, k, v, out
-    let o_input = div(if f8 { q } else { e * q }, tp);
+                                                                          // `output.transpose(1, 2).contiguous()` into wo: flash and memory-efficient attention
+                                                                          // (CUDA, and the CPU flash kernel) return their output as a transposed view of a
+                                                                          // (batch, seq, heads, head_dim) buffer, so `.contiguous()` is a no-op and wo saves the
+                                                                          // attention output itself (already counted); the math backend's output is
+                                                                          // (batch, heads, seq, head_dim) and the copy is real. Float8 casts it to fp8 regardless.
+    let o_input = match (f8, imp.attention) {
+        (true, _) => div(q, tp),
+        (false, Attention::Math) => div(e * q, tp),
+        (false, Attention::Flash | Attention::Efficient) => 0,
+    };
     // Norm outputs into q/k/v and w1/w3 (or router and experts): full size (replicated, or
     // all-gathered under SP).
     let qkv_input = if f8 { f8_shared(3) * h } else { e * h };
@@ -184,6 +200,13 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
         backward_transient: ffn_bwd.max(attn_bwd) + ring,
         attention_quadratic: quadratic,
         head: norm + e * h,
+        input_alias: if fused_norm {
+            div(e * h, sp_div)
+        } else if e == 4 {
+            div(4 * h, sp_div)
+        } else {
+            0
+        },
     }
 }
 
@@ -289,8 +312,9 @@ mod tests {
             &plan(r#"{"model":"llama3-8b","compile":true,"float8":true}"#),
             false,
         );
-        // q/k/v input, w1/w3 input and wo input drop from 2 to 1 byte per element.
-        assert_eq!(bf16.no_ac - f8.no_ac, 4096 + 4096 + 4096);
+        // q/k/v input and w1/w3 input drop from 2 to 1 byte per element; wo saves an fp8
+        // copy (1 byte) of the attention output, which bf16 wo shares with attention.
+        assert_eq!(bf16.no_ac - f8.no_ac, 4096 + 4096 - 4096);
     }
 
     #[test]

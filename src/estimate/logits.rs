@@ -50,6 +50,8 @@ pub fn logits_bytes(plan: &Plan, tokens: u128) -> LogitsBytes {
     let (fwd, after, bwd) = match plan.implementation.logits {
         Logits::FloatOutput => ((e + 4).max(8), 4, 12),
         Logits::FloatOutputKept => ((e + 4).max(8), 8, 16),
+        // `.float()` of fp32 logits is the same tensor: no copy.
+        Logits::FloatInLoss if e == 4 => (8, 4, 12),
         Logits::FloatInLoss => (e + 8, 4, 12),
         Logits::ComputeDtype => (2 * e, e, 3 * e),
     };

@@ -63,11 +63,14 @@ pub struct Breakdown {
     pub logits_bytes: Bytes,
     /// Library workspaces taken from the allocator (cuBLAS).
     pub workspace_bytes: Bytes,
+    /// The step's inputs and constant buffers: token ids and labels (int64), the loss, and
+    /// the rotary table (complex64, torchtitan precomputes it for twice the sequence).
+    pub inputs_bytes: Bytes,
 }
 
 impl Breakdown {
     /// Component names and bytes, in display order.
-    pub fn items(&self) -> [(&'static str, Bytes); 10] {
+    pub fn items(&self) -> [(&'static str, Bytes); 11] {
         [
             ("master params", self.master_params_bytes),
             ("unsharded params", self.unsharded_params_bytes),
@@ -79,6 +82,7 @@ impl Breakdown {
             ("backward working set", self.backward_working_set_bytes),
             ("logits", self.logits_bytes),
             ("workspace", self.workspace_bytes),
+            ("inputs and rotary table", self.inputs_bytes),
         ]
     }
     pub fn total(&self) -> Bytes {
@@ -163,6 +167,8 @@ struct Stage {
     in_flight_milli: u128,
     /// Logits buffers of one micro-batch (zero off the last stage).
     logits: logits::LogitsBytes,
+    /// Token ids, labels, loss and rotary table.
+    inputs: u128,
 }
 
 fn to_bytes(v: u128, what: &str) -> Result<Bytes> {
@@ -174,7 +180,7 @@ fn to_bytes(v: u128, what: &str) -> Result<Bytes> {
 /// Allocated bytes per breakdown component, and the bytes the caching allocator holds beyond
 /// them at that moment (`cached`: fragmentation and unreusable freed segments).
 #[derive(Default, Clone, Copy)]
-struct Wide([u128; 10], u128);
+struct Wide([u128; 11], u128);
 
 impl Wide {
     fn into_breakdown(self) -> Result<Breakdown> {
@@ -190,6 +196,7 @@ impl Wide {
             backward_working_set_bytes: b(7, "backward working set")?,
             logits_bytes: b(8, "logits")?,
             workspace_bytes: b(9, "workspace")?,
+            inputs_bytes: b(10, "inputs")?,
         };
         to_bytes(self.total(), "peak allocated")?;
         Ok(out)
@@ -241,7 +248,13 @@ fn stage(plan: &Plan, index: u64) -> Stage {
     let par = &plan.parallel;
     let tokens = b.micro_batch_size as u128 * (b.seq_len / par.cp) as u128;
     let p = stage_params(plan, index);
+    let m = &plan.model;
+    // int64 ids on the first stage, int64 labels and the fp32 loss on the last; the rotary
+    // table of 2 x seq positions x head_dim/2 complex64 on every stage.
+    let ids = 8 * tokens * (p.first as u128 + p.last as u128) + 4 * p.last as u128;
+    let rotary = 8 * b.seq_len as u128 * m.head_dim as u128;
     Stage {
+        inputs: ids + rotary,
         logits: if p.last {
             logits::logits_bytes(plan, tokens)
         } else {
@@ -269,8 +282,8 @@ fn saved_per_token(ac: Checkpointing, layers: u64, a: &BlockActivations) -> u128
 fn working_per_token(ac: Checkpointing, a: &BlockActivations) -> u128 {
     let recompute = match ac {
         Checkpointing::None => 0,
-        Checkpointing::Full | Checkpointing::SelectiveLayer(_) => a.no_ac,
-        Checkpointing::SelectiveOp => a.no_ac - a.selective_op_overlap,
+        Checkpointing::Full | Checkpointing::SelectiveLayer(_) => a.no_ac - a.input_alias,
+        Checkpointing::SelectiveOp => a.no_ac - a.selective_op_overlap - a.input_alias,
     };
     recompute + a.backward_transient
 }
@@ -297,6 +310,7 @@ fn phase_bytes(plan: &Plan, st: &Stage, phase: Phase, first: bool) -> Wide {
 
     let mut w = Wide::default();
     w.0[9] = plan.gpu.workspace_bytes.get() as u128;
+    w.0[10] = st.inputs;
     if on_gpu_params {
         w.0[0] = shard * m;
     }
@@ -342,8 +356,7 @@ fn phase_bytes(plan: &Plan, st: &Stage, phase: Phase, first: bool) -> Wide {
         layers
     };
     // Under CPU offload each block's fp32 shard is copied to the device for its all-gather
-    // (the one in use and the prefetched one).
-    let offload_in = if on_gpu_params { 0 } else { 2 * big.shard * m };
+    // and freed at the copy-in, before the block computes: never alive at these peaks.
     let lg = st.logits;
     // The output weight's unsharded gradient is produced first in backward and, on the root
     // FSDP unit, reduce-scattered only at the root's post-backward after every block.
@@ -366,7 +379,7 @@ fn phase_bytes(plan: &Plan, st: &Stage, phase: Phase, first: bool) -> Wide {
             w.0[8] = lg.backward_peak;
         }
         Phase::Backward => {
-            w.0[1] = root_u + held.max(2).min(layers.max(1)) * block_u + offload_in;
+            w.0[1] = root_u + held.max(2).min(layers.max(1)) * block_u;
             w.0[2] = grads_prior;
             w.0[3] = out_grad + block_grad_u;
             w.0[6] = acts;
@@ -374,7 +387,8 @@ fn phase_bytes(plan: &Plan, st: &Stage, phase: Phase, first: bool) -> Wide {
         }
         Phase::BackwardEnd => {
             let done_blocks = (p.blocks_shard() - big.shard.min(p.blocks_shard())) * m;
-            w.0[1] = root_u + 2.min(layers) * block_u + offload_in;
+            // The first block has no block left to prefetch: its own gathered parameters only.
+            w.0[1] = root_u + 1.min(layers) * block_u;
             w.0[2] = if on_gpu_params {
                 grads_prior.max(done_blocks)
             } else {

@@ -4,6 +4,8 @@
 pub mod json;
 pub mod markdown;
 pub mod table;
+#[cfg(feature = "trainer")]
+pub mod validation;
 
 use crate::estimate::Estimate;
 use crate::plan::Plan;

@@ -1,0 +1,148 @@
+//! Rendering of `train` and `validate` results (predicted beside measured), in the three
+//! formats. Only built with the trainer.
+
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, Table};
+use serde::Serialize;
+
+use super::Format;
+use crate::units::Bytes;
+use crate::validate::Validation;
+
+const PHASES: [&str; 6] = [
+    "first forward",
+    "first backward",
+    "first optimizer",
+    "steady forward",
+    "steady backward",
+    "steady optimizer",
+];
+
+fn right(s: impl ToString) -> Cell {
+    Cell::new(s.to_string()).set_alignment(CellAlignment::Right)
+}
+
+/// One run, phase by phase.
+pub fn train(v: &Validation, format: Format) -> String {
+    match format {
+        Format::Json => {
+            serde_json::to_string_pretty(&Envelope {
+                schema: "memplan.train/1",
+                runs: std::slice::from_ref(v),
+            })
+            .expect("serializes")
+                + "\n"
+        }
+        Format::Markdown | Format::Table => {
+            let mut t = Table::new();
+            t.load_preset(UTF8_FULL_CONDENSED);
+            t.set_header(vec!["phase", "predicted", "measured", "error"]);
+            for (name, p) in PHASES.iter().zip(v.phases.iter()) {
+                t.add_row(vec![
+                    Cell::new(name),
+                    right(Bytes(p.predicted_bytes)),
+                    right(Bytes(p.measured_bytes)),
+                    right(format!("{:+.2}%", p.error_pct())),
+                ]);
+            }
+            t.add_row(vec![
+                Cell::new("peak allocated"),
+                right(Bytes(v.peak.predicted_bytes)),
+                right(Bytes(v.peak.measured_bytes)),
+                right(format!("{:+.2}%", v.peak.error_pct())),
+            ]);
+            let r = &v.report;
+            let mut s = format!("{}\n{t}\n", super::plan_summary(&v.plan));
+            if let Some(reserved) = r.peak_reserved_bytes {
+                s += &format!("measured peak reserved: {}\n", Bytes(reserved));
+            }
+            s += &format!(
+                "losses: {}\n{:.0} tokens/s\n",
+                r.losses
+                    .iter()
+                    .map(|l| format!("{l:.4}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                r.tokens_per_second
+            );
+            if let Some(oom) = &r.oom {
+                s += &format!(
+                    "OUT OF MEMORY at step {} ({:?}): {}\n",
+                    oom.step, oom.phase, oom.message
+                );
+            }
+            for n in &r.notes {
+                s += &format!("note: {n}\n");
+            }
+            s
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    schema: &'static str,
+    runs: &'a [Validation],
+}
+
+/// A matrix: one line per plan.
+pub fn matrix(rows: &[Validation], format: Format) -> String {
+    match format {
+        Format::Json => {
+            serde_json::to_string_pretty(&Envelope {
+                schema: "memplan.validate/1",
+                runs: rows,
+            })
+            .expect("serializes")
+                + "\n"
+        }
+        Format::Markdown => {
+            let mut s = String::from(
+                "| plan | predicted peak | measured peak | error | worst phase error |\n|---|---:|---:|---:|---:|\n",
+            );
+            for v in rows {
+                s += &format!(
+                    "| {} | {} | {} | {:+.2}% | {:+.2}% |\n",
+                    v.label,
+                    v.peak.predicted_bytes,
+                    v.peak.measured_bytes,
+                    v.error_pct(),
+                    worst(v)
+                );
+            }
+            s
+        }
+        Format::Table => {
+            let mut t = Table::new();
+            t.load_preset(UTF8_FULL_CONDENSED);
+            t.set_header(vec![
+                "plan",
+                "predicted peak",
+                "measured peak",
+                "error",
+                "worst phase",
+            ]);
+            for v in rows {
+                t.add_row(vec![
+                    Cell::new(&v.label),
+                    right(Bytes(v.peak.predicted_bytes)),
+                    right(Bytes(v.peak.measured_bytes)),
+                    right(format!("{:+.2}%", v.error_pct())),
+                    right(format!("{:+.2}%", worst(v))),
+                ]);
+            }
+            let within = rows.iter().filter(|v| v.error_pct().abs() <= 3.0).count();
+            format!(
+                "{t}\n{within} of {} plans within 3% on peak allocated\n",
+                rows.len()
+            )
+        }
+    }
+}
+
+/// The phase error of largest magnitude.
+pub fn worst(v: &Validation) -> f64 {
+    v.phases
+        .iter()
+        .map(|p| p.error_pct())
+        .fold(0.0, |a: f64, b| if b.abs() > a.abs() { b } else { a })
+}

@@ -1,0 +1,231 @@
+//! Validation: the estimator's prediction beside a real libtorch run of the same plan.
+//!
+//! This is the only module that sees both the estimator and the trainer. For each plan it
+//! estimates first (so the measurement cannot be shaped by the prediction), then trains a few
+//! steps, and compares, per phase of the first and of the steady step, the predicted peak
+//! allocated bytes with the measured ones:
+//!
+//! | trainer phase | estimator phases                          |
+//! |---------------|-------------------------------------------|
+//! | forward       | forward                                   |
+//! | backward      | loss-backward, backward, backward-end     |
+//! | optimizer     | optimizer                                 |
+//!
+//! On the CPU the figures are exact allocation peaks of libtorch's CPU allocator (the
+//! trainer's counting allocator); on CUDA, the caching allocator's peak allocated bytes.
+//! The error of a plan is that of its overall peak, (predicted - measured) / measured.
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::estimate::{estimate, Phase};
+use crate::plan::{Plan, PlanFile};
+use crate::trainer::{train, TrainDevice, TrainOptions, TrainReport};
+
+/// Predicted and measured peak allocated bytes of one phase.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct PhasePair {
+    pub predicted_bytes: u64,
+    pub measured_bytes: u64,
+}
+
+impl PhasePair {
+    pub fn error_pct(&self) -> f64 {
+        if self.measured_bytes == 0 {
+            return 0.0;
+        }
+        100.0 * (self.predicted_bytes as f64 - self.measured_bytes as f64)
+            / self.measured_bytes as f64
+    }
+}
+
+/// One validated plan.
+#[derive(Clone, Debug, Serialize)]
+pub struct Validation {
+    pub label: String,
+    pub plan: Plan,
+    /// forward, backward, optimizer of the first step, then of the steady step.
+    pub phases: [PhasePair; 6],
+    pub peak: PhasePair,
+    /// The run's own report (losses, per-step figures, notes).
+    pub report: TrainReport,
+}
+
+impl Validation {
+    pub fn error_pct(&self) -> f64 {
+        self.peak.error_pct()
+    }
+}
+
+/// Predicted peaks per trainer phase, first step then steady: forward, backward, optimizer.
+pub fn predicted_phases(plan: &Plan) -> Result<[u64; 6]> {
+    let e = estimate(plan)?;
+    let mut out = [0u64; 6];
+    for p in &e.per_gpu.timeline {
+        let slot = match p.phase {
+            Phase::Forward => 0,
+            Phase::LossBackward | Phase::Backward | Phase::BackwardEnd => 1,
+            Phase::Optimizer => 2,
+        } + if p.first_step { 0 } else { 3 };
+        out[slot] = out[slot].max(p.allocated_bytes.get());
+    }
+    Ok(out)
+}
+
+/// Estimates, then trains, one plan.
+pub fn validate_one(label: &str, plan: &Plan, opts: &TrainOptions) -> Result<Validation> {
+    let predicted = predicted_phases(plan)?;
+    let report = train(plan, opts)?;
+    let mut measured = [0u64; 6];
+    for (k, step) in [&report.first_step, &report.steady_step].iter().enumerate() {
+        if let Some(s) = step {
+            measured[3 * k] = s.forward.peak_allocated_bytes;
+            measured[3 * k + 1] = s.backward.peak_allocated_bytes;
+            measured[3 * k + 2] = s.optimizer.peak_allocated_bytes;
+        }
+    }
+    let mut phases = [PhasePair::default(); 6];
+    for i in 0..6 {
+        phases[i] = PhasePair {
+            predicted_bytes: predicted[i],
+            measured_bytes: measured[i],
+        };
+    }
+    Ok(Validation {
+        label: label.to_string(),
+        plan: plan.clone(),
+        phases,
+        peak: PhasePair {
+            predicted_bytes: predicted.iter().copied().max().unwrap_or(0),
+            measured_bytes: report.peak_allocated_bytes,
+        },
+        report,
+    })
+}
+
+/// The CI matrix: tiny models on the CPU, covering model shapes (GQA, tied embeddings,
+/// padding), FSDP degrees 1 to 4, checkpointing none / full / selective-layer, mixed, pure
+/// fp32 and pure bf16 precision, every logits mode, offload, accumulation and optimizers.
+pub fn cpu_matrix() -> Vec<(String, PlanFile)> {
+    let base = |model: &str, dp: u64, extra: &str| -> (String, PlanFile) {
+        let json = format!(
+            r#"{{"model":"{model}","gpu":"cpu","num_gpus":{dp},
+                "batch":{{"micro_batch_size":4,"seq_len":128}},
+                "implementation":{{"optimizer":"per-param"}}}}"#
+        );
+        let file: PlanFile = serde_json::from_str(&json).expect("matrix plans are valid JSON");
+        let top: PlanFile =
+            serde_json::from_str(&format!("{{{extra}}}")).expect("matrix plans are valid JSON");
+        let label = format!("{model} fsdp{dp}{}", describe(extra));
+        (label, file.overlay(top))
+    };
+    const FP32: &str = r#""precision":{"param":"fp32","master":"fp32","reduce":"fp32"}"#;
+    vec![
+        base("small", 2, FP32),
+        base(
+            "small",
+            2,
+            &format!(r#"{FP32},"activation_checkpointing":"full""#),
+        ),
+        base("small", 1, ""),
+        base("small", 2, ""),
+        base("small", 2, r#""activation_checkpointing":"full""#),
+        base(
+            "small",
+            4,
+            r#""activation_checkpointing":"selective-layer:2""#,
+        ),
+        base(
+            "small",
+            3,
+            r#""precision":{"param":"bf16","master":"bf16","reduce":"bf16"}"#,
+        ),
+        base(
+            "small",
+            2,
+            r#""implementation":{"optimizer":"foreach","logits":"float-output"}"#,
+        ),
+        base(
+            "small",
+            2,
+            r#""batch":{"micro_batch_size":2,"grad_accum_steps":2}"#,
+        ),
+        base("small-gqa", 2, r#""implementation":{"gqa":"native"}"#),
+        base("small-gqa", 2, r#""activation_checkpointing":"full""#),
+        base(
+            "tiny-tied",
+            3,
+            r#""implementation":{"optimizer":"fused","logits":"compute-dtype"}"#,
+        ),
+        base("tiny-tied", 2, r#""offload":"full""#),
+        base(
+            "small",
+            2,
+            r#""offload":"optimizer","optimizer":"sgd-momentum""#,
+        ),
+        base(
+            "small",
+            2,
+            r#""implementation":{"optimizer":"foreach","logits":"float-output-kept"}"#,
+        ),
+    ]
+}
+
+fn describe(extra: &str) -> String {
+    if extra.is_empty() {
+        return String::new();
+    }
+    let v: serde_json::Value = serde_json::from_str(&format!("{{{extra}}}")).unwrap_or_default();
+    let mut parts = vec![];
+    fn walk(prefix: &str, v: &serde_json::Value, parts: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    walk(k, x, parts);
+                }
+            }
+            serde_json::Value::String(s) => parts.push(format!("{prefix}={s}")),
+            x => parts.push(format!("{prefix}={x}")),
+        }
+    }
+    walk("", &v, &mut parts);
+    format!(" {}", parts.join(" "))
+}
+
+/// Validates every plan of a matrix.
+pub fn validate_all(
+    plans: &[(String, PlanFile)],
+    steps: u64,
+    device: TrainDevice,
+    progress: bool,
+) -> Result<Vec<Validation>> {
+    let opts = TrainOptions {
+        steps,
+        device,
+        progress,
+        ..TrainOptions::default()
+    };
+    plans
+        .iter()
+        .map(|(label, file)| validate_one(label, &file.resolve()?, &opts))
+        .collect()
+}
+
+/// Reads a matrix file: a JSON list of `{"label": str, "plan": {...plan file...}}`.
+pub fn read_matrix(path: &std::path::Path) -> Result<Vec<(String, PlanFile)>> {
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        label: String,
+        plan: PlanFile,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| crate::error::Error::io(path, e))?;
+    let entries: Vec<Entry> = serde_json::from_str(&text).map_err(|e| {
+        crate::error::Error::input(format!(
+            "matrix {}: malformed at line {} column {}: {e}",
+            path.display(),
+            e.line(),
+            e.column()
+        ))
+    })?;
+    Ok(entries.into_iter().map(|e| (e.label, e.plan)).collect())
+}
