@@ -27,6 +27,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <cstdio>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -73,6 +75,17 @@ std::unordered_map<void *, Live> g_live;
 Counter g_counters[kChannels];
 std::atomic<int> g_channel{kOff};
 
+// MEMPLAN_ALLOC_TRACE=N (bytes): print every counted device-channel allocation and free of at
+// least N bytes, with the running total, to stderr. A debugging aid for calibrating the
+// estimator (which tensor is alive at a peak); off unless set.
+int64_t trace_threshold() {
+  static const int64_t t = [] {
+    const char *v = std::getenv("MEMPLAN_ALLOC_TRACE");
+    return v ? std::atoll(v) : int64_t{-1};
+  }();
+  return t;
+}
+
 void counted_delete(void *ptr);
 
 struct CountingAllocator final : public c10::Allocator {
@@ -95,6 +108,9 @@ struct CountingAllocator final : public c10::Allocator {
       Counter &c = g_counters[ch];
       c.current += static_cast<int64_t>(n);
       if (c.current > c.peak) c.peak = c.current;
+      int64_t t = trace_threshold();
+      if (ch == 0 && t >= 0 && static_cast<int64_t>(n) >= t)
+        std::fprintf(stderr, "alloc + %zu = %lld\n", n, static_cast<long long>(c.current));
     }
     return c10::DataPtr(data, data, &counted_delete, c10::Device(c10::DeviceType::CPU));
   }
@@ -116,6 +132,10 @@ void counted_delete(void *ptr) {
     auto it = g_live.find(ptr);
     if (it != g_live.end()) {
       g_counters[it->second.channel].current -= static_cast<int64_t>(it->second.size);
+      int64_t t = trace_threshold();
+      if (it->second.channel == 0 && t >= 0 && static_cast<int64_t>(it->second.size) >= t)
+        std::fprintf(stderr, "alloc - %zu = %lld\n", it->second.size,
+                     static_cast<long long>(g_counters[0].current));
       g_live.erase(it);
     }
   }

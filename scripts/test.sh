@@ -11,5 +11,5 @@ cargo test --locked
 if [ -d src/trainer ] && [ -f scripts/libtorch-env.sh ]; then
   # shellcheck source=scripts/libtorch-env.sh
   source scripts/libtorch-env.sh
-  cargo test --locked --features trainer --test trainer -- --test-threads=1
+  cargo test --locked --features trainer --test trainer --test validate -- --test-threads=1 --nocapture
 fi

@@ -48,9 +48,14 @@ pub struct BlockActivations {
     /// Tensors the selective-op policy keeps that the no-AC set also contains (so that the
     /// recompute working set is not counted twice).
     pub selective_op_overlap: u128,
-    /// Largest set of gradient temporaries alive at once inside the block's backward, beyond
-    /// the saved tensors.
-    pub backward_transient: u128,
+    /// Gradient temporaries alive at the MLP's peak inside the block's backward (the
+    /// `silu * w3` product's backward), beyond the saved tensors.
+    pub mlp_transient: u128,
+    /// Gradient temporaries alive at attention's backward, beyond the saved tensors.
+    pub attn_transient: u128,
+    /// Saved bytes of the feed-forward half (ffn norm, its input to w1/w3, the MLP), freed
+    /// by the time the block's backward reaches attention.
+    pub ffn_saved: u128,
     /// Extra per-token bytes of attention that scale with sequence length (math backend);
     /// already included in `no_ac`.
     pub attention_quadratic: u128,
@@ -197,7 +202,9 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
         full_ac: block_input,
         selective_op,
         selective_op_overlap: overlap,
-        backward_transient: ffn_bwd.max(attn_bwd) + ring,
+        mlp_transient: ffn_bwd + ring,
+        attn_transient: attn_bwd + ring,
+        ffn_saved: norm + ffn,
         attention_quadratic: quadratic,
         head: norm + e * h,
         input_alias: if fused_norm {

@@ -6,10 +6,13 @@
 //! 1. `forward`: end of forward, at the cross-entropy, where every block's saved activations
 //!    and the logits buffers are alive;
 //! 2. `loss-backward`: the log-softmax backward ([`logits`]);
-//! 3. `backward`: the last block's backward (all activations still alive, the block
-//!    recomputed under checkpointing, its unsharded gradients and the gradient temporaries);
-//! 4. `backward-end`: the first block's backward (activations mostly freed, sharded
-//!    gradients of every other block accumulated) and the root's reduce-scatter;
+//! 3. `backward`: inside a block's backward, at the worst block position (the last block,
+//!    the second, the second-to-first or the first, see [`Phase::Backward`]'s arm of
+//!    `phase_bytes`): saved activations of the blocks not yet done, the block recomputed
+//!    under checkpointing, gradient temporaries, weight gradients, gathered and prefetched
+//!    parameters, the previous block's reduce-scatter input and the sharded gradients so far;
+//! 4. `backward-end`: the root's post-backward, after every block (its unsharded gradients and
+//!    their reduce-scatter input);
 //! 5. `optimizer`: parameters, gradients, states and the optimizer's temporaries.
 //!
 //! It does so for the first step (no optimizer states until the step creates them: this is
@@ -278,14 +281,40 @@ fn saved_per_token(ac: Checkpointing, layers: u64, a: &BlockActivations) -> u128
     plain as u128 * a.no_ac + full as u128 * a.full_ac + sac as u128 * a.selective_op
 }
 
-/// Recompute working set plus gradient temporaries of one block's backward, per token.
-fn working_per_token(ac: Checkpointing, a: &BlockActivations) -> u128 {
-    let recompute = match ac {
+/// Recomputed activations of one block's backward, per token.
+fn recompute_per_token(ac: Checkpointing, a: &BlockActivations) -> u128 {
+    match ac {
         Checkpointing::None => 0,
         Checkpointing::Full | Checkpointing::SelectiveLayer(_) => a.no_ac - a.input_alias,
         Checkpointing::SelectiveOp => a.no_ac - a.selective_op_overlap - a.input_alias,
-    };
-    recompute + a.backward_transient
+    }
+}
+
+/// Bytes of one block's backward beyond what was alive before it: the recomputed
+/// activations, gradient temporaries and the block's unsharded weight gradients, at the
+/// larger of its two peaks. Autograd walks the block backwards: at the MLP's peak (the
+/// `silu * w3` product's backward) every recomputed tensor is still alive and only w2's
+/// weight gradient exists; by attention's backward the feed-forward half's saved tensors are
+/// freed and the three MLP weight gradients and wo's exist. (An MoE block is taken at its
+/// MLP peak with every weight gradient, an upper bound.)
+fn block_backward(plan: &Plan, st: &Stage, moe: bool, grads_elem_bytes: u128) -> u128 {
+    let ac = plan.activation_checkpointing;
+    let a = if moe { &st.moe } else { &st.dense };
+    let t = st.tokens;
+    let re = t * recompute_per_token(ac, a);
+    let m = &plan.model;
+    let tp = plan.parallel.tp as u128;
+    let (h, f, q) = (m.hidden as u128, m.intermediate as u128, m.q_dim() as u128);
+    if moe {
+        return re + t * a.mlp_transient + grads_elem_bytes * st.p.moe.unsharded;
+    }
+    let w2 = grads_elem_bytes * h * f / tp;
+    let mlp_point = re + t * a.mlp_transient + w2;
+    // The feed-forward half's saved tensors are freed by then, whether they were recomputed
+    // (part of `re`) or kept from forward (part of the stage's activations).
+    let attn_point = (re + t * a.attn_transient + 3 * w2 + grads_elem_bytes * h * q / tp)
+        .saturating_sub(t * a.ffn_saved);
+    mlp_point.max(attn_point)
 }
 
 /// Allocated bytes of `phase` for a stage; `first` is the first step (no optimizer states
@@ -327,13 +356,10 @@ fn phase_bytes(plan: &Plan, st: &Stage, phase: Phase, first: bool) -> Wide {
             + saved_per_token(ac, p.moe_layers, &st.moe)
             + head);
     let acts = per_mb * st.in_flight_milli / 1000;
-    // The block in backward: the larger kind present.
-    let working = st.tokens
-        * if p.moe_layers > 0 {
-            working_per_token(ac, &st.moe)
-        } else {
-            working_per_token(ac, &st.dense)
-        };
+    // The block in backward: the larger kind present. Its weight gradients are unsharded
+    // in the compute dtype when FSDP gathers or casts, else plain master-dtype gradients.
+    let grad_bytes = if copies { e } else { m };
+    let working = block_backward(plan, st, p.moe_layers > 0, grad_bytes);
     let big = p.biggest_block();
     // Gathered parameters of a block: float8 all-gathers the linear weights in one byte.
     let gathered = |b: &crate::estimate::params::BlockParams| -> u128 {
@@ -346,7 +372,6 @@ fn phase_bytes(plan: &Plan, st: &Stage, phase: Phase, first: bool) -> Wide {
         }
     };
     let block_u = gathered(&big);
-    let block_grad_u = if copies { big.unsharded * e } else { 0 };
     let root_u = if copies { p.root_unsharded * e } else { 0 };
     // Blocks whose gathered parameters are alive between forward and backward: torchtitan
     // does not reshard the last block after forward; with reshard_after_forward off, none.
@@ -379,57 +404,55 @@ fn phase_bytes(plan: &Plan, st: &Stage, phase: Phase, first: bool) -> Wide {
             w.0[8] = lg.backward_peak;
         }
         Phase::Backward => {
-            w.0[1] = root_u + held.max(2).min(layers.max(1)) * block_u;
-            w.0[2] = grads_prior;
-            w.0[3] = out_grad + block_grad_u;
-            w.0[6] = acts;
-            w.0[7] = working;
+            // Blocks finish backward from the last to the first. With j blocks done: the
+            // block in use is gathered and the next one prefetched (the first block has none
+            // to prefetch; without resharding every block not yet done stays gathered); the
+            // previous block's reduce-scatter input is held until this one's post-backward;
+            // j blocks' sharded gradients exist; the blocks not yet done keep their saved
+            // activations (the head's were freed by the output layer's backward). The sum is
+            // linear in j between its ends, so the peak is at j = 0, 1, L - 2 or L - 1.
+            let blocks_mb = per_mb - st.tokens * head;
+            let others = acts.saturating_sub(per_mb);
+            let shard_bytes = if on_gpu_params { big.shard * m } else { 0 };
+            let l = layers.max(1);
+            let mut best = (0u128, [0u128; 5]);
+            for j in [0, 1, l.saturating_sub(2), l - 1] {
+                if j >= l {
+                    continue;
+                }
+                let gathered = if plan.reshard_after_forward {
+                    2.min(l - j)
+                } else {
+                    l - j
+                };
+                let c = [
+                    root_u + gathered * block_u,
+                    grads_prior.max(j * shard_bytes),
+                    out_grad + if j >= 1 { rs } else { 0 },
+                    others + blocks_mb * (l - j) / l,
+                    working,
+                ];
+                let t = c.iter().sum();
+                if t > best.0 {
+                    best = (t, c);
+                }
+            }
+            let c = best.1;
+            (w.0[1], w.0[2], w.0[3], w.0[6], w.0[7]) = (c[0], c[1], c[2], c[3], c[4]);
         }
         Phase::BackwardEnd => {
-            let done_blocks = (p.blocks_shard() - big.shard.min(p.blocks_shard())) * m;
-            // The first block has no block left to prefetch: its own gathered parameters only.
-            w.0[1] = root_u + 1.min(layers) * block_u;
-            w.0[2] = if on_gpu_params {
-                grads_prior.max(done_blocks)
-            } else {
-                0
-            };
-            // The first block's activations of this micro-batch, and other in-flight
-            // micro-batches. Block 0 is checkpointed only under full AC or selective-layer:1
-            // (the selective-layer rule wraps blocks whose 1-based index is a multiple of K).
-            let a0 = if p.dense_layers > 0 {
-                &st.dense
-            } else {
-                &st.moe
-            };
-            let one_block = st.tokens
-                * match ac {
-                    Checkpointing::None => a0.no_ac,
-                    Checkpointing::Full | Checkpointing::SelectiveLayer(1) => a0.full_ac,
-                    Checkpointing::SelectiveLayer(_) => a0.no_ac,
-                    Checkpointing::SelectiveOp => a0.selective_op,
-                };
-            let one_block = if layers == 0 { 0 } else { one_block };
+            // The root's post-backward, after every block: its unsharded gradients (output
+            // weight and embedding) and their reduce-scatter input, beside every block's
+            // sharded gradients; large for large vocabularies.
             let others = acts.saturating_sub(per_mb);
-            w.0[3] = out_grad + block_grad_u + rs;
-            w.0[6] = others + one_block;
-            w.0[7] = working;
-            // The root's own post-backward: its unsharded gradients and reduce-scatter input,
-            // after every block has finished, can exceed the above for large vocabularies.
-            let root_rs = if copies {
+            w.0[1] = root_u;
+            w.0[2] = grads_all.max(grads_prior);
+            w.0[3] = if copies {
                 p.root_unsharded * (e + r)
             } else {
                 0
             };
-            let root_moment = root_u + grads_all.max(grads_prior) + root_rs + others;
-            let block_moment = w.0[1] + w.0[2] + w.0[3] + w.0[6] + w.0[7];
-            if root_moment > block_moment {
-                w.0[1] = root_u;
-                w.0[2] = grads_all.max(grads_prior);
-                w.0[3] = root_rs;
-                w.0[6] = others;
-                w.0[7] = 0;
-            }
+            w.0[6] = others;
         }
         Phase::Optimizer => {
             w.0[2] = grads_all;
