@@ -459,17 +459,21 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 crate::validate::read_matrix(std::path::Path::new(&matrix))?
             };
-            let rows = crate::validate::validate_all(
+            let (rows, failed) = crate::validate::validate_all(
                 &plans,
                 positive_steps(steps)?,
                 parse_device(&device)?,
                 !quiet,
-            )?;
+            );
             print(&crate::output::validation::matrix(&rows, format))?;
-            let bad = max_error_pct.is_some_and(|m| {
-                rows.iter()
-                    .any(|v| v.error_pct().abs() > m || v.report.oom.is_some())
-            });
+            for (label, e) in &failed {
+                eprintln!("error: {label}: {e}");
+            }
+            let bad = !failed.is_empty()
+                || max_error_pct.is_some_and(|m| {
+                    rows.iter()
+                        .any(|v| v.error_pct().abs() > m || v.report.oom.is_some())
+                });
             Ok(if bad {
                 ExitCode::from(1)
             } else {

@@ -192,23 +192,33 @@ fn describe(extra: &str) -> String {
     format!(" {}", parts.join(" "))
 }
 
-/// Validates every plan of a matrix.
+/// Validates every plan of a matrix. A plan that cannot run (refused by the trainer, or a
+/// runtime failure other than out of memory, which is a result) is reported beside the
+/// others instead of stopping the matrix.
 pub fn validate_all(
     plans: &[(String, PlanFile)],
     steps: u64,
     device: TrainDevice,
     progress: bool,
-) -> Result<Vec<Validation>> {
+) -> (Vec<Validation>, Vec<(String, crate::error::Error)>) {
     let opts = TrainOptions {
         steps,
         device,
         progress,
         ..TrainOptions::default()
     };
-    plans
-        .iter()
-        .map(|(label, file)| validate_one(label, &file.resolve()?, &opts))
-        .collect()
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
+    for (label, file) in plans {
+        match file
+            .resolve()
+            .and_then(|plan| validate_one(label, &plan, &opts))
+        {
+            Ok(v) => done.push(v),
+            Err(e) => failed.push((label.clone(), e)),
+        }
+    }
+    (done, failed)
 }
 
 /// Reads a matrix file: a JSON list of `{"label": str, "plan": {...plan file...}}`.

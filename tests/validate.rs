@@ -9,7 +9,8 @@ use memplan::validate::{cpu_matrix, validate_all};
 fn every_cpu_matrix_plan_is_within_three_percent_of_measured_peak() {
     let plans = cpu_matrix();
     assert!(plans.len() >= 12);
-    let rows = validate_all(&plans, 3, TrainDevice::Cpu, false).unwrap();
+    let (rows, failed) = validate_all(&plans, 3, TrainDevice::Cpu, false);
+    assert!(failed.is_empty(), "{failed:?}");
     let table = memplan::output::validation::matrix(&rows, memplan::output::Format::Table);
     println!("{table}");
     for v in &rows {

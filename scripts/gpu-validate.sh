@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# GPU validation: the estimator against the trainer on one NVIDIA GPU (H100/H200), the
+# matrix of scripts/gpu-matrix.json (llama3.2-1b shape at seq 2048: every checkpointing mode
+# the trainer runs, every offload mode, FSDP rank-0 emulation of 1, 2 and 8 ranks).
+#
+# Build here, run there (shared/GPU.md): the binary carried from this machine, pointed at the
+# device's own torch 2.11.0:
+#   source scripts/libtorch-env.sh && cargo build --release --features trainer
+#   device run: bash scripts/gpu-validate.sh      carry: ["target/release/memplan"]
+# Writes $OUT/validate.json (every run's full report) and $OUT/validate.md (the table), and
+# prints the table last. Budget: under 8 minutes on one H100.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/memplan-gpu}
+mkdir -p "$OUT"
+BIN=${MEMPLAN_BIN:-target/release/memplan}
+TL=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
+export LD_LIBRARY_PATH="$TL:${LD_LIBRARY_PATH:-}"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; date -u +%F; } \
+    | tee "$OUT/device.txt"
+timeout "${MEMPLAN_GPU_TIMEOUT:-450}" "$BIN" validate --matrix scripts/gpu-matrix.json \
+    --device cuda --steps 3 --quiet --format json > "$OUT/validate.json"
+echo "validate exit code: $?"
+python3 - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+try:
+    runs = json.load(open(f"{out}/validate.json"))["runs"]
+except Exception as e:
+    print(f"no results: {e}"); sys.exit(0)
+lines = ["| plan | predicted peak allocated (MiB) | measured (MiB) | error | measured reserved (MiB) |",
+         "|---|---:|---:|---:|---:|"]
+for r in runs:
+    p, m = r["peak"]["predicted_bytes"], r["peak"]["measured_bytes"]
+    res = r["report"].get("peak_reserved_bytes") or 0
+    err = 100 * (p - m) / m if m else float("nan")
+    oom = " (OOM)" if r["report"].get("oom") else ""
+    lines.append(f"| {r['label']}{oom} | {p/2**20:.1f} | {m/2**20:.1f} | {err:+.2f}% | {res/2**20:.1f} |")
+open(f"{out}/validate.md", "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+PY
