@@ -756,6 +756,15 @@ pub fn example(name: &str) -> Result<PlanFile> {
         .map_err(|e| Error::input(format!("example {name}: malformed plan: {e}")))
 }
 
+/// A resolved plan from plan-file JSON, for the crate's unit tests.
+#[cfg(test)]
+pub(crate) fn test_plan(json: &str) -> Plan {
+    serde_json::from_str::<PlanFile>(json)
+        .expect("test plans are valid JSON")
+        .resolve()
+        .expect("test plans resolve")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

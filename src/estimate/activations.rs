@@ -254,14 +254,8 @@ fn moe_ffn(plan: &Plan, e: u128, h: u128, tp: u128, f8: bool) -> (u128, u128, u1
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::PlanFile;
 
-    fn plan(json: &str) -> Plan {
-        serde_json::from_str::<PlanFile>(json)
-            .unwrap()
-            .resolve()
-            .unwrap()
-    }
+    use crate::plan::test_plan as plan;
 
     #[test]
     fn native_gqa_saves_unexpanded_kv() {

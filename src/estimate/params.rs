@@ -283,14 +283,8 @@ pub fn stage_params(plan: &Plan, stage: u64) -> StageParams {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::PlanFile;
 
-    fn plan(json: &str) -> Plan {
-        serde_json::from_str::<PlanFile>(json)
-            .unwrap()
-            .resolve()
-            .unwrap()
-    }
+    use crate::plan::test_plan as plan;
 
     #[test]
     fn llama3_8b_over_two_ranks_is_half_of_every_tensor() {
