@@ -249,3 +249,41 @@ fn more_gpus_shrink_only_the_sharded_state() {
     let want = 12.0 * 8_030_261_248f64 * (1.0 / 8.0 - 1.0 / 128.0);
     assert!(within(da as f64, want, 0.001), "{da} vs {want}");
 }
+
+#[test]
+fn pipeline_schedules_hold_their_in_flight_micro_batches() {
+    use memplan::estimate::in_flight_milli;
+    let p = |sched: &str, v: u64| {
+        plan(&format!(
+            r#"{{"model":"llama3-8b","num_gpus":4,
+                "parallel":{{"pp":4,"pp_schedule":"{sched}","pp_virtual_stages":{v}}},
+                "batch":{{"grad_accum_steps":8}}}}"#
+        ))
+    };
+    // GPipe: every one of the 8 micro-batches; 1F1B and ZB-H1: pp - stage.
+    assert_eq!(in_flight_milli(&p("gpipe", 1), 0), 8000);
+    assert_eq!(in_flight_milli(&p("1f1b", 1), 0), 4000);
+    assert_eq!(in_flight_milli(&p("1f1b", 1), 3), 1000);
+    assert_eq!(in_flight_milli(&p("zb-h1", 1), 1), 3000);
+    // Interleaved with 2 chunks per rank, rank 0: 2 (pp - 1) + (v - 1) pp + 1 = 11 chunk
+    // forwards of half the rank's layers: 5.5 micro-batches' worth.
+    assert_eq!(in_flight_milli(&p("interleaved-1f1b", 2), 0), 5500);
+}
+
+#[test]
+fn the_most_loaded_pipeline_stage_decides_and_is_named() {
+    // 1F1B: the first stage holds 4 micro-batches of activations and the embedding; the last
+    // holds 1 and the logits. With long sequences and small vocabulary the first stage wins.
+    let e = est(
+        r#"{"model":"llama2-7b","gpu":"h100-80g","num_gpus":4,"parallel":{"pp":4},
+            "batch":{"micro_batch_size":2,"seq_len":4096,"grad_accum_steps":8}}"#,
+    );
+    assert_eq!(e.per_gpu.stage, 0);
+    // And with one micro-batch in flight everywhere and a 128k vocabulary, the last stage.
+    let e = est(
+        r#"{"model":"llama3-8b","gpu":"h100-80g","num_gpus":4,"parallel":{"pp":4},
+            "batch":{"micro_batch_size":4,"seq_len":8192,"grad_accum_steps":1},
+            "activation_checkpointing":"full"}"#,
+    );
+    assert_eq!(e.per_gpu.stage, 3);
+}
