@@ -34,6 +34,7 @@
 //! The linear inputs are all-gathered to full size under SP before the column-parallel
 //! matmul, and that full tensor is what the matmul saves.
 
+use super::div;
 use crate::plan::{Attention, Gqa, Plan, RmsNorm};
 
 /// Bytes per token of one block, under each checkpointing regime, after TP/SP division.
@@ -81,15 +82,6 @@ pub struct BlockActivations {
 /// assert_eq!(a.full_ac, 8_192);
 /// ```
 pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
-    // Division by a parallel degree, skipped when the degree is 1 (the common case; 128-bit
-    // division is a library call and this runs on every estimate).
-    fn div(x: u128, d: u128) -> u128 {
-        if d == 1 {
-            x
-        } else {
-            x / d
-        }
-    }
     let m = &plan.model;
     let par = &plan.parallel;
     let imp = &plan.implementation;
@@ -235,9 +227,9 @@ fn moe_ffn(plan: &Plan, e: u128, h: u128, tp: u128, f8: bool) -> (u128, u128, u1
         .expect("moe_ffn is called for MoE models only");
     let etp = plan.parallel.etp as u128;
     let cf = plan.moe_capacity_milli as u128;
-    let copies = |x: u128| x * moe.top_k as u128 * cf / 1000;
-    let fe = e * moe.expert_intermediate as u128 / etp;
-    let fs = e * moe.shared_intermediate as u128 / tp;
+    let copies = |x: u128| div(x * moe.top_k as u128 * cf, 1000);
+    let fe = div(e * moe.expert_intermediate as u128, etp);
+    let fs = div(e * moe.shared_intermediate as u128, tp);
     let per_copy_mlp = if plan.compile { 2 * fe } else { 4 * fe };
     let routed_input = if f8 { h } else { e * h };
     let router = 4 * moe.experts as u128 + 8 * moe.top_k as u128;

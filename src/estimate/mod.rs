@@ -172,6 +172,21 @@ struct Stage {
     logits: logits::LogitsBytes,
     /// Token ids, labels, loss and rotary table.
     inputs: u128,
+    /// [`block_backward`] of the stage's larger block, for unsharded compute-dtype weight
+    /// gradients and for master-dtype ones (FSDP off and no cast).
+    working: [u128; 2],
+}
+
+/// `a / b` on 128 bits, through 64-bit division when both fit (128-bit division is a library
+/// call, and the estimator divides on every estimate) and not at all when `b` is 1.
+pub(crate) fn div(a: u128, b: u128) -> u128 {
+    if b.is_power_of_two() {
+        a >> b.trailing_zeros()
+    } else if let (Ok(a), Ok(b)) = (u64::try_from(a), u64::try_from(b)) {
+        (a / b) as u128
+    } else {
+        a / b
+    }
 }
 
 fn to_bytes(v: u128, what: &str) -> Result<Bytes> {
@@ -252,6 +267,12 @@ fn stage(plan: &Plan, index: u64) -> Stage {
     let tokens = b.micro_batch_size as u128 * (b.seq_len / par.cp) as u128;
     let p = stage_params(plan, index);
     let m = &plan.model;
+    let dense = block_activations(plan, false);
+    let moe = if p.moe_layers > 0 {
+        block_activations(plan, true)
+    } else {
+        BlockActivations::default()
+    };
     // int64 ids on the first stage, int64 labels and the fp32 loss on the last; the rotary
     // table of 2 x seq positions x head_dim/2 complex64 on every stage.
     let ids = 8 * tokens * (p.first as u128 + p.last as u128) + 4 * p.last as u128;
@@ -263,12 +284,26 @@ fn stage(plan: &Plan, index: u64) -> Stage {
         } else {
             logits::LogitsBytes::default()
         },
-        dense: block_activations(plan, false),
-        moe: if p.moe_layers > 0 {
-            block_activations(plan, true)
-        } else {
-            BlockActivations::default()
-        },
+        dense,
+        moe,
+        working: [
+            block_backward(
+                plan,
+                &p,
+                &dense,
+                &moe,
+                tokens,
+                plan.precision.param.bytes() as u128,
+            ),
+            block_backward(
+                plan,
+                &p,
+                &dense,
+                &moe,
+                tokens,
+                plan.precision.master.bytes() as u128,
+            ),
+        ],
         p,
         tokens,
         in_flight_milli: in_flight_milli(plan, index),
@@ -297,29 +332,36 @@ fn recompute_per_token(ac: Checkpointing, a: &BlockActivations) -> u128 {
 /// weight gradient exists; by attention's backward the feed-forward half's saved tensors are
 /// freed and the three MLP weight gradients and wo's exist. (An MoE block is taken at its
 /// MLP peak with every weight gradient, an upper bound.)
-fn block_backward(plan: &Plan, st: &Stage, moe: bool, grads_elem_bytes: u128) -> u128 {
+fn block_backward(
+    plan: &Plan,
+    p: &StageParams,
+    dense: &BlockActivations,
+    moe_act: &BlockActivations,
+    t: u128,
+    grads_elem_bytes: u128,
+) -> u128 {
     let ac = plan.activation_checkpointing;
-    let a = if moe { &st.moe } else { &st.dense };
-    let t = st.tokens;
+    let moe = p.moe_layers > 0;
+    let a = if moe { moe_act } else { dense };
     let re = t * recompute_per_token(ac, a);
     let m = &plan.model;
     let tp = plan.parallel.tp as u128;
     let (h, f, q) = (m.hidden as u128, m.intermediate as u128, m.q_dim() as u128);
     if moe {
-        return re + t * a.mlp_transient + grads_elem_bytes * st.p.moe.unsharded;
+        return re + t * a.mlp_transient + grads_elem_bytes * p.moe.unsharded;
     }
-    let w2 = grads_elem_bytes * h * f / tp;
+    let w2 = div(grads_elem_bytes * h * f, tp);
     let mlp_point = re + t * a.mlp_transient + w2;
     // The feed-forward half's saved tensors are freed by then, whether they were recomputed
     // (part of `re`) or kept from forward (part of the stage's activations).
-    let attn_point = (re + t * a.attn_transient + 3 * w2 + grads_elem_bytes * h * q / tp)
+    let attn_point = (re + t * a.attn_transient + 3 * w2 + div(grads_elem_bytes * h * q, tp))
         .saturating_sub(t * a.ffn_saved);
     mlp_point.max(attn_point)
 }
 
-/// Allocated bytes of `phase` for a stage; `first` is the first step (no optimizer states
-/// before the step creates them).
-fn phase_bytes(plan: &Plan, st: &Stage, phase: Phase, first: bool) -> Wide {
+/// Allocated bytes of every phase of a steady step for a stage, in [`PHASES`] order (the
+/// first step's are the same less the optimizer states, outside its optimizer phase).
+fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
     let p = &st.p;
     let pr = &plan.precision;
     let (e, m, r) = (
@@ -337,14 +379,14 @@ fn phase_bytes(plan: &Plan, st: &Stage, phase: Phase, first: bool) -> Wide {
     let shard = p.shard_total();
     let accum = plan.batch.grad_accum_steps > 1 || plan.parallel.pp > 1;
 
-    let mut w = Wide::default();
-    w.0[9] = plan.gpu.workspace_bytes.get() as u128;
-    w.0[10] = st.inputs;
+    let mut base = Wide::default();
+    base.0[9] = plan.gpu.workspace_bytes.get() as u128;
+    base.0[10] = st.inputs;
     if on_gpu_params {
-        w.0[0] = shard * m;
+        base.0[0] = shard * m;
     }
-    if states_on_gpu && !first {
-        w.0[4] = plan.optimizer.states_per_param() as u128 * shard * m;
+    if states_on_gpu {
+        base.0[4] = plan.optimizer.states_per_param() as u128 * shard * m;
     }
     // Sharded gradients alive from earlier micro-batches of the same step.
     let grads_all = if on_gpu_params { shard * m } else { 0 };
@@ -355,11 +397,14 @@ fn phase_bytes(plan: &Plan, st: &Stage, phase: Phase, first: bool) -> Wide {
         * (saved_per_token(ac, p.dense_layers, &st.dense)
             + saved_per_token(ac, p.moe_layers, &st.moe)
             + head);
-    let acts = per_mb * st.in_flight_milli / 1000;
+    let acts = if st.in_flight_milli == 1000 {
+        per_mb
+    } else {
+        div(per_mb * st.in_flight_milli, 1000)
+    };
     // The block in backward: the larger kind present. Its weight gradients are unsharded
     // in the compute dtype when FSDP gathers or casts, else plain master-dtype gradients.
-    let grad_bytes = if copies { e } else { m };
-    let working = block_backward(plan, st, p.moe_layers > 0, grad_bytes);
+    let working = st.working[usize::from(!copies)];
     let big = p.biggest_block();
     // Gathered parameters of a block: float8 all-gathers the linear weights in one byte.
     let gathered = |b: &crate::estimate::params::BlockParams| -> u128 {
@@ -390,93 +435,96 @@ fn phase_bytes(plan: &Plan, st: &Stage, phase: Phase, first: bool) -> Wide {
     // keeps it until the next unit's reduce-scatter: one unit's worth beyond the block's own.
     let rs = if copies { big.unsharded * r } else { 0 };
 
-    match phase {
-        Phase::Forward => {
-            w.0[1] = root_u + held.max(1) * block_u;
-            w.0[2] = grads_prior;
-            w.0[6] = acts;
-            w.0[8] = lg.forward_peak;
-        }
-        Phase::LossBackward => {
-            w.0[1] = root_u + held * block_u;
-            w.0[2] = grads_prior;
-            w.0[6] = acts;
-            w.0[8] = lg.backward_peak;
-        }
-        Phase::Backward => {
-            // Blocks finish backward from the last to the first. With j blocks done: the
-            // block in use is gathered and the next one prefetched (the first block has none
-            // to prefetch; without resharding every block not yet done stays gathered); the
-            // previous block's reduce-scatter input is held until this one's post-backward;
-            // j blocks' sharded gradients exist; the blocks not yet done keep their saved
-            // activations (the head's were freed by the output layer's backward). The sum is
-            // linear in j between its ends, so the peak is at j = 0, 1, L - 2 or L - 1.
-            let blocks_mb = per_mb - st.tokens * head;
-            let others = acts.saturating_sub(per_mb);
-            let shard_bytes = if on_gpu_params { big.shard * m } else { 0 };
-            let l = layers.max(1);
-            let mut best = (0u128, [0u128; 5]);
-            for j in [0, 1, l.saturating_sub(2), l - 1] {
-                if j >= l {
-                    continue;
+    let mut out = [base; 5];
+    for (w, &phase) in out.iter_mut().zip(PHASES.iter()) {
+        match phase {
+            Phase::Forward => {
+                w.0[1] = root_u + held.max(1) * block_u;
+                w.0[2] = grads_prior;
+                w.0[6] = acts;
+                w.0[8] = lg.forward_peak;
+            }
+            Phase::LossBackward => {
+                w.0[1] = root_u + held * block_u;
+                w.0[2] = grads_prior;
+                w.0[6] = acts;
+                w.0[8] = lg.backward_peak;
+            }
+            Phase::Backward => {
+                // Blocks finish backward from the last to the first. With j blocks done: the
+                // block in use is gathered and the next one prefetched (the first block has none
+                // to prefetch; without resharding every block not yet done stays gathered); the
+                // previous block's reduce-scatter input is held until this one's post-backward;
+                // j blocks' sharded gradients exist; the blocks not yet done keep their saved
+                // activations (the head's were freed by the output layer's backward). The sum is
+                // linear in j between its ends, so the peak is at j = 0, 1, L - 2 or L - 1.
+                let blocks_mb = per_mb - st.tokens * head;
+                let others = acts.saturating_sub(per_mb);
+                let shard_bytes = if on_gpu_params { big.shard * m } else { 0 };
+                let l = layers.max(1);
+                let mut best = (0u128, [0u128; 5]);
+                for j in [0, 1, l.saturating_sub(2), l - 1] {
+                    if j >= l {
+                        continue;
+                    }
+                    let gathered = if plan.reshard_after_forward {
+                        2.min(l - j)
+                    } else {
+                        l - j
+                    };
+                    let c = [
+                        root_u + gathered * block_u,
+                        grads_prior.max(j * shard_bytes),
+                        out_grad + if j >= 1 { rs } else { 0 },
+                        others + div(blocks_mb * (l - j), l),
+                        working,
+                    ];
+                    let t = c.iter().sum();
+                    if t > best.0 {
+                        best = (t, c);
+                    }
                 }
-                let gathered = if plan.reshard_after_forward {
-                    2.min(l - j)
+                let c = best.1;
+                (w.0[1], w.0[2], w.0[3], w.0[6], w.0[7]) = (c[0], c[1], c[2], c[3], c[4]);
+            }
+            Phase::BackwardEnd => {
+                // The root's post-backward, after every block: its unsharded gradients (output
+                // weight and embedding) and their reduce-scatter input, beside every block's
+                // sharded gradients; large for large vocabularies.
+                let others = acts.saturating_sub(per_mb);
+                w.0[1] = root_u;
+                w.0[2] = grads_all.max(grads_prior);
+                w.0[3] = if copies {
+                    p.root_unsharded * (e + r)
                 } else {
-                    l - j
+                    0
                 };
-                let c = [
-                    root_u + gathered * block_u,
-                    grads_prior.max(j * shard_bytes),
-                    out_grad + if j >= 1 { rs } else { 0 },
-                    others + blocks_mb * (l - j) / l,
-                    working,
-                ];
-                let t = c.iter().sum();
-                if t > best.0 {
-                    best = (t, c);
+                w.0[6] = others;
+            }
+            Phase::Optimizer => {
+                w.0[2] = grads_all;
+                if states_on_gpu {
+                    w.0[4] = plan.optimizer.states_per_param() as u128 * shard * m;
+                    w.0[5] = optimizer_temporaries(plan, p);
                 }
             }
-            let c = best.1;
-            (w.0[1], w.0[2], w.0[3], w.0[6], w.0[7]) = (c[0], c[1], c[2], c[3], c[4]);
         }
-        Phase::BackwardEnd => {
-            // The root's post-backward, after every block: its unsharded gradients (output
-            // weight and embedding) and their reduce-scatter input, beside every block's
-            // sharded gradients; large for large vocabularies.
-            let others = acts.saturating_sub(per_mb);
-            w.0[1] = root_u;
-            w.0[2] = grads_all.max(grads_prior);
-            w.0[3] = if copies {
-                p.root_unsharded * (e + r)
-            } else {
-                0
+        if plan.gpu.caching_allocator {
+            // Kept activations interleaved with freed temporaries of other sizes fragment the
+            // cache; block inputs kept by full checkpointing are allocated between a block's
+            // temporaries that are all freed, and do not.
+            let full_ac_inputs = match ac {
+                Checkpointing::Full => w.0[6],
+                _ => 0,
             };
-            w.0[6] = others;
-        }
-        Phase::Optimizer => {
-            w.0[2] = grads_all;
-            if states_on_gpu {
-                w.0[4] = plan.optimizer.states_per_param() as u128 * shard * m;
-                w.0[5] = optimizer_temporaries(plan, p);
+            let churn = w.0[1] + w.0[3] + w.0[5] + (w.0[6] - full_ac_inputs) + w.0[7];
+            w.1 = overhead::fragmentation(churn);
+            if phase == Phase::LossBackward {
+                w.1 += lg.freed_segment;
             }
         }
     }
-    if plan.gpu.caching_allocator {
-        // Kept activations interleaved with freed temporaries of other sizes fragment the
-        // cache; block inputs kept by full checkpointing are allocated between a block's
-        // temporaries that are all freed, and do not.
-        let full_ac_inputs = match ac {
-            Checkpointing::Full => w.0[6],
-            _ => 0,
-        };
-        let churn = w.0[1] + w.0[3] + w.0[5] + (w.0[6] - full_ac_inputs) + w.0[7];
-        w.1 = overhead::fragmentation(churn);
-        if phase == Phase::LossBackward {
-            w.1 += lg.freed_segment;
-        }
-    }
-    w
+    out
 }
 
 /// Temporaries of one optimizer step over this rank's shards, in bytes.
@@ -524,52 +572,68 @@ pub fn estimate(plan: &Plan) -> Result<Estimate> {
 
     // The first and the last pipeline stage bound every stage: the first keeps the most
     // micro-batches in flight and the embedding, the last computes the logits.
-    let mut best: Option<(u128, u64, Stage, [Wide; 10])> = None;
-    for s in if last == 0 { 0..=0 } else { 0..=last }.step_by(last.max(1) as usize) {
-        let st = stage(plan, s);
-        let mut walls = [Wide::default(); 10];
-        let mut top = 0;
-        for (i, w) in walls.iter_mut().enumerate() {
-            *w = phase_bytes(plan, &st, PHASES[i % 5], i < 5);
-            top = top.max(w.total());
+    // A steady step's phases; the first step's are the same less the optimizer states,
+    // which the first optimizer step creates.
+    let first_of = |w: &Wide, phase: Phase| {
+        let mut f = *w;
+        if phase != Phase::Optimizer {
+            f.0[4] = 0;
         }
-        if best.as_ref().is_none_or(|b| top > b.0) {
-            best = Some((top, s, st, walls));
+        f
+    };
+    let build = |s: u64| {
+        let st = stage(plan, s);
+        let walls = steady_phases(plan, &st);
+        let top = walls.iter().map(Wide::total).max().unwrap_or(0);
+        (top, st, walls)
+    };
+    let (top, mut st, mut walls) = build(0);
+    let mut stage_index = 0;
+    if last > 0 {
+        let (t, s, w) = build(last);
+        if t > top {
+            (st, walls, stage_index) = (s, w, last);
         }
     }
-    let (_, stage_index, st, walls) = best.expect("at least one stage");
     let mut timeline = [PhasePoint {
         first_step: true,
         phase: Phase::Forward,
         allocated_bytes: Bytes::ZERO,
     }; 10];
     let mut first_oom = None;
-    let mut peak = (0, Wide::default(), Phase::Forward, true);
+    let mut peak = (0, 0usize);
     // The caching allocator never returns segments mid-run: reserved peaks at the largest
     // allocated-plus-cached moment, which need not be the allocated peak.
     let mut reserved_peak = 0u128;
-    for (i, w) in walls.iter().enumerate() {
-        let (first, phase) = (i < 5, PHASES[i % 5]);
-        let b = w.into_breakdown()?;
-        let point = PhasePoint {
-            first_step: first,
-            phase,
-            allocated_bytes: b.total(),
+    let (runtime_w, capacity_w) = (runtime.get() as u128, capacity.get() as u128);
+    for i in 0..10 {
+        let w = if i < 5 {
+            first_of(&walls[i], PHASES[i])
+        } else {
+            walls[i - 5]
         };
-        let total = b
-            .total()
-            .add(to_bytes(w.1, "fragmentation")?, "peak reserved")?
-            .add(runtime, "device total")?;
-        if first_oom.is_none() && total > capacity {
+        let allocated = w.total();
+        // Every component is at most the total, so a total that fits 64 bits is checked once.
+        let point = PhasePoint {
+            first_step: i < 5,
+            phase: PHASES[i % 5],
+            allocated_bytes: to_bytes(allocated, "peak allocated")?,
+        };
+        if first_oom.is_none() && allocated + w.1 + runtime_w > capacity_w {
             first_oom = Some(point);
         }
-        if w.total() > peak.0 {
-            peak = (w.total(), *w, phase, first);
+        if allocated > peak.0 {
+            peak = (allocated, i);
         }
-        reserved_peak = reserved_peak.max(w.total() + w.1);
+        reserved_peak = reserved_peak.max(allocated + w.1);
         timeline[i] = point;
     }
-    let (_, wide, phase, first) = peak;
+    let (phase, first) = (PHASES[peak.1 % 5], peak.1 < 5);
+    let wide = if first {
+        first_of(&walls[peak.1], phase)
+    } else {
+        walls[peak.1 - 5]
+    };
     let breakdown = wide.into_breakdown()?;
     let peak_allocated = breakdown.total();
     let peak_reserved = to_bytes(reserved_peak, "peak reserved")?;

@@ -43,7 +43,7 @@ pub const NCCL_BYTES: Bytes = Bytes::mib(512);
 /// assert_eq!(fragmentation(1_000_000), 210_000);
 /// ```
 pub fn fragmentation(churn: u128) -> u128 {
-    churn * FRAGMENTATION as u128 / 1000
+    super::div(churn * FRAGMENTATION as u128, 1000)
 }
 
 /// Device memory outside the caching allocator.

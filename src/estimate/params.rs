@@ -98,9 +98,11 @@ impl StageParams {
     }
 }
 
+/// `ceil(a / b)`; parallel degrees are usually powers of two, which need no division.
 fn ceil_div(a: u64, b: u64) -> u64 {
-    if b == 1 {
-        a
+    if b.is_power_of_two() {
+        let shift = b.trailing_zeros();
+        (a >> shift) + u64::from(a & (b - 1) != 0)
     } else {
         a.div_ceil(b)
     }
