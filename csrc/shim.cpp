@@ -74,6 +74,9 @@ std::mutex g_mu;
 std::unordered_map<void *, Live> g_live;
 Counter g_counters[kChannels];
 std::atomic<int> g_channel{kOff};
+// Capacity of the device channel in bytes (-1: none): a CPU run can stand for a GPU of that
+// size, failing allocations beyond it with an out-of-memory error as the GPU would.
+std::atomic<int64_t> g_device_limit{-1};
 
 // MEMPLAN_ALLOC_TRACE=N (bytes): print every counted device-channel allocation and free of at
 // least N bytes, with the running total, to stderr. A debugging aid for calibrating the
@@ -103,7 +106,15 @@ struct CountingAllocator final : public c10::Allocator {
     }
     int ch = g_channel.load(std::memory_order_relaxed);
     if (ch < kChannels) {
-      std::lock_guard<std::mutex> lock(g_mu);
+      std::unique_lock<std::mutex> lock(g_mu);
+      int64_t limit = g_device_limit.load(std::memory_order_relaxed);
+      if (ch == 0 && limit >= 0 && g_counters[0].current + static_cast<int64_t>(n) > limit) {
+        int64_t current = g_counters[0].current;
+        lock.unlock();
+        inner->raw_deleter()(ctx);
+        TORCH_CHECK_WITH(OutOfMemoryError, false, "CPU device emulation out of memory: tried to allocate ",
+                         n, " bytes with ", current, " of ", limit, " bytes in use");
+      }
       g_live[data] = Live{n, ch};
       Counter &c = g_counters[ch];
       c.current += static_cast<int64_t>(n);
@@ -225,6 +236,8 @@ int mp_install_counting_allocator(char **err) {
 }
 
 // 0: count CPU allocations as device memory, 1: as host memory, 2: do not count.
+void mp_set_device_limit(int64_t bytes) { g_device_limit.store(bytes < 0 ? -1 : bytes); }
+
 void mp_set_channel(int ch) { g_channel.store(ch < 0 || ch > kOff ? kOff : ch); }
 int mp_get_channel() { return g_channel.load(); }
 

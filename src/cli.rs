@@ -80,6 +80,10 @@ pub enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// CPU runs: device memory available, e.g. 48GB, so the run stands for a GPU of that
+        /// size and runs out of memory where it would.
+        #[arg(long)]
+        device_memory: Option<String>,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
@@ -428,13 +432,33 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             steps,
             device,
             quiet,
+            device_memory,
             format,
         } => {
-            let plan = plan.resolve()?;
+            let mut plan = plan.resolve()?;
+            let device_limit = device_memory
+                .as_deref()
+                .map(|s| {
+                    crate::units::Bytes::parse(s)
+                        .map(|b| b.get())
+                        .ok_or_else(|| {
+                            Error::invalid(
+                                "--device-memory",
+                                format!("{s:?}"),
+                                "a size such as 48GB",
+                            )
+                        })
+                })
+                .transpose()?;
+            // The prediction is for the same capacity the run has.
+            if let Some(limit) = device_limit {
+                plan.gpu.memory_bytes = crate::units::Bytes(limit);
+            }
             let opts = crate::trainer::TrainOptions {
                 steps: positive_steps(steps)?,
                 device: parse_device(&device)?,
                 progress: !quiet,
+                device_limit,
                 ..Default::default()
             };
             let v = crate::validate::validate_one(&plan.model.name, &plan, &opts)?;

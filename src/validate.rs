@@ -47,6 +47,8 @@ pub struct Validation {
     /// forward, backward, optimizer of the first step, then of the steady step.
     pub phases: [PhasePair; 6],
     pub peak: PhasePair,
+    /// Where the estimator says the plan first runs out of the GPU profile's memory.
+    pub predicted_first_oom: Option<crate::estimate::PhasePoint>,
     /// The run's own report (losses, per-step figures, notes).
     pub report: TrainReport,
 }
@@ -75,6 +77,7 @@ pub fn predicted_phases(plan: &Plan) -> Result<[u64; 6]> {
 /// Estimates, then trains, one plan.
 pub fn validate_one(label: &str, plan: &Plan, opts: &TrainOptions) -> Result<Validation> {
     let predicted = predicted_phases(plan)?;
+    let predicted_first_oom = estimate(plan)?.per_gpu.first_oom;
     let report = train(plan, opts)?;
     let mut measured = [0u64; 6];
     for (k, step) in [&report.first_step, &report.steady_step].iter().enumerate() {
@@ -83,6 +86,10 @@ pub fn validate_one(label: &str, plan: &Plan, opts: &TrainOptions) -> Result<Val
             measured[3 * k + 1] = s.backward.peak_allocated_bytes;
             measured[3 * k + 2] = s.optimizer.peak_allocated_bytes;
         }
+    }
+    // A first step that ran out of memory: its phases up to the failure.
+    if let (None, Some(oom)) = (&report.first_step, &report.oom) {
+        measured[..3].copy_from_slice(&oom.peak_allocated_bytes);
     }
     let mut phases = [PhasePair::default(); 6];
     for i in 0..6 {
@@ -99,6 +106,7 @@ pub fn validate_one(label: &str, plan: &Plan, opts: &TrainOptions) -> Result<Val
             predicted_bytes: predicted.iter().copied().max().unwrap_or(0),
             measured_bytes: report.peak_allocated_bytes,
         },
+        predicted_first_oom,
         report,
     })
 }

@@ -37,11 +37,21 @@ pub fn train(v: &Validation, format: Format) -> String {
             t.load_preset(UTF8_FULL_CONDENSED);
             t.set_header(vec!["phase", "predicted", "measured", "error"]);
             for (name, p) in PHASES.iter().zip(v.phases.iter()) {
+                // A phase the run never completed (it ran out of memory first) has nothing
+                // measured.
+                let (measured, error) = if p.measured_bytes == 0 {
+                    ("not reached".to_string(), String::new())
+                } else {
+                    (
+                        Bytes(p.measured_bytes).to_string(),
+                        format!("{:+.2}%", p.error_pct()),
+                    )
+                };
                 t.add_row(vec![
                     Cell::new(name),
                     right(Bytes(p.predicted_bytes)),
-                    right(Bytes(p.measured_bytes)),
-                    right(format!("{:+.2}%", p.error_pct())),
+                    right(measured),
+                    right(error),
                 ]);
             }
             t.add_row(vec![
@@ -65,9 +75,20 @@ pub fn train(v: &Validation, format: Format) -> String {
                 r.tokens_per_second
             );
             if let Some(oom) = &r.oom {
+                // libtorch appends a C++ backtrace to its messages: the first line says it.
                 s += &format!(
                     "OUT OF MEMORY at step {} ({:?}): {}\n",
-                    oom.step, oom.phase, oom.message
+                    oom.step,
+                    oom.phase,
+                    oom.message.lines().next().unwrap_or_default()
+                );
+            }
+            if let Some(p) = &v.predicted_first_oom {
+                s += &format!(
+                    "predicted: out of memory at the {} step's {} phase ({} allocated)\n",
+                    if p.first_step { "first" } else { "steady" },
+                    p.phase.name(),
+                    Bytes(p.allocated_bytes.get())
                 );
             }
             for n in &r.notes {

@@ -32,6 +32,7 @@ extern "C" {
     fn mp_free_error(e: *mut c_char);
     fn mp_install_counting_allocator(err: *mut *mut c_char) -> c_int;
     fn mp_set_channel(ch: c_int);
+    fn mp_set_device_limit(bytes: i64);
     fn mp_get_channel() -> c_int;
     fn mp_counter(ch: c_int, current: *mut i64, peak: *mut i64);
     fn mp_reset_peak(ch: c_int);
@@ -152,6 +153,24 @@ pub fn set_channel(ch: Channel) -> Channel {
         0 => Channel::Device,
         1 => Channel::Host,
         _ => Channel::Off,
+    }
+}
+
+/// Caps the device channel at `bytes` live bytes (None: no cap) until the guard is dropped:
+/// a CPU run standing for a GPU of that capacity fails beyond it with an out-of-memory
+/// error, as the GPU would.
+pub fn device_limit(bytes: Option<u64>) -> DeviceLimitGuard {
+    let b = bytes.map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX));
+    unsafe { mp_set_device_limit(b) };
+    DeviceLimitGuard
+}
+
+/// Lifts the device cap when dropped.
+pub struct DeviceLimitGuard;
+
+impl Drop for DeviceLimitGuard {
+    fn drop(&mut self) {
+        unsafe { mp_set_device_limit(-1) };
     }
 }
 

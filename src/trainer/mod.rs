@@ -87,6 +87,10 @@ pub struct TrainOptions {
     pub progress: bool,
     /// Learning rate.
     pub lr: f64,
+    /// CPU runs only: device bytes available to the run (beyond what was allocated before
+    /// it), so that a CPU run stands for a GPU of that capacity and runs out of memory where
+    /// the GPU would. None: unlimited.
+    pub device_limit: Option<u64>,
 }
 
 impl Default for TrainOptions {
@@ -97,6 +101,7 @@ impl Default for TrainOptions {
             seed: 0,
             progress: false,
             lr: 3e-3,
+            device_limit: None,
         }
     }
 }
@@ -134,6 +139,9 @@ pub struct OomReport {
     pub step: u64,
     pub phase: Phase,
     pub message: String,
+    /// Peak device bytes allocated in the failing step's forward, backward and optimizer
+    /// phases up to the failure (0 for a phase not reached).
+    pub peak_allocated_bytes: [u64; 3],
 }
 
 /// What a run measured.
@@ -568,6 +576,18 @@ pub fn train(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
     };
     let _default = ffi::channel(env.default_channel());
     let meter = Meter::new(cuda)?;
+    let _limit = match (opts.device, opts.device_limit) {
+        (TrainDevice::Cpu, Some(limit)) => {
+            let base = ffi::counter(Channel::Device).0;
+            Some(ffi::device_limit(Some(base.saturating_add(limit))))
+        }
+        (TrainDevice::Cuda(_), Some(_)) => {
+            return Err(Error::input(
+                "--device-memory applies to CPU runs: a GPU has its own capacity",
+            ))
+        }
+        _ => None,
+    };
     tch::manual_seed(opts.seed as i64);
 
     let setup_start = meter.start()?;
@@ -651,6 +671,11 @@ pub fn train(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
                         step,
                         phase: Phase::Forward,
                         message: e.to_string(),
+                        peak_allocated_bytes: [
+                            fwd.as_ref().map_or(0, |m| m.peak_allocated_bytes),
+                            0,
+                            0,
+                        ],
                     });
                     break 'steps;
                 }
@@ -670,6 +695,11 @@ pub fn train(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
                         step,
                         phase: Phase::Backward,
                         message: e.to_string(),
+                        peak_allocated_bytes: [
+                            fwd.as_ref().map_or(0, |m| m.peak_allocated_bytes),
+                            bwd.as_ref().map_or(0, |m| m.peak_allocated_bytes),
+                            0,
+                        ],
                     });
                     break 'steps;
                 }
@@ -709,6 +739,11 @@ pub fn train(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
                     step,
                     phase: Phase::Optimizer,
                     message: e.to_string(),
+                    peak_allocated_bytes: [
+                        fwd.as_ref().map_or(0, |m| m.peak_allocated_bytes),
+                        bwd.as_ref().map_or(0, |m| m.peak_allocated_bytes),
+                        opt.peak_allocated_bytes,
+                    ],
                 });
                 break 'steps;
             }
