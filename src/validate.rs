@@ -111,9 +111,10 @@ pub fn validate_one(label: &str, plan: &Plan, opts: &TrainOptions) -> Result<Val
     })
 }
 
-/// The CI matrix: tiny models on the CPU, covering model shapes (GQA, tied embeddings,
+/// The CI matrix: small models on the CPU, covering model shapes (GQA, tied embeddings,
 /// padding), FSDP degrees 1 to 4, checkpointing none / full / selective-layer, mixed, pure
-/// fp32 and pure bf16 precision, every logits mode, offload, accumulation and optimizers.
+/// fp32 and pure bf16 precision, every logits mode, offload, accumulation, optimizers, and a
+/// batch so small that parameters dominate.
 pub fn cpu_matrix() -> Vec<(String, PlanFile)> {
     let base = |model: &str, dp: u64, extra: &str| -> (String, PlanFile) {
         let json = format!(

@@ -30,6 +30,9 @@ pub struct LogitsBytes {
     pub forward_peak: u128,
     pub after_forward: u128,
     pub backward_peak: u128,
+    /// Alive when the output projection returns, inside the model's forward: the
+    /// compute-dtype logits, and their fp32 copy when the model upcasts (float-output).
+    pub at_projection: u128,
     /// Reserved but unusable at the backward peak: the compute-dtype logits' segment, freed
     /// before backward, is too small for the fp32 buffers of the loss backward, so the
     /// caching allocator keeps it and maps new segments for them.
@@ -60,7 +63,12 @@ pub fn logits_bytes(plan: &Plan, tokens: u128) -> LogitsBytes {
         _ if e < 4 => e * tv,
         _ => 0,
     };
+    let projection = match plan.implementation.logits {
+        Logits::FloatOutput | Logits::FloatOutputKept if e < 4 => e + 4,
+        _ => e,
+    };
     LogitsBytes {
+        at_projection: projection * tv,
         forward_peak: fwd * tv,
         after_forward: after * tv,
         backward_peak: bwd * tv,

@@ -356,7 +356,10 @@ fn block_backward(
     // (part of `re`) or kept from forward (part of the stage's activations).
     let attn_point = (re + t * a.attn_transient + 3 * w2 + div(grads_elem_bytes * h * q, tp))
         .saturating_sub(t * a.ffn_saved);
-    mlp_point.max(attn_point)
+    // At the block's end every weight gradient exists and the activations are gone but for
+    // the gradient flowing in and the one flowing out (what small batches peak at).
+    let end_point = grads_elem_bytes * p.dense.unsharded + 2 * t * a.full_ac;
+    mlp_point.max(attn_point).max(end_point)
 }
 
 /// Allocated bytes of every phase of a steady step for a stage, in [`PHASES`] order (the
@@ -435,14 +438,42 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
     // keeps it until the next unit's reduce-scatter: one unit's worth beyond the block's own.
     let rs = if copies { big.unsharded * r } else { 0 };
 
+    // Whether all-gathers go through a flat buffer (FSDP over more than one rank), and the
+    // block's cast all-gather input (its shard in the compute dtype, when that differs).
+    let gathers = copies && n > 1;
+    let cast_in = if gathers && pr.param != pr.master {
+        big.shard * e
+    } else {
+        0
+    };
+    let blocks_mb = per_mb - st.tokens * head;
+    let others = acts.saturating_sub(per_mb);
     let mut out = [base; 5];
     for (w, &phase) in out.iter_mut().zip(PHASES.iter()) {
         match phase {
             Phase::Forward => {
-                w.0[1] = root_u + held.max(1) * block_u;
                 w.0[2] = grads_prior;
-                w.0[6] = acts;
-                w.0[8] = lg.forward_peak;
+                // At the loss: the logits buffers at their forward peak.
+                let loss = (root_u + held.max(1) * block_u, acts, lg.forward_peak);
+                // At the output projection: FSDP2 keeps the last block's all-gather output
+                // until the root's post-forward, after the model returns its logits.
+                let projection = (
+                    root_u + (held.max(1) + u128::from(gathers)) * block_u,
+                    acts,
+                    lg.at_projection,
+                );
+                // At the last block's all-gather: the previous block's output retained, the
+                // cast input and the new output, the earlier blocks' activations.
+                let last_gather = (
+                    root_u + u128::from(gathers) * (2 * block_u + cast_in),
+                    div(blocks_mb * layers.saturating_sub(1), layers.max(1)) + others,
+                    0,
+                );
+                let (u, a_, l) = [loss, projection, last_gather]
+                    .into_iter()
+                    .max_by_key(|(u, a_, l)| u + a_ + l)
+                    .unwrap_or(loss);
+                (w.0[1], w.0[6], w.0[8]) = (u, a_, l);
             }
             Phase::LossBackward => {
                 w.0[1] = root_u + held * block_u;
@@ -488,12 +519,16 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                 (w.0[1], w.0[2], w.0[3], w.0[6], w.0[7]) = (c[0], c[1], c[2], c[3], c[4]);
             }
             Phase::BackwardEnd => {
-                // The root's post-backward, after every block: its unsharded gradients (output
-                // weight and embedding) and their reduce-scatter input, beside every block's
-                // sharded gradients; large for large vocabularies.
-                let others = acts.saturating_sub(per_mb);
-                w.0[1] = root_u;
-                w.0[2] = grads_all.max(grads_prior);
+                // The root's post-backward, after every block: FSDP2 reshards the root's
+                // parameters, then copies its unsharded gradients (output weight, embedding)
+                // into the reduce-scatter input while they are still alive, beside every
+                // block's sharded gradients; large for large vocabularies.
+                let blocks_grads = if on_gpu_params {
+                    p.blocks_shard() * m
+                } else {
+                    0
+                };
+                w.0[2] = grads_prior.max(blocks_grads);
                 w.0[3] = if copies {
                     p.root_unsharded * (e + r)
                 } else {
