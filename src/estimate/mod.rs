@@ -286,24 +286,8 @@ fn stage(plan: &Plan, index: u64) -> Stage {
         },
         dense,
         moe,
-        working: [
-            block_backward(
-                plan,
-                &p,
-                &dense,
-                &moe,
-                tokens,
-                plan.precision.param.bytes() as u128,
-            ),
-            block_backward(
-                plan,
-                &p,
-                &dense,
-                &moe,
-                tokens,
-                plan.precision.master.bytes() as u128,
-            ),
-        ],
+        working: [plan.precision.param, plan.precision.master]
+            .map(|d| block_backward(plan, &p, &dense, &moe, tokens, d.bytes() as u128)),
         p,
         tokens,
         in_flight_milli: in_flight_milli(plan, index),
