@@ -57,9 +57,6 @@ pub struct BlockActivations {
     /// Saved bytes of the feed-forward half (ffn norm, its input to w1/w3, the MLP), freed
     /// by the time the block's backward reaches attention.
     pub ffn_saved: u128,
-    /// Extra per-token bytes of attention that scale with sequence length (math backend);
-    /// already included in `no_ac`.
-    pub attention_quadratic: u128,
     /// What the final norm and the output projection save (last stage only, never
     /// checkpointed by torchtitan): the norm's tensors and the output layer's input.
     pub head: u128,
@@ -197,7 +194,6 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
         mlp_transient: ffn_bwd + ring,
         attn_transient: attn_bwd + ring,
         ffn_saved: norm + ffn,
-        attention_quadratic: quadratic,
         head: norm + e * h,
         input_alias: if fused_norm {
             div(e * h, sp_div)
@@ -323,12 +319,16 @@ mod tests {
 
     #[test]
     fn math_attention_saves_probabilities() {
-        let a = block_activations(
-            &plan(
-                r#"{"model":"llama3-8b","batch":{"seq_len":1024},"implementation":{"attention":"math"}}"#,
-            ),
+        let seq = r#""batch":{"seq_len":1024}"#;
+        let math = block_activations(
+            &plan(&format!(
+                r#"{{"model":"llama3-8b",{seq},"implementation":{{"attention":"math"}}}}"#
+            )),
             false,
         );
-        assert_eq!(a.attention_quadratic, 2 * 32 * 1024);
+        let flash = block_activations(&plan(&format!(r#"{{"model":"llama3-8b",{seq}}}"#)), false);
+        // 32 heads x 1024 keys of bf16 probabilities per token; and wo's input is a real copy
+        // (2 x 4096), the math backend's output being (b, heads, s, d).
+        assert_eq!(math.no_ac - flash.no_ac, 2 * 32 * 1024 + 2 * 4096);
     }
 }

@@ -28,7 +28,6 @@ use crate::plan::{Logits, Plan};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LogitsBytes {
     pub forward_peak: u128,
-    pub after_forward: u128,
     pub backward_peak: u128,
     /// Alive when the output projection returns, inside the model's forward: the
     /// compute-dtype logits, and their fp32 copy when the model upcasts (float-output).
@@ -50,13 +49,14 @@ pub fn logits_bytes(plan: &Plan, tokens: u128) -> LogitsBytes {
     let v = plan.model.vocab.div_ceil(plan.parallel.tp) as u128;
     let tv = tokens * v;
     let e = plan.precision.param.bytes() as u128;
-    let (fwd, after, bwd) = match plan.implementation.logits {
-        Logits::FloatOutput => ((e + 4).max(8), 4, 12),
-        Logits::FloatOutputKept => ((e + 4).max(8), 8, 16),
+    // (forward peak, backward peak) in bytes per logit; the table above has the moments.
+    let (fwd, bwd) = match plan.implementation.logits {
+        Logits::FloatOutput => ((e + 4).max(8), 12),
+        Logits::FloatOutputKept => ((e + 4).max(8), 16),
         // `.float()` of fp32 logits is the same tensor: no copy.
-        Logits::FloatInLoss if e == 4 => (8, 4, 12),
-        Logits::FloatInLoss => (e + 8, 4, 12),
-        Logits::ComputeDtype => (2 * e, e, 3 * e),
+        Logits::FloatInLoss if e == 4 => (8, 12),
+        Logits::FloatInLoss => (e + 8, 12),
+        Logits::ComputeDtype => (2 * e, 3 * e),
     };
     let freed = match plan.implementation.logits {
         Logits::ComputeDtype => 0,
@@ -70,7 +70,6 @@ pub fn logits_bytes(plan: &Plan, tokens: u128) -> LogitsBytes {
     LogitsBytes {
         at_projection: projection * tv,
         forward_peak: fwd * tv,
-        after_forward: after * tv,
         backward_peak: bwd * tv,
         freed_segment: freed,
     }
