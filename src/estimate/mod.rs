@@ -8,7 +8,7 @@
 //! 2. `loss-backward`: the log-softmax backward ([`logits`]);
 //! 3. `backward`: inside a block's backward, at the worst block position (the last block,
 //!    the second, the second-to-first or the first, see [`Phase::Backward`]'s arm of
-//!    `phase_bytes`): saved activations of the blocks not yet done, the block recomputed
+//!    `steady_phases`): saved activations of the blocks not yet done, the block recomputed
 //!    under checkpointing, gradient temporaries, weight gradients, gathered and prefetched
 //!    parameters, the previous block's reduce-scatter input and the sharded gradients so far;
 //! 4. `backward-end`: the root's post-backward, after every block (its unsharded gradients and
