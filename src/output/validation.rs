@@ -33,10 +33,27 @@ pub fn train(v: &Validation, format: Format) -> String {
                 + "\n"
         }
         Format::Markdown | Format::Table => {
+            // CUDA runs also have the caching allocator's reserved peak and the device's use
+            // (driver total minus free) per phase.
+            let r = &v.report;
+            let cuda_phases: Vec<(Option<u64>, Option<u64>)> = [&r.first_step, &r.steady_step]
+                .iter()
+                .flat_map(|s| match s {
+                    Some(s) => [&s.forward, &s.backward, &s.optimizer]
+                        .map(|p| (p.peak_reserved_bytes, p.device_used_bytes))
+                        .to_vec(),
+                    None => vec![(None, None); 3],
+                })
+                .collect();
+            let cuda = cuda_phases.iter().any(|(r, d)| r.is_some() || d.is_some());
             let mut t = Table::new();
             t.load_preset(UTF8_FULL_CONDENSED);
-            t.set_header(vec!["phase", "predicted", "measured", "error"]);
-            for (name, p) in PHASES.iter().zip(v.phases.iter()) {
+            let mut header = vec!["phase", "predicted", "measured", "error"];
+            if cuda {
+                header.extend(["measured reserved", "device used"]);
+            }
+            t.set_header(header);
+            for (i, (name, p)) in PHASES.iter().zip(v.phases.iter()).enumerate() {
                 // A phase the run never completed (it ran out of memory first) has nothing
                 // measured.
                 let (measured, error) = if p.measured_bytes == 0 {
@@ -47,12 +64,18 @@ pub fn train(v: &Validation, format: Format) -> String {
                         format!("{:+.2}%", p.error_pct()),
                     )
                 };
-                t.add_row(vec![
+                let mut row = vec![
                     Cell::new(name),
                     right(Bytes(p.predicted_bytes)),
                     right(measured),
                     right(error),
-                ]);
+                ];
+                if cuda {
+                    let show = |b: Option<u64>| b.map_or(String::new(), |b| Bytes(b).to_string());
+                    row.push(right(show(cuda_phases[i].0)));
+                    row.push(right(show(cuda_phases[i].1)));
+                }
+                t.add_row(row);
             }
             t.add_row(vec![
                 Cell::new("peak allocated"),
@@ -60,7 +83,6 @@ pub fn train(v: &Validation, format: Format) -> String {
                 right(Bytes(v.peak.measured_bytes)),
                 right(format!("{:+.2}%", v.peak.error_pct())),
             ]);
-            let r = &v.report;
             let mut s = format!("{}\n{t}\n", super::plan_summary(&v.plan));
             if let Some(reserved) = r.peak_reserved_bytes {
                 s += &format!("measured peak reserved: {}\n", Bytes(reserved));
