@@ -425,16 +425,21 @@ impl Plan {
     }
 }
 
-fn positive(field: &str, v: Option<i64>, default: u64) -> Result<u64> {
-    match v {
-        None => Ok(default),
-        Some(n) if n >= 1 && (n as u64) <= MAX_DIM => Ok(n as u64),
-        Some(n) => Err(Error::invalid(
+/// `v` if it lies in `min..=MAX_DIM`, else an error naming `field` and that range.
+pub(crate) fn bounded(field: &str, v: i64, min: i64) -> Result<i64> {
+    if (min..=MAX_DIM as i64).contains(&v) {
+        Ok(v)
+    } else {
+        Err(Error::invalid(
             field,
-            n,
-            format!("an integer from 1 to {MAX_DIM}"),
-        )),
+            v,
+            format!("an integer from {min} to {MAX_DIM}"),
+        ))
     }
+}
+
+fn positive(field: &str, v: Option<i64>, default: u64) -> Result<u64> {
+    v.map_or(Ok(default), |n| bounded(field, n, 1).map(|n| n as u64))
 }
 
 fn parse_opt<T: Choice>(v: &Option<String>, default: T) -> Result<T> {

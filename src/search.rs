@@ -91,11 +91,14 @@ fn offload_rank(o: Offload) -> u64 {
     }
 }
 
+/// GPU bytes usable when `headroom_milli` thousandths of `capacity` must stay free.
+fn usable(capacity: Bytes, headroom_milli: u64) -> Bytes {
+    Bytes(capacity.get() - capacity.get() / 1000 * headroom_milli)
+}
+
 /// Whether `e` fits `plan` with `headroom_milli` of the GPU kept free.
 fn fits(plan: &Plan, e: &Estimate, headroom_milli: u64) -> bool {
-    let cap = plan.gpu.memory_bytes.get();
-    let usable = cap - cap / 1000 * headroom_milli;
-    e.per_gpu.device_total_bytes.get() <= usable && e.fits_host
+    e.per_gpu.device_total_bytes <= usable(plan.gpu.memory_bytes, headroom_milli) && e.fits_host
 }
 
 /// The largest micro-batch in `1..=max` with which `plan` fits, by binary search; `None` if
@@ -251,7 +254,7 @@ pub fn search(base: &PlanFile, c: &Constraints) -> Result<SearchResult> {
         layouts,
         estimates,
         capacity_bytes: cap,
-        usable_bytes: Bytes(cap.get() - cap.get() / 1000 * c.headroom_milli),
+        usable_bytes: usable(cap, c.headroom_milli),
         candidates: out,
     })
 }

@@ -715,27 +715,11 @@ fn dtype(key: &str, v: &Option<String>) -> Result<Option<String>> {
 }
 
 fn positive(key: &str, v: i64) -> Result<i64> {
-    if (1..=MAX_DIM as i64).contains(&v) {
-        Ok(v)
-    } else {
-        Err(Error::invalid(
-            key,
-            v,
-            format!("an integer from 1 to {MAX_DIM}"),
-        ))
-    }
+    crate::plan::bounded(key, v, 1)
 }
 
 fn non_negative(key: &str, v: i64) -> Result<i64> {
-    if (0..=MAX_DIM as i64).contains(&v) {
-        Ok(v)
-    } else {
-        Err(Error::invalid(
-            key,
-            v,
-            format!("an integer from 0 to {MAX_DIM}"),
-        ))
-    }
+    crate::plan::bounded(key, v, 0)
 }
 
 fn degree_or_minus_one(key: &str, v: i64) -> Result<i64> {

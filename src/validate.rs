@@ -60,8 +60,7 @@ impl Validation {
 }
 
 /// Predicted peaks per trainer phase, first step then steady: forward, backward, optimizer.
-pub fn predicted_phases(plan: &Plan) -> Result<[u64; 6]> {
-    let e = estimate(plan)?;
+pub fn predicted_phases(e: &crate::estimate::Estimate) -> [u64; 6] {
     let mut out = [0u64; 6];
     for p in &e.per_gpu.timeline {
         let slot = match p.phase {
@@ -71,13 +70,14 @@ pub fn predicted_phases(plan: &Plan) -> Result<[u64; 6]> {
         } + if p.first_step { 0 } else { 3 };
         out[slot] = out[slot].max(p.allocated_bytes.get());
     }
-    Ok(out)
+    out
 }
 
 /// Estimates, then trains, one plan.
 pub fn validate_one(label: &str, plan: &Plan, opts: &TrainOptions) -> Result<Validation> {
-    let predicted = predicted_phases(plan)?;
-    let predicted_first_oom = estimate(plan)?.per_gpu.first_oom;
+    let e = estimate(plan)?;
+    let predicted = predicted_phases(&e);
+    let predicted_first_oom = e.per_gpu.first_oom;
     let report = train(plan, opts)?;
     let mut measured = [0u64; 6];
     for (k, step) in [&report.first_step, &report.steady_step].iter().enumerate() {
