@@ -13,6 +13,7 @@
 pub mod cli;
 pub mod error;
 pub mod estimate;
+pub mod input;
 pub mod output;
 pub mod plan;
 pub mod profiles;
