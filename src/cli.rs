@@ -2,13 +2,14 @@
 //! [`PlanFile::resolve`] turns into a validated plan; commands call the estimator and a
 //! renderer.
 
+use std::ffi::OsString;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, EXIT_BAD_INPUT, EXIT_DOES_NOT_FIT, EXIT_FAILURE, EXIT_FITS};
 use crate::estimate::{estimate, Estimate};
 use crate::output::{renderer, Format, Row};
 use crate::plan::{self, Plan, PlanFile};
@@ -53,16 +54,16 @@ pub enum Command {
         #[arg(long)]
         max_batch: bool,
         /// Largest micro-batch tried.
-        #[arg(long, default_value_t = 64)]
-        max_micro_batch: u64,
+        #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
+        max_micro_batch: i64,
         /// Fraction of GPU memory to keep free, 0 to 0.5.
-        #[arg(long, default_value_t = 0.05)]
+        #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
         headroom: f64,
         #[arg(long, value_enum, default_value_t = RankBy::Tokens)]
         rank_by: RankBy,
         /// Candidates to print.
-        #[arg(long, default_value_t = 10)]
-        top: usize,
+        #[arg(long, default_value_t = 10, allow_negative_numbers = true)]
+        top: i64,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
@@ -72,8 +73,8 @@ pub enum Command {
     Train {
         #[command(flatten)]
         plan: Box<PlanArgs>,
-        #[arg(long, default_value_t = 3)]
-        steps: u64,
+        #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
+        steps: i64,
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -93,15 +94,15 @@ pub enum Command {
         /// cpu (the CI matrix of small models) or a JSON file: a list of {"label", "plan"}.
         #[arg(long, default_value = "cpu")]
         matrix: String,
-        #[arg(long, default_value_t = 3)]
-        steps: u64,
+        #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
+        steps: i64,
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
         #[arg(long)]
         quiet: bool,
         /// Fail (exit 1) when any plan's peak error exceeds this percentage.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         max_error_pct: Option<f64>,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
@@ -220,12 +221,26 @@ pub struct PlanArgs {
 }
 
 impl PlanArgs {
-    /// The plan file (or example) with the flags laid over it.
+    /// The plan file (or example, or torchtitan config) with the flags laid over it, and the
+    /// warnings and key names the torchtitan reader gave.
     pub fn to_plan_file(&self) -> Result<PlanFile> {
+        Ok(self.load()?.0)
+    }
+
+    fn load(&self) -> Result<(PlanFile, Option<TorchtitanJob>)> {
+        let mut job = None;
         let base = match (&self.plan, &self.example, &self.torchtitan) {
             (Some(p), _, _) => PlanFile::read(p)?,
             (None, Some(name), _) => plan::example(name)?,
-            (None, None, Some(toml)) => crate::torchtitan::read(toml)?,
+            (None, None, Some(toml)) => {
+                let j = read_torchtitan(toml)?;
+                if let Some(n) = self.num_gpus {
+                    j.check_world_size(n)?;
+                }
+                let p = j.plan.clone();
+                job = Some(j);
+                p
+            }
             (None, None, None) => PlanFile::default(),
         };
         let mut top = PlanFile {
@@ -273,18 +288,152 @@ impl PlanArgs {
             optimizer: self.optimizer_impl.clone(),
         };
         // When the flags name the world size but not the FSDP degree, the degree follows the
-        // world size rather than a file's value.
-        if top.num_gpus.is_some() && top.parallel.dp_shard.is_none() {
+        // world size rather than a plan file's value. A torchtitan config's explicit degree is
+        // kept: it was checked against the world size above, as torchtitan checks it.
+        let explicit_toml_shard = job
+            .as_ref()
+            .is_some_and(|j| j.plan.parallel.dp_shard.is_some_and(|d| d > 0));
+        if top.num_gpus.is_some() && top.parallel.dp_shard.is_none() && !explicit_toml_shard {
             top.parallel.dp_shard = Some(-1);
         }
-        Ok(base.overlay(top))
+        Ok((base.overlay(top), job))
     }
 
+    /// (plan field, flag) for every plan field a flag set, so errors name the flag.
+    fn flag_fields(&self) -> Vec<(&'static str, &'static str)> {
+        let set: [(bool, &str, &str); 28] = [
+            (self.model.is_some(), "model", "--model"),
+            (self.gpu.is_some(), "gpu", "--gpu"),
+            (self.num_gpus.is_some(), "num_gpus", "--num-gpus"),
+            (
+                self.gpus_per_node.is_some(),
+                "gpus_per_node",
+                "--gpus-per-node",
+            ),
+            (self.host_ram.is_some(), "host_ram", "--host-ram"),
+            (self.dp_shard.is_some(), "parallel.dp_shard", "--dp-shard"),
+            (
+                self.dp_replicate.is_some(),
+                "parallel.dp_replicate",
+                "--dp-replicate",
+            ),
+            (self.tp.is_some(), "parallel.tp", "--tp"),
+            (self.pp.is_some(), "parallel.pp", "--pp"),
+            (self.cp.is_some(), "parallel.cp", "--cp"),
+            (self.sp.is_some(), "parallel.sp", "--sp"),
+            (self.ep.is_some(), "parallel.ep", "--ep"),
+            (self.etp.is_some(), "parallel.etp", "--etp"),
+            (
+                self.pp_schedule.is_some(),
+                "parallel.pp_schedule",
+                "--pp-schedule",
+            ),
+            (
+                self.pp_virtual_stages.is_some(),
+                "parallel.pp_virtual_stages",
+                "--pp-virtual-stages",
+            ),
+            (
+                self.micro_batch_size.is_some(),
+                "batch.micro_batch_size",
+                "--micro-batch-size",
+            ),
+            (self.seq_len.is_some(), "batch.seq_len", "--seq-len"),
+            (
+                self.grad_accum_steps.is_some(),
+                "batch.grad_accum_steps",
+                "--grad-accum-steps",
+            ),
+            (
+                self.param_dtype.is_some(),
+                "precision.param",
+                "--param-dtype",
+            ),
+            (
+                self.reduce_dtype.is_some(),
+                "precision.reduce",
+                "--reduce-dtype",
+            ),
+            (
+                self.master_dtype.is_some(),
+                "precision.master",
+                "--master-dtype",
+            ),
+            (self.optimizer.is_some(), "optimizer", "--optimizer"),
+            (self.ac.is_some(), "activation_checkpointing", "--ac"),
+            (self.offload.is_some(), "offload", "--offload"),
+            (
+                self.attention.is_some(),
+                "implementation.attention",
+                "--attention",
+            ),
+            (
+                self.rmsnorm.is_some(),
+                "implementation.rmsnorm",
+                "--rmsnorm",
+            ),
+            (self.gqa.is_some(), "implementation.gqa", "--gqa"),
+            (self.logits.is_some(), "implementation.logits", "--logits"),
+        ];
+        let mut v: Vec<_> = set
+            .iter()
+            .filter(|(on, _, _)| *on)
+            .map(|(_, f, flag)| (*f, *flag))
+            .collect();
+        if self.optimizer_impl.is_some() {
+            v.push(("implementation.optimizer", "--optimizer-impl"));
+        }
+        v
+    }
+
+    /// Errors about a value the user gave name where they gave it: a flag, or the torchtitan
+    /// key it came from.
+    fn explain(&self, job: Option<&TorchtitanJob>, e: Error) -> Error {
+        let flagged = e
+            .field()
+            .and_then(|f| self.flag_fields().into_iter().find(|(pf, _)| *pf == f));
+        match (flagged, job) {
+            (Some((field, flag)), _) => e.rename_field(field, flag),
+            (None, Some(job)) => job.explain(e),
+            (None, None) => e,
+        }
+    }
+
+    /// The resolved plan, with the torchtitan reader's warnings added to the plan's own.
     pub fn resolve(&self) -> Result<Plan> {
-        self.to_plan_file()?.resolve()
+        let (file, job) = self.load()?;
+        let mut plan = file.resolve().map_err(|e| self.explain(job.as_ref(), e))?;
+        if let Some(job) = job {
+            plan.warnings.splice(0..0, job.warnings);
+        }
+        Ok(plan)
     }
 }
 
+/// A torchtitan job config as read (interim adapter while the reader grows warnings, key
+/// names and the world-size check).
+struct TorchtitanJob {
+    plan: PlanFile,
+    warnings: Vec<String>,
+}
+
+impl TorchtitanJob {
+    fn check_world_size(&self, _num_gpus: i64) -> Result<()> {
+        Ok(())
+    }
+    fn explain(&self, e: Error) -> Error {
+        e
+    }
+}
+
+fn read_torchtitan(path: &std::path::Path) -> Result<TorchtitanJob> {
+    Ok(TorchtitanJob {
+        plan: crate::torchtitan::read(path)?,
+        warnings: Vec::new(),
+    })
+}
+
+/// A plan for `compare`: a file path, or `example:NAME`.
 fn load_plan(arg: &str) -> Result<(String, Plan)> {
     let file = match arg.strip_prefix("example:") {
         Some(name) => plan::example(name)?,
@@ -294,44 +443,144 @@ fn load_plan(arg: &str) -> Result<(String, Plan)> {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| arg.to_string());
-    Ok((label, file.resolve()?))
+    let plan = file
+        .resolve()
+        .map_err(|e| e.context(format!("plan {}", crate::input::quote(arg))))?;
+    Ok((label, plan))
 }
 
-fn print(s: &str) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    // A closed pipe (`| head`) is not an error worth reporting.
-    match out.write_all(s.as_bytes()) {
+/// Writes `s` to `out`. A closed pipe (`| head`) is not an error worth reporting; any other
+/// write error is (exit code 3).
+fn print(out: &mut dyn Write, s: &str) -> Result<()> {
+    match out.write_all(s.as_bytes()).and_then(|()| out.flush()) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        r => r.map_err(|e| Error::runtime(format!("cannot write output: {e}"))),
+        r => r.map_err(Error::output),
     }
 }
 
-/// Runs a parsed command; the exit code says whether the plan fits (0), not (1) or the
-/// input was bad (2, through the error).
+fn warn(err: &mut dyn Write, warnings: &[String]) {
+    for w in warnings {
+        // Nothing useful can be done if stderr is gone.
+        let _ = writeln!(err, "warning: {w}");
+    }
+}
+
+fn fit_code(fits: bool) -> u8 {
+    if fits {
+        EXIT_FITS
+    } else {
+        EXIT_DOES_NOT_FIT
+    }
+}
+
+/// Whether raw arguments ask for JSON output (`--format json` or `--format=json`), for
+/// reporting errors that happen before or while the arguments are parsed.
+fn wants_json(args: &[OsString]) -> bool {
+    args.iter().enumerate().any(|(i, a)| {
+        a == "--format=json" || (a == "--format" && args.get(i + 1).is_some_and(|v| v == "json"))
+    })
+}
+
+/// The whole program over explicit arguments and streams: parses `args` (the first is the
+/// program name), runs the command, writes its output to `out` and warnings and errors to
+/// `err`, and returns the exit code: [`EXIT_FITS`], [`EXIT_DOES_NOT_FIT`], [`EXIT_BAD_INPUT`]
+/// or [`EXIT_FAILURE`]. With `--format json`, `out` receives exactly one JSON document in
+/// every outcome, errors included (schema `memplan.error/1`).
+pub fn main_with(
+    args: impl IntoIterator<Item = impl Into<OsString> + Clone>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> u8 {
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let json = wants_json(&args);
+    let result = match Cli::try_parse_from(&args) {
+        Ok(cli) => run_to(cli, out, err),
+        Err(e) => match e.kind() {
+            clap::error::ErrorKind::DisplayHelp
+            | clap::error::ErrorKind::DisplayVersion
+            | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                let code = if e.kind()
+                    == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                {
+                    EXIT_BAD_INPUT
+                } else {
+                    EXIT_FITS
+                };
+                return match print(out, &e.render().to_string()) {
+                    Ok(()) => code,
+                    Err(_) => EXIT_FAILURE,
+                };
+            }
+            _ => Err(Error::input(clap_message(&e))),
+        },
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = writeln!(err, "error: {e}");
+            if json {
+                let doc = crate::output::json::error(&e);
+                if print(out, &doc).is_err() {
+                    return EXIT_FAILURE;
+                }
+            }
+            e.exit_code()
+        }
+    }
+}
+
+/// clap's error on one line: its first line without the "error: " prefix, and the flag's
+/// accepted values where clap lists them.
+fn clap_message(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let first = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("invalid arguments");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    format!("{} (see memplan --help)", crate::plan::cut_quoted(first))
+}
+
+/// Runs a parsed command, writing to stdout and stderr; see [`main_with`].
 pub fn run(cli: Cli) -> Result<ExitCode> {
+    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
+    run_to(cli, &mut out, &mut err).map(ExitCode::from)
+}
+
+/// Runs a parsed command; the exit code says whether the plan fits (0) or not (1); errors
+/// carry theirs.
+pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> {
     match cli.command {
         Command::Estimate { plan, format } => {
             let plan = plan.resolve()?;
+            warn(err, &plan.warnings);
             let est: Estimate = estimate(&plan)?;
-            print(&renderer(format).estimate(&Row {
-                label: &plan.model.name,
-                plan: &plan,
-                estimate: &est,
-            }))?;
-            Ok(if est.fits {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            print(
+                out,
+                &renderer(format).estimate(&Row {
+                    label: &plan.model.name,
+                    plan: &plan,
+                    estimate: &est,
+                }),
+            )?;
+            Ok(fit_code(est.fits))
         }
         Command::Compare { plans, format } => {
             let loaded = plans
                 .iter()
                 .map(|p| load_plan(p))
                 .collect::<Result<Vec<_>>>()?;
+            for (label, p) in &loaded {
+                let w: Vec<String> = p.warnings.iter().map(|w| format!("{label}: {w}")).collect();
+                warn(err, &w);
+            }
             let ests = loaded
                 .iter()
-                .map(|(_, p)| estimate(p))
+                .map(|(label, p)| {
+                    estimate(p)
+                        .map_err(|e| e.context(format!("plan {}", crate::input::quote(label))))
+                })
                 .collect::<Result<Vec<_>>>()?;
             let rows: Vec<Row> = loaded
                 .iter()
@@ -342,8 +591,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     estimate,
                 })
                 .collect();
-            print(&renderer(format).compare(&rows))?;
-            Ok(ExitCode::SUCCESS)
+            print(out, &renderer(format).compare(&rows))?;
+            // Compare exits by the best plan: 0 when any of them fits.
+            Ok(fit_code(ests.iter().any(|e| e.fits)))
         }
         Command::Search {
             plan,
@@ -361,70 +611,75 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     "a fraction from 0 to 0.5",
                 ));
             }
-            if !(1..=crate::plan::MAX_DIM).contains(&max_micro_batch) {
-                return Err(Error::invalid(
-                    "--max-micro-batch",
-                    max_micro_batch,
-                    format!("an integer from 1 to {}", crate::plan::MAX_DIM),
-                ));
-            }
+            let max_micro_batch = u64::try_from(max_micro_batch)
+                .ok()
+                .filter(|m| (1..=plan::MAX_DIM).contains(m))
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "--max-micro-batch",
+                        max_micro_batch,
+                        format!("an integer from 1 to {}", plan::MAX_DIM),
+                    )
+                })?;
+            let top = usize::try_from(top)
+                .ok()
+                .filter(|t| (1..=1_000_000).contains(t))
+                .ok_or_else(|| Error::invalid("--top", top, "an integer from 1 to 1000000"))?;
             let headroom_milli = (headroom * 1000.0).round() as u64;
             if max_batch {
                 let p = plan.resolve()?;
+                warn(err, &p.warnings);
                 let mut n = 0;
-                return match search::max_micro_batch(&p, max_micro_batch, headroom_milli, &mut n)? {
-                    Some((mb, est)) => {
-                        let mut at = p.clone();
-                        at.batch.micro_batch_size = mb;
-                        print(&format!(
-                            "largest micro-batch that fits with {:.0}% headroom: {mb}{} ({n} estimates)\n",
-                            headroom * 100.0,
-                            if mb == max_micro_batch { " (the --max-micro-batch limit)" } else { "" }
-                        ))?;
-                        print(&renderer(format).estimate(&Row {
-                            label: &at.model.name,
-                            plan: &at,
-                            estimate: &est,
-                        }))?;
-                        Ok(ExitCode::SUCCESS)
-                    }
-                    None => {
-                        print(&format!(
-                            "no micro-batch fits: even 1 exceeds the GPU (with {:.0}% headroom) or the host\n",
-                            headroom * 100.0
-                        ))?;
-                        Ok(ExitCode::from(1))
-                    }
+                let found = search::max_micro_batch(&p, max_micro_batch, headroom_milli, &mut n)?;
+                let fits = found.is_some();
+                let at = found.map(|(mb, est)| {
+                    let mut at = p.clone();
+                    at.batch.micro_batch_size = mb;
+                    (at, est)
+                });
+                let result = crate::output::MaxBatch {
+                    plan: &p,
+                    headroom,
+                    max_micro_batch,
+                    estimates: n,
+                    found: at.as_ref().map(|(plan, estimate)| Row {
+                        label: &plan.model.name,
+                        plan,
+                        estimate,
+                    }),
                 };
+                print(out, &renderer(format).max_batch(&result))?;
+                return Ok(fit_code(fits));
             }
-            let u = |v: Option<i64>| v.filter(|&x| x > 0).map(|x| x as u64);
+            let constraint = |v: Option<i64>| v.filter(|&x| x > 0).map(|x| x as u64);
             let constraints = Constraints {
-                tp: u(plan.tp),
-                pp: u(plan.pp),
-                cp: u(plan.cp),
-                dp_shard: u(plan.dp_shard),
-                ep: u(plan.ep),
+                tp: constraint(plan.tp),
+                pp: constraint(plan.pp),
+                cp: constraint(plan.cp),
+                dp_shard: constraint(plan.dp_shard),
+                ep: constraint(plan.ep),
                 ac: plan
                     .ac
                     .as_deref()
-                    .map(crate::plan::Checkpointing::parse)
-                    .transpose()?,
+                    .map(plan::Checkpointing::parse)
+                    .transpose()
+                    .map_err(|e| e.rename_field(plan::Checkpointing::FIELD, "--ac"))?,
                 offload: plan
                     .offload
                     .as_deref()
-                    .map(<crate::plan::Offload as crate::plan::Choice>::parse)
-                    .transpose()?,
+                    .map(<plan::Offload as plan::Choice>::parse)
+                    .transpose()
+                    .map_err(|e| e.rename_field("offload", "--offload"))?,
                 max_micro_batch,
                 headroom_milli,
                 rank_by,
             };
+            // Resolving first checks every flag and names it in errors.
+            let base = plan.resolve()?;
+            warn(err, &base.warnings);
             let result = search::search(&plan.to_plan_file()?, &constraints)?;
-            print(&renderer(format).search(&result, top))?;
-            Ok(if result.candidates.is_empty() {
-                ExitCode::from(1)
-            } else {
-                ExitCode::SUCCESS
-            })
+            print(out, &renderer(format).search(&result, top))?;
+            Ok(fit_code(!result.candidates.is_empty()))
         }
         #[cfg(feature = "trainer")]
         Command::Train {
@@ -436,10 +691,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             format,
         } => {
             let mut plan = plan.resolve()?;
+            warn(err, &plan.warnings);
             let device_limit = device_memory
                 .as_deref()
                 .map(|s| {
                     crate::units::Bytes::parse(s)
+                        .filter(|b| b.get() > 0)
                         .map(|b| b.get())
                         .ok_or_else(|| {
                             Error::invalid(
@@ -462,12 +719,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 ..Default::default()
             };
             let v = crate::validate::validate_one(&plan.model.name, &plan, &opts)?;
-            print(&crate::output::validation::train(&v, format))?;
-            Ok(if v.report.oom.is_some() {
-                ExitCode::from(1)
-            } else {
-                ExitCode::SUCCESS
-            })
+            print(out, &crate::output::validation::train(&v, format))?;
+            Ok(fit_code(v.report.oom.is_none()))
         }
         #[cfg(feature = "trainer")]
         Command::Validate {
@@ -478,6 +731,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             max_error_pct,
             format,
         } => {
+            if let Some(m) = max_error_pct {
+                if !(m.is_finite() && m >= 0.0) {
+                    return Err(Error::invalid(
+                        "--max-error-pct",
+                        m,
+                        "a percentage of 0 or more",
+                    ));
+                }
+            }
             let plans = if matrix == "cpu" {
                 crate::validate::cpu_matrix()
             } else {
@@ -489,20 +751,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 parse_device(&device)?,
                 !quiet,
             );
-            print(&crate::output::validation::matrix(&rows, format))?;
+            print(out, &crate::output::validation::matrix(&rows, format))?;
             for (label, e) in &failed {
-                eprintln!("error: {label}: {e}");
+                let _ = writeln!(err, "error: {label}: {e}");
             }
             let bad = !failed.is_empty()
                 || max_error_pct.is_some_and(|m| {
                     rows.iter()
                         .any(|v| v.error_pct().abs() > m || v.report.oom.is_some())
                 });
-            Ok(if bad {
-                ExitCode::from(1)
-            } else {
-                ExitCode::SUCCESS
-            })
+            Ok(fit_code(!bad))
         }
         Command::Profiles { format } => {
             let models = profiles::MODELS
@@ -518,16 +776,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 let names: Vec<_> = plan::EXAMPLES.iter().map(|(n, _)| *n).collect();
                 s += &format!("example plans (--example NAME): {}\n", names.join(", "));
             }
-            print(&s)?;
-            Ok(ExitCode::SUCCESS)
+            print(out, &s)?;
+            Ok(EXIT_FITS)
         }
     }
 }
 
 #[cfg(feature = "trainer")]
-fn positive_steps(steps: u64) -> Result<u64> {
+fn positive_steps(steps: i64) -> Result<u64> {
     if (1..=100_000).contains(&steps) {
-        Ok(steps)
+        Ok(steps as u64)
     } else {
         Err(Error::invalid(
             "--steps",

@@ -80,3 +80,20 @@ pub fn quote(value: &str) -> String {
         one_line
     }
 }
+
+/// A longer message (a parser's, say) on one line and at most 300 characters.
+pub fn quote_lines(text: &str) -> String {
+    const MAX: usize = 300;
+    let one: String = text
+        .split(['\n', '\r'])
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    if one.chars().count() > MAX {
+        let cut: String = one.chars().take(MAX - 3).collect();
+        format!("{cut}...")
+    } else {
+        one
+    }
+}

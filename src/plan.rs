@@ -124,9 +124,14 @@ pub trait Choice: Sized + Copy {
 macro_rules! choice {
     ($(#[$m:meta])* $ty:ident, $field:literal { $($(#[$vm:meta])* $var:ident = $($txt:literal)|+),+ $(,)? }) => {
         $(#[$m])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-        #[serde(rename_all = "kebab-case")]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
         pub enum $ty { $($(#[$vm])* $var),+ }
+        /// Serialized as its first accepted spelling, so JSON output reads back as a plan.
+        impl Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
         impl Choice for $ty {
             const FIELD: &'static str = $field;
             const ACCEPTED: &'static str = concat!("one of ", choice!(@list $($($txt)|+),+));
@@ -187,9 +192,9 @@ impl Optimizer {
     }
 }
 
-/// Activation checkpointing mode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "kebab-case")]
+/// Activation checkpointing mode; serialized as it is written in a plan
+/// (`"selective-layer:2"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Checkpointing {
     /// Autograd keeps every tensor it saves.
     None,
@@ -224,6 +229,12 @@ impl Checkpointing {
                 }
             }
         }
+    }
+}
+
+impl Serialize for Checkpointing {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -416,6 +427,10 @@ pub struct Plan {
     pub compile: bool,
     /// MoE capacity factor in thousandths (1000 = no padding).
     pub moe_capacity_milli: u64,
+    /// Settings that were accepted but are probably not what the user meant, one line each
+    /// (the CLI prints them on stderr and carries them in JSON output).
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 impl Plan {
@@ -442,8 +457,14 @@ fn positive(field: &str, v: Option<i64>, default: u64) -> Result<u64> {
     v.map_or(Ok(default), |n| bounded(field, n, 1).map(|n| n as u64))
 }
 
-fn parse_opt<T: Choice>(v: &Option<String>, default: T) -> Result<T> {
-    v.as_deref().map_or(Ok(default), T::parse)
+/// The choice spelled in `v`, or `default`; errors name `field` (several fields share a
+/// choice type, e.g. the three precision dtypes).
+fn parse_opt<T: Choice>(field: &str, v: &Option<String>, default: T) -> Result<T> {
+    match v.as_deref() {
+        None => Ok(default),
+        Some(s) => T::from_text(s.trim())
+            .ok_or_else(|| Error::invalid(field, format!("{s:?}"), T::ACCEPTED)),
+    }
 }
 
 fn divides(field: &str, degree: u64, what: &str, n: u64) -> Result<()> {
@@ -457,18 +478,125 @@ fn divides(field: &str, degree: u64, what: &str, n: u64) -> Result<()> {
     Ok(())
 }
 
+/// Largest host RAM per node accepted: 1 PiB.
+pub const MAX_HOST_RAM: Bytes = Bytes(1 << 50);
+
+/// Host RAM per node from a plan value: a size with a unit ("512GiB", "1TB") or an integer
+/// byte count of at least 1 MiB. A string without a unit is refused: "512" is far more likely
+/// to mean 512 GB than 512 bytes.
+fn host_ram(v: Option<&serde_json::Value>) -> Result<Bytes> {
+    const ACCEPTED: &str =
+        "a size with a unit such as 512GiB or 1TB (at most 1PiB), or an integer byte count of at least 1 MiB";
+    let bytes = match v {
+        None => return Ok(Bytes::gib(1024)),
+        Some(serde_json::Value::Number(n)) => n
+            .as_u64()
+            .filter(|&n| n >= 1 << 20)
+            .map(Bytes)
+            .ok_or_else(|| Error::invalid("host_ram", n, ACCEPTED))?,
+        Some(serde_json::Value::String(s)) => {
+            let t = s.trim();
+            if !t.is_empty() && t.chars().all(|c| c.is_ascii_digit() || c == '.') {
+                return Err(Error::invalid(
+                    "host_ram",
+                    format!("{s:?}"),
+                    format!(
+                        "a size with a unit, such as {t}GB or {t}GiB (a bare number is ambiguous)"
+                    ),
+                ));
+            }
+            Bytes::parse(t)
+                .filter(|b| b.get() > 0)
+                .ok_or_else(|| Error::invalid("host_ram", format!("{s:?}"), ACCEPTED))?
+        }
+        Some(v) => {
+            let kind = if v.is_array() {
+                "an array"
+            } else if v.is_object() {
+                "an object"
+            } else {
+                "a boolean or null"
+            };
+            return Err(Error::invalid("host_ram", kind, ACCEPTED));
+        }
+    };
+    if bytes > MAX_HOST_RAM {
+        return Err(Error::invalid("host_ram", bytes, ACCEPTED));
+    }
+    Ok(bytes)
+}
+
+/// A serde_json message on one line with any quoted value cut short: serde quotes the whole
+/// offending string, which may be megabytes.
+fn serde_message(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    // serde_json appends " at line L column C"; the caller says where.
+    let text = match text.rfind(" at line ") {
+        Some(i) => &text[..i],
+        None => &text,
+    };
+    cut_quoted(text)
+}
+
+/// `text` with every double-quoted run longer than the quote limit cut short.
+pub(crate) fn cut_quoted(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find('"') {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 1..];
+        let Some(end) = after.find('"') else {
+            out.push_str(&crate::input::quote(&rest[start..]));
+            return out;
+        };
+        out.push('"');
+        out.push_str(&crate::input::quote(&after[..end]));
+        out.push('"');
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    crate::input::quote_lines(&out)
+}
+
 impl PlanFile {
-    /// Reads a plan file; malformed JSON is reported with its line.
+    /// Reads a plan file (at most 1 MiB, a leading BOM allowed); malformed JSON is reported
+    /// with its line, a document that is not a JSON object says so.
     pub fn read(path: &Path) -> Result<PlanFile> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| {
+        let text = crate::input::read_text(path, "plan")?;
+        PlanFile::from_json(&text).map_err(|e| e.context(format!("plan {}", path.display())))
+    }
+
+    /// Parses plan-file JSON: one object whose keys are those of the schema.
+    ///
+    /// ```
+    /// use memplan::plan::PlanFile;
+    /// let e = PlanFile::from_json("[1, 2]").unwrap_err().to_string();
+    /// assert_eq!(e, "expected a JSON object such as {\"model\": \"llama3-8b\"}, got an array");
+    /// ```
+    pub fn from_json(text: &str) -> Result<PlanFile> {
+        let text = crate::input::strip_bom(text);
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
             Error::input(format!(
-                "plan {}: malformed at line {} column {}: {e}",
-                path.display(),
+                "malformed JSON at line {} column {}: {}",
                 e.line(),
-                e.column()
+                e.column(),
+                serde_message(&e)
             ))
-        })
+        })?;
+        let kind = match &value {
+            serde_json::Value::Object(_) => None,
+            serde_json::Value::Array(_) => Some("an array"),
+            serde_json::Value::String(_) => Some("a string"),
+            serde_json::Value::Number(_) => Some("a number"),
+            serde_json::Value::Bool(_) => Some("a boolean"),
+            serde_json::Value::Null => Some("null"),
+        };
+        if let Some(kind) = kind {
+            return Err(Error::input(format!(
+                "expected a JSON object such as {{\"model\": \"llama3-8b\"}}, got {kind}"
+            )));
+        }
+        serde_json::from_value(value).map_err(|e| Error::input(serde_message(&e)))
     }
 
     /// Keys set in `top` replace those of `self`, recursively through the nested tables.
@@ -623,7 +751,7 @@ impl PlanFile {
                 format!("1 or tp ({tp})"),
             ));
         }
-        let pp_schedule = parse_opt(&p.pp_schedule, PpSchedule::OneFOneB)?;
+        let pp_schedule = parse_opt("parallel.pp_schedule", &p.pp_schedule, PpSchedule::OneFOneB)?;
         let pp_virtual_stages = positive("parallel.pp_virtual_stages", p.pp_virtual_stages, 1)?;
         if pp_virtual_stages > 1 && pp_schedule != PpSchedule::Interleaved1F1B {
             return Err(Error::invalid(
@@ -641,9 +769,9 @@ impl PlanFile {
         }
 
         let pr = &self.precision;
-        let param = parse_opt(&pr.param, DType::Bf16)?;
-        let reduce = parse_opt(&pr.reduce, DType::Fp32)?;
-        let master = parse_opt(&pr.master, DType::Fp32)?;
+        let param = parse_opt("precision.param", &pr.param, DType::Bf16)?;
+        let reduce = parse_opt("precision.reduce", &pr.reduce, DType::Fp32)?;
+        let master = parse_opt("precision.master", &pr.master, DType::Fp32)?;
         if master == DType::Fp16 {
             return Err(Error::invalid(
                 "precision.master",
@@ -654,32 +782,78 @@ impl PlanFile {
         let im = &self.implementation;
         let d = Implementation::default();
         let implementation = Implementation {
-            attention: parse_opt(&im.attention, d.attention)?,
-            rmsnorm: parse_opt(&im.rmsnorm, d.rmsnorm)?,
-            gqa: parse_opt(&im.gqa, d.gqa)?,
-            logits: parse_opt(&im.logits, d.logits)?,
-            optimizer: parse_opt(&im.optimizer, d.optimizer)?,
+            attention: parse_opt("implementation.attention", &im.attention, d.attention)?,
+            rmsnorm: parse_opt("implementation.rmsnorm", &im.rmsnorm, d.rmsnorm)?,
+            gqa: parse_opt("implementation.gqa", &im.gqa, d.gqa)?,
+            logits: parse_opt("implementation.logits", &im.logits, d.logits)?,
+            optimizer: parse_opt("implementation.optimizer", &im.optimizer, d.optimizer)?,
         };
-        let host_ram = match &self.host_ram {
-            None => Bytes::gib(1024),
-            Some(serde_json::Value::Number(n)) => n
-                .as_u64()
-                .filter(|&n| n > 0)
-                .map(Bytes)
-                .ok_or_else(|| Error::invalid("host_ram", n, "a positive byte count"))?,
-            Some(serde_json::Value::String(s)) => {
-                Bytes::parse(s).filter(|b| b.get() > 0).ok_or_else(|| {
-                    Error::invalid("host_ram", format!("{s:?}"), "a size such as 512GiB or 1TB")
-                })?
-            }
-            Some(v) => {
+        let host_ram = host_ram(self.host_ram.as_ref())?;
+        let moe_capacity_milli = match self.moe_capacity_factor {
+            None => 1000,
+            Some(c) if c.is_finite() && (1.0..=64.0).contains(&c) => (c * 1000.0).round() as u64,
+            Some(c) => {
                 return Err(Error::invalid(
-                    "host_ram",
-                    v,
-                    "a size such as 512GiB or 1TB",
+                    "moe_capacity_factor",
+                    c,
+                    "a number from 1.0 to 64.0",
                 ))
             }
         };
+        if model.moe.is_none() && etp != 1 {
+            return Err(Error::invalid(
+                "parallel.etp",
+                etp,
+                "1 for a dense model (expert tensor parallelism needs a mixture-of-experts model)",
+            ));
+        }
+        let activation_checkpointing = self
+            .activation_checkpointing
+            .as_deref()
+            .map_or(Ok(Checkpointing::None), Checkpointing::parse)?;
+
+        // Accepted, but probably not what was meant: said on stderr, not refused.
+        let mut warnings = Vec::new();
+        if model.moe.is_none() && self.moe_capacity_factor.is_some() {
+            warnings.push(format!(
+                "moe_capacity_factor is ignored: {} is a dense model",
+                model.name
+            ));
+        }
+        if p.sp == Some(true) && tp == 1 {
+            warnings.push(
+                "parallel.sp is ignored with tp 1: sequence parallelism splits the TP group's \
+                 norm and residual activations"
+                    .to_string(),
+            );
+        }
+        if tp > gpus_per_node {
+            warnings.push(format!(
+                "parallel.tp {tp} spans nodes of {gpus_per_node} GPUs: the memory estimate \
+                 holds, but TP's per-layer collectives would cross the inter-node network"
+            ));
+        }
+        if let Checkpointing::SelectiveLayer(k) = activation_checkpointing {
+            let per_stage = model.layers / pp;
+            if k > per_stage {
+                warnings.push(format!(
+                    "activation_checkpointing selective-layer:{k} checkpoints no block of \
+                     {per_stage} per stage (the same as none)"
+                ));
+            }
+        }
+        if param.bytes() > master.bytes() {
+            warnings.push(format!(
+                "precision.param {param} is wider than precision.master {master}: the \
+                 all-gathered copy is upcast from {master} weights and gains no precision"
+            ));
+        }
+        if reduce.bytes() < param.bytes() {
+            warnings.push(format!(
+                "precision.reduce {reduce} is narrower than precision.param {param}: \
+                 gradients are reduced in less precision than they are computed"
+            ));
+        }
         Ok(Plan {
             model,
             gpu,
@@ -708,29 +882,15 @@ impl PlanFile {
                 reduce,
                 master,
             },
-            optimizer: parse_opt(&self.optimizer, Optimizer::AdamW)?,
-            activation_checkpointing: self
-                .activation_checkpointing
-                .as_deref()
-                .map_or(Ok(Checkpointing::None), Checkpointing::parse)?,
-            offload: parse_opt(&self.offload, Offload::None)?,
+            optimizer: parse_opt("optimizer", &self.optimizer, Optimizer::AdamW)?,
+            activation_checkpointing,
+            offload: parse_opt("offload", &self.offload, Offload::None)?,
             reshard_after_forward: self.reshard_after_forward.unwrap_or(true),
             implementation,
             float8: self.float8.unwrap_or(false),
             compile: self.compile.unwrap_or(false),
-            moe_capacity_milli: match self.moe_capacity_factor {
-                None => 1000,
-                Some(c) if c.is_finite() && (1.0..=64.0).contains(&c) => {
-                    (c * 1000.0).round() as u64
-                }
-                Some(c) => {
-                    return Err(Error::invalid(
-                        "moe_capacity_factor",
-                        c,
-                        "a number from 1.0 to 64.0",
-                    ))
-                }
-            },
+            moe_capacity_milli,
+            warnings,
         })
     }
 }
@@ -757,8 +917,7 @@ pub fn example(name: &str) -> Result<PlanFile> {
             format!("one of {}", known.join(", ")),
         )
     })?;
-    serde_json::from_str(text)
-        .map_err(|e| Error::input(format!("example {name}: malformed plan: {e}")))
+    PlanFile::from_json(text).map_err(|e| e.context(format!("example {name}")))
 }
 
 /// A resolved plan from plan-file JSON, for the crate's unit tests.

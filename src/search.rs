@@ -52,8 +52,9 @@ pub struct Candidate {
     pub device_total_bytes: Bytes,
     pub host_per_node_bytes: Bytes,
     pub peak_phase: &'static str,
-    /// Tokens of one micro-step over every data-parallel rank.
-    pub tokens_per_micro_step: u64,
+    /// Tokens of one micro-step over every data-parallel rank (128 bits: micro-batch,
+    /// sequence and data-parallel degree may each reach 2^24).
+    pub tokens_per_micro_step: u128,
     pub cost: StepCost,
 }
 
@@ -70,8 +71,22 @@ pub struct SearchResult {
     pub candidates: Vec<Candidate>,
 }
 
+/// The divisors of `n` in increasing order, found up to its square root (world sizes reach
+/// 2^24, where walking every integer below `n` in each nested loop would take minutes).
 fn divisors(n: u64) -> impl Iterator<Item = u64> {
-    (1..=n).filter(move |d| n % d == 0)
+    let mut small = Vec::new();
+    let mut large = Vec::new();
+    let mut d = 1u64;
+    while d * d <= n {
+        if n % d == 0 {
+            small.push(d);
+            if d * d != n {
+                large.push(n / d);
+            }
+        }
+        d += 1;
+    }
+    small.into_iter().chain(large.into_iter().rev())
 }
 
 fn ac_rank(ac: Checkpointing) -> u64 {
@@ -214,7 +229,9 @@ pub fn search(base: &PlanFile, c: &Constraints) -> Result<SearchResult> {
                                     p.batch.micro_batch_size = mb;
                                     let cost = step_cost(&p);
                                     out.push(Candidate {
-                                        tokens_per_micro_step: mb * seq * dp,
+                                        tokens_per_micro_step: mb as u128
+                                            * seq as u128
+                                            * dp as u128,
                                         device_total_bytes: e.per_gpu.device_total_bytes,
                                         host_per_node_bytes: e.host.per_node_bytes,
                                         peak_phase: e.per_gpu.peak_phase,

@@ -43,7 +43,7 @@ pub struct StepCost {
     pub offload_s: f64,
     pub step_s: f64,
     /// Tokens of the whole step (every data-parallel rank, every micro-batch).
-    pub tokens_per_step: u64,
+    pub tokens_per_step: u128,
     /// tokens_per_step / step_s.
     pub tokens_per_s: f64,
 }
@@ -78,16 +78,17 @@ pub fn step_cost(plan: &Plan) -> StepCost {
     let par = &plan.parallel;
     let b = &plan.batch;
     let micro = b.grad_accum_steps as f64;
-    let tokens_rank = (b.micro_batch_size * b.seq_len / par.cp) as f64;
+    // Products are taken in f64: the inputs are bounded, their products need not fit u64.
+    let tokens_rank = b.micro_batch_size as f64 * b.seq_len as f64 / par.cp as f64;
     let layers_rank = (m.layers as f64 / par.pp as f64).ceil();
     // Active parameters per token: routed experts count top_k of them.
     let (block_active, attn_part) = {
         let dense = m.block_param_count() as f64;
-        let attn = (2 * m.hidden * m.q_dim() + 2 * m.hidden * m.kv_dim()) as f64;
+        let attn = 2.0 * m.hidden as f64 * (m.q_dim() as f64 + m.kv_dim() as f64);
         match m.moe {
             Some(moe) if m.moe_layers() > 0 => {
-                let per_expert = (3 * m.hidden * moe.expert_intermediate) as f64;
-                let shared = (3 * m.hidden * moe.shared_intermediate) as f64;
+                let per_expert = 3.0 * m.hidden as f64 * moe.expert_intermediate as f64;
+                let shared = 3.0 * m.hidden as f64 * moe.shared_intermediate as f64;
                 let moe_active = attn + moe.top_k as f64 * per_expert + shared;
                 let frac = m.moe_layers() as f64 / m.layers as f64;
                 (dense * (1.0 - frac) + moe_active * frac, attn)
@@ -97,7 +98,7 @@ pub fn step_cost(plan: &Plan) -> StepCost {
     };
     let attn_flops = 6.0 * b.seq_len as f64 * m.q_dim() as f64 / 2.0;
     let per_token_block = 6.0 * block_active + attn_flops;
-    let head = 6.0 * (m.vocab * m.hidden) as f64 / par.pp as f64;
+    let head = 6.0 * m.vocab as f64 * m.hidden as f64 / par.pp as f64;
     let flops_rank = tokens_rank * (layers_rank * per_token_block + head) / par.tp as f64;
     let speed = plan.gpu.bf16_tflops * 1e12 * MFU * if plan.float8 { 1.6 } else { 1.0 };
     let compute = micro * flops_rank / speed;
@@ -109,7 +110,8 @@ pub fn step_cost(plan: &Plan) -> StepCost {
         Checkpointing::SelectiveLayer(k) => 1.0 / 3.0 / k as f64,
         Checkpointing::SelectiveOp => {
             // wk, wo and w3 (one third of the MLP) out of all the block's matmuls.
-            let recomputed = (m.hidden * m.kv_dim() + m.hidden * m.q_dim()) as f64 + mlp_mm / 3.0;
+            let recomputed =
+                m.hidden as f64 * (m.kv_dim() as f64 + m.q_dim() as f64) + mlp_mm / 3.0;
             recomputed / block_active / 3.0
         }
     };
@@ -141,7 +143,7 @@ pub fn step_cost(plan: &Plan) -> StepCost {
     };
     // FSDP: all-gather in forward and backward, reduce-scatter in backward, per micro-batch.
     let n = par.fsdp_degree();
-    let stage_params = m.param_count() as f64 / (par.pp * par.tp) as f64;
+    let stage_params = m.param_count() as f64 / (par.pp as f64 * par.tp as f64);
     let fsdp_comm = if n > 1 {
         let f = (n as f64 - 1.0) / n as f64;
         micro * stage_params * f * (2.0 * e + r) / bw(plan, n * par.tp)
@@ -179,8 +181,12 @@ pub fn step_cost(plan: &Plan) -> StepCost {
         Offload::Full => micro * 3.0 * shard_params * mb / host + cpu_step,
     };
     let step = busy + bubble + exposed + offload;
-    let tokens =
-        b.micro_batch_size * b.seq_len * par.dp_replicate * par.dp_shard * b.grad_accum_steps;
+    // Five factors of up to 2^24 each: 128 bits hold the product.
+    let tokens = [par.dp_replicate, par.dp_shard, b.grad_accum_steps]
+        .iter()
+        .fold(b.micro_batch_size as u128 * b.seq_len as u128, |a, &x| {
+            a * x as u128
+        });
     StepCost {
         compute_s: compute,
         recompute_s: recompute,

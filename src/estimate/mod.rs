@@ -586,7 +586,7 @@ const PHASES: [Phase; 5] = [
 /// ```
 pub fn estimate(plan: &Plan) -> Result<Estimate> {
     let last = plan.parallel.pp - 1;
-    let runtime = overhead::runtime_overhead(plan);
+    let runtime = overhead::runtime_overhead(plan)?;
     let capacity = plan.gpu.memory_bytes;
 
     // The first and the last pipeline stage bound every stage: the first keeps the most

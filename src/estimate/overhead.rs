@@ -23,6 +23,7 @@
 //! parameter sharding. The README's accuracy table gives the errors it leaves on every
 //! published row.
 
+use crate::error::Result;
 use crate::plan::Plan;
 use crate::units::Bytes;
 
@@ -46,12 +47,16 @@ pub fn fragmentation(churn: u128) -> u128 {
     super::div(churn * FRAGMENTATION as u128, 1000)
 }
 
-/// Device memory outside the caching allocator.
-pub fn runtime_overhead(plan: &Plan) -> Bytes {
+/// Device memory outside the caching allocator (checked: a GPU profile's overhead is user
+/// input).
+pub fn runtime_overhead(plan: &Plan) -> Result<Bytes> {
     let nccl = if plan.num_gpus > 1 && plan.gpu.caching_allocator {
         NCCL_BYTES
     } else {
         Bytes::ZERO
     };
-    Bytes(plan.gpu.runtime_overhead_bytes.get() + nccl.get())
+    plan.gpu.runtime_overhead_bytes.add(
+        nccl,
+        "runtime overhead (gpu profile runtime_overhead_bytes + NCCL)",
+    )
 }

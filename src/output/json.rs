@@ -28,9 +28,18 @@
 //!   "fits_gpu": bool, "fits_host": bool, "fits": bool
 //! }
 //! ```
+//! Every estimate envelope also carries `"param_count": u64` (the model's exact parameter
+//! count) and `"warnings": [str]` (settings accepted but probably not meant; also on stderr).
+//!
 //! `compare` emits `{"schema": "memplan.compare/1", "plans": [ {"label": str, ...estimate
 //! envelope without schema...}, ... ]}`; `profiles` emits `{"schema": "memplan.profiles/1",
-//! "models": [...], "gpus": [...]}`.
+//! "models": [...], "gpus": [...]}`; `search` emits `memplan.search/1`; `search --max-batch`
+//! emits `{"schema": "memplan.max-batch/1", "plan", "headroom", "max_micro_batch",
+//! "estimates", "micro_batch_size": u64 | null, "estimate": envelope | null}`.
+//!
+//! Whatever happens, stdout holds exactly one JSON document: a failing command emits
+//! `{"schema": "memplan.error/1", "error": {"kind": "input" | "overflow" | "output" |
+//! "runtime", "field": str | null, "message": str}, "exit_code": u8}` (see [`error`]).
 
 use serde::Serialize;
 
@@ -49,8 +58,58 @@ struct Envelope<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     label: Option<&'a str>,
     plan: &'a Plan,
+    /// The model's exact parameter count, as `profiles` gives it.
+    param_count: u64,
     #[serde(flatten)]
     estimate: &'a Estimate,
+    /// Settings accepted but probably not meant (also printed on stderr).
+    warnings: &'a [String],
+}
+
+impl<'a> Envelope<'a> {
+    fn new(schema: Option<&'static str>, label: Option<&'a str>, row: &Row<'a>) -> Self {
+        Envelope {
+            schema,
+            label,
+            plan: row.plan,
+            param_count: row.plan.model.param_count(),
+            estimate: row.estimate,
+            warnings: &row.plan.warnings,
+        }
+    }
+}
+
+/// The document printed on stdout under `--format json` when a command fails: schema
+/// `memplan.error/1`, with the error's kind, the field at fault (or null), the one-line
+/// message and the exit code.
+pub fn error(e: &crate::error::Error) -> String {
+    use crate::error::Kind;
+    #[derive(Serialize)]
+    struct ErrorDoc<'a> {
+        schema: &'static str,
+        error: Body<'a>,
+        exit_code: u8,
+    }
+    #[derive(Serialize)]
+    struct Body<'a> {
+        kind: &'static str,
+        field: Option<&'a str>,
+        message: String,
+    }
+    to_string(&ErrorDoc {
+        schema: "memplan.error/1",
+        error: Body {
+            kind: match e.kind() {
+                Kind::Input | Kind::Io => "input",
+                Kind::Overflow => "overflow",
+                Kind::Output => "output",
+                Kind::Runtime => "runtime",
+            },
+            field: e.field(),
+            message: e.to_string(),
+        },
+        exit_code: e.exit_code(),
+    })
 }
 
 #[derive(Serialize)]
@@ -66,12 +125,7 @@ fn to_string<T: Serialize>(v: &T) -> String {
 
 impl Render for Json {
     fn estimate(&self, row: &Row) -> String {
-        to_string(&Envelope {
-            schema: Some("memplan.estimate/1"),
-            label: None,
-            plan: row.plan,
-            estimate: row.estimate,
-        })
+        to_string(&Envelope::new(Some("memplan.estimate/1"), None, row))
     }
 
     fn compare(&self, rows: &[Row]) -> String {
@@ -84,12 +138,7 @@ impl Render for Json {
             schema: "memplan.compare/1",
             plans: rows
                 .iter()
-                .map(|r| Envelope {
-                    schema: None,
-                    label: Some(r.label),
-                    plan: r.plan,
-                    estimate: r.estimate,
-                })
+                .map(|r| Envelope::new(None, Some(r.label), r))
                 .collect(),
         })
     }
@@ -133,6 +182,30 @@ impl Render for Json {
             capacity_bytes: r.capacity_bytes,
             usable_bytes: r.usable_bytes,
             candidates: &r.candidates[..top.min(r.candidates.len())],
+        })
+    }
+
+    fn max_batch(&self, r: &super::MaxBatch) -> String {
+        #[derive(Serialize)]
+        struct MaxBatchDoc<'a> {
+            schema: &'static str,
+            plan: &'a Plan,
+            headroom: f64,
+            max_micro_batch: u64,
+            estimates: u64,
+            /// The largest micro-batch that fits, or null when not even 1 does.
+            micro_batch_size: Option<u64>,
+            /// The estimate at that micro-batch, or null.
+            estimate: Option<Envelope<'a>>,
+        }
+        to_string(&MaxBatchDoc {
+            schema: "memplan.max-batch/1",
+            plan: r.plan,
+            headroom: r.headroom,
+            max_micro_batch: r.max_micro_batch,
+            estimates: r.estimates,
+            micro_batch_size: r.found.as_ref().map(|row| row.plan.batch.micro_batch_size),
+            estimate: r.found.as_ref().map(|row| Envelope::new(None, None, row)),
         })
     }
 }

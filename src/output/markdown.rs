@@ -16,7 +16,7 @@ impl Render for Markdown {
         let g = &e.per_gpu;
         let mut s = format!(
             "**{}**\n\n| per GPU at peak ({}) | GiB |\n|---|---:|\n",
-            plan_summary(row.plan),
+            cell(&plan_summary(row.plan)),
             g.peak_phase
         );
         for (name, b) in g.breakdown.items() {
@@ -48,7 +48,7 @@ impl Render for Markdown {
     fn compare(&self, rows: &[Row]) -> String {
         let mut s = String::from("| GiB |");
         for r in rows {
-            s += &format!(" {} |", r.label);
+            s += &format!(" {} |", cell(r.label));
         }
         s += "\n|---|";
         s += &"---:|".repeat(rows.len());
@@ -91,7 +91,7 @@ impl Render for Markdown {
         for m in models {
             s += &format!(
                 "| {} | {} | {} | {} | {} | {} | {} |\n",
-                m.name,
+                cell(&m.name),
                 m.param_count(),
                 m.hidden,
                 m.layers,
@@ -102,7 +102,7 @@ impl Render for Markdown {
         }
         s += "\n| gpu | memory (GiB) |\n|---|---:|\n";
         for g in gpus {
-            s += &format!("| {} | {} |\n", g.name, gib(g.memory_bytes));
+            s += &format!("| {} | {} |\n", cell(&g.name), gib(g.memory_bytes));
         }
         s
     }
@@ -125,4 +125,20 @@ impl Render for Markdown {
         }
         s
     }
+
+    fn max_batch(&self, r: &super::MaxBatch) -> String {
+        let mut s = r.sentence();
+        if let Some(row) = &r.found {
+            s += "\n";
+            s += &self.estimate(row);
+        }
+        s
+    }
+}
+
+/// Text for a markdown table cell: `|` would end the cell and a newline the row.
+fn cell(text: &str) -> String {
+    text.replace('\\', "\\\\")
+        .replace('|', "\\|")
+        .replace(['\n', '\r'], " ")
 }

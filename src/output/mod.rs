@@ -29,6 +29,47 @@ pub trait Render {
     fn profiles(&self, models: &[ModelSpec], gpus: &[GpuSpec]) -> String;
     /// Plan search results: the best `top`, and the best per offload mode.
     fn search(&self, result: &SearchResult, top: usize) -> String;
+    /// The largest micro-batch a plan allows (`search --max-batch`), or that none does.
+    fn max_batch(&self, result: &MaxBatch) -> String;
+}
+
+/// The answer of `search --max-batch`.
+pub struct MaxBatch<'a> {
+    /// The plan as given.
+    pub plan: &'a Plan,
+    /// Fraction of GPU memory kept free.
+    pub headroom: f64,
+    /// The largest micro-batch tried.
+    pub max_micro_batch: u64,
+    /// Estimates computed by the binary search.
+    pub estimates: u64,
+    /// The plan at the largest micro-batch that fits, if any does.
+    pub found: Option<Row<'a>>,
+}
+
+impl MaxBatch<'_> {
+    /// The answer in one sentence, as the table and markdown formats print it.
+    pub fn sentence(&self) -> String {
+        match &self.found {
+            Some(row) => {
+                let mb = row.plan.batch.micro_batch_size;
+                format!(
+                    "largest micro-batch that fits with {:.0}% headroom: {mb}{} ({} estimates)\n",
+                    self.headroom * 100.0,
+                    if mb == self.max_micro_batch {
+                        " (the --max-micro-batch limit)"
+                    } else {
+                        ""
+                    },
+                    self.estimates
+                )
+            }
+            None => format!(
+                "no micro-batch fits: even 1 exceeds the GPU (with {:.0}% headroom) or the host\n",
+                self.headroom * 100.0
+            ),
+        }
+    }
 }
 
 /// The renderer for a `--format` value.

@@ -238,4 +238,12 @@ impl Render for Table {
         }
         s
     }
+
+    fn max_batch(&self, r: &super::MaxBatch) -> String {
+        let mut s = r.sentence();
+        if let Some(row) = &r.found {
+            s += &self.estimate(row);
+        }
+        s
+    }
 }
