@@ -1,4 +1,4 @@
-//! Activations autograd saves for backward in one Llama decoder block, op by op, per token.
+//! Activations autograd saves for backward in one decoder block, op by op, per token.
 //!
 //! The method is Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
 //! Transformer Models", section 4.1: count every tensor an op saves for its backward), applied
@@ -24,6 +24,26 @@
 //! | `silu * w3(x)`                           | both operands (2ef)                       |
 //! | w2                                       | its input (ef)                            |
 //!
+//! Other families ([`crate::profiles::Family`]) differ where their Hugging Face blocks do,
+//! counted the same way:
+//!
+//! | op (Hugging Face modelling code)         | saved for backward                        |
+//! |------------------------------------------|-------------------------------------------|
+//! | Gemma RMSNorm `_norm(x.float()) * (1 + w.float())` | fp32 copy (4h), rsqrt (4 B), the fp32 normalised tensor (4h, `mul` saves `self` when `other` needs grad) |
+//! | Gemma 2/3: post-attention and post-feedforward norms | as any norm: four per block          |
+//! | q/k norms (Qwen3, Gemma 3)               | a norm of head_dim per head on q and on k |
+//! | `native_layer_norm` (GPT-NeoX)           | input (eh), fp32 mean and rstd (8 B per row) |
+//! | parallel residual (GPT-NeoX)             | both LayerNorms save the same block input: once |
+//! | fused `qkv_proj`/`query_key_value` -> split | input (eh); V reaches SDPA as a view of the fused output, which it keeps whole (e(q+2kv)) unless `repeat_kv` copies |
+//! | GeGLU `gelu_tanh(gate(x)) * up(x)`; fused `gate_up_proj` -> chunk | as SwiGLU (`gelu` saves its input); the chunks are views of one 2f output: 4ef |
+//! | GELU MLP fc1, `gelu`, fc2 (GPT-NeoX)     | fc1 input (eh), gelu input (ef), fc2 input (ef) |
+//! | Gemma embedding `* sqrt(h)`              | nothing (a constant factor); its output replaces the embedding output |
+//! | Gemma 2 soft-capped scores, eager (`math`) | tanh output (e x heads x seq), fp32 softmax (4 x heads x seq), probabilities |
+//! | Gemma 2 final logit soft-cap             | the tanh output, e per logit ([`super::logits`]) |
+//!
+//! Sliding-window attention (Mistral, Gemma 2 and 3) changes no saved tensor with flash
+//! attention and no parameter.
+//!
 //! Worked number, llama3-8b (h 4096, q 4096, kv 1024, f 14336, 32 heads), bf16, eager norm,
 //! `repeat_kv`, flash: norms 2 x (4x4096 + 4 + 2x4096), attention 2x(4x4096) + 128, linear
 //! inputs 2 x 2x4096, MLP 4 x 2x14336: 213,128 bytes per token per layer, which
@@ -36,6 +56,7 @@
 
 use super::div;
 use crate::plan::{Attention, Gqa, Plan, RmsNorm};
+use crate::profiles::{MlpKind, NormKind};
 
 /// Bytes per token of one block, under each checkpointing regime, after TP/SP division.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -101,13 +122,27 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
     let f8 = plan.float8;
     let f8_shared = |consumers: u128| if plan.compile { 1 } else { consumers };
 
-    // One RMSNorm's saved tensors. Eager: fp32 copy of the input (4h) plus the rsqrt per row
-    // (4 B, fp32) plus the normalised tensor before the weight multiply (eh). Fused: the input
-    // (eh) and the fp32 reciprocal RMS per row (4 B).
-    let norm = if fused_norm {
-        div(e * h + 4, sp_div)
+    // One norm's saved tensors ([`norm_saved`]); `shared` is the part that is the norm's
+    // input itself (the block input for the first norm).
+    let norm = div(norm_saved(m.norm, fused_norm, e, h, 1), sp_div);
+    let shared = div(norm_input_saved(m.norm, fused_norm, e, h), sp_div);
+    // Parallel residual (GPT-NeoX): both norms read the block input, saved once.
+    let (norms, ffn_norms) = if m.parallel_residual {
+        (2 * norm - shared, norm - shared)
     } else {
-        div(4 * h + 4 + e * h, sp_div)
+        let n = m.norms_per_block as u128;
+        (n * norm, n / 2 * norm)
+    };
+    // Q/K norms (Qwen3, Gemma 3): a norm of head_dim per head on the q and k projections'
+    // outputs, split over TP with the heads.
+    let qk_norm = if m.qk_norm {
+        div(
+            norm_saved(m.norm, fused_norm, e, q, heads)
+                + norm_saved(m.norm, fused_norm, e, kv, m.kv_heads as u128),
+            tp,
+        )
+    } else {
+        0
     };
     // K and V as the attention kernel sees them.
     // `repeat_kv` expands and reshapes; with one KV head the merged dims are (1, n_rep), which
@@ -116,66 +151,141 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
         Gqa::RepeatKv if m.kv_heads > 1 => q,
         Gqa::RepeatKv | Gqa::Native => kv,
     };
+    // A fused q/k/v projection (Phi-3, GPT-NeoX): q and k pass through rotary (new
+    // tensors), but V reaches the kernel as a view of the fused output unless `repeat_kv`
+    // copies it (n_rep > 1), and a saved view keeps its whole base alive: e(q + 2kv).
+    let fused_qkv = div(e * (q + 2 * kv), tp);
+    let v_is_view = !(imp.gqa == Gqa::RepeatKv && m.kv_heads > 1 && m.heads > m.kv_heads);
+    let v_saved = if m.fused_qkv && v_is_view {
+        q + 2 * kv
+    } else {
+        kv_seen
+    };
     let lse = div(4 * heads, tp);
+    let seq = plan.batch.seq_len as u128;
     let quadratic = match imp.attention {
         // softmax output, heads x (causal row of the full sequence) per token
-        Attention::Math => div(e * heads * plan.batch.seq_len as u128, tp),
+        Attention::Math => div(e * heads * seq, tp),
         Attention::Flash | Attention::Efficient => 0,
     };
-    let attention = div(e * (q + 2 * kv_seen + q), tp) + lse + quadratic; // q, k, v, out
-                                                                          // `output.transpose(1, 2).contiguous()` into wo: flash and memory-efficient attention
-                                                                          // (CUDA, and the CPU flash kernel) return their output as a transposed view of a
-                                                                          // (batch, seq, heads, head_dim) buffer, so `.contiguous()` is a no-op and wo saves the
-                                                                          // attention output itself (already counted); the math backend's output is
-                                                                          // (batch, heads, seq, head_dim) and the copy is real. Float8 casts it to fp8 regardless.
+    // Gemma 2's soft-capped scores: with `math`, taken as Hugging Face's eager attention,
+    // which saves the tanh output (e) and the fp32 softmax output (4) beside the e-byte
+    // probabilities. Flash-attention (2.6 and later) caps inside the kernel and saves what it
+    // always does; SDPA's kernels cannot cap (Hugging Face's sdpa path drops the cap), with
+    // the same memory.
+    let softcap = match imp.attention {
+        Attention::Math if m.attn_softcap => div((e + 4) * heads * seq, tp),
+        _ => 0,
+    };
+    let attention = div(e * (q + kv_seen + v_saved + q), tp) + lse + quadratic + softcap; // q, k, v, out
+                                                                                          // `output.transpose(1, 2).contiguous()` into wo: flash and memory-efficient attention
+                                                                                          // (CUDA, and the CPU flash kernel) return their output as a transposed view of a
+                                                                                          // (batch, seq, heads, head_dim) buffer, so `.contiguous()` is a no-op and wo saves the
+                                                                                          // attention output itself (already counted); the math backend's output is
+                                                                                          // (batch, heads, seq, head_dim) and the copy is real. Float8 casts it to fp8 regardless.
     let o_input = match (f8, imp.attention) {
         (true, _) => div(q, tp),
         (false, Attention::Math) => div(e * q, tp),
         (false, Attention::Flash | Attention::Efficient) => 0,
     };
-    // Norm outputs into q/k/v and w1/w3 (or router and experts): full size (replicated, or
-    // all-gathered under SP).
-    let qkv_input = if f8 { f8_shared(3) * h } else { e * h };
+    // Norm outputs into q/k/v (one linear when fused) and w1/w3 (or router and experts):
+    // full size (replicated, or all-gathered under SP).
+    let qkv_linears = if m.fused_qkv { 1 } else { 3 };
+    let qkv_input = if f8 {
+        f8_shared(qkv_linears) * h
+    } else {
+        e * h
+    };
     let block_input = div(e * h, sp_div);
 
     let (ffn, ffn_sac, ffn_overlap, ffn_bwd) = if moe {
         moe_ffn(plan, e, h, tp, f8)
     } else {
         let f_tp = div(e * f, tp);
-        let ffn_input = if f8 { f8_shared(2) * h } else { e * h };
-        // silu input, silu output, w3 output, product (w2's input: fp8 under float8).
-        // Compiled: only the w1 and w3 outputs; the rest is recomputed.
-        let mlp = if plan.compile {
-            2 * f_tp
-        } else if f8 {
-            3 * f_tp + div(f, tp)
-        } else {
-            4 * f_tp
+        let linears_in = match (m.mlp, m.fused_gate_up) {
+            (MlpKind::Gated, false) => 2,
+            _ => 1,
         };
-        // torchtitan's selective-op keeps the w1 (1st of the MLP's mm) and w2 outputs; the
-        // w2 output is the pre-reduction partial sum under TP: full hidden width.
-        let sac = f_tp + e * h;
-        // MLP backward at the `silu * w3` product: grad(product), grad(silu), grad(w3 out)
-        // alive while the w2 input is freed: net 2ef beyond the saved set, plus the
-        // block-output gradient kept for the residual branch.
-        (ffn_input + mlp, sac, f_tp, block_input + 2 * f_tp)
+        let ffn_input = if f8 { f8_shared(linears_in) * h } else { e * h };
+        match m.mlp {
+            MlpKind::Gated => {
+                // silu input, silu output, w3 output, product (w2's input: fp8 under
+                // float8). Compiled: only the w1 and w3 outputs; the rest is recomputed.
+                // Fused gate_up (Phi-3): the act and the product save the two halves of the
+                // one 2f output, views that keep it whole: the same 4ef.
+                let mlp = if plan.compile {
+                    2 * f_tp
+                } else if f8 {
+                    3 * f_tp + div(f, tp)
+                } else {
+                    4 * f_tp
+                };
+                // torchtitan's selective-op keeps every other matmul output, counted from
+                // the block's first: separate w1, w3, w2 are the 5th, 6th and 7th (w1 and
+                // w2 kept; the w2 output is the pre-reduction partial sum under TP: full
+                // hidden width); a fused gate_up and w2 are the 3rd and 4th (gate_up kept).
+                let (sac, overlap) = if m.fused_gate_up {
+                    (2 * f_tp, 2 * f_tp)
+                } else {
+                    (f_tp + e * h, f_tp)
+                };
+                // MLP backward at the `act * up` product: grad(product), grad(act), grad(up)
+                // alive while the w2 input is freed: net 2ef beyond the saved set, plus the
+                // block-output gradient kept for the residual branch.
+                (ffn_input + mlp, sac, overlap, block_input + 2 * f_tp)
+            }
+            MlpKind::Plain => {
+                // fc1 saves its input (above); GELU its input (ef); fc2 its input, the GELU
+                // output (ef; fp8 under float8). Compiled: the fc1 output only.
+                let mlp = if plan.compile {
+                    f_tp
+                } else if f8 {
+                    f_tp + div(f, tp)
+                } else {
+                    2 * f_tp
+                };
+                // fc1 and fc2 follow one or four attention matmuls (even either way): the
+                // fc1 output is kept, and is the GELU input of the no-AC set. Backward at
+                // GELU: grad(GELU out) and grad(fc1 out) alive, the fc2 input freed: net ef.
+                (ffn_input + mlp, f_tp, f_tp, block_input + f_tp)
+            }
+        }
     };
 
-    let no_ac = 2 * norm + qkv_input + attention + o_input + ffn;
+    let no_ac = norms + qk_norm + qkv_input + attention + o_input + ffn;
     // torchtitan `_save_list` with its every-other-mm rule, counted per block: the 1st, 3rd,
-    // 5th and 7th mm outputs are kept (wq, wv, w1, w2), plus the attention outputs (out and
-    // log-sum-exp); wk, wo, w3 and everything else are recomputed.
+    // 5th and 7th mm outputs are kept (wq, wv, w1, w2; a fused qkv is the 1st), plus the
+    // attention outputs (out and log-sum-exp); wk, wo, w3 and everything else are
+    // recomputed.
     let sac_attention = div(e * q, tp) + lse;
     let kv_tp = div(e * kv, tp);
-    let selective_op = block_input + div(e * q, tp) + kv_tp + sac_attention + ffn_sac;
+    let sac_qkv = if m.fused_qkv {
+        fused_qkv
+    } else {
+        div(e * q, tp) + kv_tp
+    };
+    let selective_op = block_input + sac_qkv + sac_attention + ffn_sac;
     // Shared with the no-AC set: the attention out and lse, the wv output when attention sees
-    // V unexpanded, and the FFN's kept matmul output.
-    let overlap = sac_attention
-        + ffn_overlap
-        + match imp.gqa {
-            Gqa::Native => kv_tp,
-            Gqa::RepeatKv => 0,
-        };
+    // V unexpanded (the fused qkv output when V is a view of it), the wq output when a q norm
+    // saves its input, the FFN's kept matmul output, and Gemma's w2 output when the norm
+    // after the MLP saves its input (without TP, where w2's output is that input).
+    let qkv_overlap = match (m.fused_qkv, imp.gqa) {
+        (true, _) if v_is_view => fused_qkv,
+        (true, _) => 0,
+        (false, Gqa::Native) => kv_tp,
+        (false, Gqa::RepeatKv) => 0,
+    };
+    let q_norm_overlap = if m.qk_norm {
+        div(norm_input_saved(m.norm, fused_norm, e, q), tp)
+    } else {
+        0
+    };
+    let post_norm_overlap = if m.norms_per_block == 4 && tp == 1 && !moe {
+        shared
+    } else {
+        0
+    };
+    let overlap = sac_attention + ffn_overlap + qkv_overlap + q_norm_overlap + post_norm_overlap;
     // Attention backward (flash): grad of out, dq, dk, dv, FlashAttention-2's fp32 dq
     // accumulator, plus the block-output gradient.
     let attn_bwd = block_input + div(e * (2 * q + 2 * kv_seen) + 4 * q, tp);
@@ -193,15 +303,47 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
         selective_op_overlap: overlap,
         mlp_transient: ffn_bwd + ring,
         attn_transient: attn_bwd + ring,
-        ffn_saved: norm + ffn,
+        ffn_saved: ffn_norms + ffn,
         head: norm + e * h,
-        input_alias: if fused_norm {
-            div(e * h, sp_div)
-        } else if e == 4 {
-            div(4 * h, sp_div)
-        } else {
-            0
-        },
+        input_alias: shared,
+    }
+}
+
+/// Per-token bytes one norm over `w` features in `rows` rows saves (PyTorch
+/// derivatives.yaml, e-byte input):
+///
+/// | norm                                              | saved                              |
+/// |---------------------------------------------------|------------------------------------|
+/// | RMSNorm eager: `x.float()`, `pow`, `* rsqrt`, `.type_as(x) * weight` | fp32 copy (4w), rsqrt (4 per row), the normalised e-byte tensor (ew) |
+/// | Gemma RMSNorm eager: `_norm(x.float()) * (1 + weight.float())` | fp32 copy (4w), rsqrt (4 per row), the normalised fp32 tensor (4w: `mul` saves `self` as `other` needs grad) |
+/// | RMSNorm fused or compiled (either kind)           | input (ew), fp32 rstd (4 per row)  |
+/// | `native_layer_norm` (LayerNorm, eager or compiled) | input (ew), fp32 mean and rstd (8 per row) |
+///
+/// ```
+/// use memplan::estimate::activations::norm_saved;
+/// use memplan::profiles::NormKind;
+/// // llama3-8b's eager RMSNorm in bf16: 4 x 4096 + 4 + 2 x 4096.
+/// assert_eq!(norm_saved(NormKind::Rms, false, 2, 4096, 1), 24_580);
+/// // Pythia's LayerNorm: the bf16 input and two fp32 statistics.
+/// assert_eq!(norm_saved(NormKind::LayerNorm, false, 2, 4096, 1), 8_200);
+/// ```
+pub fn norm_saved(kind: NormKind, fused: bool, e: u128, w: u128, rows: u128) -> u128 {
+    match (kind, fused) {
+        (NormKind::LayerNorm, _) => e * w + 8 * rows,
+        (_, true) => e * w + 4 * rows,
+        (NormKind::Rms, false) => 4 * w + 4 * rows + e * w,
+        (NormKind::RmsOnePlus, false) => 4 * w + 4 * rows + 4 * w,
+    }
+}
+
+/// Bytes of [`norm_saved`] that are the norm's input tensor itself: the input a LayerNorm or
+/// a fused norm saves, or the fp32 copy of an eager RMSNorm when the input is already fp32
+/// (`x.float()` of an fp32 tensor is the same tensor).
+pub fn norm_input_saved(kind: NormKind, fused: bool, e: u128, w: u128) -> u128 {
+    match (kind, fused) {
+        (NormKind::LayerNorm, _) | (_, true) => e * w,
+        (_, false) if e == 4 => 4 * w,
+        _ => 0,
     }
 }
 
@@ -330,5 +472,86 @@ mod tests {
         // 32 heads x 1024 keys of bf16 probabilities per token; and wo's input is a real copy
         // (2 x 4096), the math backend's output being (b, heads, s, d).
         assert_eq!(math.no_ac - flash.no_ac, 2 * 32 * 1024 + 2 * 4096);
+    }
+
+    #[test]
+    fn gpt_neox_block_is_counted_by_hand() {
+        // Pythia-6.9B (h 4096, 32 heads, f 16384), bf16, flash. Both LayerNorms save the
+        // block input (2 x 4096, once) and fp32 mean and rstd (2 x 8); query_key_value its
+        // input (2 x 4096); attention q, k (2 x 4096 each, MHA), V as a view of the fused
+        // qkv output (2 x 3 x 4096), out (2 x 4096), lse 4 x 32; dense_h_to_4h its input
+        // (2 x 4096); GELU its input and dense_4h_to_h the GELU output (2 x 2 x 16384).
+        let a = block_activations(
+            &plan(r#"{"model":"tests/data/hf/pythia-6.9b.json"}"#),
+            false,
+        );
+        let norms = 2 * 4096 + 16;
+        let attention = 2 * 4096 + 2 * (4096 + 4096 + 3 * 4096 + 4096) + 4 * 32;
+        let mlp = 2 * 4096 + 2 * 2 * 16384;
+        assert_eq!(a.no_ac, norms + attention + mlp);
+        assert_eq!(a.no_ac, 139_408);
+        // The LayerNorms save the block input itself.
+        assert_eq!(a.input_alias, 2 * 4096);
+        // selective-op keeps the fused qkv output (1st mm) and dense_h_to_4h's (3rd).
+        assert_eq!(
+            a.selective_op,
+            2 * 4096 + 2 * 3 * 4096 + (2 * 4096 + 4 * 32) + 2 * 16384
+        );
+    }
+
+    #[test]
+    fn gemma2_block_saves_four_fp32_norms_and_a_geglu() {
+        // Gemma-2-9B (h 3584, q 16 x 256, kv 8 x 256, f 14336), bf16, eager norms, flash,
+        // repeat_kv. Each Gemma RMSNorm saves the fp32 copy (4h), rsqrt (4) and the fp32
+        // normalised tensor the (1 + weight) multiply saves (4h): 4 x 28,676.
+        let a = block_activations(&plan(r#"{"model":"tests/data/hf/gemma-2-9b.json"}"#), false);
+        let norms = 4 * (8 * 3584 + 4);
+        let attention = 2 * 3584 + 2 * 4 * 4096 + 4 * 16;
+        let mlp = 2 * 3584 + 4 * 2 * 14336;
+        assert_eq!(a.no_ac, norms + attention + mlp);
+        assert_eq!(a.ffn_saved, 2 * (8 * 3584 + 4) + mlp);
+    }
+
+    #[test]
+    fn gemma2_softcap_under_math_saves_tanh_and_fp32_softmax() {
+        let g = |attn: &str| {
+            block_activations(
+                &plan(&format!(
+                    r#"{{"model":"tests/data/hf/gemma-2-9b.json","batch":{{"seq_len":1024}},
+                        "implementation":{{"attention":"{attn}"}}}}"#
+                )),
+                false,
+            )
+        };
+        // math: probabilities (2) as SDPA math, plus tanh output (2) and fp32 softmax (4),
+        // 16 heads x 1024 keys; the o input copy 2 x 4096.
+        assert_eq!(
+            g("math").no_ac - g("flash").no_ac,
+            (2 + 2 + 4) * 16 * 1024 + 2 * 4096
+        );
+    }
+
+    #[test]
+    fn gemma3_q_and_k_norms_are_saved() {
+        // gemma-3-1b: the q norm over 4 heads x 256 (4q + 4 x 4 + 4q) and the k norm over one
+        // head (4 x 256 + 4 + 4 x 256), beside the block's four norms.
+        let a = block_activations(&plan(r#"{"model":"tests/data/hf/gemma-3-1b.json"}"#), false);
+        let qk = (8 * 1024 + 16) + (8 * 256 + 4);
+        let norms = 4 * (8 * 1152 + 4);
+        let attention = 2 * 1152 + 2 * (1024 + 256 + 256 + 1024) + 4 * 4; // one KV head: no copy
+        let mlp = 2 * 1152 + 4 * 2 * 6912;
+        assert_eq!(a.no_ac, qk + norms + attention + mlp);
+    }
+
+    #[test]
+    fn phi3_fused_qkv_keeps_its_output_alive_through_v() {
+        // Phi-3-mini (h = q = kv = 3072, f 8192, MHA): as a Llama block, but V is a view of
+        // the fused qkv output (3 x 3072) instead of its own 3072.
+        let a = block_activations(&plan(r#"{"model":"tests/data/hf/phi-3-mini-4k"}"#), false);
+        let norms = 2 * (4 * 3072 + 4 + 2 * 3072);
+        let attention = 2 * 3072 + 2 * (3072 + 3072 + 3 * 3072 + 3072) + 4 * 32;
+        let mlp = 2 * 3072 + 4 * 2 * 8192;
+        assert_eq!(a.no_ac, norms + attention + mlp);
+        assert_eq!(a.no_ac, 151_688);
     }
 }

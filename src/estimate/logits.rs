@@ -18,6 +18,9 @@
 //! always below the 8 of the next line. torchtitan deletes `pred` before `backward()` since
 //! June 2024 (PR #391); before, the fp32 logits stayed alive through backward.
 //!
+//! A final logit soft-cap (Gemma 2) adds its saved tanh output, e bytes per logit, to each
+//! moment.
+//!
 //! Worked number: llama3-8b at batch 4 x 2048 tokens (T = 8192), V = 128,256, float-in-loss:
 //! backward peak 12 x 8192 x 128,256 = 12.61 GB, the largest single buffer of the seed case.
 
@@ -67,10 +70,37 @@ pub fn logits_bytes(plan: &Plan, tokens: u128) -> LogitsBytes {
         Logits::FloatOutput | Logits::FloatOutputKept if e < 4 => e + 4,
         _ => e,
     };
+    // Gemma 2's final soft-cap, `tanh(logits / cap) * cap` on the compute-dtype logits
+    // before the loss (Hugging Face `Gemma2ForCausalLM.forward`): `tanh` saves its output
+    // (derivatives.yaml: `tanh_backward(grad, result)`), e bytes per logit alive from the
+    // projection through the loss backward; the divide and multiply by a constant save
+    // nothing.
+    let cap = if plan.model.final_logit_softcap { e } else { 0 };
     LogitsBytes {
-        at_projection: projection * tv,
-        forward_peak: fwd * tv,
-        backward_peak: bwd * tv,
+        at_projection: (projection + cap) * tv,
+        forward_peak: (fwd + cap) * tv,
+        backward_peak: (bwd + cap) * tv,
         freed_segment: freed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::plan::test_plan as plan;
+
+    #[test]
+    fn gemma2_final_softcap_keeps_the_tanh_output() {
+        // 1024 tokens of a 256,000 vocabulary, bf16, float-in-loss: 2 + 8 forward, 12 back,
+        // plus the saved tanh output, 2 bytes per logit.
+        let l = logits_bytes(&plan(r#"{"model":"tests/data/hf/gemma-2-9b.json"}"#), 1024);
+        let tv = 1024 * 256_000;
+        assert_eq!(l.forward_peak, (2 + 8 + 2) * tv);
+        assert_eq!(l.backward_peak, (12 + 2) * tv);
+        let g = logits_bytes(&plan(r#"{"model":"tests/data/hf/gemma-2-2b.json"}"#), 1024);
+        let no_cap = logits_bytes(&plan(r#"{"model":"tests/data/hf/gemma-3-1b.json"}"#), 1024);
+        assert_eq!(g.backward_peak, 14 * tv);
+        assert_eq!(no_cap.backward_peak, 12 * 1024 * 262_144);
     }
 }

@@ -338,7 +338,8 @@ fn block_backward(
     let mlp_point = re + t * a.mlp_transient + w2;
     // The feed-forward half's saved tensors are freed by then, whether they were recomputed
     // (part of `re`) or kept from forward (part of the stage's activations).
-    let attn_point = (re + t * a.attn_transient + 3 * w2 + div(grads_elem_bytes * h * q, tp))
+    let mlp_grads = m.mlp_matrices() as u128 * w2;
+    let attn_point = (re + t * a.attn_transient + mlp_grads + div(grads_elem_bytes * h * q, tp))
         .saturating_sub(t * a.ffn_saved);
     // At the block's end every weight gradient exists and the activations are gone but for
     // the gradient flowing in and the one flowing out (what small batches peak at).

@@ -193,14 +193,10 @@ pub fn stage_params(plan: &Plan, stage: u64) -> StageParams {
     let last = stage + 1 == par.pp;
 
     let layers = stage_layers(m.layers, par.pp, stage);
-    let start: u64 = (0..stage).map(|s| stage_layers(m.layers, par.pp, s)).sum();
-    let moe_layers = if m.moe.is_some() {
-        (start..start + layers)
-            .filter(|&i| m.is_moe_layer(i))
-            .count() as u64
-    } else {
-        0
-    };
+    // Layers on the stages before this one (each earlier stage of the first `layers % pp`
+    // takes one extra).
+    let start = stage * (m.layers / par.pp) + stage.min(m.layers % par.pp);
+    let moe_layers = m.moe_layers_in(start, start + layers);
 
     let block_of = |list: &ParamList| {
         let mut b = BlockParams::default();
@@ -244,7 +240,8 @@ pub fn stage_params(plan: &Plan, stage: u64) -> StageParams {
 
     let root = m.root_params();
     let vocab_rows = m.vocab.div_ceil(par.tp);
-    // root_params: [embedding, final norm, output (untied only)].
+    // root_params: [embedding, final norm, output (untied only), final norm bias
+    // (LayerNorm only)]; the output is the vocabulary-sized matrix after the embedding.
     let mut root_list = ParamList::default();
     let mut output_unsharded = 0u128;
     for (i, p) in root.iter().enumerate() {
@@ -256,7 +253,12 @@ pub fn stage_params(plan: &Plan, stage: u64) -> StageParams {
             let rows = if p.cols > 1 { vocab_rows } else { p.rows };
             root_list.push(ParamShape { rows, cols: p.cols });
         }
-        if last && (i == 2 || (i == 0 && m.tied_embeddings)) {
+        let output = if i == 0 {
+            m.tied_embeddings
+        } else {
+            p.cols > 1
+        };
+        if last && output {
             output_unsharded = ceil_div(vocab_rows, n) as u128 * n as u128 * p.cols as u128;
         }
     }
@@ -345,5 +347,18 @@ mod tests {
         assert_eq!(last.root_shard, 128_256 * 4096 + 4096);
         assert_eq!(stage_layers(30, 4, 0), 8);
         assert_eq!(stage_layers(30, 4, 3), 7);
+    }
+
+    #[test]
+    fn layer_norm_bias_stays_on_the_last_stage_and_the_output_is_found() {
+        // Pythia-1B over 2 ranks: every dim-0 even, so half of every tensor; with PP 2 the
+        // last stage holds embed_out and the final LayerNorm's weight and bias.
+        let p = plan(r#"{"model":"tests/data/hf/pythia-1b.json","num_gpus":2}"#);
+        assert_eq!(stage_params(&p, 0).shard_total() * 2, 1_011_781_632);
+        let p =
+            plan(r#"{"model":"tests/data/hf/pythia-1b.json","num_gpus":2,"parallel":{"pp":2}}"#);
+        let last = stage_params(&p, 1);
+        assert_eq!(last.root_shard, 50_304 * 2048 + 2 * 2048);
+        assert_eq!(last.output_unsharded, 50_304 * 2048);
     }
 }

@@ -193,6 +193,22 @@ fn kind(d: DType) -> Kind {
 
 /// Refuses what the trainer cannot run, with the reason.
 fn check_supported(plan: &Plan) -> Result<()> {
+    let m = &plan.model;
+    if m.moe.is_some() {
+        return Err(unsupported(
+            "model",
+            &m.name,
+            "a dense model: the trainer has no experts or router yet",
+        ));
+    }
+    if !m.is_llama_block() {
+        return Err(unsupported(
+            "model",
+            format!("{} ({:?} block)", m.name, m.family),
+            "a Llama-family block (RMSNorm, separate q/k/v, SwiGLU, no q/k norms): the trainer \
+             runs torchtitan's Llama block only",
+        ));
+    }
     let p = &plan.parallel;
     for (name, v) in [
         ("parallel.tp", p.tp),
