@@ -227,15 +227,15 @@ impl PlanArgs {
         Ok(self.load()?.0)
     }
 
-    fn load(&self) -> Result<(PlanFile, Option<TorchtitanJob>)> {
+    fn load(&self) -> Result<(PlanFile, Option<crate::torchtitan::Job>)> {
         let mut job = None;
         let base = match (&self.plan, &self.example, &self.torchtitan) {
             (Some(p), _, _) => PlanFile::read(p)?,
             (None, Some(name), _) => plan::example(name)?,
             (None, None, Some(toml)) => {
-                let j = read_torchtitan(toml)?;
+                let j = crate::torchtitan::read(toml)?;
                 if let Some(n) = self.num_gpus {
-                    j.check_world_size(n)?;
+                    crate::torchtitan::check_world_size(&j, n)?;
                 }
                 let p = j.plan.clone();
                 job = Some(j);
@@ -388,7 +388,7 @@ impl PlanArgs {
 
     /// Errors about a value the user gave name where they gave it: a flag, or the torchtitan
     /// key it came from.
-    fn explain(&self, job: Option<&TorchtitanJob>, e: Error) -> Error {
+    fn explain(&self, job: Option<&crate::torchtitan::Job>, e: Error) -> Error {
         let flagged = e
             .field()
             .and_then(|f| self.flag_fields().into_iter().find(|(pf, _)| *pf == f));
@@ -408,29 +408,6 @@ impl PlanArgs {
         }
         Ok(plan)
     }
-}
-
-/// A torchtitan job config as read (interim adapter while the reader grows warnings, key
-/// names and the world-size check).
-struct TorchtitanJob {
-    plan: PlanFile,
-    warnings: Vec<String>,
-}
-
-impl TorchtitanJob {
-    fn check_world_size(&self, _num_gpus: i64) -> Result<()> {
-        Ok(())
-    }
-    fn explain(&self, e: Error) -> Error {
-        e
-    }
-}
-
-fn read_torchtitan(path: &std::path::Path) -> Result<TorchtitanJob> {
-    Ok(TorchtitanJob {
-        plan: crate::torchtitan::read(path)?,
-        warnings: Vec::new(),
-    })
 }
 
 /// A plan for `compare`: a file path, or `example:NAME`.

@@ -1,15 +1,22 @@
 //! torchtitan job configs (TOML) as plan input: `memplan estimate --torchtitan train.toml`.
 //!
 //! A torchtitan user already has the file that says what to train; this module reads it into a
-//! [`PlanFile`] so the question "will this fit" needs no second description of the job. The
-//! serde types below mirror torchtitan's config sections with every key optional; keys memplan
-//! does not need (dataset, lr, checkpointing, ...) are ignored, as are unknown sections. The
-//! world size is not in the file (torchrun supplies it), so `num_gpus` and `gpu` stay unset for
-//! the CLI to fill; `batch.ignore_max_position` is set because torchtitan computes rotary
-//! frequencies for whatever `seq_len` it is given.
+//! [`Job`]: a [`PlanFile`], the warnings the user should see, and for each plan field the TOML
+//! key it came from, so that an error found later by [`PlanFile::resolve`] names the key the
+//! user wrote ([`Job::explain`]). The serde types below mirror torchtitan's config sections
+//! with every key optional. Sections memplan does not read (`[checkpoint]`, `[metrics]`, ...)
+//! are ignored; in the sections it reads, a key torchtitan does not know either (a typo such as
+//! `local_batchsize`) is a warning with its line and the closest known key, since the default
+//! memplan then uses is rarely what the user meant. Keys torchtitan knows but memplan does not
+//! need (`training.steps`, `optimizer.lr`, ...) pass silently. The world size is not in the file
+//! (torchrun supplies it), so `num_gpus` and `gpu` stay unset for the CLI to fill, and
+//! [`check_world_size`] refuses a world size the file's degrees cannot fill, as torchtitan's
+//! `ParallelDims._validate` would; `batch.ignore_max_position` is set because torchtitan
+//! computes rotary frequencies for whatever `seq_len` it is given.
 //!
 //! # Sources
-//! pytorch/torchtitan at two layouts, both accepted, newest key winning where both appear:
+//! pytorch/torchtitan at two layouts, both accepted, newest key winning where both appear (with
+//! a warning when they disagree):
 //! - 2024: `torchtitan/config_manager.py` and `train_configs/llama3_{8b,70b,405b}.toml` at
 //!   f6a9daa (2024-12-20): degrees under `[training]` and `[experimental]`, `batch_size`,
 //!   `[float8] enable_float8_linear`, `training.compile`, `optimizer.fused`.
@@ -18,6 +25,14 @@
 //!   TOML layout): `[parallelism]` (from 785c34c, 2025-03-18), `local_batch_size` and
 //!   `global_batch_size` (8570415, 2025-06-05), `model.converters` (57387af, 2025-02-15),
 //!   `[compile] enable` (08b8b24, 2025-08-20), `optimizer.implementation` (6e49885, 2025-02-24).
+//! - Known keys (`TORCHTITAN_KEYS`): every key declared in those two files at f6a9daa, at
+//!   9810191~1, and at each commit between them that changed either file, so a config written
+//!   for any torchtitan of that span warns about typos only.
+//! - Checks: `global_batch_size` below 0 means local batch x data-parallel degree, and 0 is
+//!   refused (`torchtitan/train.py` at 9810191~1); `data_parallel_shard_degree` is -1 or at
+//!   least 1, and the degrees' product must equal the world size (`ParallelDims._validate` in
+//!   `torchtitan/distributed/parallel_dims.py` at 9810191~1, `parallelisms/parallel_dims.py` at
+//!   f6a9daa).
 //!
 //! # Mapping
 //! | torchtitan key | plan key |
@@ -26,7 +41,7 @@
 //! | `model.converters` containing `float8` or `quantize.{linear,dense,grouped_mm,moe}.float8`; `float8.enable_float8_linear` | `float8` |
 //! | `training.local_batch_size` or `training.batch_size` (default 8) | `batch.micro_batch_size` |
 //! | `training.seq_len` (default 2048) | `batch.seq_len` |
-//! | `training.gradient_accumulation_steps`, else `global_batch_size / (local_batch_size x dp_replicate x dp_shard)` | `batch.grad_accum_steps` (unset when dp_shard is -1) |
+//! | `training.gradient_accumulation_steps` (memplan's own key; torchtitan has none), else `global_batch_size / (local_batch_size x dp_replicate x dp_shard)`; a negative `global_batch_size` (torchtitan's default -1) means one step, 0 is refused | `batch.grad_accum_steps` (unset when dp_shard is -1) |
 //! | `training.mixed_precision_param`, `mixed_precision_reduce` (bfloat16, float32) | `precision.param`, `precision.reduce` |
 //! | `training.dtype` (full bf16 training) | `precision.master` |
 //! | `training.enable_cpu_offload` | `offload` full / none |
@@ -35,7 +50,7 @@
 //! | `pipeline_parallel_schedule`: 1F1B, GPipe, Interleaved1F1B, InterleavedZeroBubble, ZBVZeroBubble (others, and a schedule CSV, are rejected) | `parallel.pp_schedule`: 1f1b, gpipe, interleaved-1f1b, zb-h1, zb-h1 (the two looped zero-bubble schedules are estimated as ZB-H1 with one stage per rank) |
 //! | stages per rank of Interleaved1F1B: from `pipeline_parallel_layers_per_stage`, `pipeline_parallel_split_points` or `module_fqns_per_model_part`, else 2 | `parallel.pp_virtual_stages` |
 //! | with pp > 1: `pipeline_parallel_microbatch_size` (default 1), or the count `pipeline_parallel_microbatches` (2024, default pp) | `batch.micro_batch_size` = the micro-batch, `batch.grad_accum_steps` x= micro-batches per local batch |
-//! | `parallelism.fsdp_reshard_after_forward`: always, never, default (= not pp) | `reshard_after_forward` |
+//! | `fsdp_reshard_after_forward` under `[parallelism]` or (February to March 2025) `[training]`: always, never, default (= not pp) | `reshard_after_forward` |
 //! | `activation_checkpoint.mode` none, full, selective (default) with `selective_ac_option` "op" or "K" (default "2"; "0" checkpoints every block) | `activation_checkpointing`: none, full, selective-op, selective-layer:K |
 //! | `optimizer.name` AdamW, Adam | `optimizer` adamw, adam |
 //! | `optimizer.implementation` fused, foreach, for-loop; `optimizer.fused` true / false | `implementation.optimizer` fused, foreach, per-param |
@@ -47,7 +62,10 @@
 //! from foreach to fused in February 2025, and memplan's foreach default errs on the high side.
 //!
 //! Malformed TOML is an input error with the file and line; a key of the wrong type, or a value
-//! memplan cannot map, is an invalid-value error naming the TOML key.
+//! memplan cannot map or torchtitan would refuse, is an invalid-value error naming the TOML key.
+//! memplan also reads a few keys torchtitan never had (`training.gradient_accumulation_steps`,
+//! and under `[experimental]` the degrees and pipeline keys of `[parallelism]`); each is used,
+//! with a warning that torchtitan would not take it.
 
 use std::path::Path;
 
@@ -56,6 +74,49 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::plan::{PlanFile, MAX_DIM};
 use crate::profiles;
+
+/// A torchtitan job config read into a plan.
+#[derive(Debug)]
+pub struct Job {
+    pub plan: PlanFile,
+    /// One line each, without a "warning: " prefix: unknown keys (with line numbers and
+    /// suggestions) and anything else the user should know.
+    pub warnings: Vec<String>,
+    /// (plan field, TOML key) for every plan field set from a key in the file, e.g.
+    /// ("batch.seq_len", "training.seq_len"); plan field names as `PlanFile::resolve` names them
+    /// in errors.
+    pub keys: Vec<(&'static str, String)>,
+}
+
+impl Job {
+    /// Applies [`Job::keys`] to an error from resolving this job's plan: an error about a plan
+    /// field set from the file names the TOML key instead.
+    ///
+    /// ```
+    /// let job = memplan::torchtitan::from_toml_str(
+    ///     "[model]\nname = \"llama3\"\nflavor = \"8B\"\n[parallelism]\ntensor_parallel_degree = 3\n",
+    ///     "train.toml",
+    /// )
+    /// .unwrap();
+    /// let mut plan = job.plan.clone();
+    /// plan.num_gpus = Some(3);
+    /// let e = job.explain(plan.resolve().unwrap_err());
+    /// assert_eq!(e.field(), Some("parallelism.tensor_parallel_degree"));
+    /// ```
+    pub fn explain(&self, e: Error) -> Error {
+        self.keys
+            .iter()
+            .fold(e, |e, (field, key)| e.rename_field(field, key))
+    }
+
+    /// The TOML key plan field `field` was set from, if any.
+    fn key(&self, field: &str) -> Option<&str> {
+        self.keys
+            .iter()
+            .find(|(f, _)| *f == field)
+            .map(|(_, k)| k.as_str())
+    }
+}
 
 /// The sections of a torchtitan job config that memplan reads.
 #[derive(Debug, Default, Deserialize)]
@@ -100,6 +161,7 @@ struct Training {
     /// 2024 name of the per-rank batch.
     batch_size: Option<i64>,
     global_batch_size: Option<i64>,
+    /// memplan's own key: torchtitan derives accumulation from `global_batch_size`.
     gradient_accumulation_steps: Option<i64>,
     seq_len: Option<i64>,
     mixed_precision_param: Option<String>,
@@ -112,6 +174,8 @@ struct Training {
     data_parallel_replicate_degree: Option<i64>,
     data_parallel_shard_degree: Option<i64>,
     tensor_parallel_degree: Option<i64>,
+    /// February to March 2025, before `[parallelism]`.
+    fsdp_reshard_after_forward: Option<String>,
 }
 
 /// `[parallelism]` (2025); also 2024's `[experimental]`, which held the pipeline and context
@@ -203,6 +267,43 @@ impl Parallelism {
             expert_tensor_parallel_degree: self.expert_tensor_parallel_degree,
         }
     }
+
+    /// Validates the pipeline keys that hold numbers, wherever they are later read.
+    fn check_numbers(&self, section: &str) -> Result<()> {
+        for (key, v) in [
+            (
+                "pipeline_parallel_microbatch_size",
+                self.pipeline_parallel_microbatch_size,
+            ),
+            (
+                "pipeline_parallel_microbatches",
+                self.pipeline_parallel_microbatches,
+            ),
+            (
+                "pipeline_parallel_layers_per_stage",
+                self.pipeline_parallel_layers_per_stage,
+            ),
+        ] {
+            if let Some(v) = v {
+                positive(&format!("{section}.{key}"), v)?;
+            }
+        }
+        for (key, v) in [
+            (
+                "pipeline_parallel_first_stage_less_layers",
+                self.pipeline_parallel_first_stage_less_layers,
+            ),
+            (
+                "pipeline_parallel_last_stage_less_layers",
+                self.pipeline_parallel_last_stage_less_layers,
+            ),
+        ] {
+            if let Some(v) = v {
+                non_negative(&format!("{section}.{key}"), v)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A list of names, written as a TOML array or as one comma-separated string.
@@ -234,6 +335,259 @@ enum StringOrInt {
     Int(i64),
 }
 
+/// The keys written in each section memplan reads, with their positions (for warnings).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Written {
+    model: KeysOf,
+    training: KeysOf,
+    parallelism: KeysOf,
+    experimental: KeysOf,
+    activation_checkpoint: KeysOf,
+    float8: KeysOf,
+    compile: KeysOf,
+    optimizer: KeysOf,
+}
+
+impl Written {
+    fn sections(&self) -> [(&'static str, &KeysOf); 8] {
+        [
+            ("model", &self.model),
+            ("training", &self.training),
+            ("parallelism", &self.parallelism),
+            ("experimental", &self.experimental),
+            ("activation_checkpoint", &self.activation_checkpoint),
+            ("float8", &self.float8),
+            ("compile", &self.compile),
+            ("optimizer", &self.optimizer),
+        ]
+    }
+}
+
+/// The keys of one TOML table, each with its byte span in the file.
+#[derive(Debug, Default)]
+struct KeysOf(Vec<toml::Spanned<String>>);
+
+impl<'de> Deserialize<'de> for KeysOf {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<KeysOf, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = KeysOf;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a table")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<KeysOf, A::Error> {
+                let mut keys = Vec::new();
+                while let Some(key) = map.next_key::<toml::Spanned<String>>()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    keys.push(key);
+                }
+                Ok(KeysOf(keys))
+            }
+        }
+        d.deserialize_map(Keys)
+    }
+}
+
+/// Keys torchtitan accepts in each section memplan reads: every field declared for that
+/// section in `torchtitan/config_manager.py` (argparse, then dataclasses) at f6a9daa
+/// (2024-12-20), in `torchtitan/config/job_config.py` at 9810191~1 (= e347b1e, its last change
+/// before the TOML layout was dropped, 2026-02-15), and at each of the 119 commits between that
+/// changed either file (`git log f6a9daa..9810191~1 -- torchtitan/config_manager.py
+/// torchtitan/config/job_config.py`). Keys in both end points carry no comment; the others say
+/// from which commit, or up to which commit (the last that declared it), torchtitan had them.
+/// A sub-table such as `[training.dataloader]` is its section's key (`dataloader`).
+const TORCHTITAN_KEYS: &[(&str, &[&str])] = &[
+    (
+        "model",
+        &[
+            "attn_mask_type", // 7090a7b (2025-04-03) to f64cf3c (2025-04-15)
+            "converters",     // from 57387af (2025-02-15)
+            "flavor",
+            "hf_assets_path", // from fd5a87f (2025-08-11)
+            "name",
+            "norm_type",              // to c1c2f55 (2025-04-18)
+            "print_after_conversion", // from 4e3d8ea (2025-02-27)
+            "tokenizer_path",
+            "use_flex_attn", // 986f680 (2025-03-20) to f64cf3c (2025-04-15)
+        ],
+    ),
+    (
+        "training",
+        &[
+            "batch_size",                     // to 29fb3f9 (2025-05-30)
+            "compile",                        // to aeb3a4b (2025-08-13)
+            "data_parallel_replicate_degree", // to 38e7ee7 (2025-03-14)
+            "data_parallel_shard_degree",     // to 38e7ee7 (2025-03-14)
+            "dataloader",                     // from 658f94c (2025-12-18)
+            "dataset",
+            "dataset_path",
+            "debug_moe_force_load_balance", // 99fee81 (2025-10-03) to 8228c08 (2025-10-28)
+            "deterministic",                // to 8228c08 (2025-10-28)
+            "disable_loss_parallel",        // to 38e7ee7 (2025-03-14)
+            "dtype",                        // from e99e16c (2025-09-16)
+            "enable_cpu_offload",
+            "fsdp_reshard_after_forward", // 5940dde (2025-02-06) to 38e7ee7 (2025-03-14)
+            "gc_debug",                   // from f8f545c (2025-05-28)
+            "gc_freq",
+            "global_batch_size", // from 8570415 (2025-06-05)
+            "local_batch_size",  // from 8570415 (2025-06-05)
+            "max_norm",
+            "mixed_precision_param",
+            "mixed_precision_reduce",
+            "seed", // to 8228c08 (2025-10-28)
+            "seq_len",
+            "steps",
+            "tensor_parallel_degree", // to 38e7ee7 (2025-03-14)
+            "warmup_steps",           // to 99f7396 (2025-03-10)
+        ],
+    ),
+    (
+        "parallelism",
+        &[
+            "context_parallel_degree",                   // from 785c34c (2025-03-18)
+            "context_parallel_load_balancer",            // from 0a2107f (2026-01-20)
+            "context_parallel_rotate_method",            // from 785c34c (2025-03-18)
+            "data_parallel_replicate_degree",            // from 785c34c (2025-03-18)
+            "data_parallel_shard_degree",                // from 785c34c (2025-03-18)
+            "disable_loss_parallel",                     // from 785c34c (2025-03-18)
+            "enable_async_tensor_parallel",              // from 785c34c (2025-03-18)
+            "enable_compiled_autograd", // 785c34c (2025-03-18) to 10d694b (2025-10-24)
+            "expert_parallel_comm_backend", // from 36a4b69 (2025-12-17)
+            "expert_parallel_degree",   // from 01f4e50 (2025-07-08)
+            "expert_tensor_parallel_degree", // from aeb3a4b (2025-08-13)
+            "fsdp_reshard_after_forward", // from 785c34c (2025-03-18)
+            "module_fqns_per_model_part", // from 3c84ce0 (2025-07-30)
+            "pipeline_parallel_degree", // from 785c34c (2025-03-18)
+            "pipeline_parallel_expert_parallel_overlap", // from fcc5643 (2025-12-12)
+            "pipeline_parallel_first_stage_less_layers", // from 3c84ce0 (2025-07-30)
+            "pipeline_parallel_last_stage_less_layers", // from 3c84ce0 (2025-07-30)
+            "pipeline_parallel_layers_per_stage", // from 8b737fe (2025-04-07)
+            "pipeline_parallel_microbatch_size", // from 5e2033c (2025-04-07)
+            "pipeline_parallel_microbatches", // 785c34c (2025-03-18) to 8b737fe (2025-04-07)
+            "pipeline_parallel_schedule", // from 785c34c (2025-03-18)
+            "pipeline_parallel_schedule_csv", // from 785c34c (2025-03-18)
+            "pipeline_parallel_split_points", // 785c34c (2025-03-18) to a82b77a (2025-10-12)
+            "tensor_parallel_degree",   // from 785c34c (2025-03-18)
+        ],
+    ),
+    (
+        "experimental",
+        &[
+            "context_parallel_degree",        // to 38e7ee7 (2025-03-14)
+            "context_parallel_rotate_method", // to 38e7ee7 (2025-03-14)
+            "custom_args_module",             // from 048f65d (2025-03-20)
+            "custom_import",                  // from b315517 (2025-03-19)
+            "custom_model_path",              // fb0a942 (2025-02-12) to 7fe3620 (2025-03-19)
+            "enable_async_tensor_parallel",   // to 38e7ee7 (2025-03-14)
+            "enable_compiled_autograd",       // to 38e7ee7 (2025-03-14)
+            "pipeline_parallel_degree",       // to 38e7ee7 (2025-03-14)
+            "pipeline_parallel_microbatches", // to 38e7ee7 (2025-03-14)
+            "pipeline_parallel_schedule",     // to 38e7ee7 (2025-03-14)
+            "pipeline_parallel_schedule_csv", // to 38e7ee7 (2025-03-14)
+            "pipeline_parallel_split_points", // to 38e7ee7 (2025-03-14)
+        ],
+    ),
+    (
+        "activation_checkpoint",
+        &[
+            "debug",             // from e61f2cc (2025-10-29)
+            "determinism_check", // from e61f2cc (2025-10-29)
+            "early_stop",        // from 25413d2 (2025-08-29)
+            "memory_budget",     // from b276387 (2025-10-09)
+            "mode",
+            "per_op_sac_force_recompute_mm_shapes_by_fqns", // from 9a8cb98 (2025-07-16)
+            "preserve_rng_state",                           // from e61f2cc (2025-10-29)
+            "selective_ac_option",
+            "visualize_memory_budget_pareto", // from b276387 (2025-10-09)
+        ],
+    ),
+    (
+        "float8",
+        &[
+            "emulate",                                  // 594a120 (2025-05-28) to 0f34257 (2025-09-23)
+            "enable_float8_linear",                     // to fb0a942 (2025-02-12)
+            "enable_fsdp_float8_all_gather",            // to 0f34257 (2025-09-23)
+            "filter_fqns", // a6524d8 (2025-04-07) to 0f34257 (2025-09-23)
+            "force_recompute_fp8_weight_in_bwd", // 473674a (2025-02-18) to f3e2a75 (2025-07-24)
+            "moe_fqns_prototype", // 5990fa3 (2025-06-27) to 0f34257 (2025-09-23)
+            "precompute_float8_dynamic_scale_for_fsdp", // to 0f34257 (2025-09-23)
+            "recipe_name", // 069bae2 (2025-02-27) to 0f34257 (2025-09-23)
+            "scaling_type_grad_output", // to f6a9daa (2024-12-20)
+            "scaling_type_input", // to f6a9daa (2024-12-20)
+            "scaling_type_weight", // to f6a9daa (2024-12-20)
+        ],
+    ),
+    (
+        "compile",
+        &[
+            "backend",    // from 177b050 (2025-10-02)
+            "components", // from 08b8b24 (2025-08-20)
+            "enable",     // from 08b8b24 (2025-08-20)
+        ],
+    ),
+    (
+        "optimizer",
+        &[
+            "beta1", // from 7c8301a (2025-06-11)
+            "beta2", // from 7c8301a (2025-06-11)
+            "early_step_in_backward",
+            "eps",            // from 733296f (2025-03-04)
+            "fused",          // to 3aff9bd (2025-02-24)
+            "implementation", // from 6e49885 (2025-02-24)
+            "lr",
+            "name",
+            "weight_decay", // from 7c8301a (2025-06-11)
+        ],
+    ),
+];
+
+/// Keys memplan reads that torchtitan never declared in that section. They are used, with a
+/// warning: torchtitan itself would refuse them (2025) or ignore them (2024).
+const MEMPLAN_ONLY_KEYS: &[(&str, &[&str])] = &[
+    ("training", &["gradient_accumulation_steps"]),
+    (
+        "experimental",
+        &[
+            "data_parallel_replicate_degree",
+            "data_parallel_shard_degree",
+            "tensor_parallel_degree",
+            "expert_parallel_degree",
+            "expert_tensor_parallel_degree",
+            "pipeline_parallel_microbatch_size",
+            "pipeline_parallel_layers_per_stage",
+            "pipeline_parallel_first_stage_less_layers",
+            "pipeline_parallel_last_stage_less_layers",
+            "module_fqns_per_model_part",
+        ],
+    ),
+];
+
+/// Sections searched for a key written in the wrong one, newest layout first.
+const SUGGEST_ORDER: &[&str] = &[
+    "parallelism",
+    "training",
+    "model",
+    "optimizer",
+    "activation_checkpoint",
+    "compile",
+    "experimental",
+    "float8",
+];
+
+/// At most this many unknown-key warnings; the rest are counted in one more line.
+const MAX_KEY_WARNINGS: usize = 20;
+
+fn keys_of(table: &[(&str, &'static [&'static str])], section: &str) -> &'static [&'static str] {
+    table
+        .iter()
+        .find(|(s, _)| *s == section)
+        .map_or(&[], |(_, keys)| keys)
+}
+
 /// torchtitan model name and flavor -> memplan profile.
 const MODELS: &[(&str, &str, &str)] = &[
     ("llama3", "8B", "llama3-8b"),
@@ -250,26 +604,29 @@ const DEFAULT_LOCAL_BATCH: i64 = 8;
 /// torchtitan's default `training.seq_len`.
 const DEFAULT_SEQ_LEN: i64 = 2048;
 
-/// Reads a torchtitan job config file into a plan.
-pub fn read(path: &Path) -> Result<PlanFile> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+/// Reads a torchtitan job config file (at most 1 MiB) into a plan.
+pub fn read(path: &Path) -> Result<Job> {
+    let text = crate::input::read_text(path, "torchtitan config")?;
     from_toml_str(&text, &path.display().to_string())
 }
 
 /// Turns the text of a torchtitan job config into a plan; `origin` (a file name) goes into
-/// error messages.
+/// error messages and warnings.
 ///
 /// ```
-/// let plan = memplan::torchtitan::from_toml_str(
+/// let job = memplan::torchtitan::from_toml_str(
 ///     "[model]\nname = \"llama3\"\nflavor = \"8B\"\n[training]\nlocal_batch_size = 2\n",
 ///     "train.toml",
 /// )
 /// .unwrap();
-/// assert_eq!(plan.model.as_deref(), Some("llama3-8b"));
-/// assert_eq!(plan.batch.micro_batch_size, Some(2));
-/// assert_eq!(plan.activation_checkpointing.as_deref(), Some("selective-layer:2"));
+/// assert_eq!(job.plan.model.as_deref(), Some("llama3-8b"));
+/// assert_eq!(job.plan.batch.micro_batch_size, Some(2));
+/// assert_eq!(job.plan.activation_checkpointing.as_deref(), Some("selective-layer:2"));
+/// assert!(job.warnings.is_empty());
+/// assert!(job.keys.contains(&("batch.micro_batch_size", "training.local_batch_size".into())));
 /// ```
-pub fn from_toml_str(text: &str, origin: &str) -> Result<PlanFile> {
+pub fn from_toml_str(text: &str, origin: &str) -> Result<Job> {
+    let text = crate::input::strip_bom(text);
     let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
         let at = e
             .span()
@@ -284,183 +641,651 @@ pub fn from_toml_str(text: &str, origin: &str) -> Result<PlanFile> {
         ))
     })?;
     let cfg: JobConfig = toml::from_str(text).map_err(|e| type_error(text, origin, &doc, &e))?;
-    convert(&cfg)
+    let written: Written = toml::from_str(text).map_err(|e| type_error(text, origin, &doc, &e))?;
+    let mut reader = Reader {
+        origin,
+        lines: written
+            .sections()
+            .iter()
+            .flat_map(|(section, keys)| {
+                keys.0.iter().map(move |k| {
+                    (
+                        format!("{section}.{}", k.get_ref()),
+                        line_col(text, k.span().start).0,
+                    )
+                })
+            })
+            .collect(),
+        warnings: Vec::new(),
+        keys: Vec::new(),
+    };
+    let plan = reader.convert(&cfg)?;
+    reader.check_keys(&written);
+    reader.warnings.sort_by_key(|(line, _)| *line);
+    Ok(Job {
+        plan,
+        warnings: reader.warnings.into_iter().map(|(_, w)| w).collect(),
+        keys: reader.keys,
+    })
 }
 
-fn convert(cfg: &JobConfig) -> Result<PlanFile> {
-    let mut plan = PlanFile {
-        model: Some(model_name(&cfg.model)?.to_string()),
-        ..PlanFile::default()
+/// Refuses a world size the file's parallel degrees cannot fill, as torchtitan's
+/// `ParallelDims._validate` does: dp_replicate x dp_shard x cp x tp x pp must equal it, with a
+/// dp_shard of -1 taking the ranks the others leave (so their product must divide it).
+///
+/// ```
+/// let job = memplan::torchtitan::from_toml_str(
+///     "[model]\nname = \"llama3\"\nflavor = \"8B\"\n[parallelism]\ndata_parallel_shard_degree = 16\n",
+///     "train.toml",
+/// )
+/// .unwrap();
+/// assert!(memplan::torchtitan::check_world_size(&job, 16).is_ok());
+/// let e = memplan::torchtitan::check_world_size(&job, 8).unwrap_err();
+/// assert_eq!(e.field(), Some("parallelism.data_parallel_shard_degree"));
+/// ```
+pub fn check_world_size(job: &Job, num_gpus: i64) -> Result<()> {
+    let n = crate::plan::bounded("num_gpus", num_gpus, 1)?;
+    let p = &job.plan.parallel;
+    let degree = |field: &str, v: Option<i64>| match v {
+        None => Ok(1),
+        Some(v) => crate::plan::bounded(job.key(field).unwrap_or(field), v, 1),
     };
-    plan.batch.ignore_max_position = Some(true);
-
-    // Degrees: [parallelism] (2025) over [experimental] and [training] (2024).
-    let layers = [
-        ("parallelism", cfg.parallelism.degrees()),
-        ("experimental", cfg.experimental.degrees()),
-        ("training", cfg.training.degrees()),
-    ];
-    let degree = |key: &str, get: fn(&Degrees) -> Option<i64>| -> Result<Option<i64>> {
-        match layers.iter().find_map(|(s, d)| get(d).map(|v| (*s, v))) {
-            None => Ok(None),
-            Some((s, v)) => positive(&format!("{s}.{key}"), v).map(Some),
-        }
-    };
-    let dp_replicate = degree("data_parallel_replicate_degree", |d| {
-        d.data_parallel_replicate_degree
-    })?;
-    let dp_shard = match layers
-        .iter()
-        .find_map(|(s, d)| d.data_parallel_shard_degree.map(|v| (*s, v)))
-    {
-        None | Some((_, -1)) => None,
-        Some((s, v)) => Some(degree_or_minus_one(
-            &format!("{s}.data_parallel_shard_degree"),
-            v,
-        )?),
-    };
-    let pp = degree("pipeline_parallel_degree", |d| d.pipeline_parallel_degree)?;
-    let p = &mut plan.parallel;
-    p.dp_replicate = dp_replicate;
-    p.dp_shard = Some(dp_shard.unwrap_or(-1));
-    p.tp = degree("tensor_parallel_degree", |d| d.tensor_parallel_degree)?;
-    p.pp = pp;
-    p.cp = degree("context_parallel_degree", |d| d.context_parallel_degree)?;
-    p.ep = degree("expert_parallel_degree", |d| d.expert_parallel_degree)?;
-    p.etp = degree("expert_tensor_parallel_degree", |d| {
-        d.expert_tensor_parallel_degree
-    })?;
-
-    // Batch.
-    let t = &cfg.training;
-    let (local_key, local) = match (t.local_batch_size, t.batch_size) {
-        (Some(v), _) => ("training.local_batch_size", v),
-        (None, Some(v)) => ("training.batch_size", v),
-        (None, None) => ("training.local_batch_size", DEFAULT_LOCAL_BATCH),
-    };
-    let local = positive(local_key, local)?;
-    plan.batch.seq_len = Some(positive(
-        "training.seq_len",
-        t.seq_len.unwrap_or(DEFAULT_SEQ_LEN),
-    )?);
-    let accum = match (t.gradient_accumulation_steps, t.global_batch_size) {
-        (Some(n), _) => Some(positive("training.gradient_accumulation_steps", n)?),
-        (None, Some(g)) if g > 0 => match dp_shard {
-            // The world size is not in the file: the data-parallel degree is unknown.
-            None => None,
-            Some(shard) => {
-                let g = positive("training.global_batch_size", g)?;
-                let per_step = local
-                    .checked_mul(dp_replicate.unwrap_or(1))
-                    .and_then(|n| n.checked_mul(shard))
-                    .ok_or_else(|| Error::overflow("local batch x data-parallel degree"))?;
-                if g % per_step != 0 {
-                    return Err(Error::invalid(
-                        "training.global_batch_size",
-                        g,
-                        format!(
-                            "a multiple of local_batch_size x data_parallel_replicate_degree x \
-                             data_parallel_shard_degree ({per_step})"
-                        ),
-                    ));
-                }
-                Some(g / per_step)
+    let r = degree("parallel.dp_replicate", p.dp_replicate)?;
+    let c = degree("parallel.cp", p.cp)?;
+    let t = degree("parallel.tp", p.tp)?;
+    let pp = degree("parallel.pp", p.pp)?;
+    // Each degree is at most 2^24: the product of five fits in 128 bits.
+    let others: i128 = [r, c, t, pp].iter().map(|&d| i128::from(d)).product();
+    match p.dp_shard {
+        None | Some(-1) => {
+            if i128::from(n) % others != 0 {
+                let set: Vec<&str> = [
+                    "parallel.dp_replicate",
+                    "parallel.cp",
+                    "parallel.tp",
+                    "parallel.pp",
+                ]
+                .iter()
+                .filter_map(|f| job.key(f))
+                .collect();
+                let by = if set.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (set by {})", set.join(", "))
+                };
+                return Err(Error::invalid(
+                    "--num-gpus",
+                    n,
+                    format!(
+                        "a multiple of data_parallel_replicate_degree x context_parallel_degree x \
+                         tensor_parallel_degree x pipeline_parallel_degree = {r} x {c} x {t} x \
+                         {pp} = {others}{by}, the ranks data_parallel_shard_degree -1 shares out"
+                    ),
+                ));
             }
-        },
-        (None, _) => None,
-    };
-    let pp_on = pp.unwrap_or(1) > 1;
-    if pp_on {
-        let (micro, count) = pipeline_microbatches(cfg, local, pp.unwrap_or(1))?;
-        plan.batch.micro_batch_size = Some(micro);
-        plan.batch.grad_accum_steps = Some(accum.unwrap_or(1) * count);
-        let (schedule, virtual_stages) = pipeline_schedule(cfg, pp.unwrap_or(1), &plan)?;
-        plan.parallel.pp_schedule = Some(schedule.to_string());
-        plan.parallel.pp_virtual_stages = virtual_stages;
-    } else {
-        plan.batch.micro_batch_size = Some(local);
-        plan.batch.grad_accum_steps = accum;
+        }
+        Some(s) => {
+            let s = degree("parallel.dp_shard", Some(s)).map_err(|_| {
+                shard_degree_error(
+                    job.key("parallel.dp_shard").unwrap_or("parallel.dp_shard"),
+                    s,
+                )
+            })?;
+            let product = others * i128::from(s);
+            if product != i128::from(n) {
+                return Err(Error::invalid(
+                    job.key("parallel.dp_shard").unwrap_or("parallel.dp_shard"),
+                    s,
+                    format!(
+                        "a degree with data_parallel_replicate_degree x data_parallel_shard_degree \
+                         x context_parallel_degree x tensor_parallel_degree x \
+                         pipeline_parallel_degree = --num-gpus ({n}): {r} x {s} x {c} x {t} x \
+                         {pp} = {product}"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reading one file: where its keys are, and what the reading found to say.
+struct Reader<'a> {
+    origin: &'a str,
+    /// ("section.key", 1-based line) for every key of the sections memplan reads.
+    lines: Vec<(String, usize)>,
+    /// (line, warning); a warning about no line sorts last.
+    warnings: Vec<(usize, String)>,
+    keys: Vec<(&'static str, String)>,
+}
+
+impl Reader<'_> {
+    /// A warning about `key` (section.key), placed at its line.
+    fn warn(&mut self, key: &str, message: impl std::fmt::Display) {
+        let line = self.lines.iter().find(|(k, _)| k == key).map(|(_, l)| *l);
+        let at = match line {
+            Some(l) => format!("torchtitan config {} line {l}", self.origin),
+            None => format!("torchtitan config {}", self.origin),
+        };
+        self.warnings
+            .push((line.unwrap_or(usize::MAX), format!("{at}: {message}")));
     }
 
-    // Sharding policy.
-    plan.reshard_after_forward = match cfg.parallelism.fsdp_reshard_after_forward.as_deref() {
-        None => pp_on.then_some(false),
-        Some(s) => match s.trim().to_ascii_lowercase().as_str() {
-            "default" => pp_on.then_some(false),
-            "always" => Some(true),
-            "never" => Some(false),
-            _ => {
-                return Err(Error::invalid(
-                    "parallelism.fsdp_reshard_after_forward",
+    /// Records that plan field `field` came from TOML key `key`.
+    fn set(&mut self, field: &'static str, key: impl Into<String>) {
+        let key = key.into();
+        match self.keys.iter_mut().find(|(f, _)| *f == field) {
+            Some(entry) => entry.1 = key,
+            None => self.keys.push((field, key)),
+        }
+    }
+
+    /// Warns about keys torchtitan does not know, and about keys only memplan reads.
+    fn check_keys(&mut self, written: &Written) {
+        let mut unknown = 0;
+        for (section, keys) in written.sections() {
+            for key in &keys.0 {
+                let name = key.get_ref().as_str();
+                let full = format!("{section}.{name}");
+                if keys_of(TORCHTITAN_KEYS, section).contains(&name) {
+                    continue;
+                }
+                if keys_of(MEMPLAN_ONLY_KEYS, section).contains(&name) {
+                    let theirs = if name == "gradient_accumulation_steps" {
+                        " (it derives accumulation from training.global_batch_size)".to_string()
+                    } else {
+                        elsewhere(section, name)
+                            .map_or(String::new(), |k| format!(" (its key is {k})"))
+                    };
+                    self.warn(
+                        &full,
+                        format!(
+                            "{full} is memplan's own key, read as given; torchtitan would refuse \
+                             or ignore it{theirs}"
+                        ),
+                    );
+                    continue;
+                }
+                unknown += 1;
+                if unknown > MAX_KEY_WARNINGS {
+                    continue;
+                }
+                match suggest(section, name) {
+                    Some(s) => self.warn(&full, format!("unknown key {full} (did you mean {s}?)")),
+                    None => self.warn(
+                        &full,
+                        format!("unknown key {full} (not a torchtitan key; ignored)"),
+                    ),
+                }
+            }
+        }
+        if unknown > MAX_KEY_WARNINGS {
+            let more = unknown - MAX_KEY_WARNINGS;
+            self.warn("", format!("{more} more unknown keys"));
+        }
+    }
+
+    /// The value of a degree from the newest layout that sets it; every layer's value is
+    /// validated with `check`, and a value the newer layout overrides is a warning.
+    fn degree(
+        &mut self,
+        layers: &[(&str, Degrees)],
+        field: &'static str,
+        key: &str,
+        get: fn(&Degrees) -> Option<i64>,
+        check: fn(&str, i64) -> Result<i64>,
+    ) -> Result<Option<i64>> {
+        let mut found: Option<(String, i64)> = None;
+        for (section, d) in layers {
+            let Some(v) = get(d) else { continue };
+            let full = format!("{section}.{key}");
+            let v = check(&full, v)?;
+            match &found {
+                None => found = Some((full, v)),
+                Some((winner, w)) if *w != v => {
+                    let message = format!("{full} = {v} is overridden by {winner} = {w}");
+                    self.warn(&full, message);
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(found.map(|(full, v)| {
+            self.set(field, full);
+            v
+        }))
+    }
+
+    fn convert(&mut self, cfg: &JobConfig) -> Result<PlanFile> {
+        let mut plan = PlanFile {
+            model: Some(model_name(&cfg.model)?.to_string()),
+            ..PlanFile::default()
+        };
+        if cfg.model.flavor.is_some() {
+            self.set("model", "model.flavor");
+        }
+        plan.batch.ignore_max_position = Some(true);
+
+        // Degrees: [parallelism] (2025) over [experimental] and [training] (2024).
+        cfg.parallelism.check_numbers("parallelism")?;
+        cfg.experimental.check_numbers("experimental")?;
+        let layers = [
+            ("parallelism", cfg.parallelism.degrees()),
+            ("experimental", cfg.experimental.degrees()),
+            ("training", cfg.training.degrees()),
+        ];
+        let dp_replicate = self.degree(
+            &layers,
+            "parallel.dp_replicate",
+            "data_parallel_replicate_degree",
+            |d| d.data_parallel_replicate_degree,
+            positive,
+        )?;
+        let dp_shard = self
+            .degree(
+                &layers,
+                "parallel.dp_shard",
+                "data_parallel_shard_degree",
+                |d| d.data_parallel_shard_degree,
+                shard_degree,
+            )?
+            .filter(|&v| v != -1);
+        let pp = self.degree(
+            &layers,
+            "parallel.pp",
+            "pipeline_parallel_degree",
+            |d| d.pipeline_parallel_degree,
+            positive,
+        )?;
+        plan.parallel.dp_replicate = dp_replicate;
+        plan.parallel.dp_shard = Some(dp_shard.unwrap_or(-1));
+        plan.parallel.pp = pp;
+        plan.parallel.tp = self.degree(
+            &layers,
+            "parallel.tp",
+            "tensor_parallel_degree",
+            |d| d.tensor_parallel_degree,
+            positive,
+        )?;
+        plan.parallel.cp = self.degree(
+            &layers,
+            "parallel.cp",
+            "context_parallel_degree",
+            |d| d.context_parallel_degree,
+            positive,
+        )?;
+        plan.parallel.ep = self.degree(
+            &layers,
+            "parallel.ep",
+            "expert_parallel_degree",
+            |d| d.expert_parallel_degree,
+            positive,
+        )?;
+        plan.parallel.etp = self.degree(
+            &layers,
+            "parallel.etp",
+            "expert_tensor_parallel_degree",
+            |d| d.expert_tensor_parallel_degree,
+            positive,
+        )?;
+
+        // Batch: the 2025 name over the 2024 one.
+        let t = &cfg.training;
+        let mut given: Option<(&str, i64)> = None;
+        for (key, v) in [
+            ("training.local_batch_size", t.local_batch_size),
+            ("training.batch_size", t.batch_size),
+        ] {
+            let Some(v) = v else { continue };
+            let v = positive(key, v)?;
+            match given {
+                None => given = Some((key, v)),
+                Some((winner, w)) if w != v => {
+                    self.warn(key, format!("{key} = {v} is overridden by {winner} = {w}"))
+                }
+                Some(_) => {}
+            }
+        }
+        let (local_key, local) =
+            given.unwrap_or(("training.local_batch_size", DEFAULT_LOCAL_BATCH));
+        plan.batch.seq_len = Some(positive(
+            "training.seq_len",
+            t.seq_len.unwrap_or(DEFAULT_SEQ_LEN),
+        )?);
+        if t.seq_len.is_some() {
+            self.set("batch.seq_len", "training.seq_len");
+        }
+        let steps = t
+            .gradient_accumulation_steps
+            .map(|n| positive("training.gradient_accumulation_steps", n))
+            .transpose()?;
+        let global = match t.global_batch_size {
+            None => None,
+            // torchtitan/train.py: `if global_batch_size < 0:` local batch x dp degree.
+            Some(g) if g < 0 => {
+                if g != -1 {
+                    self.warn(
+                        "training.global_batch_size",
+                        format!(
+                            "training.global_batch_size = {g}: torchtitan takes any negative \
+                             value as -1, local_batch_size x the data-parallel degree (no \
+                             gradient accumulation)"
+                        ),
+                    );
+                }
+                None
+            }
+            Some(g) => Some(positive("training.global_batch_size", g).map_err(|_| {
+                Error::invalid(
+                    "training.global_batch_size",
+                    g,
+                    format!(
+                        "-1 (local_batch_size x the data-parallel degree) or an integer from 1 \
+                         to {MAX_DIM}"
+                    ),
+                )
+            })?),
+        };
+        let (accum, accum_key) = match (steps, global) {
+            (Some(n), _) => (Some(n), Some("training.gradient_accumulation_steps")),
+            (None, Some(g)) => {
+                let per_step = |shard: i64| {
+                    local
+                        .checked_mul(dp_replicate.unwrap_or(1))
+                        .and_then(|n| n.checked_mul(shard))
+                        .ok_or_else(|| Error::overflow("local batch x data-parallel degree"))
+                };
+                match dp_shard {
+                    Some(shard) => {
+                        let per_step = per_step(shard)?;
+                        if g % per_step != 0 {
+                            return Err(Error::invalid(
+                                "training.global_batch_size",
+                                g,
+                                format!(
+                                    "a multiple of local_batch_size x \
+                                     data_parallel_replicate_degree x data_parallel_shard_degree \
+                                     ({per_step})"
+                                ),
+                            ));
+                        }
+                        (Some(g / per_step), Some("training.global_batch_size"))
+                    }
+                    // The world size is not in the file: the data-parallel degree is unknown.
+                    None => {
+                        let per_rank = per_step(1)?;
+                        if g % per_rank != 0 {
+                            return Err(Error::invalid(
+                                "training.global_batch_size",
+                                g,
+                                format!(
+                                    "a multiple of local_batch_size x \
+                                     data_parallel_replicate_degree ({per_rank}) x the \
+                                     data-parallel shard degree"
+                                ),
+                            ));
+                        }
+                        if g > per_rank {
+                            self.warn(
+                                "training.global_batch_size",
+                                format!(
+                                    "training.global_batch_size = {g} sets gradient accumulation \
+                                     by the world size (data_parallel_shard_degree is -1); \
+                                     memplan estimates one accumulation step"
+                                ),
+                            );
+                        }
+                        (None, None)
+                    }
+                }
+            }
+            (None, None) => (None, None),
+        };
+        if let Some(key) = accum_key {
+            self.set("batch.grad_accum_steps", key);
+        }
+        let pp_on = pp.unwrap_or(1) > 1;
+        if pp_on {
+            let pp = pp.unwrap_or(1);
+            let mb = pipeline_microbatches(cfg, local, local_key, pp)?;
+            plan.batch.micro_batch_size = Some(mb.size);
+            plan.batch.grad_accum_steps = Some(accum.unwrap_or(1) * mb.count);
+            match (&mb.key, given) {
+                (Some(key), _) => self.set("batch.micro_batch_size", key.clone()),
+                (None, Some((key, _))) => self.set("batch.micro_batch_size", key),
+                (None, None) => {}
+            }
+            if let (None, Some(key)) = (accum_key, &mb.key) {
+                self.set("batch.grad_accum_steps", key.clone());
+            }
+            let (section, par) = pipeline_section(cfg);
+            let schedule_key = format!("{section}.pipeline_parallel_schedule");
+            let (schedule, stages) = pipeline_schedule(cfg, pp, &plan)?;
+            if par.pipeline_parallel_schedule.is_some() {
+                self.set("parallel.pp_schedule", schedule_key.clone());
+            }
+            plan.parallel.pp_schedule = Some(schedule.to_string());
+            if let Some((stages, key)) = stages {
+                plan.parallel.pp_virtual_stages = Some(stages);
+                self.set("parallel.pp_virtual_stages", key.unwrap_or(schedule_key));
+            }
+        } else {
+            plan.batch.micro_batch_size = Some(local);
+            if let Some((key, _)) = given {
+                self.set("batch.micro_batch_size", key);
+            }
+            plan.batch.grad_accum_steps = accum;
+        }
+
+        // Sharding policy: [parallelism] over the brief [training] key of early 2025.
+        let reshard = |key: &str, s: &str| -> Result<Option<bool>> {
+            match s.trim().to_ascii_lowercase().as_str() {
+                "default" => Ok(pp_on.then_some(false)),
+                "always" => Ok(Some(true)),
+                "never" => Ok(Some(false)),
+                _ => Err(Error::invalid(
+                    key,
                     format!("{s:?}"),
                     "one of default, always, never",
-                ))
+                )),
             }
-        },
-    };
-
-    // Precision and offload.
-    plan.precision.param = dtype("training.mixed_precision_param", &t.mixed_precision_param)?;
-    plan.precision.reduce = dtype("training.mixed_precision_reduce", &t.mixed_precision_reduce)?;
-    plan.precision.master = dtype("training.dtype", &t.dtype)?;
-    plan.offload = t
-        .enable_cpu_offload
-        .map(|on| if on { "full" } else { "none" }.to_string());
-
-    // Activation checkpointing.
-    plan.activation_checkpointing = Some(checkpointing(&cfg.activation_checkpoint)?);
-
-    // Float8 and compile.
-    let from_converters = match &cfg.model.converters {
-        None => None,
-        Some(list) => Some(converters(list)?),
-    };
-    plan.float8 = match (from_converters, cfg.float8.enable_float8_linear) {
-        (Some(true), _) => Some(true),
-        (c, linear) => linear.or(c),
-    };
-    plan.compile = cfg.compile.enable.or(t.compile);
-
-    // Optimizer.
-    let o = &cfg.optimizer;
-    plan.optimizer = match o.name.as_deref() {
-        None => None,
-        Some(n) => Some(
-            match n.trim().to_ascii_lowercase().as_str() {
-                "adamw" => "adamw",
-                "adam" => "adam",
-                _ => {
-                    return Err(Error::invalid(
-                        "optimizer.name",
-                        format!("{n:?}"),
-                        "one of AdamW, Adam (the optimizers torchtitan builds)",
-                    ))
+        };
+        let mut policy: Option<(&str, Option<bool>)> = None;
+        for (key, v) in [
+            (
+                "parallelism.fsdp_reshard_after_forward",
+                &cfg.parallelism.fsdp_reshard_after_forward,
+            ),
+            (
+                "training.fsdp_reshard_after_forward",
+                &t.fsdp_reshard_after_forward,
+            ),
+        ] {
+            let Some(s) = v else { continue };
+            let r = reshard(key, s)?;
+            match policy {
+                None => policy = Some((key, r)),
+                Some((winner, w)) if w != r => {
+                    self.warn(key, format!("{key} = {s:?} is overridden by {winner}"))
                 }
+                Some(_) => {}
             }
-            .to_string(),
-        ),
-    };
-    plan.implementation.optimizer = match (o.implementation.as_deref(), o.fused) {
-        (Some(s), _) => Some(
-            match s.trim().to_ascii_lowercase().as_str() {
-                "fused" => "fused",
-                "foreach" => "foreach",
-                "for-loop" => "per-param",
-                _ => {
-                    return Err(Error::invalid(
-                        "optimizer.implementation",
-                        format!("{s:?}"),
-                        "one of fused, foreach, for-loop",
-                    ))
+        }
+        plan.reshard_after_forward = match policy {
+            None => pp_on.then_some(false),
+            Some((key, r)) => {
+                self.set("reshard_after_forward", key);
+                r
+            }
+        };
+
+        // Precision and offload.
+        plan.precision.param = dtype("training.mixed_precision_param", &t.mixed_precision_param)?;
+        plan.precision.reduce =
+            dtype("training.mixed_precision_reduce", &t.mixed_precision_reduce)?;
+        plan.precision.master = dtype("training.dtype", &t.dtype)?;
+        for (field, key, v) in [
+            (
+                "precision.param",
+                "training.mixed_precision_param",
+                &plan.precision.param,
+            ),
+            (
+                "precision.reduce",
+                "training.mixed_precision_reduce",
+                &plan.precision.reduce,
+            ),
+            ("precision.master", "training.dtype", &plan.precision.master),
+        ] {
+            if v.is_some() {
+                self.set(field, key);
+            }
+        }
+        plan.offload = t
+            .enable_cpu_offload
+            .map(|on| if on { "full" } else { "none" }.to_string());
+        if t.enable_cpu_offload.is_some() {
+            self.set("offload", "training.enable_cpu_offload");
+        }
+
+        // Activation checkpointing.
+        let ac = &cfg.activation_checkpoint;
+        plan.activation_checkpointing = Some(checkpointing(ac)?);
+        let selective = ac
+            .mode
+            .as_deref()
+            .is_none_or(|m| m.trim().eq_ignore_ascii_case("selective"));
+        if selective && ac.selective_ac_option.is_some() {
+            self.set(
+                "activation_checkpointing",
+                "activation_checkpoint.selective_ac_option",
+            );
+        } else if ac.mode.is_some() {
+            self.set("activation_checkpointing", "activation_checkpoint.mode");
+        }
+
+        // Float8 and compile.
+        let from_converters = match &cfg.model.converters {
+            None => None,
+            Some(list) => Some(converters(list)?),
+        };
+        let linear = cfg.float8.enable_float8_linear;
+        plan.float8 = match (from_converters, linear) {
+            (Some(true), _) => Some(true),
+            (c, linear) => linear.or(c),
+        };
+        match (from_converters, linear) {
+            (Some(true), _) | (Some(false), None) => self.set("float8", "model.converters"),
+            (_, Some(_)) => self.set("float8", "float8.enable_float8_linear"),
+            (None, None) => {}
+        }
+        plan.compile = cfg.compile.enable.or(t.compile);
+        if cfg.compile.enable.is_some() {
+            self.set("compile", "compile.enable");
+        } else if t.compile.is_some() {
+            self.set("compile", "training.compile");
+        }
+
+        // Optimizer.
+        let o = &cfg.optimizer;
+        plan.optimizer = match o.name.as_deref() {
+            None => None,
+            Some(n) => Some(
+                match n.trim().to_ascii_lowercase().as_str() {
+                    "adamw" => "adamw",
+                    "adam" => "adam",
+                    _ => {
+                        return Err(Error::invalid(
+                            "optimizer.name",
+                            format!("{n:?}"),
+                            "one of AdamW, Adam (the optimizers torchtitan builds)",
+                        ))
+                    }
                 }
-            }
-            .to_string(),
-        ),
-        (None, Some(true)) => Some("fused".to_string()),
-        (None, Some(false)) => Some("foreach".to_string()),
-        (None, None) => None,
+                .to_string(),
+            ),
+        };
+        if o.name.is_some() {
+            self.set("optimizer", "optimizer.name");
+        }
+        plan.implementation.optimizer = match (o.implementation.as_deref(), o.fused) {
+            (Some(s), _) => Some(
+                match s.trim().to_ascii_lowercase().as_str() {
+                    "fused" => "fused",
+                    "foreach" => "foreach",
+                    "for-loop" => "per-param",
+                    _ => {
+                        return Err(Error::invalid(
+                            "optimizer.implementation",
+                            format!("{s:?}"),
+                            "one of fused, foreach, for-loop",
+                        ))
+                    }
+                }
+                .to_string(),
+            ),
+            (None, Some(true)) => Some("fused".to_string()),
+            (None, Some(false)) => Some("foreach".to_string()),
+            (None, None) => None,
+        };
+        if o.implementation.is_some() {
+            self.set("implementation.optimizer", "optimizer.implementation");
+        } else if o.fused.is_some() {
+            self.set("implementation.optimizer", "optimizer.fused");
+        }
+        Ok(plan)
+    }
+}
+
+/// A suggestion for an unknown `key` in `section`, as "section.key": a known key of the section
+/// one or two edits away (a typo), else the same key in another section (the right key in the
+/// wrong place), else a known key of the section up to a quarter of its length away.
+fn suggest(section: &str, key: &str) -> Option<String> {
+    let lower = key.to_ascii_lowercase();
+    let len = lower.chars().count();
+    // Keys are short; a long one is no typo of a known key, and would be slow to compare.
+    if len > 64 {
+        return None;
+    }
+    let closest = keys_of(TORCHTITAN_KEYS, section)
+        .iter()
+        .chain(keys_of(MEMPLAN_ONLY_KEYS, section))
+        .map(|k| (edit_distance(&lower, k), *k))
+        .min_by_key(|(d, _)| *d);
+    let within = |limit: usize| {
+        closest
+            .filter(|(d, _)| *d <= limit)
+            .map(|(_, k)| format!("{section}.{k}"))
     };
-    Ok(plan)
+    within(2)
+        .or_else(|| elsewhere(section, &lower))
+        .or_else(|| within(len / 4))
+}
+
+/// `key` in the first other section where torchtitan has it, as "section.key".
+fn elsewhere(section: &str, key: &str) -> Option<String> {
+    SUGGEST_ORDER
+        .iter()
+        .filter(|s| **s != section)
+        .find(|s| keys_of(TORCHTITAN_KEYS, s).contains(&key))
+        .map(|s| format!("{s}.{key}"))
+}
+
+/// Levenshtein distance in characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 fn accepted_models() -> String {
@@ -531,8 +1356,20 @@ fn converters(list: &StringList) -> Result<bool> {
     Ok(float8)
 }
 
-/// Micro-batch size and micro-batches per local batch under pipeline parallelism.
-fn pipeline_microbatches(cfg: &JobConfig, local: i64, pp: i64) -> Result<(i64, i64)> {
+/// Micro-batches under pipeline parallelism: their size and count per local batch, and the
+/// key that set them (none when both are torchtitan's defaults).
+struct Microbatches {
+    size: i64,
+    count: i64,
+    key: Option<String>,
+}
+
+fn pipeline_microbatches(
+    cfg: &JobConfig,
+    local: i64,
+    local_key: &str,
+    pp: i64,
+) -> Result<Microbatches> {
     let (section, par) = pipeline_section(cfg);
     if let Some(mb) = par.pipeline_parallel_microbatch_size {
         let key = format!("{section}.pipeline_parallel_microbatch_size");
@@ -544,23 +1381,42 @@ fn pipeline_microbatches(cfg: &JobConfig, local: i64, pp: i64) -> Result<(i64, i
                 format!("a divisor of the local batch size ({local})"),
             ));
         }
-        return Ok((mb, local / mb));
+        return Ok(Microbatches {
+            size: mb,
+            count: local / mb,
+            key: Some(key),
+        });
     }
     // 2024 and early 2025: a count, defaulting to the pipeline degree. From April 2025 the
     // size defaults to 1 (so the count to the local batch); the [parallelism] layout gets that.
+    let key = format!("{section}.pipeline_parallel_microbatches");
     let count = match par.pipeline_parallel_microbatches {
-        Some(n) => positive(&format!("{section}.pipeline_parallel_microbatches"), n)?,
+        Some(n) => positive(&key, n)?,
         None if section == "experimental" => pp,
         None => local,
     };
     if local % count != 0 {
-        return Err(Error::invalid(
-            &format!("{section}.pipeline_parallel_microbatches"),
-            count,
-            format!("a divisor of the local batch size ({local})"),
-        ));
+        return Err(match par.pipeline_parallel_microbatches {
+            Some(_) => Error::invalid(
+                &key,
+                count,
+                format!("a divisor of the local batch size ({local})"),
+            ),
+            None => Error::invalid(
+                local_key,
+                local,
+                format!(
+                    "a multiple of the pipeline micro-batches, which {key} leaves at \
+                     pipeline_parallel_degree ({count})"
+                ),
+            ),
+        });
     }
-    Ok((local / count, count))
+    Ok(Microbatches {
+        size: local / count,
+        count,
+        key: par.pipeline_parallel_microbatches.map(|_| key),
+    })
 }
 
 /// The section that holds the pipeline keys: `[parallelism]`, or 2024's `[experimental]`.
@@ -575,12 +1431,16 @@ fn pipeline_section(cfg: &JobConfig) -> (&'static str, &Parallelism) {
     }
 }
 
-/// memplan schedule and virtual stages per rank for torchtitan's `pipeline_parallel_schedule`.
+/// Virtual stages per rank, and the key that set them (none for the default).
+type Stages = (i64, Option<String>);
+
+/// memplan schedule and virtual stages per rank for torchtitan's `pipeline_parallel_schedule`,
+/// with the key that set the stages (none for the default of 2).
 fn pipeline_schedule(
     cfg: &JobConfig,
     pp: i64,
     plan: &PlanFile,
-) -> Result<(&'static str, Option<i64>)> {
+) -> Result<(&'static str, Option<Stages>)> {
     let (section, par) = pipeline_section(cfg);
     if par
         .pipeline_parallel_schedule_csv
@@ -618,7 +1478,7 @@ fn pipeline_schedule(
     }
     // Stages per rank of a looped schedule: torchtitan's pipeline_llm (2025) and
     // generate_split_points (2024) default to 2, and a looped schedule needs at least 2.
-    let per_rank = |key: String, stages: i64| -> Result<i64> {
+    let per_rank = |key: String, stages: i64| -> Result<Stages> {
         if stages % pp != 0 || stages / pp < 2 {
             return Err(Error::invalid(
                 &key,
@@ -629,7 +1489,7 @@ fn pipeline_schedule(
                 ),
             ));
         }
-        Ok(stages / pp)
+        Ok((stages / pp, Some(key)))
     };
     let stages = if let Some(lps) = par.pipeline_parallel_layers_per_stage {
         let key = format!("{section}.pipeline_parallel_layers_per_stage");
@@ -652,7 +1512,7 @@ fn pipeline_schedule(
         let n = i64::try_from(points.items().len()).unwrap_or(i64::MAX);
         per_rank(format!("{section}.pipeline_parallel_split_points"), n + 1)?
     } else {
-        2
+        (2, None)
     };
     Ok((schedule, Some(stages)))
 }
@@ -722,14 +1582,20 @@ fn non_negative(key: &str, v: i64) -> Result<i64> {
     crate::plan::bounded(key, v, 0)
 }
 
-fn degree_or_minus_one(key: &str, v: i64) -> Result<i64> {
-    positive(key, v).map_err(|_| {
-        Error::invalid(
-            key,
-            v,
-            format!("-1 (the ranks the other degrees leave) or an integer from 1 to {MAX_DIM}"),
-        )
-    })
+/// `data_parallel_shard_degree`: -1 (the ranks the other degrees leave) or a degree.
+fn shard_degree(key: &str, v: i64) -> Result<i64> {
+    if v == -1 {
+        return Ok(-1);
+    }
+    positive(key, v).map_err(|_| shard_degree_error(key, v))
+}
+
+fn shard_degree_error(key: &str, v: i64) -> Error {
+    Error::invalid(
+        key,
+        v,
+        format!("-1 (the ranks the other degrees leave) or an integer from 1 to {MAX_DIM}"),
+    )
 }
 
 /// 1-based line and column of byte offset `at` in `text`.
@@ -825,7 +1691,7 @@ mod tests {
     use super::*;
 
     fn plan(text: &str) -> PlanFile {
-        from_toml_str(text, "t.toml").unwrap()
+        from_toml_str(text, "t.toml").unwrap().plan
     }
 
     fn err(text: &str) -> String {
@@ -895,6 +1761,116 @@ mod tests {
             e.starts_with("invalid training: got 3 (t.toml line 1)"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn edit_distance_counts_single_character_edits() {
+        assert_eq!(edit_distance("local_batchsize", "local_batch_size"), 1);
+        assert_eq!(edit_distance("seqlen", "seq_len"), 1);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("same", "same"), 0);
+    }
+
+    #[test]
+    fn suggestions_prefer_a_near_typo_then_the_same_key_elsewhere() {
+        assert_eq!(
+            suggest("training", "local_batchsize").as_deref(),
+            Some("training.local_batch_size")
+        );
+        assert_eq!(
+            suggest("training", "pipeline_parallel_degree").as_deref(),
+            Some("parallelism.pipeline_parallel_degree")
+        );
+        assert_eq!(suggest("training", "zzz"), None);
+        assert_eq!(suggest("training", &"x".repeat(10_000)), None);
+    }
+
+    #[test]
+    fn known_key_lists_are_sorted_without_repeats_and_cover_each_section() {
+        for table in [TORCHTITAN_KEYS, MEMPLAN_ONLY_KEYS] {
+            for (section, keys) in table {
+                assert!(SECTIONS.contains(section), "{section}");
+                if std::ptr::eq(table, TORCHTITAN_KEYS) {
+                    assert!(keys.windows(2).all(|w| w[0] < w[1]), "{section}");
+                }
+            }
+        }
+        for section in SECTIONS {
+            assert!(!keys_of(TORCHTITAN_KEYS, section).is_empty(), "{section}");
+            for key in keys_of(MEMPLAN_ONLY_KEYS, section) {
+                assert!(
+                    !keys_of(TORCHTITAN_KEYS, section).contains(key),
+                    "{section}.{key} is torchtitan's"
+                );
+            }
+        }
+    }
+
+    /// Every key memplan deserializes is either torchtitan's or listed as memplan's own, and
+    /// is really read: a table in its place is a type error naming it.
+    #[test]
+    fn every_key_memplan_reads_is_known() {
+        let parallel = [
+            "data_parallel_replicate_degree",
+            "data_parallel_shard_degree",
+            "tensor_parallel_degree",
+            "pipeline_parallel_degree",
+            "context_parallel_degree",
+            "expert_parallel_degree",
+            "expert_tensor_parallel_degree",
+            "pipeline_parallel_schedule",
+            "pipeline_parallel_schedule_csv",
+            "pipeline_parallel_microbatch_size",
+            "pipeline_parallel_microbatches",
+            "pipeline_parallel_layers_per_stage",
+            "pipeline_parallel_first_stage_less_layers",
+            "pipeline_parallel_last_stage_less_layers",
+            "pipeline_parallel_split_points",
+            "module_fqns_per_model_part",
+        ];
+        let read: &[(&str, &[&str])] = &[
+            ("model", &["name", "flavor", "converters"]),
+            (
+                "training",
+                &[
+                    "local_batch_size",
+                    "batch_size",
+                    "global_batch_size",
+                    "gradient_accumulation_steps",
+                    "seq_len",
+                    "mixed_precision_param",
+                    "mixed_precision_reduce",
+                    "dtype",
+                    "enable_cpu_offload",
+                    "compile",
+                    "data_parallel_replicate_degree",
+                    "data_parallel_shard_degree",
+                    "tensor_parallel_degree",
+                    "fsdp_reshard_after_forward",
+                ],
+            ),
+            ("parallelism", &parallel),
+            ("parallelism", &["fsdp_reshard_after_forward"]),
+            ("experimental", &parallel),
+            ("activation_checkpoint", &["mode", "selective_ac_option"]),
+            ("float8", &["enable_float8_linear"]),
+            ("compile", &["enable"]),
+            ("optimizer", &["name", "implementation", "fused"]),
+        ];
+        for (section, keys) in read {
+            for key in *keys {
+                assert!(
+                    keys_of(TORCHTITAN_KEYS, section).contains(key)
+                        || keys_of(MEMPLAN_ONLY_KEYS, section).contains(key),
+                    "{section}.{key}"
+                );
+                // The type error comes before anything is mapped.
+                let text = format!("[{section}]\n{key} = {{ x = 1 }}\n");
+                let e = from_toml_str(&text, "t.toml").unwrap_err();
+                assert_eq!(e.field(), Some(format!("{section}.{key}").as_str()), "{e}");
+            }
+        }
     }
 
     #[test]
