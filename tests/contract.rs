@@ -386,3 +386,86 @@ fn choices_in_json_output_read_back_as_plan_values() {
     assert_eq!(plan["activation_checkpointing"], "selective-layer:2");
     assert_eq!(plan["implementation"]["optimizer"], "foreach");
 }
+
+#[test]
+fn a_torchtitan_degree_that_conflicts_with_the_world_size_is_refused() {
+    let toml = temp_file(
+        "shard16.toml",
+        b"[model]\nname = \"llama3\"\nflavor = \"8B\"\n[parallelism]\ndata_parallel_shard_degree = 16\n",
+    );
+    refused(
+        &[
+            "estimate",
+            "--torchtitan",
+            toml.to_str().unwrap(),
+            "--num-gpus",
+            "8",
+        ],
+        &["parallelism.data_parallel_shard_degree", "got 16", "(8)"],
+    );
+    // With the matching world size the explicit degree is what is estimated.
+    let (code, doc, _) = run_json(&[
+        "estimate",
+        "--torchtitan",
+        toml.to_str().unwrap(),
+        "--num-gpus",
+        "16",
+    ]);
+    assert!(code <= 1);
+    assert_eq!(doc["plan"]["parallel"]["dp_shard"], 16);
+}
+
+#[test]
+fn a_torchtitan_typo_is_warned_about_and_values_are_blamed_on_their_key() {
+    let toml = temp_file(
+        "typo.toml",
+        b"[model]\nname = \"llama3\"\nflavor = \"8B\"\n[training]\nlocal_batchsize = 1\n",
+    );
+    let (_, doc, stderr) = run_json(&[
+        "estimate",
+        "--torchtitan",
+        toml.to_str().unwrap(),
+        "--num-gpus",
+        "8",
+    ]);
+    let needle = "unknown key training.local_batchsize (did you mean training.local_batch_size?)";
+    assert!(stderr.contains(needle), "{stderr}");
+    assert!(doc["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|w| w.as_str().unwrap().contains(needle)));
+    // A value the plan refuses is named by the TOML key it came from.
+    let toml = temp_file(
+        "tp3.toml",
+        b"[model]\nname = \"llama3\"\nflavor = \"8B\"\n[parallelism]\ntensor_parallel_degree = 3\n",
+    );
+    refused(
+        &[
+            "estimate",
+            "--torchtitan",
+            toml.to_str().unwrap(),
+            "--num-gpus",
+            "3",
+        ],
+        &["invalid parallelism.tensor_parallel_degree (plan field parallel.tp)"],
+    );
+}
+
+#[test]
+fn a_non_llama_config_is_refused_not_misread() {
+    refused(
+        &["estimate", "--model", "tests/data/hf/gpt2.json"],
+        &["model_type", "gpt2"],
+    );
+    // A directory holding config.json is read as the model.
+    let r = run(&[
+        "estimate",
+        "--model",
+        "tests/data/hf/phi-3-mini-4k",
+        "--format",
+        "json",
+    ]);
+    let doc: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(doc["param_count"], 3_821_079_552u64);
+}

@@ -116,3 +116,23 @@ fn ranking_by_time_orders_by_estimated_throughput() {
     // On 8 x 80 GB an 8B model needs no offload; the fastest plan does not pay for it.
     assert_eq!(r.candidates[0].plan.offload, Offload::None);
 }
+
+#[test]
+fn tokens_per_micro_step_do_not_wrap_at_the_largest_world_and_sequence() {
+    // 2^24 GPUs x seq 2^24: micro-batch x seq x data-parallel ranks passes 2^64 for some
+    // layouts, which once wrapped to 0 tokens. Every candidate's tokens are recomputed here.
+    let f = file(
+        r#"{"model":"llama3-8b","num_gpus":16777216,
+            "batch":{"seq_len":16777216,"ignore_max_position":true}}"#,
+    );
+    let r = search(&f, &constraints()).unwrap();
+    assert!(!r.candidates.is_empty());
+    for c in &r.candidates {
+        let p = &c.plan;
+        let dp = p.num_gpus / (p.parallel.tp * p.parallel.pp * p.parallel.cp);
+        let want = p.batch.micro_batch_size as u128 * p.batch.seq_len as u128 * dp as u128;
+        assert_eq!(c.tokens_per_micro_step, want);
+        assert!(c.tokens_per_micro_step > 0);
+        assert!(c.cost.tokens_per_step > 0 && c.cost.tokens_per_s.is_finite());
+    }
+}
