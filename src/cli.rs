@@ -85,6 +85,10 @@ pub enum Command {
         /// size and runs out of memory where it would.
         #[arg(long)]
         device_memory: Option<String>,
+        /// Peak learning rate, reached by a linear warmup over the first 10% of the steps
+        /// (default: 0.25 / hidden size, at most 3e-3).
+        #[arg(long, allow_negative_numbers = true)]
+        lr: Option<f64>,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
@@ -665,8 +669,16 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
             device,
             quiet,
             device_memory,
+            lr,
             format,
         } => {
+            if let Some(lr) = lr.filter(|&lr| !(lr.is_finite() && lr > 0.0 && lr <= 1.0)) {
+                return Err(Error::invalid(
+                    "--lr",
+                    lr,
+                    "a learning rate above 0 and at most 1",
+                ));
+            }
             let mut plan = plan.resolve()?;
             warn(err, &plan.warnings);
             let device_limit = device_memory
@@ -693,6 +705,7 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
                 device: parse_device(&device)?,
                 progress: !quiet,
                 device_limit,
+                lr,
                 ..Default::default()
             };
             let v = crate::validate::validate_one(&plan.model.name, &plan, &opts)?;
