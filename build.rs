@@ -53,6 +53,10 @@ mod trainer {
             .warnings(false)
             .include(&include)
             .include(&api_include)
+            // gloo's headers for ProcessGroupGloo.hpp (csrc/third_party/gloo/README.md), and
+            // the define without which that header declares nothing.
+            .include("csrc/third_party")
+            .define("USE_C10D_GLOO", None)
             .flag("-std=c++17")
             .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
             .flag("-DGLOG_USE_GLOG_EXPORT")

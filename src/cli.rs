@@ -68,7 +68,8 @@ pub enum Command {
         format: Format,
     },
     /// Train a plan for a few steps on libtorch and print measured peaks per phase beside
-    /// the prediction (a single-device emulation of FSDP rank 0).
+    /// the prediction: a real multi-process job over c10d Gloo with --nproc-per-node (or as
+    /// a rank torchrun started), else a single-device emulation of FSDP rank 0.
     #[cfg(feature = "trainer")]
     Train {
         #[command(flatten)]
@@ -89,6 +90,8 @@ pub enum Command {
         /// (default: 0.25 / hidden size, at most 3e-3).
         #[arg(long, allow_negative_numbers = true)]
         lr: Option<f64>,
+        #[command(flatten)]
+        dist: Box<DistArgs>,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
@@ -116,6 +119,37 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+}
+
+/// How `train` runs: processes on this node, the job's rendezvous.
+#[derive(Args, Debug, Default, Clone)]
+pub struct DistArgs {
+    /// Start this many rank processes on this node (as torchrun does): a real FSDP2/HSDP job
+    /// over c10d Gloo, world size = nnodes x nproc-per-node = dp_replicate x dp_shard.
+    #[arg(long, allow_negative_numbers = true)]
+    pub nproc_per_node: Option<i64>,
+    /// Nodes in the job.
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    pub nnodes: i64,
+    /// This node's index.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub node_rank: i64,
+    /// Address of the node that hosts rank 0's store.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// Port of rank 0's store (0: a free one, single node only).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub master_port: i64,
+    /// Seconds a rank waits for its peers before giving up.
+    #[arg(long, default_value_t = 60, allow_negative_numbers = true)]
+    pub dist_timeout: i64,
+    /// Print every rank's log lines, prefixed with its rank.
+    #[arg(long)]
+    pub verbose: bool,
+    /// Force the single-device emulation of FSDP rank 0 (the default without
+    /// --nproc-per-node or a torchrun environment).
+    #[arg(long, conflicts_with = "nproc_per_node")]
+    pub emulate: bool,
 }
 
 /// Plan flags. Every flag overrides the same key of `--plan` or `--example`.
@@ -670,6 +704,7 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
             quiet,
             device_memory,
             lr,
+            dist,
             format,
         } => {
             if let Some(lr) = lr.filter(|&lr| !(lr.is_finite() && lr > 0.0 && lr <= 1.0)) {
@@ -708,9 +743,20 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
                 lr,
                 ..Default::default()
             };
-            let v = crate::validate::validate_one(&plan.model.name, &plan, &opts)?;
-            print(out, &crate::output::validation::train(&v, format))?;
-            Ok(fit_code(v.report.oom.is_none()))
+            let rank_env = if dist.emulate {
+                None
+            } else {
+                crate::trainer::dist::RankEnv::from_env()?
+            };
+            match (dist.nproc_per_node, rank_env) {
+                (Some(n), _) => launch_ranks(&dist, n, &plan, out, format),
+                (None, Some(env)) => run_rank(env, &dist, &plan, &opts, out, format),
+                (None, None) => {
+                    let v = crate::validate::validate_one(&plan.model.name, &plan, &opts)?;
+                    print(out, &crate::output::validation::train(&v, format))?;
+                    Ok(fit_code(v.report.oom.is_none()))
+                }
+            }
         }
         #[cfg(feature = "trainer")]
         Command::Validate {
@@ -770,6 +816,181 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
             Ok(EXIT_FITS)
         }
     }
+}
+
+/// `train --nproc-per-node N`: starts the ranks, then prints every rank beside the prediction.
+#[cfg(feature = "trainer")]
+fn launch_ranks(
+    dist: &DistArgs,
+    nproc: i64,
+    plan: &Plan,
+    out: &mut dyn Write,
+    format: Format,
+) -> Result<u8> {
+    let bounded = |flag: &str, v: i64, min: i64, max: i64| -> Result<u64> {
+        if (min..=max).contains(&v) {
+            Ok(v as u64)
+        } else {
+            Err(Error::invalid(
+                flag,
+                v,
+                format!("an integer from {min} to {max}"),
+            ))
+        }
+    };
+    let nproc = bounded("--nproc-per-node", nproc, 1, 256)?;
+    let nnodes = bounded("--nnodes", dist.nnodes, 1, 4096)?;
+    let node_rank = bounded("--node-rank", dist.node_rank, 0, nnodes as i64 - 1)?;
+    let port = bounded("--master-port", dist.master_port, 0, 65535)? as u16;
+    let timeout_s = bounded("--dist-timeout", dist.dist_timeout, 1, 86_400)?;
+    let world = nproc * nnodes;
+    let dp = plan.parallel.dp_replicate * plan.parallel.dp_shard;
+    if world != dp {
+        return Err(Error::invalid(
+            "--nproc-per-node",
+            nproc,
+            format!(
+                "nnodes x nproc-per-node = the plan's dp_replicate x dp_shard ({} x {} = {dp});                  set --num-gpus {world} or --dp-shard",
+                plan.parallel.dp_replicate, plan.parallel.dp_shard
+            ),
+        ));
+    }
+    let launch = crate::trainer::launch::Launch {
+        nproc_per_node: nproc,
+        nnodes,
+        node_rank,
+        master_addr: dist.master_addr.clone(),
+        master_port: port,
+        timeout_s,
+        verbose: dist.verbose,
+        exe: None,
+    };
+    let outcome = crate::trainer::launch::launch(&launch, &rank_args())?;
+    let e = estimate(plan)?;
+    let rows: Vec<_> = outcome
+        .reports
+        .into_iter()
+        .map(|r| crate::validate::validation_of(&format!("rank {}", r.rank), plan, &e, r))
+        .collect();
+    let oom = rows.iter().any(|v| v.report.oom.is_some());
+    print(out, &crate::output::validation::ranks(&rows, format))?;
+    Ok(fit_code(!oom))
+}
+
+/// This process's arguments less the launcher's own flags, with progress bars off: what each
+/// rank runs.
+#[cfg(feature = "trainer")]
+fn rank_args() -> Vec<OsString> {
+    const LAUNCHER: [&str; 5] = [
+        "--nproc-per-node",
+        "--nnodes",
+        "--node-rank",
+        "--master-port",
+        "--dist-timeout",
+    ];
+    let mut out = Vec::new();
+    let mut args = std::env::args_os().skip(1);
+    while let Some(a) = args.next() {
+        let text = a.to_string_lossy();
+        if LAUNCHER.contains(&text.as_ref()) {
+            args.next();
+            continue;
+        }
+        if LAUNCHER.iter().any(|f| text.starts_with(&format!("{f}="))) {
+            continue;
+        }
+        out.push(a);
+    }
+    out.push("--quiet".into());
+    out
+}
+
+/// One rank of a job (started by `--nproc-per-node` or by torchrun): joins, trains, and
+/// reports: into the launcher's folder, or, under torchrun, gathered to rank 0, which prints
+/// every rank.
+#[cfg(feature = "trainer")]
+fn run_rank(
+    env: crate::trainer::dist::RankEnv,
+    dist: &DistArgs,
+    plan: &Plan,
+    opts: &crate::trainer::TrainOptions,
+    out: &mut dyn Write,
+    format: Format,
+) -> Result<u8> {
+    use crate::trainer::dist::Mesh;
+    let timeout_s = match std::env::var("MEMPLAN_DIST_TIMEOUT") {
+        Ok(v) => v
+            .parse::<u64>()
+            .ok()
+            .filter(|t| (1..=86_400).contains(t))
+            .ok_or_else(|| {
+                Error::invalid("environment MEMPLAN_DIST_TIMEOUT", v, "1 to 86400 seconds")
+            })?,
+        Err(_) => u64::try_from(dist.dist_timeout)
+            .ok()
+            .filter(|t| (1..=86_400).contains(t))
+            .ok_or_else(|| {
+                Error::invalid("--dist-timeout", dist.dist_timeout, "1 to 86400 seconds")
+            })?,
+    };
+    let rank = env.rank;
+    let mesh = std::rc::Rc::new(Mesh::join(
+        env,
+        plan.parallel.dp_replicate,
+        plan.parallel.dp_shard,
+        std::time::Duration::from_secs(timeout_s),
+    )?);
+    let e = estimate(plan)?;
+    let opts = crate::trainer::TrainOptions {
+        progress: opts.progress && rank == 0,
+        ..opts.clone()
+    };
+    let report = crate::trainer::train_rank(plan, &opts, mesh.clone())
+        .map_err(|e| e.context(format!("rank {rank}")))?;
+    let oom = report.oom.clone();
+    if let Some(path) = crate::trainer::launch::report_path(rank) {
+        let text = serde_json::to_string(&report).expect("reports serialize");
+        std::fs::write(&path, text).map_err(|e| {
+            Error::runtime(format!("rank {rank}: cannot write {}: {e}", path.display()))
+        })?;
+        if let Some(o) = &oom {
+            eprintln!(
+                "error: rank {rank} ran out of memory at step {}, {:?}: {}",
+                o.step, o.phase, o.message
+            );
+        }
+        return Ok(fit_code(oom.is_none()));
+    }
+    // Under torchrun: a rank out of memory cannot meet its peers again; it reports alone.
+    if oom.is_some() {
+        let v = crate::validate::validation_of(&format!("rank {rank}"), plan, &e, report);
+        print(
+            out,
+            &crate::output::validation::ranks(std::slice::from_ref(&v), format),
+        )?;
+        return Ok(EXIT_DOES_NOT_FIT);
+    }
+    let text = serde_json::to_string(&report).expect("reports serialize");
+    let all = mesh
+        .all_gather_text(&text)
+        .map_err(|e| Error::runtime(format!("rank {rank}: gathering reports: {e}")))?;
+    if rank == 0 {
+        let rows = all
+            .iter()
+            .map(|t| {
+                let r: crate::trainer::TrainReport = serde_json::from_str(t)
+                    .map_err(|e| Error::runtime(format!("a rank's report does not parse: {e}")))?;
+                Ok(crate::validate::validation_of(
+                    &format!("rank {}", r.rank),
+                    plan,
+                    &e,
+                    r,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        print(out, &crate::output::validation::ranks(&rows, format))?;
+    }
+    Ok(EXIT_FITS)
 }
 
 #[cfg(feature = "trainer")]

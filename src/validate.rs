@@ -76,9 +76,19 @@ pub fn predicted_phases(e: &crate::estimate::Estimate) -> [u64; 6] {
 /// Estimates, then trains, one plan.
 pub fn validate_one(label: &str, plan: &Plan, opts: &TrainOptions) -> Result<Validation> {
     let e = estimate(plan)?;
-    let predicted = predicted_phases(&e);
-    let predicted_first_oom = e.per_gpu.first_oom;
     let report = train(plan, opts)?;
+    Ok(validation_of(label, plan, &e, report))
+}
+
+/// The estimate `e` of `plan` beside a run's report.
+pub fn validation_of(
+    label: &str,
+    plan: &Plan,
+    e: &crate::estimate::Estimate,
+    report: TrainReport,
+) -> Validation {
+    let predicted = predicted_phases(e);
+    let predicted_first_oom = e.per_gpu.first_oom;
     let mut measured = [0u64; 6];
     for (k, step) in [&report.first_step, &report.steady_step].iter().enumerate() {
         if let Some(s) = step {
@@ -98,7 +108,7 @@ pub fn validate_one(label: &str, plan: &Plan, opts: &TrainOptions) -> Result<Val
             measured_bytes: measured[i],
         };
     }
-    Ok(Validation {
+    Validation {
         label: label.to_string(),
         plan: plan.clone(),
         phases,
@@ -108,7 +118,7 @@ pub fn validate_one(label: &str, plan: &Plan, opts: &TrainOptions) -> Result<Val
         },
         predicted_first_oom,
         report,
-    })
+    }
 }
 
 /// The CI matrix: small models on the CPU, covering model shapes (GQA, tied embeddings,

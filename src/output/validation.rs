@@ -189,3 +189,68 @@ pub fn worst(v: &Validation) -> f64 {
         .map(|p| p.error_pct())
         .fold(0.0, |a: f64, b| if b.abs() > a.abs() { b } else { a })
 }
+
+/// The ranks of one multi-process run, each beside the prediction (the estimator's figure is
+/// for the most loaded rank, so every rank is compared with it), with the most loaded rank and
+/// the host bytes per node (the sum of its ranks' host peaks).
+pub fn ranks(rows: &[Validation], format: Format) -> String {
+    let most = rows
+        .iter()
+        .max_by_key(|v| v.report.peak_allocated_bytes)
+        .map_or(0, |v| v.report.rank);
+    let per_node = rows.first().map_or(1, |v| v.plan.gpus_per_node.max(1));
+    let mut host: Vec<(u64, u64)> = Vec::new();
+    for v in rows {
+        let node = v.report.rank / per_node;
+        match host.iter_mut().find(|(n, _)| *n == node) {
+            Some((_, b)) => *b += v.report.peak_host_bytes,
+            None => host.push((node, v.report.peak_host_bytes)),
+        }
+    }
+    match format {
+        Format::Json => {
+            #[derive(Serialize)]
+            struct Node {
+                node: u64,
+                host_peak_bytes: u64,
+            }
+            #[derive(Serialize)]
+            struct Ranks<'a> {
+                schema: &'static str,
+                most_loaded_rank: u64,
+                host_per_node: Vec<Node>,
+                ranks: &'a [Validation],
+            }
+            serde_json::to_string_pretty(&Ranks {
+                schema: "memplan.train-ranks/1",
+                most_loaded_rank: most,
+                host_per_node: host
+                    .iter()
+                    .map(|&(node, host_peak_bytes)| Node {
+                        node,
+                        host_peak_bytes,
+                    })
+                    .collect(),
+                ranks: rows,
+            })
+            .expect("serializes")
+                + "\n"
+        }
+        Format::Markdown | Format::Table => {
+            let mut s = matrix(rows, format);
+            s += &format!("most loaded: rank {most}");
+            for (node, b) in &host {
+                s += &format!("; host on node {node}: {}", Bytes(*b));
+            }
+            s += "\n";
+            if let Some(v) = rows.iter().find(|v| v.report.oom.is_some()) {
+                let o = v.report.oom.as_ref().expect("found with an oom");
+                s += &format!(
+                    "OUT OF MEMORY on rank {} at step {}, {:?}: {}\n",
+                    v.report.rank, o.step, o.phase, o.message
+                );
+            }
+            s
+        }
+    }
+}

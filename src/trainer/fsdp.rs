@@ -68,6 +68,11 @@ pub struct Env {
     /// Sharded parameters, their gradients and optimizer states.
     pub master: Kind,
     pub world: i64,
+    /// This rank's index in the shard group.
+    pub rank: i64,
+    /// Whether the other ranks' shards are materialised here (the single-device emulation of
+    /// rank 0); false in a real multi-process run, where each rank holds only its own.
+    pub peers: bool,
     pub offload: Offload,
 }
 
@@ -231,7 +236,8 @@ impl FsdpParam {
         }
     }
 
-    /// Shards `full` (fp32, host, uncounted) over `env.world` ranks.
+    /// Shards `full` (fp32, host, uncounted) over `env.world` ranks: this rank's shard, and
+    /// the others' when they are emulated.
     pub fn new(full: &Tensor, env: &Env) -> TResult<FsdpParam> {
         let shape = full.size();
         let rows = shape[0];
@@ -239,10 +245,17 @@ impl FsdpParam {
         let n = env.world;
         let shard_rows = (rows + n - 1) / n;
         let mut shards = Vec::with_capacity(n as usize);
-        for r in 0..n {
+        let ranks: Vec<i64> = if env.peers {
+            std::iter::once(env.rank)
+                .chain((0..n).filter(|&r| r != env.rank))
+                .collect()
+        } else {
+            vec![env.rank]
+        };
+        for r in ranks {
             let start = r * shard_rows;
             let own = (rows - start).clamp(0, shard_rows);
-            let (dev, ch) = if r == 0 {
+            let (dev, ch) = if r == env.rank {
                 env.at(env.shard_place())
             } else {
                 (Device::Cpu, Channel::Off)

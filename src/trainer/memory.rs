@@ -8,7 +8,7 @@ use super::ffi::{self, Channel};
 use crate::error::{Error, Result};
 
 /// Peaks of one phase of one step.
-#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct PhaseMemory {
     /// Device bytes allocated when the phase began.
     pub start_allocated_bytes: u64,

@@ -43,8 +43,10 @@
 //! add, which saves nothing), so it allocates what torch's non-reentrant checkpoint
 //! (torchtitan's `checkpoint_wrapper`) does.
 
+pub mod dist;
 pub mod ffi;
 pub mod fsdp;
+pub mod launch;
 pub mod memory;
 pub mod model;
 pub mod optim;
@@ -54,7 +56,7 @@ use std::ffi::{c_int, c_void};
 use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
 
@@ -68,7 +70,7 @@ use model::{BlockWeights, Dims, Flavor, RootWeights, TResult};
 use optim::OptConfig;
 
 /// Where the run happens.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TrainDevice {
     Cpu,
@@ -114,7 +116,7 @@ impl Default for TrainOptions {
 }
 
 /// The three phases of a step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
     Setup,
@@ -125,7 +127,7 @@ pub enum Phase {
 
 /// Memory and loss of one optimizer step. With gradient accumulation, forward and backward
 /// hold the maxima over the micro-batches.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StepReport {
     /// 1-based.
     pub step: u64,
@@ -141,7 +143,7 @@ pub struct StepReport {
 }
 
 /// Where a run ran out of memory.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct OomReport {
     pub step: u64,
     pub phase: Phase,
@@ -152,12 +154,16 @@ pub struct OomReport {
 }
 
 /// What a run measured.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TrainReport {
     pub model: String,
     pub device: TrainDevice,
-    /// FSDP degree emulated (rank 0 of this many).
+    /// FSDP degree (emulated: rank 0 of this many).
     pub dp_shard: u64,
+    /// This process's rank (0 for the emulation).
+    pub rank: u64,
+    /// Processes in the job (1 for the single-device emulation).
+    pub processes: u64,
     pub steps_requested: u64,
     /// Steps that completed.
     pub steps_completed: u64,
@@ -199,7 +205,7 @@ fn kind(d: DType) -> Kind {
 }
 
 /// Refuses what the trainer cannot run, with the reason.
-fn check_supported(plan: &Plan) -> Result<()> {
+fn check_supported(plan: &Plan, distributed: bool) -> Result<()> {
     let m = &plan.model;
     if m.moe.is_some() {
         return Err(unsupported(
@@ -230,11 +236,11 @@ fn check_supported(plan: &Plan) -> Result<()> {
             ));
         }
     }
-    if p.dp_replicate != 1 {
+    if p.dp_replicate != 1 && !distributed {
         return Err(unsupported(
             "parallel.dp_replicate",
             p.dp_replicate,
-            "1: HSDP is not emulated",
+            "1: HSDP is not emulated (a multi-process run, --nproc-per-node, runs it)",
         ));
     }
     if plan.activation_checkpointing == Checkpointing::SelectiveOp {
@@ -528,13 +534,25 @@ fn synthetic_tokens(seed: u64, index: u64, batch: u64, seq: u64, vocab: u64) -> 
     v
 }
 
-/// The micro-batch on the device: `input_ids` and `labels`, each `batch x seq` int64.
-fn batch_on_device(env: &Env, plan: &Plan, seed: u64, index: u64) -> TResult<(Tensor, Tensor)> {
+/// The micro-batch on the device: `input_ids` and `labels`, each `batch x seq` int64. In a
+/// multi-process run (`dp` = (this rank, data-parallel ranks)) each rank reads its own rows of
+/// the global micro-batch of `ranks x batch` rows, so that one rank reading the whole global
+/// batch sees exactly the same data; the emulation gives every rank rank 0's rows.
+fn batch_on_device(
+    env: &Env,
+    plan: &Plan,
+    seed: u64,
+    index: u64,
+    dp: Option<(u64, u64)>,
+) -> TResult<(Tensor, Tensor)> {
     let (b, s) = (plan.batch.micro_batch_size, plan.batch.seq_len);
+    let (rank, ranks) = dp.unwrap_or((0, 1));
     let toks = {
         let _off = ffi::channel(Channel::Off);
-        Tensor::from_slice(&synthetic_tokens(seed, index, b, s, plan.model.vocab))
-            .f_view([b as i64, s as i64 + 1])?
+        let all = synthetic_tokens(seed, index, b * ranks, s, plan.model.vocab);
+        let row = (s + 1) as usize;
+        let mine = &all[rank as usize * b as usize * row..(rank + 1) as usize * b as usize * row];
+        Tensor::from_slice(mine).f_view([b as i64, s as i64 + 1])?
     };
     let input = env.copy_to(&toks.f_narrow(1, 0, s as i64)?, fsdp::Place::Device)?;
     let labels = env.copy_to(&toks.f_narrow(1, 1, s as i64)?, fsdp::Place::Device)?;
@@ -548,8 +566,9 @@ fn is_oom(e: &tch::TchError) -> bool {
         || m.contains("cannot allocate memory")
 }
 
-/// Global L2 norm of every rank's sharded gradients (uncounted).
-fn grad_norm(fsdp: &Fsdp) -> TResult<f64> {
+/// Global L2 norm of every rank's sharded gradients (uncounted): the emulated peers' are here;
+/// a real rank's are summed over its shard group (replicas hold the same shards).
+fn grad_norm(fsdp: &Fsdp, mesh: Option<&dist::Mesh>) -> TResult<f64> {
     let _off = ffi::channel(Channel::Off);
     let _ng = tch::no_grad_guard();
     let mut sq = 0.0;
@@ -567,6 +586,11 @@ fn grad_norm(fsdp: &Fsdp) -> TResult<f64> {
             }
         }
     }
+    if let Some(mesh) = mesh {
+        let t = Tensor::from_slice(&[sq]);
+        mesh.shard.all_reduce_sum(&t)?;
+        sq = t.f_double_value(&[0])?;
+    }
     Ok(sq.sqrt())
 }
 
@@ -575,7 +599,27 @@ fn grad_norm(fsdp: &Fsdp) -> TResult<f64> {
 /// Errors are for plans the trainer cannot run and for failures other than running out of
 /// memory; an out-of-memory is reported in [`TrainReport::oom`].
 pub fn train(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
-    check_supported(plan)?;
+    train_on(plan, opts, None)
+}
+
+/// Runs this process's rank of a real multi-process job over `mesh` (see [`dist`]): it holds
+/// only its own shards, reads its own rows of each global micro-batch, and all-gathers,
+/// reduce-scatters (and under HSDP all-reduces) through c10d. The report is this rank's;
+/// losses and gradient norms are the job's.
+pub fn train_rank(
+    plan: &Plan,
+    opts: &TrainOptions,
+    mesh: std::rc::Rc<dist::Mesh>,
+) -> Result<TrainReport> {
+    train_on(plan, opts, Some(mesh))
+}
+
+fn train_on(
+    plan: &Plan,
+    opts: &TrainOptions,
+    mesh: Option<std::rc::Rc<dist::Mesh>>,
+) -> Result<TrainReport> {
+    check_supported(plan, mesh.is_some())?;
     // The counters are process-wide: one run at a time.
     static RUN: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one_at_a_time = RUN.lock().unwrap_or_else(|p| p.into_inner());
@@ -600,6 +644,8 @@ pub fn train(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
         reduce: kind(plan.precision.reduce),
         master: kind(plan.precision.master),
         world: plan.parallel.dp_shard as i64,
+        rank: mesh.as_ref().map_or(0, |m| m.shard.rank()),
+        peers: mesh.is_none(),
         offload: plan.offload,
     };
     let _default = ffi::channel(env.default_channel());
@@ -635,7 +681,14 @@ pub fn train(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
 
     let layers = plan.model.layers as usize;
     let hooks = Box::new(Hooks(RefCell::new(State {
-        fsdp: Fsdp::new(env, groups, Box::new(Emulated { world: env.world })),
+        fsdp: Fsdp::new(
+            env,
+            groups,
+            match &mesh {
+                None => Box::new(Emulated { world: env.world }),
+                Some(m) => Box::new(dist::C10d { mesh: m.clone() }),
+            },
+        ),
         spec: plan.model.clone(),
         dims: Dims::new(&plan.model),
         flavor: Flavor {
@@ -667,6 +720,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
     let accum = plan.batch.grad_accum_steps;
     let started = Instant::now();
     let mut tokens = 0u64;
+    let dp = mesh.as_ref().map(|m| (m.dp_rank(), m.dp_world()));
     'steps: for step in 1..=opts.steps {
         // torchtitan's `optimizers.zero_grad()`: gradients set to None.
         {
@@ -685,7 +739,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
             let start = meter.start()?;
             let r = (|| -> TResult<_> {
                 let (input, labels) =
-                    batch_on_device(&env, plan, opts.seed, (step - 1) * accum + micro)?;
+                    batch_on_device(&env, plan, opts.seed, (step - 1) * accum + micro, dp)?;
                 // torchtitan rebinds `input_ids, labels` here: the previous ones are freed.
                 live = None;
                 let (loss, kept_pred) = hooks.forward(plan, &input, &labels)?;
@@ -735,7 +789,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
             }
             tokens += plan.batch.micro_batch_size * plan.batch.seq_len;
         }
-        let norm = grad_norm(&hooks.0.borrow().fsdp).map_err(rt)?;
+        let norm = grad_norm(&hooks.0.borrow().fsdp, mesh.as_deref()).map_err(rt)?;
 
         // Linear warmup over the first tenth of the steps (at least one), then constant:
         // without it, Adam's first steps at the peak rate scatter a freshly initialised
@@ -756,7 +810,12 @@ pub fn train(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
                 .collect();
             optim::step(&cfg, &env, &mut local, false)?;
             drop(local);
-            for r in 0..(env.world - 1) as usize {
+            let peers = st
+                .fsdp
+                .groups
+                .first()
+                .map_or(0, |g| g.params.first().map_or(0, |p| p.remote.len()));
+            for r in 0..peers {
                 let mut peer: Vec<&mut fsdp::Shard> = st
                     .fsdp
                     .groups
@@ -786,7 +845,16 @@ pub fn train(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
             Err(e) => return Err(rt(e)),
         }
         let (forward, backward) = (fwd.unwrap_or_default(), bwd.unwrap_or_default());
-        let loss = loss_sum / accum as f64;
+        let mut loss = loss_sum / accum as f64;
+        if let Some(m) = &mesh {
+            // The job's loss: the mean over every data-parallel rank's rows.
+            let t = {
+                let _off = ffi::channel(Channel::Off);
+                Tensor::from_slice(&[loss])
+            };
+            m.all_reduce_sum(&t).map_err(rt)?;
+            loss = t.f_double_value(&[0]).map_err(rt)? / m.dp_world() as f64;
+        }
         steps.push(StepReport {
             step,
             loss,
@@ -828,13 +896,25 @@ pub fn train(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
         })
         .flatten()
         .max();
-    let mut notes = vec![format!(
-        "single-device emulation of rank 0 of {} FSDP2 ranks: the device holds what rank 0 would \
-         (its 1/{} shards, all-gathered blocks, its activations); the other ranks' shards live \
-         on the host, uncounted; every rank sees the same data; no communication time, no NCCL \
-         buffers",
-        env.world, env.world
-    )];
+    let mut notes = vec![match &mesh {
+        None => format!(
+            "single-device emulation of rank 0 of {} FSDP2 ranks: the device holds what rank 0 \
+             would (its 1/{} shards, all-gathered blocks, its activations); the other ranks' \
+             shards live on the host, uncounted; every rank sees the same data; no \
+             communication time, no NCCL buffers",
+            env.world, env.world
+        ),
+        Some(m) => format!(
+            "rank {} of a {}-process job over c10d Gloo (dp_replicate {} x dp_shard {}): this \
+             rank's own shards and rows of each global micro-batch; all-gather by in-place \
+             broadcasts and reduce-scatter by in-place all-reduces, so that only FSDP2's own \
+             buffers are allocated, as with NCCL",
+            m.env.rank,
+            m.env.world,
+            m.dp_world() / env.world as u64,
+            env.world
+        ),
+    }];
     if device == Device::Cpu {
         notes.push(
             "CPU run: exact live bytes of a counting allocator (requested sizes); device and host \
@@ -871,6 +951,8 @@ pub fn train(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
         model: plan.model.name.clone(),
         device: opts.device,
         dp_shard: env.world as u64,
+        rank: mesh.as_ref().map_or(0, |m| m.env.rank),
+        processes: mesh.as_ref().map_or(1, |m| m.env.world),
         steps_requested: opts.steps,
         steps_completed: steps.len() as u64,
         setup_allocated_bytes: setup.end_allocated_bytes,

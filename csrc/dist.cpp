@@ -1,0 +1,157 @@
+// memplan trainer shim, distributed part: libtorch's own c10d, without Python.
+//
+// - a c10d::TCPStore (rank 0 hosts it) and c10d::PrefixStore views of it, one per process
+//   group, as torch.distributed.init_process_group and new_group build them;
+// - c10d::ProcessGroupGloo over a store: the CPU backend;
+// - the collectives the trainer needs, each waited for: all_reduce (sum, max), broadcast,
+//   barrier, send, recv, and the library's own all_gather_into_tensor / reduce_scatter_tensor
+//   (`_allgather_base`, `_reduce_scatter_base`).
+//
+// ProcessGroupGloo.hpp includes gloo's headers, which the torch wheel does not ship: they are
+// vendored in csrc/third_party/gloo at the commit torch 2.11.0 was built with (see the README
+// there), and build.rs defines USE_C10D_GLOO, without which the header declares nothing.
+//
+// Handles are heap c10::intrusive_ptr's owned by the caller (free them with mp_store_free and
+// mp_pg_free). Every entry point catches C++ exceptions and returns 0, or -1 with a malloc'd
+// message in *err (free it with mp_free_error, defined in shim.cpp).
+
+#include <ATen/ATen.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+char *dist_error(const std::string &s) {
+  char *p = static_cast<char *>(std::malloc(s.size() + 1));
+  if (p) std::memcpy(p, s.c_str(), s.size() + 1);
+  return p;
+}
+
+#define DIST_TRY try {
+#define DIST_CATCH                                                         \
+  }                                                                        \
+  catch (const std::exception &e) {                                        \
+    if (err) *err = dist_error(e.what());                                  \
+    return -1;                                                             \
+  }                                                                        \
+  catch (...) {                                                            \
+    if (err) *err = dist_error("unknown C++ exception in memplan c10d shim"); \
+    return -1;                                                             \
+  }                                                                        \
+  return 0;
+
+using StorePtr = c10::intrusive_ptr<c10d::Store>;
+using GlooPtr = c10::intrusive_ptr<c10d::ProcessGroupGloo>;
+
+GlooPtr &pg_of(void *h) { return *static_cast<GlooPtr *>(h); }
+
+void wait(const c10::intrusive_ptr<c10d::Work> &work) {
+  // Throws with Gloo's message (a peer gone, a timeout) when the collective failed.
+  work->wait();
+}
+
+}  // namespace
+
+extern "C" {
+
+// A TCPStore at host:port; rank 0 (is_server) hosts it and waits for `world` clients.
+int mp_store_new(const char *host, int port, int is_server, int world, int64_t timeout_ms,
+                 void **out, char **err) {
+  DIST_TRY
+  c10d::TCPStoreOptions opts;
+  opts.port = static_cast<std::uint16_t>(port);
+  opts.isServer = is_server != 0;
+  opts.numWorkers = world;
+  opts.waitWorkers = true;
+  opts.timeout = std::chrono::milliseconds(timeout_ms);
+  StorePtr store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+  *out = new StorePtr(std::move(store));
+  DIST_CATCH
+}
+
+void mp_store_free(void *store) { delete static_cast<StorePtr *>(store); }
+
+// A Gloo process group of `size` ranks over a prefixed view of `store`. `iface_host`: the
+// address Gloo binds to ("" for the machine's hostname, as torch's default device does).
+int mp_pg_new(void *store, const char *prefix, int rank, int size, int64_t timeout_ms,
+              const char *iface_host, void **out, char **err) {
+  DIST_TRY
+  auto base = *static_cast<StorePtr *>(store);
+  auto prefixed = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), base);
+  auto options = c10d::ProcessGroupGloo::Options::create();
+  options->timeout = std::chrono::milliseconds(timeout_ms);
+  std::string host(iface_host);
+  options->devices.push_back(host.empty()
+                                 ? c10d::ProcessGroupGloo::createDefaultDevice()
+                                 : c10d::ProcessGroupGloo::createDeviceForHostname(host));
+  GlooPtr pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, options);
+  *out = new GlooPtr(std::move(pg));
+  DIST_CATCH
+}
+
+void mp_pg_free(void *pg) { delete static_cast<GlooPtr *>(pg); }
+
+// op: 0 sum, 1 max.
+int mp_pg_all_reduce(void *pg, at::Tensor *t, int op, char **err) {
+  DIST_TRY
+  std::vector<at::Tensor> ts{*t};
+  c10d::AllreduceOptions o;
+  o.reduceOp = op == 1 ? c10d::ReduceOp(c10d::ReduceOp::MAX) : c10d::ReduceOp(c10d::ReduceOp::SUM);
+  wait(pg_of(pg)->allreduce(ts, o));
+  DIST_CATCH
+}
+
+int mp_pg_broadcast(void *pg, at::Tensor *t, int root, char **err) {
+  DIST_TRY
+  std::vector<at::Tensor> ts{*t};
+  c10d::BroadcastOptions o;
+  o.rootRank = root;
+  wait(pg_of(pg)->broadcast(ts, o));
+  DIST_CATCH
+}
+
+int mp_pg_barrier(void *pg, char **err) {
+  DIST_TRY
+  wait(pg_of(pg)->barrier());
+  DIST_CATCH
+}
+
+int mp_pg_send(void *pg, at::Tensor *t, int dst, int tag, char **err) {
+  DIST_TRY
+  std::vector<at::Tensor> ts{*t};
+  wait(pg_of(pg)->send(ts, dst, tag));
+  DIST_CATCH
+}
+
+int mp_pg_recv(void *pg, at::Tensor *t, int src, int tag, char **err) {
+  DIST_TRY
+  std::vector<at::Tensor> ts{*t};
+  wait(pg_of(pg)->recv(ts, src, tag));
+  DIST_CATCH
+}
+
+// Gloo's own all_gather_into_tensor (`_allgather_base`): `out` gets every rank's `in`.
+int mp_pg_all_gather_base(void *pg, at::Tensor *out, at::Tensor *in, char **err) {
+  DIST_TRY
+  wait(pg_of(pg)->_allgather_base(*out, *in));
+  DIST_CATCH
+}
+
+// Gloo's own reduce_scatter_tensor (`_reduce_scatter_base`), summing.
+int mp_pg_reduce_scatter_base(void *pg, at::Tensor *out, at::Tensor *in, char **err) {
+  DIST_TRY
+  c10d::ReduceScatterOptions o;
+  o.reduceOp = c10d::ReduceOp(c10d::ReduceOp::SUM);
+  wait(pg_of(pg)->_reduce_scatter_base(*out, *in, o));
+  DIST_CATCH
+}
+
+}  // extern "C"
