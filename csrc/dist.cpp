@@ -20,12 +20,17 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <dirent.h>
+
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
+
+extern "C" void mp_uncount_thread(int64_t tid);
 
 namespace {
 
@@ -47,6 +52,29 @@ char *dist_error(const std::string &s) {
     return -1;                                                             \
   }                                                                        \
   return 0;
+
+// This process's thread ids (Linux: /proc/self/task).
+std::vector<int64_t> task_ids() {
+  std::vector<int64_t> ids;
+  if (DIR *d = opendir("/proc/self/task")) {
+    while (dirent *e = readdir(d)) {
+      if (e->d_name[0] != '.') ids.push_back(std::atoll(e->d_name));
+    }
+    closedir(d);
+  }
+  return ids;
+}
+
+// Runs `make`, then marks every thread it started as uncounted (see shim.cpp): the store's
+// and Gloo's threads allocate for the library, not for training.
+template <class F>
+void uncounted_threads_of(F make) {
+  std::vector<int64_t> before = task_ids();
+  make();
+  for (int64_t t : task_ids()) {
+    if (std::find(before.begin(), before.end(), t) == before.end()) mp_uncount_thread(t);
+  }
+}
 
 using StorePtr = c10::intrusive_ptr<c10d::Store>;
 using GlooPtr = c10::intrusive_ptr<c10d::ProcessGroupGloo>;
@@ -72,7 +100,9 @@ int mp_store_new(const char *host, int port, int is_server, int world, int64_t t
   opts.numWorkers = world;
   opts.waitWorkers = true;
   opts.timeout = std::chrono::milliseconds(timeout_ms);
-  StorePtr store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+  StorePtr store;
+  uncounted_threads_of(
+      [&] { store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts); });
   *out = new StorePtr(std::move(store));
   DIST_CATCH
 }
@@ -86,13 +116,16 @@ int mp_pg_new(void *store, const char *prefix, int rank, int size, int64_t timeo
   DIST_TRY
   auto base = *static_cast<StorePtr *>(store);
   auto prefixed = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), base);
-  auto options = c10d::ProcessGroupGloo::Options::create();
-  options->timeout = std::chrono::milliseconds(timeout_ms);
-  std::string host(iface_host);
-  options->devices.push_back(host.empty()
-                                 ? c10d::ProcessGroupGloo::createDefaultDevice()
-                                 : c10d::ProcessGroupGloo::createDeviceForHostname(host));
-  GlooPtr pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, options);
+  GlooPtr pg;
+  uncounted_threads_of([&] {
+    auto options = c10d::ProcessGroupGloo::Options::create();
+    options->timeout = std::chrono::milliseconds(timeout_ms);
+    std::string host(iface_host);
+    options->devices.push_back(host.empty()
+                                   ? c10d::ProcessGroupGloo::createDefaultDevice()
+                                   : c10d::ProcessGroupGloo::createDeviceForHostname(host));
+    pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, options);
+  });
   *out = new GlooPtr(std::move(pg));
   DIST_CATCH
 }

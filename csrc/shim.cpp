@@ -33,6 +33,8 @@
 #include <string>
 #include <unordered_map>
 
+#include <unistd.h>
+
 namespace {
 
 char *dup_error(const std::string &s) {
@@ -91,6 +93,32 @@ int64_t trace_threshold() {
 
 void counted_delete(void *ptr);
 
+// Threads whose allocations are never counted: the communication library's own (the c10d
+// store's and Gloo's worker and transport threads, registered by dist.cpp when it creates
+// them). Their allocations are the library's, not training state, and a GPU rank's NCCL
+// would not make them through the caching allocator; counted, they would land in whatever
+// channel the training thread had set at that moment. A thread caches its verdict until the
+// set changes (the generation).
+constexpr int kMaxUncounted = 256;
+std::atomic<int64_t> g_uncounted[kMaxUncounted];
+std::atomic<int> g_n_uncounted{0};
+std::atomic<int> g_uncounted_gen{0};
+
+bool thread_uncounted() {
+  thread_local int64_t tid = static_cast<int64_t>(::gettid());
+  thread_local int gen = -1;
+  thread_local bool verdict = false;
+  int now = g_uncounted_gen.load(std::memory_order_acquire);
+  if (gen != now) {
+    verdict = false;
+    int n = g_n_uncounted.load(std::memory_order_acquire);
+    for (int i = 0; i < n && i < kMaxUncounted; ++i)
+      if (g_uncounted[i].load(std::memory_order_relaxed) == tid) verdict = true;
+    gen = now;
+  }
+  return verdict;
+}
+
 struct CountingAllocator final : public c10::Allocator {
   c10::Allocator *inner = nullptr;
 
@@ -105,7 +133,7 @@ struct CountingAllocator final : public c10::Allocator {
       return c10::DataPtr(nullptr, nullptr, &counted_delete, c10::Device(c10::DeviceType::CPU));
     }
     int ch = g_channel.load(std::memory_order_relaxed);
-    if (ch < kChannels) {
+    if (ch < kChannels && !thread_uncounted()) {
       std::unique_lock<std::mutex> lock(g_mu);
       int64_t limit = g_device_limit.load(std::memory_order_relaxed);
       if (ch == 0 && limit >= 0 && g_counters[0].current + static_cast<int64_t>(n) > limit) {
@@ -221,6 +249,15 @@ struct CheckpointLink : public torch::autograd::Function<CheckpointLink> {
 extern "C" {
 
 void mp_free_error(char *e) { std::free(e); }
+
+// Marks thread `tid` (a Linux thread id) as one whose allocations are never counted.
+void mp_uncount_thread(int64_t tid) {
+  int i = g_n_uncounted.load();
+  if (i >= kMaxUncounted) return;
+  g_uncounted[i].store(tid);
+  g_n_uncounted.store(i + 1, std::memory_order_release);
+  g_uncounted_gen.fetch_add(1, std::memory_order_acq_rel);
+}
 
 // ---- counting allocator ----
 

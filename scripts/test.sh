@@ -2,7 +2,7 @@
 # Runs every test of memplan from nothing: the estimator's unit, integration, CLI and property
 # tests and doctests, then, when the trainer is in the tree, sets up libtorch 2.11.0 in
 # .venv (idempotent; about 4.6 GB on first run) and runs the trainer's tests against real
-# libtorch on the CPU.
+# libtorch on the CPU, single-process and multi-process (2- and 4-rank jobs over loopback Gloo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,4 +12,6 @@ if [ -d src/trainer ] && [ -f scripts/libtorch-env.sh ]; then
   # shellcheck source=scripts/libtorch-env.sh
   source scripts/libtorch-env.sh
   cargo test --locked --features trainer --test trainer --test validate -- --test-threads=1 --nocapture
+  # Multi-process runs over loopback Gloo: each test starts its own ranks.
+  cargo test --locked --features trainer --test distributed
 fi

@@ -850,7 +850,7 @@ fn launch_ranks(
             "--nproc-per-node",
             nproc,
             format!(
-                "nnodes x nproc-per-node = the plan's dp_replicate x dp_shard ({} x {} = {dp});                  set --num-gpus {world} or --dp-shard",
+                "nnodes x nproc-per-node = the plan's dp_replicate x dp_shard ({} x {} = {dp}); set --num-gpus {world} or --dp-shard",
                 plan.parallel.dp_replicate, plan.parallel.dp_shard
             ),
         ));
@@ -941,8 +941,19 @@ fn run_rank(
         std::time::Duration::from_secs(timeout_s),
     )?);
     let e = estimate(plan)?;
+    // Fault injection for the fault tests: MEMPLAN_FAULT_ABORT_RANK=R and
+    // MEMPLAN_FAULT_ABORT_STEP=S make rank R abort at the start of step S.
+    let fault = |key: &str| std::env::var(key).ok().and_then(|v| v.parse::<u64>().ok());
+    let abort_at_step = match (
+        fault("MEMPLAN_FAULT_ABORT_RANK"),
+        fault("MEMPLAN_FAULT_ABORT_STEP"),
+    ) {
+        (Some(r), Some(step)) if r == rank => Some(step),
+        _ => None,
+    };
     let opts = crate::trainer::TrainOptions {
         progress: opts.progress && rank == 0,
+        abort_at_step,
         ..opts.clone()
     };
     let report = crate::trainer::train_rank(plan, &opts, mesh.clone())

@@ -194,9 +194,13 @@ pub fn worst(v: &Validation) -> f64 {
 /// for the most loaded rank, so every rank is compared with it), with the most loaded rank and
 /// the host bytes per node (the sum of its ranks' host peaks).
 pub fn ranks(rows: &[Validation], format: Format) -> String {
+    // The lowest rank of those with the highest peak.
     let most = rows
         .iter()
-        .max_by_key(|v| v.report.peak_allocated_bytes)
+        .fold(None::<&Validation>, |best, v| match best {
+            Some(b) if b.report.peak_allocated_bytes >= v.report.peak_allocated_bytes => Some(b),
+            _ => Some(v),
+        })
         .map_or(0, |v| v.report.rank);
     let per_node = rows.first().map_or(1, |v| v.plan.gpus_per_node.max(1));
     let mut host: Vec<(u64, u64)> = Vec::new();
@@ -237,7 +241,43 @@ pub fn ranks(rows: &[Validation], format: Format) -> String {
                 + "\n"
         }
         Format::Markdown | Format::Table => {
-            let mut s = matrix(rows, format);
+            let mut t = Table::new();
+            t.load_preset(UTF8_FULL_CONDENSED);
+            if format == Format::Markdown {
+                t.load_preset(comfy_table::presets::ASCII_MARKDOWN);
+            }
+            t.set_header(vec![
+                "rank",
+                "predicted (most loaded rank)",
+                "measured peak",
+                "error",
+                "worst phase",
+                "loss (last)",
+            ]);
+            for v in rows {
+                let r = &v.report;
+                let (measured, error, worst_phase) = match &r.oom {
+                    Some(o) => (
+                        format!("out of memory at step {}, {:?}", o.step, o.phase),
+                        String::new(),
+                        String::new(),
+                    ),
+                    None => (
+                        Bytes(v.peak.measured_bytes).to_string(),
+                        format!("{:+.2}%", v.error_pct()),
+                        format!("{:+.2}%", worst(v)),
+                    ),
+                };
+                t.add_row(vec![
+                    Cell::new(r.rank),
+                    right(Bytes(v.peak.predicted_bytes)),
+                    right(measured),
+                    right(error),
+                    right(worst_phase),
+                    right(r.losses.last().map_or(String::new(), |l| format!("{l:.4}"))),
+                ]);
+            }
+            let mut s = format!("{t}\n");
             s += &format!("most loaded: rank {most}");
             for (node, b) in &host {
                 s += &format!("; host on node {node}: {}", Bytes(*b));

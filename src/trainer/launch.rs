@@ -89,6 +89,12 @@ pub fn launch(l: &Launch, args: &[OsString]) -> Result<Outcome> {
                 .env("MASTER_PORT", port.to_string())
                 .env("MEMPLAN_DIST_TIMEOUT", l.timeout_s.to_string())
                 .env("MEMPLAN_RANK_REPORT_DIR", &dir)
+                // c10d logs every retry and failure with a C++ backtrace; the launcher reports
+                // the rank's own error line instead (all of it with --verbose).
+                .env(
+                    "TORCH_CPP_LOG_LEVEL",
+                    if l.verbose { "INFO" } else { "FATAL" },
+                )
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped());

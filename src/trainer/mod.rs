@@ -93,6 +93,9 @@ pub struct TrainOptions {
     /// it), so that a CPU run stands for a GPU of that capacity and runs out of memory where
     /// the GPU would. None: unlimited.
     pub device_limit: Option<u64>,
+    /// Fault injection for tests of a multi-process job: abort the process (SIGABRT) at the
+    /// start of this step, as a crashed rank would end.
+    pub abort_at_step: Option<u64>,
 }
 
 /// The default peak learning rate for a model of width `hidden`: 0.25 / hidden, at most 3e-3
@@ -111,6 +114,7 @@ impl Default for TrainOptions {
             progress: false,
             lr: None,
             device_limit: None,
+            abort_at_step: None,
         }
     }
 }
@@ -566,6 +570,12 @@ fn is_oom(e: &tch::TchError) -> bool {
         || m.contains("cannot allocate memory")
 }
 
+/// The first line of a libtorch error (its message, without the C++ backtrace c10 appends).
+fn first_line(e: &tch::TchError) -> String {
+    let text = e.to_string();
+    text.lines().next().unwrap_or_default().trim().to_string()
+}
+
 /// Global L2 norm of every rank's sharded gradients (uncounted): the emulated peers' are here;
 /// a real rank's are summed over its shard group (replicas hold the same shards).
 fn grad_norm(fsdp: &Fsdp, mesh: Option<&dist::Mesh>) -> TResult<f64> {
@@ -722,6 +732,10 @@ fn train_on(
     let mut tokens = 0u64;
     let dp = mesh.as_ref().map(|m| (m.dp_rank(), m.dp_world()));
     'steps: for step in 1..=opts.steps {
+        if opts.abort_at_step == Some(step) {
+            eprintln!("error: aborting at step {step} (fault injection)");
+            std::process::abort();
+        }
         // torchtitan's `optimizers.zero_grad()`: gradients set to None.
         {
             let mut st = hooks.0.borrow_mut();
@@ -752,7 +766,7 @@ fn train_on(
                     oom = Some(OomReport {
                         step,
                         phase: Phase::Forward,
-                        message: e.to_string(),
+                        message: first_line(&e),
                         peak_allocated_bytes: [
                             fwd.as_ref().map_or(0, |m| m.peak_allocated_bytes),
                             0,
@@ -776,7 +790,7 @@ fn train_on(
                     oom = Some(OomReport {
                         step,
                         phase: Phase::Backward,
-                        message: e.to_string(),
+                        message: first_line(&e),
                         peak_allocated_bytes: [
                             fwd.as_ref().map_or(0, |m| m.peak_allocated_bytes),
                             bwd.as_ref().map_or(0, |m| m.peak_allocated_bytes),
@@ -833,7 +847,7 @@ fn train_on(
                 oom = Some(OomReport {
                     step,
                     phase: Phase::Optimizer,
-                    message: e.to_string(),
+                    message: first_line(&e),
                     peak_allocated_bytes: [
                         fwd.as_ref().map_or(0, |m| m.peak_allocated_bytes),
                         bwd.as_ref().map_or(0, |m| m.peak_allocated_bytes),
