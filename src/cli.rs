@@ -786,6 +786,7 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
                 positive_steps(steps)?,
                 parse_device(&device)?,
                 !quiet,
+                None,
             );
             print(out, &crate::output::validation::matrix(&rows, format))?;
             for (label, e) in &failed {

@@ -125,8 +125,8 @@ pub fn validation_of(
 /// padding), FSDP degrees 1 to 4, checkpointing none / full / selective-layer, mixed, pure
 /// fp32 and pure bf16 precision, every logits mode, offload, accumulation, optimizers, and a
 /// batch so small that parameters dominate.
-pub fn cpu_matrix() -> Vec<(String, PlanFile)> {
-    let base = |model: &str, dp: u64, extra: &str| -> (String, PlanFile) {
+pub fn cpu_matrix() -> Vec<Entry> {
+    let base = |model: &str, dp: u64, extra: &str| -> Entry {
         let json = format!(
             r#"{{"model":"{model}","gpu":"cpu","num_gpus":{dp},
                 "batch":{{"micro_batch_size":4,"seq_len":128}},
@@ -136,7 +136,19 @@ pub fn cpu_matrix() -> Vec<(String, PlanFile)> {
         let top: PlanFile =
             serde_json::from_str(&format!("{{{extra}}}")).expect("matrix plans are valid JSON");
         let label = format!("{model} fsdp{dp}{}", describe(extra));
-        (label, file.overlay(top))
+        Entry {
+            label,
+            plan: file.overlay(top),
+            nproc_per_node: None,
+        }
+    };
+    // Real multi-process jobs over loopback Gloo, every rank a row: FSDP 2 and 4, HSDP 2 x 2,
+    // with and without checkpointing and offload.
+    let ranks = |n: u64, extra: &str| -> Entry {
+        let mut e = base("small", n, extra);
+        e.label = format!("small {n} processes{}", describe(extra));
+        e.nproc_per_node = Some(n);
+        e
     };
     const FP32: &str = r#""precision":{"param":"fp32","master":"fp32","reduce":"fp32"}"#;
     vec![
@@ -189,7 +201,28 @@ pub fn cpu_matrix() -> Vec<(String, PlanFile)> {
         ),
         // Parameters dominate: the peaks move to all-gathers and the block's last gradients.
         base("small", 2, r#""batch":{"micro_batch_size":1,"seq_len":64}"#),
+        ranks(2, ""),
+        ranks(2, r#""activation_checkpointing":"full""#),
+        ranks(2, r#""offload":"full""#),
+        ranks(4, r#""activation_checkpointing":"selective-layer:2""#),
+        ranks(4, r#""parallel":{"dp_replicate":2,"dp_shard":2}"#),
+        ranks(
+            4,
+            r#""parallel":{"dp_replicate":2,"dp_shard":2},"activation_checkpointing":"full","offload":"optimizer""#,
+        ),
     ]
+}
+
+/// One plan of a validation matrix.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    pub label: String,
+    pub plan: PlanFile,
+    /// Run as a real job of this many processes on this machine (every rank a row); absent:
+    /// the single-device emulation of rank 0, in this process.
+    #[serde(default)]
+    pub nproc_per_node: Option<u64>,
 }
 
 fn describe(extra: &str) -> String {
@@ -216,11 +249,14 @@ fn describe(extra: &str) -> String {
 /// Validates every plan of a matrix. A plan that cannot run (refused by the trainer, or a
 /// runtime failure other than out of memory, which is a result) is reported beside the
 /// others instead of stopping the matrix.
+///
+/// Multi-process entries start `exe` (a memplan binary; None: this executable) as their ranks.
 pub fn validate_all(
-    plans: &[(String, PlanFile)],
+    plans: &[Entry],
     steps: u64,
     device: TrainDevice,
     progress: bool,
+    exe: Option<&std::path::Path>,
 ) -> (Vec<Validation>, Vec<(String, crate::error::Error)>) {
     let opts = TrainOptions {
         steps,
@@ -230,26 +266,78 @@ pub fn validate_all(
     };
     let mut done = Vec::new();
     let mut failed = Vec::new();
-    for (label, file) in plans {
-        match file
+    for entry in plans {
+        let label = &entry.label;
+        let result = entry
+            .plan
             .resolve()
-            .and_then(|plan| validate_one(label, &plan, &opts))
-        {
-            Ok(v) => done.push(v),
+            .and_then(|plan| match entry.nproc_per_node {
+                None => validate_one(label, &plan, &opts).map(|v| vec![v]),
+                Some(n) => validate_ranks(label, &entry.plan, &plan, n, steps, exe),
+            });
+        match result {
+            Ok(v) => done.extend(v),
             Err(e) => failed.push((label.clone(), e)),
         }
     }
     (done, failed)
 }
 
-/// Reads a matrix file: a JSON list of `{"label": str, "plan": {...plan file...}}`.
-pub fn read_matrix(path: &std::path::Path) -> Result<Vec<(String, PlanFile)>> {
-    #[derive(serde::Deserialize)]
-    struct Entry {
-        label: String,
-        plan: PlanFile,
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| crate::error::Error::io(path, e))?;
+/// Runs `plan` as a job of `n` processes on this machine and compares every rank with the
+/// estimate; rows are labelled `LABEL rank R`.
+fn validate_ranks(
+    label: &str,
+    file: &PlanFile,
+    plan: &Plan,
+    n: u64,
+    steps: u64,
+    exe: Option<&std::path::Path>,
+) -> Result<Vec<Validation>> {
+    let e = estimate(plan)?;
+    let dir = std::env::temp_dir().join(format!(
+        "memplan-validate-{}-{}",
+        std::process::id(),
+        label.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+    ));
+    std::fs::create_dir_all(&dir)
+        .map_err(|err| crate::error::Error::runtime(format!("{}: {err}", dir.display())))?;
+    let path = dir.join("plan.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string(file).expect("plan files serialize"),
+    )
+    .map_err(|err| crate::error::Error::runtime(format!("{}: {err}", path.display())))?;
+    let args: Vec<std::ffi::OsString> = vec![
+        "train".into(),
+        "--plan".into(),
+        path.clone().into(),
+        "--steps".into(),
+        steps.to_string().into(),
+        "--quiet".into(),
+    ];
+    let launch = crate::trainer::launch::Launch {
+        nproc_per_node: n,
+        nnodes: 1,
+        node_rank: 0,
+        master_addr: "127.0.0.1".into(),
+        master_port: 0,
+        timeout_s: 120,
+        verbose: false,
+        exe: exe.map(|p| p.to_path_buf()),
+    };
+    let outcome = crate::trainer::launch::launch(&launch, &args);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(outcome?
+        .reports
+        .into_iter()
+        .map(|r| validation_of(&format!("{label} rank {}", r.rank), plan, &e, r))
+        .collect())
+}
+
+/// Reads a matrix file: a JSON list of `{"label": str, "plan": {...plan file...}}`, each
+/// optionally with `"nproc_per_node": N` to run it as a real job of N processes.
+pub fn read_matrix(path: &std::path::Path) -> Result<Vec<Entry>> {
+    let text = crate::input::read_text(path, "matrix")?;
     let entries: Vec<Entry> = serde_json::from_str(&text).map_err(|e| {
         crate::error::Error::input(format!(
             "matrix {}: malformed at line {} column {}: {e}",
@@ -258,5 +346,5 @@ pub fn read_matrix(path: &std::path::Path) -> Result<Vec<(String, PlanFile)>> {
             e.column()
         ))
     })?;
-    Ok(entries.into_iter().map(|e| (e.label, e.plan)).collect())
+    Ok(entries)
 }

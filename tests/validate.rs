@@ -9,7 +9,14 @@ use memplan::validate::{cpu_matrix, validate_all};
 fn every_cpu_matrix_plan_is_within_three_percent_of_measured_peak() {
     let plans = cpu_matrix();
     assert!(plans.len() >= 12);
-    let (rows, failed) = validate_all(&plans, 3, TrainDevice::Cpu, false);
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_memplan"));
+    let (rows, failed) = validate_all(&plans, 3, TrainDevice::Cpu, false, Some(exe));
+    // Every multi-process entry gives a row per rank, labelled with it.
+    let ranks: u64 = plans.iter().filter_map(|e| e.nproc_per_node).sum();
+    assert_eq!(
+        rows.iter().filter(|v| v.label.contains(" rank ")).count() as u64,
+        ranks
+    );
     assert!(failed.is_empty(), "{failed:?}");
     let table = memplan::output::validation::matrix(&rows, memplan::output::Format::Table);
     println!("{table}");
