@@ -749,7 +749,7 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
                 crate::trainer::dist::RankEnv::from_env()?
             };
             match (dist.nproc_per_node, rank_env) {
-                (Some(n), _) => launch_ranks(&dist, n, &plan, out, format),
+                (Some(n), _) => launch_ranks(&dist, n, opts.progress, &plan, out, format),
                 (None, Some(env)) => run_rank(env, &dist, &plan, &opts, out, format),
                 (None, None) => {
                     let v = crate::validate::validate_one(&plan.model.name, &plan, &opts)?;
@@ -824,6 +824,7 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
 fn launch_ranks(
     dist: &DistArgs,
     nproc: i64,
+    progress: bool,
     plan: &Plan,
     out: &mut dyn Write,
     format: Format,
@@ -857,6 +858,7 @@ fn launch_ranks(
         ));
     }
     let launch = crate::trainer::launch::Launch {
+        progress,
         nproc_per_node: nproc,
         nnodes,
         node_rank,
@@ -941,6 +943,21 @@ fn run_rank(
         plan.parallel.dp_shard,
         std::time::Duration::from_secs(timeout_s),
     )?);
+    // Rank-prefixed logs: the launcher shows them with --verbose; under torchrun, only
+    // --verbose prints them.
+    let log = dist.verbose || crate::trainer::launch::report_path(rank).is_some();
+    if log {
+        let m = &mesh;
+        eprintln!(
+            "rank {rank}: joined {} ranks at {}:{} (replica {} x shard {} of {})",
+            m.env.world,
+            m.env.master_addr,
+            m.env.master_port,
+            rank / plan.parallel.dp_shard,
+            m.shard.rank(),
+            m.shard.size()
+        );
+    }
     let e = estimate(plan)?;
     // Fault injection for the fault tests: MEMPLAN_FAULT_ABORT_RANK=R and
     // MEMPLAN_FAULT_ABORT_STEP=S make rank R abort at the start of step S.
@@ -952,14 +969,29 @@ fn run_rank(
         (Some(r), Some(step)) if r == rank => Some(step),
         _ => None,
     };
+    let launched = crate::trainer::launch::report_path(rank).is_some();
     let opts = crate::trainer::TrainOptions {
-        progress: opts.progress && rank == 0,
+        // Under torchrun, rank 0 draws the bar; under memplan's launcher, rank 0 reports its
+        // steps and the launcher draws one bar for the job.
+        progress: opts.progress && rank == 0 && !launched,
+        progress_lines: launched
+            && rank == 0
+            && std::env::var_os("MEMPLAN_PROGRESS_LINES").is_some(),
         abort_at_step,
         ..opts.clone()
     };
     let report = crate::trainer::train_rank(plan, &opts, mesh.clone())
         .map_err(|e| e.context(format!("rank {rank}")))?;
     let oom = report.oom.clone();
+    if log {
+        eprintln!(
+            "rank {rank}: {} steps, peak {} allocated, {:.0} tokens/s, last loss {:.4}",
+            report.steps_completed,
+            crate::units::Bytes(report.peak_allocated_bytes),
+            report.tokens_per_second,
+            report.losses.last().copied().unwrap_or(f64::NAN)
+        );
+    }
     if let Some(path) = crate::trainer::launch::report_path(rank) {
         let text = serde_json::to_string(&report).expect("reports serialize");
         std::fs::write(&path, text).map_err(|e| {

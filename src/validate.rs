@@ -316,6 +316,7 @@ fn validate_ranks(
         "--quiet".into(),
     ];
     let launch = crate::trainer::launch::Launch {
+        progress: false,
         nproc_per_node: n,
         nnodes: 1,
         node_rank: 0,

@@ -23,6 +23,8 @@ use super::TrainReport;
 /// Where and how to start this node's ranks.
 #[derive(Clone, Debug)]
 pub struct Launch {
+    /// One progress bar for the job on stderr, driven by rank 0's steps.
+    pub progress: bool,
     pub nproc_per_node: u64,
     pub nnodes: u64,
     pub node_rank: u64,
@@ -76,6 +78,16 @@ pub fn launch(l: &Launch, args: &[OsString]) -> Result<Outcome> {
     };
     let dir = report_dir()?;
     let mut children: Vec<RankProc> = Vec::new();
+    let bar = l.progress.then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(&format!(
+                "{{bar:30}} {{pos}}/{{len}} steps  {world} ranks  {{msg}}"
+            ))
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
     let spawned = (|| -> Result<()> {
         for local in 0..l.nproc_per_node {
             let rank = l.node_rank * l.nproc_per_node + local;
@@ -89,6 +101,7 @@ pub fn launch(l: &Launch, args: &[OsString]) -> Result<Outcome> {
                 .env("MASTER_PORT", port.to_string())
                 .env("MEMPLAN_DIST_TIMEOUT", l.timeout_s.to_string())
                 .env("MEMPLAN_RANK_REPORT_DIR", &dir)
+                .env("MEMPLAN_PROGRESS_LINES", "1")
                 // c10d logs every retry and failure with a C++ backtrace; the launcher reports
                 // the rank's own error line instead (all of it with --verbose).
                 .env(
@@ -103,9 +116,20 @@ pub fn launch(l: &Launch, args: &[OsString]) -> Result<Outcome> {
                 .map_err(|e| Error::runtime(format!("cannot start rank {rank}: {e}")))?;
             let lines = Arc::new(Mutex::new(Vec::new()));
             if let Some(err) = child.stderr.take() {
-                let (lines, verbose) = (lines.clone(), l.verbose);
+                let (lines, verbose, bar) = (lines.clone(), l.verbose, bar.clone());
                 std::thread::spawn(move || {
                     for line in BufReader::new(err).lines().map_while(|l| l.ok()) {
+                        if let Some(p) = line.strip_prefix("memplan-progress ") {
+                            if let Some(b) = &bar {
+                                let f: Vec<&str> = p.split_whitespace().collect();
+                                if let [step, steps, loss] = f[..] {
+                                    b.set_length(steps.parse().unwrap_or(0));
+                                    b.set_position(step.parse().unwrap_or(0));
+                                    b.set_message(format!("loss {loss:.6}"));
+                                }
+                            }
+                            continue;
+                        }
                         if verbose {
                             eprintln!("[rank {rank}] {line}");
                         }
@@ -128,6 +152,9 @@ pub fn launch(l: &Launch, args: &[OsString]) -> Result<Outcome> {
         }
         Ok(()) => watch(&mut children),
     };
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
     let reports = read_reports(&dir, &children);
     let _ = std::fs::remove_dir_all(&dir);
     // A rank out of memory is the job's result even when its peers then failed on it.

@@ -96,6 +96,9 @@ pub struct TrainOptions {
     /// Fault injection for tests of a multi-process job: abort the process (SIGABRT) at the
     /// start of this step, as a crashed rank would end.
     pub abort_at_step: Option<u64>,
+    /// Print `memplan-progress STEP STEPS LOSS` on stderr after each step, for a launcher
+    /// that draws one progress bar for the whole job.
+    pub progress_lines: bool,
 }
 
 /// The default peak learning rate for a model of width `hidden`: 0.25 / hidden, at most 3e-3
@@ -115,6 +118,7 @@ impl Default for TrainOptions {
             lr: None,
             device_limit: None,
             abort_at_step: None,
+            progress_lines: false,
         }
     }
 }
@@ -881,6 +885,9 @@ fn train_on(
             backward,
             optimizer: opt,
         });
+        if opts.progress_lines {
+            eprintln!("memplan-progress {step} {} {loss}", opts.steps);
+        }
         if let Some(b) = &bar {
             b.set_message(format!("loss {loss:.4}"));
             b.inc(1);
