@@ -47,7 +47,41 @@ mod trainer {
         // libtorch from pip is built with the C++11 ABI since 2.6; torch-sys asks Python, here
         // the manylinux wheels (2.11) all use it.
         let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
-        cc::Build::new()
+        let mut build = cc::Build::new();
+        // NCCL process groups (csrc/dist.cpp) need libtorch_cuda, NCCL's header and the CUDA
+        // runtime headers; the CUDA wheel of torch brings all three as pip packages
+        // (nvidia-nccl-cu13, nvidia-cuda-runtime), in site-packages/nvidia next to torch.
+        // Without them (the CPU wheel) the shim is built without NCCL and says so when asked.
+        let nvidia = root.parent().map(|sp| sp.join("nvidia"));
+        let find = |rel: &str| -> Option<PathBuf> {
+            let nvidia = nvidia.as_ref()?;
+            let mut dirs: Vec<PathBuf> = std::fs::read_dir(nvidia)
+                .ok()?
+                .filter_map(|e| e.ok().map(|e| e.path().join("include")))
+                .filter(|d| d.join(rel).exists())
+                .collect();
+            dirs.sort();
+            dirs.pop()
+        };
+        // cuda_runtime.h also needs the CUDA C runtime's host headers (crt/) and CCCL's
+        // (nv/target), which the runtime wheel leaves to nvidia-cuda-crt and nvidia-cuda-cccl;
+        // scripts/libtorch-env.sh installs the versions matching torch's CUDA.
+        if let (true, Some(nccl), Some(cuda), Some(_), Some(_)) = (
+            lib.join("libtorch_cuda.so").exists(),
+            find("nccl.h"),
+            find("cuda_runtime_api.h"),
+            find("crt/host_config.h"),
+            find("nv/target"),
+        ) {
+            build
+                .include(nccl)
+                .include(cuda)
+                .define("USE_C10D_NCCL", None)
+                .define("MEMPLAN_NCCL", None);
+            println!("cargo:rustc-cfg=memplan_nccl");
+        }
+        println!("cargo::rustc-check-cfg=cfg(memplan_nccl)");
+        build
             .cpp(true)
             .pic(true)
             .warnings(false)

@@ -19,6 +19,9 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef MEMPLAN_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 
 #include <dirent.h>
 
@@ -77,9 +80,10 @@ void uncounted_threads_of(F make) {
 }
 
 using StorePtr = c10::intrusive_ptr<c10d::Store>;
-using GlooPtr = c10::intrusive_ptr<c10d::ProcessGroupGloo>;
+// Every group is held as its c10d::Backend, Gloo's or NCCL's.
+using BackendPtr = c10::intrusive_ptr<c10d::Backend>;
 
-GlooPtr &pg_of(void *h) { return *static_cast<GlooPtr *>(h); }
+BackendPtr &pg_of(void *h) { return *static_cast<BackendPtr *>(h); }
 
 void wait(const c10::intrusive_ptr<c10d::Work> &work) {
   // Throws with Gloo's message (a peer gone, a timeout) when the collective failed.
@@ -116,7 +120,7 @@ int mp_pg_new(void *store, const char *prefix, int rank, int size, int64_t timeo
   DIST_TRY
   auto base = *static_cast<StorePtr *>(store);
   auto prefixed = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), base);
-  GlooPtr pg;
+  BackendPtr pg;
   uncounted_threads_of([&] {
     auto options = c10d::ProcessGroupGloo::Options::create();
     options->timeout = std::chrono::milliseconds(timeout_ms);
@@ -126,11 +130,41 @@ int mp_pg_new(void *store, const char *prefix, int rank, int size, int64_t timeo
                                    : c10d::ProcessGroupGloo::createDeviceForHostname(host));
     pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, options);
   });
-  *out = new GlooPtr(std::move(pg));
+  *out = new BackendPtr(std::move(pg));
   DIST_CATCH
 }
 
-void mp_pg_free(void *pg) { delete static_cast<GlooPtr *>(pg); }
+// An NCCL process group of `size` ranks over a prefixed view of `store`, bound to CUDA device
+// `device` (this rank's LOCAL_RANK), created eagerly. Fails with a message when this build has
+// no NCCL (the CPU wheel of torch).
+int mp_pg_new_nccl(void *store, const char *prefix, int rank, int size, int64_t timeout_ms,
+                   int device, void **out, char **err) {
+  DIST_TRY
+#ifdef MEMPLAN_NCCL
+  auto base = *static_cast<StorePtr *>(store);
+  auto prefixed = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), base);
+  BackendPtr pg;
+  uncounted_threads_of([&] {
+    auto options = c10d::ProcessGroupNCCL::Options::create();
+    options->timeout = std::chrono::milliseconds(timeout_ms);
+    auto nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, rank, size, options);
+    // Bind the communicator to this rank's device now, as init_process_group(device_id=...)
+    // does, so that a failure shows at start, not at the first collective.
+    at::Device dev(at::kCUDA, static_cast<c10::DeviceIndex>(device));
+    nccl->setBoundDeviceId(dev);
+    nccl->eagerConnectSingleDevice(dev);
+    pg = nccl;
+  });
+  *out = new BackendPtr(std::move(pg));
+#else
+  (void)store; (void)prefix; (void)rank; (void)size; (void)timeout_ms; (void)device; (void)out;
+  throw std::runtime_error(
+      "this memplan was built without NCCL (torch's CPU wheel has no libtorch_cuda or nccl.h)");
+#endif
+  DIST_CATCH
+}
+
+void mp_pg_free(void *pg) { delete static_cast<BackendPtr *>(pg); }
 
 // op: 0 sum, 1 max.
 int mp_pg_all_reduce(void *pg, at::Tensor *t, int op, char **err) {

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU validation: the estimator against the trainer on one NVIDIA GPU (H100/H200), the
 # matrix of scripts/gpu-matrix.json (llama3.2-1b shape at seq 2048: every checkpointing mode
-# the trainer runs, every offload mode, FSDP rank-0 emulation of 1, 2 and 8 ranks).
+# the trainer runs, every offload mode, FSDP rank-0 emulation of 1, 2 and 8 ranks; and the
+# first plan again as a real one-rank job whose process group is NCCL: the machine has one
+# GPU, so a world of 1 proves the NCCL path and the emulation covers larger worlds).
 #
 # Build here, run there (shared/GPU.md): the binary carried from this machine, pointed at the
 # device's own torch 2.11.0:

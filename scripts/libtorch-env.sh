@@ -31,6 +31,20 @@ if ! _mp_has_torch; then
     _mp_has_torch || { echo "libtorch-env: torch 2.11.0 still not importable from $_mp_venv" >&2; return 1 2>/dev/null || exit 1; }
 fi
 
+# The CUDA wheel of torch: the headers that NCCL process groups need to compile (csrc/dist.cpp),
+# CUDA's host runtime (crt/) and CCCL (nv/target), at torch's CUDA version; a few MB.
+_mp_cuda="$("$_mp_venv/bin/python" -c 'import torch; print(torch.version.cuda or "")' 2>/dev/null)"
+if [ -n "$_mp_cuda" ] && ! "$_mp_venv/bin/python" - "$_mp_cuda" >/dev/null 2>&1 <<'PY'
+import os, sys
+import nvidia
+include = os.path.join(list(nvidia.__path__)[0], "cu" + sys.argv[1].split(".")[0], "include")
+sys.exit(0 if all(os.path.exists(os.path.join(include, h)) for h in ("crt/host_config.h", "nv/target")) else 1)
+PY
+then
+    "$_mp_venv/bin/pip" install --quiet "nvidia-cuda-crt==${_mp_cuda}.*" "nvidia-cuda-cccl==${_mp_cuda}.*" \
+        || echo "libtorch-env: CUDA headers for NCCL not installed; building without NCCL" >&2
+fi
+
 _mp_lib="$("$_mp_venv/bin/python" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null)"
 export LIBTORCH_USE_PYTORCH=1
 case ":$PATH:" in
@@ -42,4 +56,4 @@ case ":${LD_LIBRARY_PATH:-}:" in
     *) export LD_LIBRARY_PATH="$_mp_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;;
 esac
 unset -f _mp_has_torch
-unset _mp_root _mp_venv _mp_lib
+unset _mp_root _mp_venv _mp_lib _mp_cuda

@@ -937,11 +937,26 @@ fn run_rank(
             })?,
     };
     let rank = env.rank;
+    // On GPUs each rank takes the device of its LOCAL_RANK, and the data-parallel groups run
+    // on NCCL.
+    let cuda = match opts.device {
+        crate::trainer::TrainDevice::Cuda(_) => Some(env.local_rank as usize),
+        crate::trainer::TrainDevice::Cpu => None,
+    };
+    if let Some(i) = cuda {
+        if !tch::Cuda::is_available() || i as i64 >= tch::Cuda::device_count() {
+            return Err(Error::input(format!(
+                "rank {rank}: device cuda:{i} (its LOCAL_RANK) is not available (libtorch sees {} GPU(s)); use --device cpu",
+                tch::Cuda::device_count()
+            )));
+        }
+    }
     let mesh = std::rc::Rc::new(Mesh::join(
         env,
         plan.parallel.dp_replicate,
         plan.parallel.dp_shard,
         std::time::Duration::from_secs(timeout_s),
+        cuda,
     )?);
     // Rank-prefixed logs: the launcher shows them with --verbose; under torchrun, only
     // --verbose prints them.
@@ -971,6 +986,7 @@ fn run_rank(
     };
     let launched = crate::trainer::launch::report_path(rank).is_some();
     let opts = crate::trainer::TrainOptions {
+        device: cuda.map_or(opts.device, crate::trainer::TrainDevice::Cuda),
         // Under torchrun, rank 0 draws the bar; under memplan's launcher, rank 0 reports its
         // steps and the launcher draws one bar for the job.
         progress: opts.progress && rank == 0 && !launched,

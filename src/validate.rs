@@ -273,7 +273,7 @@ pub fn validate_all(
             .resolve()
             .and_then(|plan| match entry.nproc_per_node {
                 None => validate_one(label, &plan, &opts).map(|v| vec![v]),
-                Some(n) => validate_ranks(label, &entry.plan, &plan, n, steps, exe),
+                Some(n) => validate_ranks(label, &entry.plan, &plan, n, steps, device, exe),
             });
         match result {
             Ok(v) => done.extend(v),
@@ -291,6 +291,7 @@ fn validate_ranks(
     plan: &Plan,
     n: u64,
     steps: u64,
+    device: TrainDevice,
     exe: Option<&std::path::Path>,
 ) -> Result<Vec<Validation>> {
     let e = estimate(plan)?;
@@ -314,6 +315,12 @@ fn validate_ranks(
         "--steps".into(),
         steps.to_string().into(),
         "--quiet".into(),
+        "--device".into(),
+        match device {
+            TrainDevice::Cpu => "cpu".into(),
+            // Each rank takes the GPU of its LOCAL_RANK.
+            TrainDevice::Cuda(_) => "cuda".into(),
+        },
     ];
     let launch = crate::trainer::launch::Launch {
         progress: false,

@@ -394,3 +394,21 @@ fn a_rank_out_of_memory_is_a_result_naming_the_rank_step_and_phase() {
     assert_eq!(oom["phase"], "forward");
     assert!(oom["message"].as_str().unwrap().contains("out of memory"));
 }
+
+#[test]
+fn a_gpu_job_without_a_gpu_is_an_input_error() {
+    if tch::Cuda::is_available() {
+        eprintln!("this machine has a GPU; the NCCL path runs in scripts/gpu-validate.sh");
+        return;
+    }
+    let (code, err, _) = failing(memplan().args(args(&[
+        "--num-gpus",
+        "1",
+        "--nproc-per-node",
+        "1",
+        "--device",
+        "cuda",
+    ])));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("rank 0") && err.contains("cuda:0"), "{err}");
+}

@@ -51,7 +51,29 @@ extern "C" {
         out: *mut *mut c_void,
         err: *mut *mut c_char,
     ) -> c_int;
+    fn mp_pg_new_nccl(
+        store: *mut c_void,
+        prefix: *const c_char,
+        rank: c_int,
+        size: c_int,
+        timeout_ms: i64,
+        device: c_int,
+        out: *mut *mut c_void,
+        err: *mut *mut c_char,
+    ) -> c_int;
     fn mp_pg_free(pg: *mut c_void);
+    fn mp_pg_all_gather_base(
+        pg: *mut c_void,
+        out: *mut C_tensor,
+        input: *mut C_tensor,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn mp_pg_reduce_scatter_base(
+        pg: *mut c_void,
+        out: *mut C_tensor,
+        input: *mut C_tensor,
+        err: *mut *mut c_char,
+    ) -> c_int;
     fn mp_pg_all_reduce(
         pg: *mut c_void,
         t: *mut C_tensor,
@@ -232,38 +254,63 @@ impl Drop for Store {
     }
 }
 
-/// A Gloo process group.
+/// Which c10d backend a group runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// CPU tensors, TCP (loopback or the node's interface).
+    Gloo,
+    /// CUDA tensors on this device.
+    Nccl(usize),
+}
+
+/// A c10d process group.
 pub struct ProcessGroup {
     handle: *mut c_void,
     rank: i64,
     size: i64,
     name: String,
+    backend: Backend,
 }
 
 impl ProcessGroup {
-    /// The group `name` of `size` ranks in which this process is `rank`, over `store`.
+    /// The group `name` of `size` ranks in which this process is `rank`, over `store`;
+    /// Gloo binds to `iface_host` ("" for the machine's hostname).
     pub fn new(
         store: &Store,
         name: &str,
         rank: i64,
         size: i64,
         timeout: Duration,
+        backend: Backend,
         iface_host: &str,
     ) -> Result<ProcessGroup> {
         let prefix = cstring(name);
         let host = cstring(iface_host);
         let mut out = std::ptr::null_mut();
+        let ms = timeout.as_millis() as i64;
         call(|e| unsafe {
-            mp_pg_new(
-                store.0,
-                prefix.as_ptr(),
-                rank as c_int,
-                size as c_int,
-                timeout.as_millis() as i64,
-                host.as_ptr(),
-                &mut out,
-                e,
-            )
+            match backend {
+                Backend::Gloo => mp_pg_new(
+                    store.0,
+                    prefix.as_ptr(),
+                    rank as c_int,
+                    size as c_int,
+                    ms,
+                    host.as_ptr(),
+                    &mut out,
+                    e,
+                ),
+                Backend::Nccl(d) => mp_pg_new_nccl(
+                    store.0,
+                    prefix.as_ptr(),
+                    rank as c_int,
+                    size as c_int,
+                    ms,
+                    d as c_int,
+                    &mut out,
+                    e,
+                ),
+            }
         })
         .map_err(|m| {
             Error::runtime(format!("process group {name} (rank {rank} of {size}): {m}"))
@@ -273,7 +320,28 @@ impl ProcessGroup {
             rank,
             size,
             name: name.to_string(),
+            backend,
         })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// c10d's own all_gather_into_tensor (NCCL; on Gloo it allocates whole-output
+    /// temporaries, see the module doc).
+    pub fn all_gather_into(&self, output: &Tensor, input: &Tensor) -> TResult<()> {
+        self.check(
+            "all_gather_into_tensor",
+            call(|e| unsafe { mp_pg_all_gather_base(self.handle, ptr(output), ptr(input), e) }),
+        )
+    }
+    /// c10d's own reduce_scatter_tensor, summing.
+    pub fn reduce_scatter_into(&self, output: &Tensor, input: &Tensor) -> TResult<()> {
+        self.check(
+            "reduce_scatter_tensor",
+            call(|e| unsafe { mp_pg_reduce_scatter_base(self.handle, ptr(output), ptr(input), e) }),
+        )
     }
 
     pub fn rank(&self) -> i64 {
@@ -352,8 +420,16 @@ pub struct Mesh {
 }
 
 impl Mesh {
-    /// Joins the job: connects to the store and builds the `(dp_replicate, dp_shard)` groups.
-    pub fn join(env: RankEnv, dp_replicate: u64, dp_shard: u64, timeout: Duration) -> Result<Mesh> {
+    /// Joins the job: connects to the store and builds the `(dp_replicate, dp_shard)` groups,
+    /// on NCCL over this rank's GPU when `cuda` names it, else on Gloo. The world group, for
+    /// the job's loss, gradient norm and reports, is always Gloo over CPU tensors.
+    pub fn join(
+        env: RankEnv,
+        dp_replicate: u64,
+        dp_shard: u64,
+        timeout: Duration,
+        cuda: Option<usize>,
+    ) -> Result<Mesh> {
         if env.world != dp_replicate * dp_shard {
             return Err(Error::input(format!(
                 "world size {} does not match the plan: dp_replicate x dp_shard = {dp_replicate} x {dp_shard} = {} (tp, pp and cp are 1 in the multi-process trainer)",
@@ -375,8 +451,10 @@ impl Mesh {
             env.rank as i64,
             env.world as i64,
             timeout,
+            Backend::Gloo,
             iface,
         )?;
+        let backend = cuda.map_or(Backend::Gloo, Backend::Nccl);
         let (replica, shard_rank) = (env.rank / dp_shard, env.rank % dp_shard);
         let shard = ProcessGroup::new(
             &store,
@@ -384,6 +462,7 @@ impl Mesh {
             shard_rank as i64,
             dp_shard as i64,
             timeout,
+            backend,
             iface,
         )?;
         let replicate = if dp_replicate > 1 {
@@ -393,6 +472,7 @@ impl Mesh {
                 replica as i64,
                 dp_replicate as i64,
                 timeout,
+                backend,
                 iface,
             )?)
         } else {
@@ -438,13 +518,13 @@ impl Mesh {
         self.env.world
     }
 
-    /// In-place sum over every rank of the job (shard group, then replicate group).
+    /// In-place sum of a CPU tensor over every rank of the job.
     pub fn all_reduce_sum(&self, t: &Tensor) -> TResult<()> {
-        self.shard.all_reduce_sum(t)?;
-        if let Some(r) = &self.replicate {
-            r.all_reduce_sum(t)?;
-        }
-        Ok(())
+        self.world.all_reduce_sum(t)
+    }
+    /// Replicas per shard (1 without HSDP).
+    pub fn replicas(&self) -> u64 {
+        self.replicate.as_ref().map_or(1, |r| r.size() as u64)
     }
 }
 
@@ -473,6 +553,10 @@ impl Collectives for C10d {
     ) -> TResult<()> {
         let pg = &self.mesh.shard;
         let n = input.numel() as i64;
+        if let Backend::Nccl(_) = pg.backend() {
+            // NCCL gathers in place when the input is this rank's slice, as FSDP2 passes it.
+            return pg.all_gather_into(output, input);
+        }
         let mine = output.f_narrow(0, pg.rank() * n, n)?;
         if mine.data_ptr() != input.data_ptr() {
             mine.shallow_clone().f_copy_(input)?;
@@ -490,11 +574,15 @@ impl Collectives for C10d {
     ) -> TResult<()> {
         let pg = &self.mesh.shard;
         let n = output.numel() as i64;
-        for r in 0..pg.size() {
-            pg.all_reduce_sum(&input.f_narrow(0, r * n, n)?)?;
-        }
         let mut out = output.shallow_clone();
-        out.f_copy_(&input.f_narrow(0, pg.rank() * n, n)?)?;
+        if let Backend::Nccl(_) = pg.backend() {
+            pg.reduce_scatter_into(output, input)?;
+        } else {
+            for r in 0..pg.size() {
+                pg.all_reduce_sum(&input.f_narrow(0, r * n, n)?)?;
+            }
+            out.f_copy_(&input.f_narrow(0, pg.rank() * n, n)?)?;
+        }
         let mut ranks = pg.size();
         if let Some(rep) = &self.mesh.replicate {
             rep.all_reduce_sum(output)?;

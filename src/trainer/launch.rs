@@ -56,6 +56,8 @@ struct RankProc {
 struct Failure {
     rank: u64,
     why: String,
+    /// The rank refused its input (exit 2): the job's error is an input error too.
+    input: bool,
 }
 
 /// Starts the node's ranks with `args` (the command line less the launcher's flags) and waits
@@ -160,7 +162,12 @@ pub fn launch(l: &Launch, args: &[OsString]) -> Result<Outcome> {
     // A rank out of memory is the job's result even when its peers then failed on it.
     let oom = reports.iter().flatten().any(|r| r.oom.is_some());
     if let (Some(f), false) = (failure, oom) {
-        return Err(Error::runtime(format!("rank {} failed: {}", f.rank, f.why)));
+        let msg = format!("rank {} failed: {}", f.rank, f.why);
+        return Err(if f.input {
+            Error::input(msg)
+        } else {
+            Error::runtime(msg)
+        });
     }
     let reports: Vec<TrainReport> = reports.into_iter().flatten().collect();
     if reports.is_empty() {
@@ -187,12 +194,14 @@ fn watch(children: &mut [RankProc]) -> Option<Failure> {
                         failure = Some(Failure {
                             rank: *rank,
                             why: describe(status, &last_error(lines)),
+                            input: status.code() == Some(2),
                         });
                     }
                     if status.code() == Some(1) && failure.is_none() {
                         failure = Some(Failure {
                             rank: *rank,
                             why: last_error(lines),
+                            input: false,
                         });
                     }
                 }
@@ -201,6 +210,7 @@ fn watch(children: &mut [RankProc]) -> Option<Failure> {
                     failure.get_or_insert(Failure {
                         rank: *rank,
                         why: format!("cannot watch the process: {e}"),
+                        input: false,
                     });
                 }
             }

@@ -601,9 +601,10 @@ fn grad_norm(fsdp: &Fsdp, mesh: Option<&dist::Mesh>) -> TResult<f64> {
         }
     }
     if let Some(mesh) = mesh {
+        // Over every rank, where each shard is held by every replica.
         let t = Tensor::from_slice(&[sq]);
-        mesh.shard.all_reduce_sum(&t)?;
-        sq = t.f_double_value(&[0])?;
+        mesh.all_reduce_sum(&t)?;
+        sq = t.f_double_value(&[0])? / mesh.replicas() as f64;
     }
     Ok(sq.sqrt())
 }
