@@ -30,7 +30,6 @@ use super::model::TResult;
 use crate::error::{Error, Result};
 
 extern "C" {
-    fn mp_free_error(e: *mut c_char);
     fn mp_store_new(
         host: *const c_char,
         port: c_int,
@@ -103,24 +102,10 @@ extern "C" {
     ) -> c_int;
 }
 
-/// A failed c10d call: its message.
+/// A c10d call through the shim; a failure is its message's first line (c10 appends a C++
+/// backtrace).
 fn call(f: impl FnOnce(*mut *mut c_char) -> c_int) -> std::result::Result<(), String> {
-    let mut err: *mut c_char = std::ptr::null_mut();
-    if f(&mut err) == 0 {
-        return Ok(());
-    }
-    if err.is_null() {
-        return Err("c10d call failed without a message".into());
-    }
-    // SAFETY: the shim hands back a NUL-terminated string from malloc, freed here once.
-    let msg = unsafe { std::ffi::CStr::from_ptr(err) }
-        .to_string_lossy()
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string();
-    unsafe { mp_free_error(err) };
-    Err(msg)
+    super::ffi::call(f).map_err(|e| e.0.lines().next().unwrap_or_default().to_string())
 }
 
 fn ptr(t: &Tensor) -> *mut C_tensor {

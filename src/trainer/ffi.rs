@@ -117,7 +117,7 @@ fn check(rc: c_int, err: *mut c_char) -> Result<(), ShimError> {
 }
 
 /// Runs a shim call that reports errors through an `err` out-parameter.
-fn call(f: impl FnOnce(*mut *mut c_char) -> c_int) -> Result<(), ShimError> {
+pub(crate) fn call(f: impl FnOnce(*mut *mut c_char) -> c_int) -> Result<(), ShimError> {
     let mut err: *mut c_char = std::ptr::null_mut();
     let rc = f(&mut err);
     check(rc, err)
