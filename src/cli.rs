@@ -262,15 +262,22 @@ impl PlanArgs {
     /// The plan file (or example, or torchtitan config) with the flags laid over it, and the
     /// warnings and key names the torchtitan reader gave.
     pub fn to_plan_file(&self) -> Result<PlanFile> {
-        Ok(self.load()?.0)
+        Ok(self.load_over(None)?.0)
     }
 
-    fn load(&self) -> Result<(PlanFile, Option<crate::torchtitan::Job>)> {
+    /// The plan file with the flags laid over it, and the torchtitan job it came from. The
+    /// base is `base` when given (a plan a library caller built), else `--plan`, `--example`
+    /// or `--torchtitan`.
+    pub fn load_over(
+        &self,
+        base: Option<PlanFile>,
+    ) -> Result<(PlanFile, Option<crate::torchtitan::Job>)> {
         let mut job = None;
-        let base = match (&self.plan, &self.example, &self.torchtitan) {
-            (Some(p), _, _) => PlanFile::read(p)?,
-            (None, Some(name), _) => plan::example(name)?,
-            (None, None, Some(toml)) => {
+        let base = match (base, &self.plan, &self.example, &self.torchtitan) {
+            (Some(b), _, _, _) => b,
+            (None, Some(p), _, _) => PlanFile::read(p)?,
+            (None, None, Some(name), _) => plan::example(name)?,
+            (None, None, None, Some(toml)) => {
                 let j = crate::torchtitan::read(toml)?;
                 if let Some(n) = self.num_gpus {
                     crate::torchtitan::check_world_size(&j, n)?;
@@ -279,7 +286,7 @@ impl PlanArgs {
                 job = Some(j);
                 p
             }
-            (None, None, None) => PlanFile::default(),
+            (None, None, None, None) => PlanFile::default(),
         };
         let mut top = PlanFile {
             model: self.model.clone(),
@@ -338,7 +345,7 @@ impl PlanArgs {
     }
 
     /// (plan field, flag) for every plan field a flag set, so errors name the flag.
-    fn flag_fields(&self) -> Vec<(&'static str, &'static str)> {
+    pub fn flag_fields(&self) -> Vec<(&'static str, &'static str)> {
         let set: [(bool, &str, &str); 28] = [
             (self.model.is_some(), "model", "--model"),
             (self.gpu.is_some(), "gpu", "--gpu"),
@@ -426,7 +433,7 @@ impl PlanArgs {
 
     /// Errors about a value the user gave name where they gave it: a flag, or the torchtitan
     /// key it came from.
-    fn explain(&self, job: Option<&crate::torchtitan::Job>, e: Error) -> Error {
+    pub fn explain(&self, job: Option<&crate::torchtitan::Job>, e: Error) -> Error {
         let flagged = e
             .field()
             .and_then(|f| self.flag_fields().into_iter().find(|(pf, _)| *pf == f));
@@ -437,10 +444,58 @@ impl PlanArgs {
         }
     }
 
+    /// What `search` may change: the degrees, checkpointing and offload the flags pin.
+    pub fn search_constraints(
+        &self,
+        max_micro_batch: u64,
+        headroom_milli: u64,
+        rank_by: RankBy,
+    ) -> Result<Constraints> {
+        let constraint = |v: Option<i64>| v.filter(|&x| x > 0).map(|x| x as u64);
+        Ok(Constraints {
+            tp: constraint(self.tp),
+            pp: constraint(self.pp),
+            cp: constraint(self.cp),
+            dp_shard: constraint(self.dp_shard),
+            ep: constraint(self.ep),
+            ac: self
+                .ac
+                .as_deref()
+                .map(plan::Checkpointing::parse)
+                .transpose()
+                .map_err(|e| e.rename_field(plan::Checkpointing::FIELD, "--ac"))?,
+            offload: self
+                .offload
+                .as_deref()
+                .map(<plan::Offload as plan::Choice>::parse)
+                .transpose()
+                .map_err(|e| e.rename_field("offload", "--offload"))?,
+            max_micro_batch,
+            headroom_milli,
+            rank_by,
+        })
+    }
+
     /// The resolved plan, with the torchtitan reader's warnings added to the plan's own.
     pub fn resolve(&self) -> Result<Plan> {
-        let (file, job) = self.load()?;
-        let mut plan = file.resolve().map_err(|e| self.explain(job.as_ref(), e))?;
+        let (file, job) = self.load_over(None)?;
+        self.resolve_file(file, job, None)
+    }
+
+    /// Resolves `file` (from [`PlanArgs::load_over`]), against `model` when given instead of
+    /// the file's model name; errors name the flag or TOML key that gave the value.
+    pub fn resolve_file(
+        &self,
+        file: PlanFile,
+        job: Option<crate::torchtitan::Job>,
+        model: Option<profiles::ModelSpec>,
+    ) -> Result<Plan> {
+        let resolved = match model {
+            None => file.resolve(),
+            Some(spec) => profiles::gpu(file.gpu.as_deref().unwrap_or("h100-80g"))
+                .and_then(|gpu| file.resolve_with(spec, gpu)),
+        };
+        let mut plan = resolved.map_err(|e| self.explain(job.as_ref(), e))?;
         if let Some(job) = job {
             plan.warnings.splice(0..0, job.warnings);
         }
@@ -666,29 +721,7 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
                 print(out, &renderer(format).max_batch(&result))?;
                 return Ok(fit_code(fits));
             }
-            let constraint = |v: Option<i64>| v.filter(|&x| x > 0).map(|x| x as u64);
-            let constraints = Constraints {
-                tp: constraint(plan.tp),
-                pp: constraint(plan.pp),
-                cp: constraint(plan.cp),
-                dp_shard: constraint(plan.dp_shard),
-                ep: constraint(plan.ep),
-                ac: plan
-                    .ac
-                    .as_deref()
-                    .map(plan::Checkpointing::parse)
-                    .transpose()
-                    .map_err(|e| e.rename_field(plan::Checkpointing::FIELD, "--ac"))?,
-                offload: plan
-                    .offload
-                    .as_deref()
-                    .map(<plan::Offload as plan::Choice>::parse)
-                    .transpose()
-                    .map_err(|e| e.rename_field("offload", "--offload"))?,
-                max_micro_batch,
-                headroom_milli,
-                rank_by,
-            };
+            let constraints = plan.search_constraints(max_micro_batch, headroom_milli, rank_by)?;
             // Resolving first checks every flag and names it in errors.
             let base = plan.resolve()?;
             warn(err, &base.warnings);

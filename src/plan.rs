@@ -134,7 +134,7 @@ macro_rules! choice {
         }
         impl Choice for $ty {
             const FIELD: &'static str = $field;
-            const ACCEPTED: &'static str = concat!("one of ", choice!(@list $($($txt)|+),+));
+            const ACCEPTED: &'static str = concat!("one of", choice!(@list $($($txt)|+),+));
             fn from_text(s: &str) -> Option<Self> {
                 match s.to_ascii_lowercase().as_str() { $($($txt)|+ => Some($ty::$var),)+ _ => None }
             }
@@ -146,7 +146,7 @@ macro_rules! choice {
         }
     };
     (@first $a:literal $(| $rest:literal)*) => { $a };
-    (@list $($a:literal $(| $rest:literal)*),+) => { concat!($($a, " "),+) };
+    (@list $($a:literal $(| $rest:literal)*),+) => { concat!($(" ", $a),+) };
 }
 
 choice!(
