@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Runs every test of memplan from nothing: the estimator's unit, integration, CLI and property
-# tests and doctests, then, when the trainer is in the tree, sets up libtorch 2.11.0 in
-# .venv (idempotent; about 4.6 GB on first run) and runs the trainer's tests against real
-# libtorch on the CPU, single-process and multi-process (2- and 4-rank jobs over loopback Gloo).
+# Runs every test of memplan from nothing: the estimator's unit, integration, CLI, property and
+# fuzz tests and doctests; the Python wheel's (scripts/test-python.sh: build, clean install,
+# pytest, mypy); then, when the trainer is in the tree, sets up libtorch 2.11.0 in .venv
+# (idempotent; about 4.6 GB on first run) and runs the trainer's tests against real libtorch on
+# the CPU, single-process and multi-process (2- and 4-rank jobs over loopback Gloo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo test --locked
+
+# The Python wheel: build it, install it into a clean venv, pytest and mypy; its answers are
+# also compared with the binary the tests above built.
+MEMPLAN_RUST_BIN="$PWD/target/debug/memplan" scripts/test-python.sh
 
 if [ -d src/trainer ] && [ -f scripts/libtorch-env.sh ]; then
   # shellcheck source=scripts/libtorch-env.sh
