@@ -31,6 +31,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 extern "C" void mp_uncount_thread(int64_t tid);
@@ -85,9 +86,23 @@ using BackendPtr = c10::intrusive_ptr<c10d::Backend>;
 
 BackendPtr &pg_of(void *h) { return *static_cast<BackendPtr *>(h); }
 
-void wait(const c10::intrusive_ptr<c10d::Work> &work) {
-  // Throws with Gloo's message (a peer gone, a timeout) when the collective failed.
+// Waits for a collective of `pg`. Throws with the backend's message (a peer gone, a timeout)
+// when it failed.
+//
+// Gloo: the worker thread that ran the collective still holds the work, and through it the
+// tensors, for a moment after wait() returns; were it the last to let go, a buffer the
+// trainer frees right after (FSDP2's flat all-gather output) would be freed later, on that
+// thread, and a rank's counted peak would depend on thread timing (seen: one block's
+// all-gather buffer, 1.5 MB, on one rank in one run). So wait until this reference is the only
+// one: the tensors are then released here, in program order. (NCCL's watchdog keeps its works
+// for a while by design; there the caching allocator's stream semantics apply, as in PyTorch.)
+void wait(const c10::intrusive_ptr<c10d::Backend> &pg, c10::intrusive_ptr<c10d::Work> work) {
   work->wait();
+  if (pg->getBackendName() != "gloo") return;
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (work.use_count() > 1 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::yield();
+  }
 }
 
 }  // namespace
@@ -172,7 +187,7 @@ int mp_pg_all_reduce(void *pg, at::Tensor *t, int op, char **err) {
   std::vector<at::Tensor> ts{*t};
   c10d::AllreduceOptions o;
   o.reduceOp = op == 1 ? c10d::ReduceOp(c10d::ReduceOp::MAX) : c10d::ReduceOp(c10d::ReduceOp::SUM);
-  wait(pg_of(pg)->allreduce(ts, o));
+  wait(pg_of(pg), pg_of(pg)->allreduce(ts, o));
   DIST_CATCH
 }
 
@@ -181,34 +196,34 @@ int mp_pg_broadcast(void *pg, at::Tensor *t, int root, char **err) {
   std::vector<at::Tensor> ts{*t};
   c10d::BroadcastOptions o;
   o.rootRank = root;
-  wait(pg_of(pg)->broadcast(ts, o));
+  wait(pg_of(pg), pg_of(pg)->broadcast(ts, o));
   DIST_CATCH
 }
 
 int mp_pg_barrier(void *pg, char **err) {
   DIST_TRY
-  wait(pg_of(pg)->barrier());
+  wait(pg_of(pg), pg_of(pg)->barrier());
   DIST_CATCH
 }
 
 int mp_pg_send(void *pg, at::Tensor *t, int dst, int tag, char **err) {
   DIST_TRY
   std::vector<at::Tensor> ts{*t};
-  wait(pg_of(pg)->send(ts, dst, tag));
+  wait(pg_of(pg), pg_of(pg)->send(ts, dst, tag));
   DIST_CATCH
 }
 
 int mp_pg_recv(void *pg, at::Tensor *t, int src, int tag, char **err) {
   DIST_TRY
   std::vector<at::Tensor> ts{*t};
-  wait(pg_of(pg)->recv(ts, src, tag));
+  wait(pg_of(pg), pg_of(pg)->recv(ts, src, tag));
   DIST_CATCH
 }
 
 // Gloo's own all_gather_into_tensor (`_allgather_base`): `out` gets every rank's `in`.
 int mp_pg_all_gather_base(void *pg, at::Tensor *out, at::Tensor *in, char **err) {
   DIST_TRY
-  wait(pg_of(pg)->_allgather_base(*out, *in));
+  wait(pg_of(pg), pg_of(pg)->_allgather_base(*out, *in));
   DIST_CATCH
 }
 
@@ -217,7 +232,7 @@ int mp_pg_reduce_scatter_base(void *pg, at::Tensor *out, at::Tensor *in, char **
   DIST_TRY
   c10d::ReduceScatterOptions o;
   o.reduceOp = c10d::ReduceOp(c10d::ReduceOp::SUM);
-  wait(pg_of(pg)->_reduce_scatter_base(*out, *in, o));
+  wait(pg_of(pg), pg_of(pg)->_reduce_scatter_base(*out, *in, o));
   DIST_CATCH
 }
 
