@@ -332,7 +332,10 @@ fn block_backward(
     let tp = plan.parallel.tp as u128;
     let (h, f, q) = (m.hidden as u128, m.intermediate as u128, m.q_dim() as u128);
     if moe {
-        return [re + t * a.mlp_transient + grads_elem_bytes * p.moe.unsharded, 0];
+        return [
+            re + t * a.mlp_transient + grads_elem_bytes * p.moe.unsharded,
+            0,
+        ];
     }
     let w2 = div(grads_elem_bytes * h * f, tp);
     let mlp_point = re + t * a.mlp_transient + w2;
