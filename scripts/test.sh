@@ -17,6 +17,8 @@ if [ -d src/trainer ] && [ -f scripts/libtorch-env.sh ]; then
   # shellcheck source=scripts/libtorch-env.sh
   source scripts/libtorch-env.sh
   cargo test --locked --features trainer --test trainer --test validate -- --test-threads=1 --nocapture
+  # The memory_viz snapshot opened by torch's own tools, now that the venv has torch.
+  MEMPLAN_REQUIRE_TORCH=1 cargo test --locked --test memory_viz
   # Multi-process runs over loopback Gloo: each test starts its own ranks.
   cargo test --locked --features trainer --test distributed
 fi

@@ -3,6 +3,7 @@
 
 pub mod json;
 pub mod markdown;
+pub mod memory_viz;
 pub mod table;
 #[cfg(feature = "trainer")]
 pub mod validation;
