@@ -4,12 +4,15 @@
 //! - [`profiles`] and [`plan`]: model and GPU profiles, and the one place where user input
 //!   becomes a validated [`plan::Plan`];
 //! - [`estimate`]: the analytic estimator, pure arithmetic over `&Plan`;
-//! - [`output`]: tables, JSON and markdown; renders, computes nothing;
+//! - [`output`]: tables, JSON, markdown and PyTorch memory_viz snapshots; renders;
+//! - [`allocator`]: a simulation of PyTorch's CUDA caching allocator (replays alloc/free
+//!   events, reports reserved bytes), the ground for reserved memory without a fitted constant;
 //! - [`cli`]: flags and commands;
 //! - `trainer` (cargo feature `trainer`): a real libtorch run that measures what the
 //!   estimator predicts. The estimator and the trainer never import each other; only the
 //!   validation command sees both.
 
+pub mod allocator;
 pub mod cli;
 pub mod error;
 pub mod estimate;
