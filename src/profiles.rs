@@ -120,7 +120,7 @@ const FAMILIES: &[(&str, &str, Family)] = &[
 ];
 
 impl Family {
-    /// Every family, in [`FAMILIES`] order.
+    /// Every family, in the order of the supported-families table.
     pub const ALL: [Family; 13] = [
         Family::Llama,
         Family::Mistral,
