@@ -599,6 +599,25 @@ pub fn main_with(
     }
 }
 
+/// [`main_with`], with a panic reported as a one-line internal failure (exit 3) instead of a
+/// backtrace and exit code 101: what the binary (and the Python package's command) runs.
+pub fn main_guarded(
+    args: impl IntoIterator<Item = impl Into<OsString> + Clone>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> u8 {
+    std::panic::set_hook(Box::new(|info| {
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("error: internal failure{at} (please report it): {info}");
+    }));
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| main_with(args, out, err)))
+        .unwrap_or(EXIT_FAILURE)
+}
+
 /// clap's error on one line: its first line without the "error: " prefix, and the flag's
 /// accepted values where clap lists them.
 fn clap_message(e: &clap::Error) -> String {
@@ -700,13 +719,8 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
                 let p = plan.resolve()?;
                 warn(err, &p.warnings);
                 let mut n = 0;
-                let found = search::max_micro_batch(&p, max_micro_batch, headroom_milli, &mut n)?;
-                let fits = found.is_some();
-                let at = found.map(|(mb, est)| {
-                    let mut at = p.clone();
-                    at.batch.micro_batch_size = mb;
-                    (at, est)
-                });
+                let at = search::at_max_micro_batch(&p, max_micro_batch, headroom_milli, &mut n)?;
+                let fits = at.is_some();
                 let result = crate::output::MaxBatch {
                     plan: &p,
                     headroom,

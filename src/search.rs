@@ -152,6 +152,23 @@ pub fn max_micro_batch(
     Ok(Some((lo, best)))
 }
 
+/// `plan` at the largest micro-batch in `1..=max` that fits, with its estimate
+/// ([`max_micro_batch`]); `None` if not even 1 does.
+pub fn at_max_micro_batch(
+    plan: &Plan,
+    max: u64,
+    headroom_milli: u64,
+    count: &mut u64,
+) -> Result<Option<(Plan, Estimate)>> {
+    Ok(
+        max_micro_batch(plan, max, headroom_milli, count)?.map(|(mb, e)| {
+            let mut at = plan.clone();
+            at.batch.micro_batch_size = mb;
+            (at, e)
+        }),
+    )
+}
+
 /// Searches the plans around `base` (whose model, GPU, world size, sequence length,
 /// precision, optimizer and implementation are kept).
 pub fn search(base: &PlanFile, c: &Constraints) -> Result<SearchResult> {

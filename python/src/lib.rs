@@ -767,12 +767,7 @@ fn _max_batch(
         let max_micro_batch = max_micro(max_micro_batch)?;
         let p = resolve(&s)?;
         let mut n = 0;
-        let found = memplan::search::max_micro_batch(&p, max_micro_batch, headroom_milli, &mut n)?;
-        let at = found.map(|(mb, est)| {
-            let mut at = p.clone();
-            at.batch.micro_batch_size = mb;
-            (at, est)
-        });
+        let at = memplan::search::at_max_micro_batch(&p, max_micro_batch, headroom_milli, &mut n)?;
         let result = MaxBatch {
             plan: &p,
             headroom,
@@ -827,19 +822,10 @@ fn flush_python(py: Python<'_>) {
 fn main(py: Python<'_>, argv: Vec<OsString>) -> u8 {
     flush_python(py);
     py.allow_threads(|| {
+        // The Python process keeps its own panic hook after the command.
         let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|info| {
-            let at = info
-                .location()
-                .map(|l| format!(" at {}:{}", l.file(), l.line()))
-                .unwrap_or_default();
-            eprintln!("error: internal failure{at} (please report it): {info}");
-        }));
-        let code = std::panic::catch_unwind(|| {
-            let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
-            memplan::cli::main_with(argv, &mut out, &mut err)
-        })
-        .unwrap_or(memplan::error::EXIT_FAILURE);
+        let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
+        let code = memplan::cli::main_guarded(argv, &mut out, &mut err);
         std::panic::set_hook(previous);
         code
     })
