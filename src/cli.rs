@@ -721,17 +721,8 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
                 let mut n = 0;
                 let at = search::at_max_micro_batch(&p, max_micro_batch, headroom_milli, &mut n)?;
                 let fits = at.is_some();
-                let result = crate::output::MaxBatch {
-                    plan: &p,
-                    headroom,
-                    max_micro_batch,
-                    estimates: n,
-                    found: at.as_ref().map(|(plan, estimate)| Row {
-                        label: &plan.model.name,
-                        plan,
-                        estimate,
-                    }),
-                };
+                let result =
+                    crate::output::MaxBatch::new(&p, headroom, max_micro_batch, n, at.as_ref());
                 print(out, &renderer(format).max_batch(&result))?;
                 return Ok(fit_code(fits));
             }

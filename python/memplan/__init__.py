@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional, TextIO, Tuple
 from memplan import _memplan
 from memplan._errors import DoesNotFit, PlanError
 from memplan._memplan import Estimate, estimate
+from memplan._module import from_module
 
 __version__: str = _memplan.__version__
 
@@ -45,7 +46,25 @@ __all__ = [
 FIELDS: Tuple[str, ...] = tuple(_memplan._fields())
 
 
-class SearchResult:
+class _Document:
+    """A JSON document of the command, held as parsed."""
+
+    def __init__(self, doc: Dict[str, Any]) -> None:
+        self._doc = doc
+
+    @property
+    def estimates(self) -> int:
+        """Estimates the search made."""
+        return int(self._doc["estimates"])
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The document, as the command prints it with ``--format json``."""
+        import copy
+
+        return copy.deepcopy(self._doc)
+
+
+class SearchResult(_Document):
     """The plans that fit, best first: the ``memplan search --format json`` document.
 
     >>> r = memplan.search(model="llama3-8b", gpu="rtx-a6000-48g", num_gpus=2, seq_len=2048)
@@ -54,7 +73,7 @@ class SearchResult:
     """
 
     def __init__(self, doc: Dict[str, Any], warnings: List[str]) -> None:
-        self._doc = doc
+        super().__init__(doc)
         #: Settings accepted but probably not meant.
         self.warnings: List[str] = warnings
 
@@ -83,15 +102,7 @@ class SearchResult:
     def layouts(self) -> int:
         return int(self._doc["layouts"])
 
-    @property
-    def estimates(self) -> int:
-        return int(self._doc["estimates"])
 
-    def to_dict(self) -> Dict[str, Any]:
-        """The ``memplan.search/1`` document."""
-        import copy
-
-        return copy.deepcopy(self._doc)
 
     def __repr__(self) -> str:
         best = self.best
@@ -107,7 +118,7 @@ class SearchResult:
         )
 
 
-class MaxBatch:
+class MaxBatch(_Document):
     """The largest micro-batch a plan allows: the ``memplan search --max-batch --format json``
     document.
 
@@ -117,7 +128,7 @@ class MaxBatch:
     """
 
     def __init__(self, doc: Dict[str, Any], estimate: Optional[Estimate]) -> None:
-        self._doc = doc
+        super().__init__(doc)
         #: The estimate at the largest micro-batch, or None when not even 1 fits.
         self.estimate: Optional[Estimate] = estimate
 
@@ -131,15 +142,7 @@ class MaxBatch:
     def fits(self) -> bool:
         return self.micro_batch_size is not None
 
-    @property
-    def estimates(self) -> int:
-        return int(self._doc["estimates"])
 
-    def to_dict(self) -> Dict[str, Any]:
-        """The ``memplan.max-batch/1`` document."""
-        import copy
-
-        return copy.deepcopy(self._doc)
 
     def __repr__(self) -> str:
         if self.micro_batch_size is None:
@@ -269,33 +272,3 @@ def preflight(
     if not est.fits and raise_on_oom:
         raise DoesNotFit(f"the plan does not fit: {est.verdict}", est)
     return est
-
-
-def from_module(
-    module: Any,
-    *,
-    num_attention_heads: Optional[int] = None,
-    num_key_value_heads: Optional[int] = None,
-    max_position_embeddings: Optional[int] = None,
-) -> Dict[str, Any]:
-    """The model part of a plan from a live ``torch.nn.Module`` (the meta device will do): a
-    Hugging Face config dict, to pass as ``model=``. A Hugging Face model gives its own config;
-    any other module is read as a Llama-style decoder from its parameters' names and shapes
-    (an embedding, ``layers.N`` / ``h.N`` / ``blocks.N`` blocks with q/k/v/o and
-    gate/up/down projections under the usual names), its head counts from the attention
-    modules' attributes (``n_heads``, ``num_heads``, ``n_kv_heads``, ...) or the arguments.
-    The parameter count of the result is checked against the module's. Torch is imported only
-    here.
-
-    >>> with torch.device("meta"):  # doctest: +SKIP
-    ...     m = Transformer(ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8))
-    >>> memplan.estimate(model=memplan.from_module(m), num_gpus=8, micro_batch_size=2)  # doctest: +SKIP
-    """
-    from memplan._module import from_module as impl
-
-    return impl(
-        module,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        max_position_embeddings=max_position_embeddings,
-    )

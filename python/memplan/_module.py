@@ -50,6 +50,19 @@ def from_module(
     num_key_value_heads: Optional[int] = None,
     max_position_embeddings: Optional[int] = None,
 ) -> Dict[str, Any]:
+    """The model part of a plan from a live ``torch.nn.Module`` (the meta device will do): a
+    Hugging Face config dict, to pass as ``model=``. A Hugging Face model gives its own config;
+    any other module is read as a Llama-style decoder from its parameters' names and shapes
+    (an embedding, ``layers.N`` / ``h.N`` / ``blocks.N`` blocks with q/k/v/o and
+    gate/up/down projections under the usual names), its head counts from the attention
+    modules' attributes (``n_heads``, ``num_heads``, ``n_kv_heads``, ...) or the arguments.
+    The parameter count of the result is checked against the module's. Torch is imported only
+    here.
+
+    >>> with torch.device("meta"):  # doctest: +SKIP
+    ...     m = Transformer(ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8))
+    >>> memplan.estimate(model=memplan.from_module(m), num_gpus=8, micro_batch_size=2)  # doctest: +SKIP
+    """
     import torch  # type: ignore[import-not-found]  # noqa: F401  (optional: only this function needs it)
 
     config = getattr(module, "config", None)

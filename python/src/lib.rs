@@ -172,13 +172,6 @@ struct Source {
     host_ram_bytes: Option<serde_json::Value>,
 }
 
-impl Source {
-    /// Whether the CLI could be given this plan, so that it resolves through the CLI's path.
-    fn cli_expressible(&self) -> bool {
-        self.dict.is_none() && self.model.is_none() && self.host_ram_bytes.is_none()
-    }
-}
-
 /// The keyword arguments accepted as plan fields, as `memplan estimate` spells its flags.
 const FIELDS: &[&str] = &[
     "plan",
@@ -415,9 +408,6 @@ fn load(s: &Source) -> Result<(PlanFile, Option<torchtitan::Job>), Error> {
 /// The resolved plan, with the torchtitan reader's warnings first, as `memplan estimate`
 /// resolves it.
 fn resolve(s: &Source) -> Result<Plan, Error> {
-    if s.cli_expressible() {
-        return s.args.resolve();
-    }
     let (file, job) = load(s)?;
     s.args.resolve_file(file, job, s.model.clone())
 }
@@ -431,12 +421,7 @@ fn search_base(s: &Source) -> Result<(Plan, PlanFile), Error> {
             "search takes a model by profile name or config path, not a config dict",
         ));
     }
-    let file = if s.cli_expressible() {
-        s.args.to_plan_file()?
-    } else {
-        load(s)?.0
-    };
-    Ok((plan, file))
+    Ok((plan, load(s)?.0))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -768,17 +753,7 @@ fn _max_batch(
         let p = resolve(&s)?;
         let mut n = 0;
         let at = memplan::search::at_max_micro_batch(&p, max_micro_batch, headroom_milli, &mut n)?;
-        let result = MaxBatch {
-            plan: &p,
-            headroom,
-            max_micro_batch,
-            estimates: n,
-            found: at.as_ref().map(|(plan, estimate)| Row {
-                label: &plan.model.name,
-                plan,
-                estimate,
-            }),
-        };
+        let result = MaxBatch::new(&p, headroom, max_micro_batch, n, at.as_ref());
         let doc = renderer(Format::Json).max_batch(&result);
         Ok((doc, at.map(|(plan, est)| PyEstimate { plan, est })))
     };

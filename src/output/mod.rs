@@ -48,7 +48,29 @@ pub struct MaxBatch<'a> {
     pub found: Option<Row<'a>>,
 }
 
-impl MaxBatch<'_> {
+impl<'a> MaxBatch<'a> {
+    /// The answer for `plan`, with `at` the plan at its largest micro-batch and its estimate
+    /// ([`crate::search::at_max_micro_batch`]).
+    pub fn new(
+        plan: &'a Plan,
+        headroom: f64,
+        max_micro_batch: u64,
+        estimates: u64,
+        at: Option<&'a (Plan, Estimate)>,
+    ) -> Self {
+        MaxBatch {
+            plan,
+            headroom,
+            max_micro_batch,
+            estimates,
+            found: at.map(|(plan, estimate)| Row {
+                label: &plan.model.name,
+                plan,
+                estimate,
+            }),
+        }
+    }
+
     /// The answer in one sentence, as the table and markdown formats print it.
     pub fn sentence(&self) -> String {
         match &self.found {

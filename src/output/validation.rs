@@ -242,10 +242,11 @@ pub fn ranks(rows: &[Validation], format: Format) -> String {
         }
         Format::Markdown | Format::Table => {
             let mut t = Table::new();
-            t.load_preset(UTF8_FULL_CONDENSED);
-            if format == Format::Markdown {
-                t.load_preset(comfy_table::presets::ASCII_MARKDOWN);
-            }
+            t.load_preset(if format == Format::Markdown {
+                comfy_table::presets::ASCII_MARKDOWN
+            } else {
+                UTF8_FULL_CONDENSED
+            });
             t.set_header(vec![
                 "rank",
                 "predicted (most loaded rank)",

@@ -189,19 +189,17 @@ fn watch(children: &mut [RankProc]) -> Option<Failure> {
                 Ok(None) => {}
                 Ok(Some(status)) => {
                     done[i] = true;
-                    // Exit 1 is a rank out of memory (its report says so).
-                    if !status.success() && status.code() != Some(1) && failure.is_none() {
+                    if !status.success() && failure.is_none() {
+                        // Exit 1 is a rank out of memory: its own error line says it all.
+                        let last = last_error(lines);
                         failure = Some(Failure {
                             rank: *rank,
-                            why: describe(status, &last_error(lines)),
+                            why: if status.code() == Some(1) {
+                                last
+                            } else {
+                                describe(status, &last)
+                            },
                             input: status.code() == Some(2),
-                        });
-                    }
-                    if status.code() == Some(1) && failure.is_none() {
-                        failure = Some(Failure {
-                            rank: *rank,
-                            why: last_error(lines),
-                            input: false,
                         });
                     }
                 }
