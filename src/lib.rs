@@ -7,6 +7,8 @@
 //! - [`output`]: tables, JSON, markdown and PyTorch memory_viz snapshots; renders;
 //! - [`allocator`]: a simulation of PyTorch's CUDA caching allocator (replays alloc/free
 //!   events, reports reserved bytes), the ground for reserved memory without a fitted constant;
+//! - [`trace`]: a step as ordered allocation events, predicted or measured, the common
+//!   ground of the timeline picture, the memory_viz snapshot and the allocator simulation;
 //! - [`cli`]: flags and commands;
 //! - `trainer` (cargo feature `trainer`): a real libtorch run that measures what the
 //!   estimator predicts. The estimator and the trainer never import each other; only the
@@ -22,6 +24,7 @@ pub mod plan;
 pub mod profiles;
 pub mod search;
 pub mod torchtitan;
+pub mod trace;
 #[cfg(feature = "trainer")]
 pub mod trainer;
 pub mod units;
