@@ -94,6 +94,29 @@ proptest! {
         prop_assert!(e.per_gpu.timeline.iter().all(|p| p.allocated_bytes <= e.per_gpu.peak_allocated_bytes));
     }
 
+    /// The estimator's event trace (src/estimate/trace.rs) walks the whole step; at each of
+    /// the estimator's phase points its running sum is the phase figure, and nothing in the
+    /// trace rises above the estimator's peak.
+    #[test]
+    fn the_event_trace_reproduces_the_phases(k in knobs(), pp in prop::sample::select(&[1u64, 2][..])) {
+        let mut plan = plan(&k);
+        if pp == 2 && plan.model.layers >= 2 && plan.num_gpus >= 2 {
+            plan = serde_json::from_str::<PlanFile>(&format!(
+                r#"{{"model":"{}","num_gpus":{},"parallel":{{"pp":2}},"batch":{{"micro_batch_size":{},"seq_len":{},"grad_accum_steps":{}}},
+                    "activation_checkpointing":"{}","offload":"{}"}}"#,
+                k.model, 1u64 << k.shard_pow, k.batch, k.seq, k.accum.max(2), k.ac, k.offload
+            )).unwrap().resolve().unwrap();
+        }
+        let e = estimate(&plan).unwrap();
+        let t = memplan::estimate::trace::trace(&plan, e.per_gpu.stage).unwrap();
+        let points = t.points().unwrap();
+        prop_assert_eq!(points.len(), 10);
+        for ((_, sum), want) in points.iter().zip(e.per_gpu.timeline.iter()) {
+            prop_assert_eq!(*sum, want.allocated_bytes.get(), "{:?}", want);
+        }
+        prop_assert_eq!(t.peak().unwrap().0, e.per_gpu.peak_allocated_bytes.get());
+    }
+
     #[test]
     fn more_sharding_never_raises_per_gpu_bytes(k in knobs()) {
         prop_assume!(k.shard_pow < 6);

@@ -52,36 +52,130 @@ pub fn logits_bytes(plan: &Plan, tokens: u128) -> LogitsBytes {
     let v = plan.model.vocab.div_ceil(plan.parallel.tp) as u128;
     let tv = tokens * v;
     let e = plan.precision.param.bytes() as u128;
-    // (forward peak, backward peak) in bytes per logit; the table above has the moments.
-    let (fwd, bwd) = match plan.implementation.logits {
-        Logits::FloatOutput => ((e + 4).max(8), 12),
-        Logits::FloatOutputKept => ((e + 4).max(8), 16),
-        // `.float()` of fp32 logits is the same tensor: no copy.
-        Logits::FloatInLoss if e == 4 => (8, 12),
-        Logits::FloatInLoss => (e + 8, 12),
-        Logits::ComputeDtype => (2 * e, 3 * e),
-    };
+    let (steps, n) = script(plan);
+    let (mut live, mut at) = (0u128, [0u128; 3]);
+    for step in &steps[..n] {
+        match *step {
+            Step::Alloc(_, b) => live += b,
+            Step::Free(_, b) => live -= b,
+            Step::At(m) => at[m as usize] = live,
+        }
+    }
     let freed = match plan.implementation.logits {
         Logits::ComputeDtype => 0,
         _ if e < 4 => e * tv,
         _ => 0,
     };
-    let projection = match plan.implementation.logits {
-        Logits::FloatOutput | Logits::FloatOutputKept if e < 4 => e + 4,
-        _ => e,
-    };
-    // Gemma 2's final soft-cap, `tanh(logits / cap) * cap` on the compute-dtype logits
-    // before the loss (Hugging Face `Gemma2ForCausalLM.forward`): `tanh` saves its output
-    // (derivatives.yaml: `tanh_backward(grad, result)`), e bytes per logit alive from the
-    // projection through the loss backward; the divide and multiply by a constant save
-    // nothing.
-    let cap = if plan.model.final_logit_softcap { e } else { 0 };
     LogitsBytes {
-        at_projection: (projection + cap) * tv,
-        forward_peak: (fwd + cap) * tv,
-        backward_peak: (bwd + cap) * tv,
+        at_projection: at[Moment::Projection as usize] * tv,
+        forward_peak: at[Moment::Loss as usize] * tv,
+        backward_peak: at[Moment::LossBackward as usize] * tv,
         freed_segment: freed,
     }
+}
+
+/// A tensor of the logits and the loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    /// The output projection's result (`pred`), compute dtype.
+    Pred,
+    /// Its fp32 copy (`.float()`, in the model or in the loss).
+    Upcast,
+    /// Gemma 2's soft-cap `tanh` output, saved for backward.
+    Tanh,
+    /// `log_softmax`'s output, saved for backward.
+    LogSoftmax,
+    /// `nll_loss` backward's zero-filled gradient.
+    NllGrad,
+    /// `log_softmax` backward's result, the gradient of the logits.
+    Result,
+}
+
+/// The moments [`LogitsBytes`] reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Moment {
+    Projection = 0,
+    Loss = 1,
+    LossBackward = 2,
+}
+
+/// One allocation, free or moment of the logits' life, in bytes per logit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    Alloc(Slot, u128),
+    Free(Slot, u128),
+    At(Moment),
+}
+
+/// The logits' tensors in the order they are allocated and freed, from the projection to the
+/// loss backward, in bytes per logit: the one description [`logits_bytes`] sums and the
+/// event trace ([`super::trace`]) replays. The moments are the table's (module doc).
+pub fn script(plan: &Plan) -> ([Step; 12], usize) {
+    use Slot::*;
+    use Step::*;
+    let e = plan.precision.param.bytes() as u128;
+    let cap = if plan.model.final_logit_softcap { e } else { 0 };
+    let mut out = [At(Moment::Projection); 12];
+    let mut n = 0;
+    {
+        let mut push = |s: Step| {
+            if !matches!(s, Alloc(_, 0) | Free(_, 0)) {
+                out[n] = s;
+                n += 1;
+            }
+        };
+        push(Alloc(Pred, e));
+        push(Alloc(Tanh, cap));
+        // What holds the loss's input, and is freed by `del pred` (or kept).
+        let input = match plan.implementation.logits {
+            // The model returns `self.output(h).float()`: the compute-dtype result is freed as
+            // the model returns; `.float()` of fp32 logits is the same tensor.
+            Logits::FloatOutput | Logits::FloatOutputKept if e < 4 => {
+                push(Alloc(Upcast, 4));
+                push(At(Moment::Projection));
+                push(Free(Pred, e));
+                push(Alloc(LogSoftmax, 4));
+                Some((Upcast, 4))
+            }
+            Logits::FloatOutput | Logits::FloatOutputKept | Logits::FloatInLoss if e == 4 => {
+                push(At(Moment::Projection));
+                push(Alloc(LogSoftmax, 4));
+                Some((Pred, 4))
+            }
+            // The loss upcasts: `log_softmax` saves its fp32 output, not its input, so the copy
+            // is freed as the loss returns.
+            Logits::FloatInLoss => {
+                push(At(Moment::Projection));
+                push(Alloc(Upcast, 4));
+                push(Alloc(LogSoftmax, 4));
+                Some((Pred, e))
+            }
+            Logits::ComputeDtype | Logits::FloatOutput | Logits::FloatOutputKept => {
+                push(At(Moment::Projection));
+                push(Alloc(LogSoftmax, e));
+                Some((Pred, e))
+            }
+        };
+        push(At(Moment::Loss));
+        if plan.implementation.logits == Logits::FloatInLoss && e < 4 {
+            push(Free(Upcast, 4));
+        }
+        // `del pred` since June 2024 (PR #391), unless the plan keeps the fp32 logits.
+        if plan.implementation.logits != Logits::FloatOutputKept {
+            if let Some((slot, b)) = input {
+                push(Free(slot, b));
+            }
+        }
+        let g = if plan.implementation.logits == Logits::ComputeDtype {
+            e
+        } else {
+            4
+        };
+        push(Alloc(NllGrad, g));
+        push(Alloc(Result, g));
+        push(At(Moment::LossBackward));
+    }
+    (out, n)
 }
 
 #[cfg(test)]

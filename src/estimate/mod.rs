@@ -31,6 +31,8 @@ pub mod host;
 pub mod logits;
 pub mod overhead;
 pub mod params;
+pub mod simulate;
+pub mod trace;
 
 use serde::Serialize;
 
@@ -145,6 +147,10 @@ pub struct GpuEstimate {
     pub first_oom: Option<PhasePoint>,
     /// Allocated bytes at every phase of the first and a steady step, in time order.
     pub timeline: [PhasePoint; 10],
+    /// The caching-allocator simulation of the step ([`estimate_simulated`]); None from the
+    /// closed form alone ([`estimate`], what search uses).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub simulation: Option<simulate::Simulated>,
 }
 
 /// The answer for the whole plan.
@@ -159,7 +165,7 @@ pub struct Estimate {
 
 /// Everything about one stage that does not depend on the phase.
 #[derive(Clone, Copy)]
-struct Stage {
+pub(crate) struct Stage {
     p: StageParams,
     dense: BlockActivations,
     moe: BlockActivations,
@@ -172,6 +178,8 @@ struct Stage {
     logits: logits::LogitsBytes,
     /// Token ids, labels, loss and rotary table.
     inputs: u128,
+    /// Of the inputs, the rotary table.
+    rotary: u128,
     /// [`block_backward`] of the stage's larger block, for unsharded compute-dtype weight
     /// gradients and for master-dtype ones (FSDP off and no cast).
     working: [[u128; 2]; 2],
@@ -279,6 +287,7 @@ fn stage(plan: &Plan, index: u64) -> Stage {
     let rotary = 8 * b.seq_len as u128 * m.head_dim as u128;
     Stage {
         inputs: ids + rotary,
+        rotary,
         logits: if p.last {
             logits::logits_bytes(plan, tokens)
         } else {
@@ -350,9 +359,69 @@ fn block_backward(
     [mlp_point.max(attn_point), end_point]
 }
 
-/// Allocated bytes of every phase of a steady step for a stage, in [`PHASES`] order (the
-/// first step's are the same less the optimizer states, outside its optimizer phase).
-fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
+/// The quantities of one stage's step that the phases are made of, in bytes: computed once
+/// and shared by the phase figures ([`steady_phases`]) and the event trace ([`trace`]), so
+/// that the two tell one story.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Quantities {
+    /// Bytes per element of the master dtype.
+    pub m: u128,
+    /// Blocks on the stage.
+    pub layers: u128,
+    /// All-gathers go through a flat buffer (FSDP over more than one rank, with copies).
+    pub gathers: bool,
+    pub on_gpu_params: bool,
+    /// Earlier micro-batches of the same step exist (accumulation or pipelining).
+    pub accum: bool,
+    pub workspace: u128,
+    pub inputs: u128,
+    /// Of the inputs, the rotary table.
+    pub rotary: u128,
+    /// Of one block's saved activations without checkpointing, the feed-forward half's.
+    pub ffn_share: u128,
+    /// Sharded master parameters, optimizer states, every sharded gradient, on the device.
+    pub master: u128,
+    pub states: u128,
+    pub grads_all: u128,
+    /// Sharded gradients alive from earlier micro-batches of the same step.
+    pub grads_prior: u128,
+    /// Of the gradients, the blocks' (the root's are the rest).
+    pub blocks_grads: u128,
+    /// One block's sharded gradient (the larger kind of block).
+    pub block_grad: u128,
+    /// Saved activations of one micro-batch: every block's, and the head's (final norm and
+    /// output input; last stage only).
+    pub per_mb: u128,
+    pub head: u128,
+    /// Saved activations at the peak, every micro-batch in flight, and of the other
+    /// micro-batches alone.
+    pub acts: u128,
+    pub others: u128,
+    /// One block's backward beyond what was alive before it: during (MLP or attention) and
+    /// at its end.
+    pub working: u128,
+    pub at_end: u128,
+    /// Of `working`, the recomputed activations (checkpointing).
+    pub recompute: u128,
+    /// Gathered (compute-dtype) parameters of one block and of the root.
+    pub block_u: u128,
+    pub root_u: u128,
+    /// Blocks whose gathered parameters are kept from forward to backward.
+    pub held: u128,
+    pub logits: logits::LogitsBytes,
+    /// The output weight's unsharded gradient, kept until the root's post-backward.
+    pub out_grad: u128,
+    /// One block's reduce-scatter input (reduce dtype).
+    pub rs: u128,
+    /// One block's shard cast to the compute dtype for its all-gather.
+    pub cast_in: u128,
+    /// The root's unsharded gradients (compute dtype) and their reduce-scatter input.
+    pub root_grads: u128,
+    pub root_rs: u128,
+    pub opt_temporaries: u128,
+}
+
+pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     let p = &st.p;
     let pr = &plan.precision;
     let (e, m, r) = (
@@ -369,16 +438,6 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
     let states_on_gpu = plan.offload == Offload::None;
     let shard = p.shard_total();
     let accum = plan.batch.grad_accum_steps > 1 || plan.parallel.pp > 1;
-
-    let mut base = Wide::default();
-    base.0[9] = plan.gpu.workspace_bytes.get() as u128;
-    base.0[10] = st.inputs;
-    if on_gpu_params {
-        base.0[0] = shard * m;
-    }
-    if states_on_gpu {
-        base.0[4] = plan.optimizer.states_per_param() as u128 * shard * m;
-    }
     // Sharded gradients alive from earlier micro-batches of the same step.
     let grads_all = if on_gpu_params { shard * m } else { 0 };
     let grads_prior = if accum { grads_all } else { 0 };
@@ -400,44 +459,105 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
     let [working, at_end] = st.working[usize::from(!copies)];
     let big = p.biggest_block();
     // Gathered parameters of a block: float8 all-gathers the linear weights in one byte.
-    let gathered = |b: &crate::estimate::params::BlockParams| -> u128 {
-        if !copies {
-            0
-        } else if plan.float8 {
-            b.unsharded_linear + (b.unsharded - b.unsharded_linear) * e
-        } else {
-            b.unsharded * e
-        }
-    };
-    let block_u = gathered(&big);
-    let root_u = if copies { p.root_unsharded * e } else { 0 };
-    // Blocks whose gathered parameters are alive between forward and backward: torchtitan
-    // does not reshard the last block after forward; with reshard_after_forward off, none.
-    let held = if plan.reshard_after_forward {
-        1
+    let block_u = if !copies {
+        0
+    } else if plan.float8 {
+        big.unsharded_linear + (big.unsharded - big.unsharded_linear) * e
     } else {
-        layers
+        big.unsharded * e
     };
-    // Under CPU offload each block's fp32 shard is copied to the device for its all-gather
-    // and freed at the copy-in, before the block computes: never alive at these peaks.
-    let lg = st.logits;
-    // The output weight's unsharded gradient is produced first in backward and, on the root
-    // FSDP unit, reduce-scattered only at the root's post-backward after every block.
-    let out_grad = if copies { p.output_unsharded * e } else { 0 };
-    // FSDP2 copies a unit's unsharded gradients into a reduce-dtype reduce-scatter input and
-    // keeps it until the next unit's reduce-scatter: one unit's worth beyond the block's own.
-    let rs = if copies { big.unsharded * r } else { 0 };
-
     // Whether all-gathers go through a flat buffer (FSDP over more than one rank), and the
     // block's cast all-gather input (its shard in the compute dtype, when that differs).
     let gathers = copies && n > 1;
-    let cast_in = if gathers && pr.param != pr.master {
-        big.shard * e
-    } else {
-        0
-    };
-    let blocks_mb = per_mb - st.tokens * head;
-    let others = acts.saturating_sub(per_mb);
+    Quantities {
+        m,
+        layers,
+        gathers,
+        on_gpu_params,
+        accum,
+        workspace: plan.gpu.workspace_bytes.get() as u128,
+        inputs: st.inputs,
+        rotary: st.rotary,
+        ffn_share: match ac {
+            Checkpointing::None if p.moe_layers == 0 => st.tokens * st.dense.ffn_saved,
+            _ => 0,
+        },
+        master: if on_gpu_params { shard * m } else { 0 },
+        states: if states_on_gpu {
+            plan.optimizer.states_per_param() as u128 * shard * m
+        } else {
+            0
+        },
+        grads_all,
+        grads_prior,
+        blocks_grads: if on_gpu_params {
+            p.blocks_shard() * m
+        } else {
+            0
+        },
+        block_grad: if on_gpu_params { big.shard * m } else { 0 },
+        per_mb,
+        head: st.tokens * head,
+        acts,
+        others: acts.saturating_sub(per_mb),
+        working,
+        at_end,
+        recompute: st.tokens
+            * recompute_per_token(ac, if p.moe_layers > 0 { &st.moe } else { &st.dense }),
+        block_u,
+        root_u: if copies { p.root_unsharded * e } else { 0 },
+        // Blocks whose gathered parameters are alive between forward and backward:
+        // torchtitan does not reshard the last block after forward; with
+        // reshard_after_forward off, none is resharded.
+        held: if plan.reshard_after_forward {
+            1
+        } else {
+            layers
+        },
+        // Under CPU offload each block's fp32 shard is copied to the device for its
+        // all-gather and freed at the copy-in, before the block computes: never alive at
+        // these peaks.
+        logits: st.logits,
+        // The output weight's unsharded gradient is produced first in backward and, on the
+        // root FSDP unit, reduce-scattered only at the root's post-backward after every
+        // block.
+        out_grad: if copies { p.output_unsharded * e } else { 0 },
+        // FSDP2 copies a unit's unsharded gradients into a reduce-dtype reduce-scatter input
+        // and keeps it until the next unit's reduce-scatter: one unit's worth beyond the
+        // block's own.
+        rs: if copies { big.unsharded * r } else { 0 },
+        cast_in: if gathers && pr.param != pr.master {
+            big.shard * e
+        } else {
+            0
+        },
+        root_grads: if copies { p.root_unsharded * e } else { 0 },
+        root_rs: if copies { p.root_unsharded * r } else { 0 },
+        opt_temporaries: if states_on_gpu {
+            optimizer_temporaries(plan, p)
+        } else {
+            0
+        },
+    }
+}
+
+/// Allocated bytes of every phase of a steady step for a stage, in [`PHASES`] order (the
+/// first step's are the same less the optimizer states, outside its optimizer phase).
+fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
+    let q = quantities(plan, st);
+    let ac = plan.activation_checkpointing;
+    let mut base = Wide::default();
+    base.0[9] = q.workspace;
+    base.0[10] = q.inputs;
+    base.0[0] = q.master;
+    base.0[4] = q.states;
+    let (grads_all, grads_prior, acts, others) = (q.grads_all, q.grads_prior, q.acts, q.others);
+    let (working, at_end, block_u, root_u, held) =
+        (q.working, q.at_end, q.block_u, q.root_u, q.held);
+    let layers = q.layers;
+    let lg = q.logits;
+    let (out_grad, rs, cast_in, gathers) = (q.out_grad, q.rs, q.cast_in, q.gathers);
+    let blocks_mb = q.per_mb - q.head;
     let mut out = [base; 5];
     for (w, &phase) in out.iter_mut().zip(PHASES.iter()) {
         match phase {
@@ -479,9 +599,7 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                 // j blocks' sharded gradients exist; the blocks not yet done keep their saved
                 // activations (the head's were freed by the output layer's backward). The sum is
                 // linear in j between its ends, so the peak is at j = 0, 1, L - 2 or L - 1.
-                let blocks_mb = per_mb - st.tokens * head;
-                let others = acts.saturating_sub(per_mb);
-                let shard_bytes = if on_gpu_params { big.shard * m } else { 0 };
+                let shard_bytes = q.block_grad;
                 let l = layers.max(1);
                 let mut best = (0u128, [0u128; 5]);
                 for j in [0, 1, l.saturating_sub(2), l - 1] {
@@ -523,25 +641,14 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                 // parameters, then copies its unsharded gradients (output weight, embedding)
                 // into the reduce-scatter input while they are still alive, beside every
                 // block's sharded gradients; large for large vocabularies.
-                let blocks_grads = if on_gpu_params {
-                    p.blocks_shard() * m
-                } else {
-                    0
-                };
-                w.0[2] = grads_prior.max(blocks_grads);
-                w.0[3] = if copies {
-                    p.root_unsharded * (e + r)
-                } else {
-                    0
-                };
+                w.0[2] = grads_prior.max(q.blocks_grads);
+                w.0[3] = q.root_grads + q.root_rs;
                 w.0[6] = others;
             }
             Phase::Optimizer => {
                 w.0[2] = grads_all;
-                if states_on_gpu {
-                    w.0[4] = plan.optimizer.states_per_param() as u128 * shard * m;
-                    w.0[5] = optimizer_temporaries(plan, p);
-                }
+                w.0[4] = q.states;
+                w.0[5] = q.opt_temporaries;
             }
         }
         if plan.gpu.caching_allocator {
@@ -588,6 +695,26 @@ const PHASES: [Phase; 5] = [
     Phase::BackwardEnd,
     Phase::Optimizer,
 ];
+
+/// [`estimate`], with the step's event trace of the most loaded rank (at
+/// [`trace::Detail::Groups`]) replayed through the caching-allocator simulation under `conf`
+/// (`PYTORCH_CUDA_ALLOC_CONF`, spelled `conf_text`). Returns the trace too. No simulation
+/// (and no trace) for a GPU profile without a caching allocator, or a stage of more than
+/// [`trace::MAX_TRACED_LAYERS`] blocks.
+pub fn estimate_simulated(
+    plan: &Plan,
+    conf: &crate::allocator::AllocConf,
+    conf_text: &str,
+) -> Result<(Estimate, Option<crate::trace::Trace>)> {
+    let mut est = estimate(plan)?;
+    let layers = params::stage_layers(plan.model.layers, plan.parallel.pp, est.per_gpu.stage);
+    if !plan.gpu.caching_allocator || layers > trace::MAX_TRACED_LAYERS {
+        return Ok((est, None));
+    }
+    let t = trace::trace_with(plan, est.per_gpu.stage, trace::Detail::Groups)?;
+    est.per_gpu.simulation = Some(simulate::simulate(&t, conf, conf_text)?);
+    Ok((est, Some(t)))
+}
 
 /// Estimates the plan.
 ///
@@ -694,6 +821,7 @@ pub fn estimate(plan: &Plan) -> Result<Estimate> {
             breakdown,
             first_oom,
             timeline,
+            simulation: None,
         },
         host,
         fits_gpu,

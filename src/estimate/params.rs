@@ -171,6 +171,23 @@ fn tp_split(list: &ParamList, tp: u64, hidden: u64) -> impl Iterator<Item = Para
     })
 }
 
+/// (shard, padded unsharded) elements of every parameter of one dense block on FSDP rank 0,
+/// after TP, in the order the model registers them: what FSDP2 allocates one tensor each for
+/// (the unsharded parameters after the all-gather's copy-out, the optimizer's states).
+pub fn dense_block_tensors(plan: &Plan) -> Vec<(u128, u128)> {
+    let n = plan.parallel.fsdp_degree();
+    tp_split(
+        &plan.model.block_params(),
+        plan.parallel.tp,
+        plan.model.hidden,
+    )
+    .map(|p| {
+        let (s, u, _) = shard_sizes(std::iter::once(p), n);
+        (s, u)
+    })
+    .collect()
+}
+
 /// Layers on stage `stage` of `pp`: torchtitan splits as evenly as it can, earlier stages
 /// taking the remainder.
 pub fn stage_layers(layers: u64, pp: u64, stage: u64) -> u64 {

@@ -54,6 +54,40 @@ impl Render for Table {
             right(g.peak_reserved_bytes),
             right(""),
         ]);
+        if let Some(sim) = &g.simulation {
+            let conf = if sim.alloc_conf.is_empty() {
+                String::new()
+            } else {
+                format!(", {}", sim.alloc_conf)
+            };
+            t.add_row(vec![
+                Cell::new(format!("simulated allocator: peak reserved{conf}")),
+                right(sim.peak_reserved_bytes),
+                right(""),
+            ]);
+            if let (Some(f), Some(l)) = (
+                sim.fragmentation_at_peak_bytes,
+                sim.largest_free_block_at_peak_bytes,
+            ) {
+                t.add_row(vec![
+                    Cell::new("  at the allocated peak: reserved - allocated"),
+                    right(f),
+                    right(""),
+                ]);
+                t.add_row(vec![
+                    Cell::new("  largest free cached block there"),
+                    right(l),
+                    right(""),
+                ]);
+            }
+            if let Some(at) = &sim.oom_at {
+                t.add_row(vec![
+                    Cell::new(format!("  out of memory at {at}")),
+                    right(""),
+                    right(""),
+                ]);
+            }
+        }
         t.add_row(vec![
             Cell::new("+ CUDA context, NCCL"),
             right(g.runtime_overhead_bytes),
