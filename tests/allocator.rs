@@ -3,7 +3,9 @@
 
 use std::time::Instant;
 
-use memplan::allocator::{replay, AllocConf, Event, SimError, Simulator};
+use std::collections::{HashMap, HashSet};
+
+use memplan::allocator::{replay, AllocConf, Event, SegmentEvent, SegmentOp, SimError, Simulator};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -438,5 +440,255 @@ fn random_traces_keep_reserved_at_least_allocated() {
         let cap = r.peak_reserved_bytes.get() / 2;
         let r = replay(&events, &conf, Some(cap)).unwrap();
         assert!(r.reserved_after.iter().all(|&b| b <= cap), "{text}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Simulated addresses, the segment log and the segment listing (for memory snapshots).
+
+/// Reserved bytes a segment log implies: allocs and maps add, frees and unmaps subtract.
+fn logged_reserved(log: &[SegmentEvent]) -> i128 {
+    log.iter()
+        .map(|s| match s.op {
+            SegmentOp::Alloc | SegmentOp::Map => i128::from(s.size),
+            SegmentOp::Free | SegmentOp::Unmap => -i128::from(s.size),
+        })
+        .sum()
+}
+
+#[test]
+fn block_of_gives_rounded_blocks_at_their_segments_offsets() {
+    let mut s = sim();
+    s.log_segments(true);
+    s.alloc(1, 3 * MIB, 0).unwrap(); // new 20 MiB segment, split: block of 3 MiB
+    s.alloc(2, 5 * MIB + 100, 0).unwrap(); // 5 MiB + 512 from the 17 MiB remainder
+                                           // Small pool: 1024 B in a new 2 MiB segment.
+    s.alloc(3, 1000, 0).unwrap();
+    // 12 MiB - 512 B remain in the first segment: too little for 13 MiB, which takes a
+    // 14 MiB segment (>= 10 MiB: 2 MiB multiples); 1 MiB is left, so it is not split.
+    s.alloc(4, 13 * MIB, 0).unwrap();
+    s.alloc(5, 0, 0).unwrap(); // null pointer, no block
+    let log: Vec<SegmentEvent> = s.drain_segment_events().collect();
+    let segs: Vec<(SegmentOp, u64, bool)> = log.iter().map(|e| (e.op, e.size, e.small)).collect();
+    assert_eq!(
+        segs,
+        [
+            (SegmentOp::Alloc, 20 * MIB, false),
+            (SegmentOp::Alloc, 2 * MIB, true),
+            (SegmentOp::Alloc, 14 * MIB, false),
+        ]
+    );
+    let (a1, s1) = s.block_of(1).unwrap();
+    let (a2, s2) = s.block_of(2).unwrap();
+    let (a3, s3) = s.block_of(3).unwrap();
+    let (a4, s4) = s.block_of(4).unwrap();
+    assert_eq!((a1, s1), (log[0].addr, 3 * MIB)); // the front of its segment
+    assert_eq!((a2, s2), (a1 + 3 * MIB, 5 * MIB + 512)); // right after it
+    assert_eq!((a3, s3), (log[1].addr, 1024));
+    assert_eq!((a4, s4), (log[2].addr, 14 * MIB));
+    assert_eq!(s.block_of(5), None);
+    assert_eq!(s.block_of(6), None);
+    // Freed and allocated again with a fitting size: the cached block at the same address.
+    s.free(2).unwrap();
+    assert_eq!(s.block_of(2), None);
+    s.alloc(6, 4 * MIB, 0).unwrap();
+    assert_eq!(s.block_of(6), Some((a2, 4 * MIB)));
+    assert_eq!(
+        s.drain_segment_events().count(),
+        0,
+        "a cache hit logs nothing"
+    );
+}
+
+#[test]
+fn segment_infos_list_segments_with_blocks_tiling_them() {
+    let mut s = sim();
+    s.alloc(1, 3 * MIB, 0).unwrap();
+    s.alloc(2, 1000, 1).unwrap();
+    s.alloc(3, 2 * MIB, 0).unwrap();
+    s.free(1).unwrap();
+    let segs = s.segment_infos();
+    assert_eq!(segs.len(), 2);
+    let (large, small) = if segs[0].small {
+        (&segs[1], &segs[0])
+    } else {
+        (&segs[0], &segs[1])
+    };
+    assert_eq!(
+        (large.size, large.stream, large.expandable),
+        (20 * MIB, 0, false)
+    );
+    let blocks: Vec<(u64, Option<u64>)> = large.blocks.iter().map(|b| (b.size, b.id)).collect();
+    // 3 MiB freed (cached), 2 MiB live, 15 MiB never used.
+    assert_eq!(
+        blocks,
+        [(3 * MIB, None), (2 * MIB, Some(3)), (15 * MIB, None)]
+    );
+    assert_eq!(large.blocks[1].addr, s.block_of(3).unwrap().0);
+    assert_eq!((small.size, small.stream), (2 * MIB, 1));
+    let blocks: Vec<(u64, Option<u64>)> = small.blocks.iter().map(|b| (b.size, b.id)).collect();
+    assert_eq!(blocks, [(1024, Some(2)), (2 * MIB - 1024, None)]);
+}
+
+#[test]
+fn oom_path_logs_the_released_segment_before_the_new_one() {
+    let mut s = Simulator::new(AllocConf::default(), Some(30 * MIB));
+    s.log_segments(true);
+    // 5 MiB takes a 20 MiB segment; freed, the segment is cached whole: releasable.
+    // Stream 1 cannot use stream 0's cache, and 20 + 12 > 30 MiB: release, then allocate.
+    s.alloc(1, 5 * MIB, 0).unwrap();
+    s.free(1).unwrap();
+    s.alloc(2, 11 * MIB, 1).unwrap();
+    let log: Vec<(SegmentOp, u64, u32)> = s
+        .drain_segment_events()
+        .map(|e| (e.op, e.size, e.stream))
+        .collect();
+    assert_eq!(
+        log,
+        [
+            (SegmentOp::Alloc, 20 * MIB, 0),
+            (SegmentOp::Free, 20 * MIB, 0),
+            (SegmentOp::Alloc, 12 * MIB, 1),
+        ]
+    );
+    // 12 + 26 > 30 MiB and the 12 MiB segment is in use: out of memory, nothing logged.
+    assert!(matches!(s.alloc(3, 25 * MIB, 0), Err(SimError::Oom(_))));
+    assert_eq!(s.drain_segment_events().count(), 0);
+}
+
+#[test]
+fn expandable_segments_log_page_maps_and_unmaps() {
+    let mut s = Simulator::new(conf("expandable_segments:True"), Some(50 * MIB));
+    s.log_segments(true);
+    // 5 MiB maps one 20 MiB page. The capacity check counts the next request's size
+    // first: 20 + 30 <= 50 MiB.
+    s.alloc(1, 5 * MIB, 0).unwrap();
+    s.alloc(2, 30 * MIB, 0).unwrap(); // 15 MiB free + one more 20 MiB page
+    s.free(2).unwrap();
+    // Stream 1 has no segment and cannot use stream 0's: 40 + 12 > 50 MiB, so the free
+    // whole page at [20, 40) MiB of stream 0's segment is unmapped, then stream 1 gets a
+    // segment of its own with one 20 MiB page.
+    s.alloc(3, 12 * MIB, 1).unwrap();
+    let log: Vec<SegmentEvent> = s.drain_segment_events().collect();
+    let base = log[0].addr;
+    let ops: Vec<(SegmentOp, u64, u64, bool)> = log
+        .iter()
+        .map(|e| (e.op, e.addr.wrapping_sub(base), e.size, e.small))
+        .collect();
+    let other = log[3].addr.wrapping_sub(base);
+    assert_eq!(
+        ops,
+        [
+            (SegmentOp::Map, 0, 20 * MIB, false),
+            (SegmentOp::Map, 20 * MIB, 20 * MIB, false),
+            (SegmentOp::Unmap, 20 * MIB, 20 * MIB, false),
+            (SegmentOp::Map, other, 20 * MIB, false),
+        ]
+    );
+    assert_eq!(log[3].stream, 1);
+    assert_eq!(logged_reserved(&log), i128::from(s.reserved().get()));
+    assert_eq!(s.reserved().get(), 40 * MIB);
+    // The listing: one mapped page per stream, the rest of each segment unmapped.
+    let segs = s.segment_infos();
+    let listed: Vec<(u64, u64, u32, bool)> = segs
+        .iter()
+        .map(|g| (g.addr.wrapping_sub(base), g.size, g.stream, g.expandable))
+        .collect();
+    assert_eq!(listed, [(0, 20 * MIB, 0, true), (other, 20 * MIB, 1, true)]);
+    assert_eq!(s.block_of(1), Some((base, 5 * MIB)));
+    assert_eq!(s.block_of(3), Some((base + other, 12 * MIB)));
+}
+
+#[test]
+fn segment_log_is_off_by_default() {
+    let mut s = sim();
+    s.alloc(1, 5 * MIB, 0).unwrap();
+    assert_eq!(s.drain_segment_events().count(), 0);
+}
+
+/// Replays `events` with the log on, skipping frees of allocations that ran out of memory,
+/// and checks after every event what the segment log and listing must satisfy.
+fn check_addresses_and_log(events: &[Event], conf: &AllocConf, capacity: Option<u64>) -> usize {
+    let mut s = Simulator::new(conf.clone(), capacity);
+    s.log_segments(true);
+    let mut reserved_from_log: i128 = 0;
+    let mut failed = HashSet::new();
+    let mut ooms = 0;
+    for (k, ev) in events.iter().enumerate() {
+        match *ev {
+            Event::Alloc { id, bytes, stream } => match s.alloc(id, bytes, stream) {
+                Ok(()) => {}
+                Err(SimError::Oom(_)) => {
+                    failed.insert(id);
+                    ooms += 1;
+                }
+                Err(e) => panic!("event {k}: {e}"),
+            },
+            Event::Free { id } if failed.contains(&id) => continue,
+            Event::Free { id } => s.free(id).unwrap(),
+        }
+        let log: Vec<SegmentEvent> = s.drain_segment_events().collect();
+        if !conf.expandable_segments {
+            assert!(log
+                .iter()
+                .all(|e| matches!(e.op, SegmentOp::Alloc | SegmentOp::Free)));
+        }
+        reserved_from_log += logged_reserved(&log);
+        assert_eq!(
+            reserved_from_log,
+            i128::from(s.reserved().get()),
+            "event {k}"
+        );
+
+        if k % 101 != 0 && k + 1 != events.len() {
+            continue; // the listing walks every block: check it now and then
+        }
+        let segs = s.segment_infos();
+        let reserved: u64 = segs.iter().map(|g| g.size).sum();
+        assert_eq!(reserved, s.reserved().get(), "event {k}");
+        let mut owners = HashMap::new();
+        let mut allocated = 0;
+        for pair in segs.windows(2) {
+            assert!(
+                pair[0].addr + pair[0].size <= pair[1].addr,
+                "segments overlap"
+            );
+        }
+        for g in &segs {
+            let mut at = g.addr;
+            for b in &g.blocks {
+                assert_eq!(b.addr, at, "blocks tile their segment (event {k})");
+                assert!(b.size > 0 && b.size % 512 == 0);
+                at += b.size;
+                if let Some(id) = b.id {
+                    assert_eq!(s.block_of(id), Some((b.addr, b.size)));
+                    assert!(owners.insert(id, b.addr).is_none(), "id {id} listed twice");
+                    allocated += b.size;
+                }
+            }
+            assert_eq!(at, g.addr + g.size);
+        }
+        assert_eq!(allocated, s.allocated().get(), "event {k}");
+        // Every live allocation with bytes is in the listing; since blocks tile disjoint
+        // segments, no two live blocks overlap.
+        let live_with_blocks = (0..=events.len() as u64).filter(|&id| s.block_of(id).is_some());
+        assert_eq!(live_with_blocks.count(), owners.len());
+    }
+    ooms
+}
+
+#[test]
+fn segment_log_and_listing_match_reserved_bytes_at_every_step() {
+    let events = random_trace(3_000);
+    for text in ["", "max_split_size_mb:128", "expandable_segments:True"] {
+        let conf = conf(text);
+        check_addresses_and_log(&events, &conf, None);
+        // Under a third of the unbounded peak the OOM path releases and unmaps.
+        let peak = replay(&events, &conf, None)
+            .unwrap()
+            .peak_reserved_bytes
+            .get();
+        let ooms = check_addresses_and_log(&events, &conf, Some(peak / 3));
+        assert!(ooms > 0, "{text}: the capacity should bite");
     }
 }

@@ -39,8 +39,9 @@ mod sim;
 
 pub use conf::{AllocConf, MIN_SPLIT_MB, ROUNDUP_INTERVALS};
 pub use sim::{
-    allocation_size, round_size, Counters, Oom, SimError, Simulator, LARGE_BUFFER, MAX_REQUEST,
-    MIN_BLOCK_SIZE, MIN_LARGE_ALLOC, ROUND_LARGE, SMALL_BUFFER, SMALL_SIZE,
+    allocation_size, round_size, BlockInfo, Counters, Oom, SegmentEvent, SegmentInfo, SegmentOp,
+    SimError, Simulator, LARGE_BUFFER, MAX_REQUEST, MIN_BLOCK_SIZE, MIN_LARGE_ALLOC, ROUND_LARGE,
+    SMALL_BUFFER, SMALL_SIZE,
 };
 
 use serde::{Deserialize, Serialize};

@@ -6,6 +6,15 @@
 //! orders them, and unmapped expandable ranges in a set keyed `(stream, address)`
 //! (`BlockComparatorAddress`). Every operation is a few `BTreeMap` look-ups: no scan of all
 //! blocks happens per event (only the OOM path and a few getters walk a pool).
+//!
+//! For a memory snapshot ([`crate::output::memory_viz::from_trace`]) the simulator also
+//! exposes its simulated addresses: [`Simulator::block_of`] (a live allocation's block),
+//! an opt-in log of segment events ([`Simulator::log_segments`], [`SegmentEvent`]: the
+//! `segment_alloc`, `segment_free`, `segment_map` and `segment_unmap` trace entries PyTorch
+//! records) and the segments with their blocks ([`Simulator::segment_infos`], what
+//! `torch.cuda.memory._snapshot()` lists). The log is written only on the paths that reserve
+//! or release device memory, never on a cache hit or a free, so `alloc` and `free` cost the
+//! same with it off.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -233,6 +242,57 @@ struct Pool {
     unmapped: BTreeMap<u128, u32>,
 }
 
+/// What happened to device memory: the segment actions of PyTorch's `TraceEntry`
+/// (c10/core/CachingDeviceAllocator.h).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SegmentOp {
+    /// `SEGMENT_ALLOC`: a new `cudaMalloc` segment (`alloc_block`).
+    Alloc,
+    /// `SEGMENT_FREE`: a cached segment returned with `cudaFree` (`release_block`, on the
+    /// out-of-memory path).
+    Free,
+    /// `SEGMENT_MAP`: pages mapped into an expandable segment (`map_block`).
+    Map,
+    /// `SEGMENT_UNMAP`: free pages of an expandable segment unmapped (`unmap_block`).
+    Unmap,
+}
+
+/// One entry of the segment log ([`Simulator::log_segments`]), with the address and size
+/// PyTorch records: the whole segment for [`SegmentOp::Alloc`] and [`SegmentOp::Free`],
+/// the mapped or unmapped range (whole pages) for [`SegmentOp::Map`] and
+/// [`SegmentOp::Unmap`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentEvent {
+    pub op: SegmentOp,
+    pub addr: u64,
+    pub size: u64,
+    pub stream: u32,
+    /// From the small pool (requests of at most 1 MiB).
+    pub small: bool,
+}
+
+/// One block of a [`SegmentInfo`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockInfo {
+    pub addr: u64,
+    /// The block's size: the request rounded, or more where the block was not split.
+    pub size: u64,
+    /// The live allocation it holds; `None` for a free (cached) block.
+    pub id: Option<u64>,
+}
+
+/// A segment as `torch.cuda.memory._snapshot()` lists it: a `cudaMalloc` segment, or one
+/// contiguous mapped range of an expandable segment; its blocks tile it in address order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentInfo {
+    pub addr: u64,
+    pub size: u64,
+    pub stream: u32,
+    pub small: bool,
+    pub expandable: bool,
+    pub blocks: Vec<BlockInfo>,
+}
+
 /// Counters PyTorch keeps in `DeviceStats` that the simulation reproduces.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -276,6 +336,9 @@ pub struct Simulator {
     segments: usize,
     expandable_segments: usize,
     counters: Counters,
+    /// Whether [`Simulator::log_segments`] is on; `segment_log` stays empty otherwise.
+    log: bool,
+    segment_log: Vec<SegmentEvent>,
 }
 
 impl Simulator {
@@ -297,6 +360,8 @@ impl Simulator {
             segments: 0,
             expandable_segments: 0,
             counters: Counters::default(),
+            log: false,
+            segment_log: Vec::new(),
         }
     }
 
@@ -346,6 +411,115 @@ impl Simulator {
             .max()
             .unwrap_or(0);
         Bytes(largest)
+    }
+
+    /// The simulated address and size of the block serving live allocation `id`; `None`
+    /// when `id` is not live or is a zero-byte allocation (PyTorch hands out a null pointer
+    /// and no block for those).
+    ///
+    /// ```
+    /// use memplan::allocator::{AllocConf, Simulator};
+    /// let mut sim = Simulator::new(AllocConf::default(), None);
+    /// sim.alloc(1, 1000, 0).unwrap();
+    /// let (_addr, size) = sim.block_of(1).unwrap();
+    /// assert_eq!(size, 1024); // 1000 B rounded up to a multiple of 512 B
+    /// assert_eq!(sim.block_of(2), None);
+    /// ```
+    pub fn block_of(&self, id: u64) -> Option<(u64, u64)> {
+        match self.live.get(&id) {
+            Some(&i) if i != NIL => Some((self.b(i).ptr, self.b(i).size)),
+            _ => None,
+        }
+    }
+
+    /// Turns the segment log on or off. While on, every reservation and release of device
+    /// memory appends a [`SegmentEvent`], in the order PyTorch records them; read them with
+    /// [`Simulator::drain_segment_events`]. Off (the default), nothing is recorded.
+    ///
+    /// ```
+    /// use memplan::allocator::{AllocConf, SegmentOp, Simulator};
+    /// let mut sim = Simulator::new(AllocConf::default(), None);
+    /// sim.log_segments(true);
+    /// sim.alloc(1, 5 << 20, 0).unwrap(); // 5 MiB: a new 20 MiB segment
+    /// sim.alloc(2, 5 << 20, 0).unwrap(); // from its cached remainder: nothing new
+    /// let log: Vec<_> = sim.drain_segment_events().collect();
+    /// assert_eq!(log.len(), 1);
+    /// assert_eq!((log[0].op, log[0].size), (SegmentOp::Alloc, 20 << 20));
+    /// assert_eq!(log[0].addr, sim.block_of(1).unwrap().0);
+    /// ```
+    pub fn log_segments(&mut self, on: bool) {
+        self.log = on;
+    }
+
+    /// The segment events logged since the last call, oldest first.
+    pub fn drain_segment_events(&mut self) -> std::vec::Drain<'_, SegmentEvent> {
+        self.segment_log.drain(..)
+    }
+
+    /// The segments held now, by address, each with its blocks (what the `segments` list
+    /// of `torch.cuda.memory._snapshot()` holds: `cudaMalloc` segments whole, expandable
+    /// segments as one entry per contiguous mapped range). Walks every block: for reports,
+    /// not per event.
+    pub fn segment_infos(&self) -> Vec<SegmentInfo> {
+        let owner: HashMap<u32, u64> = self
+            .live
+            .iter()
+            .filter(|(_, &i)| i != NIL)
+            .map(|(&id, &i)| (i, id))
+            .collect();
+        let heads = self
+            .pools
+            .iter()
+            .flat_map(|p| p.blocks.values().chain(p.unmapped.values()))
+            .chain(owner.keys())
+            .copied()
+            .filter(|&i| self.b(i).prev == NIL);
+        let mut out = Vec::new();
+        for head in heads {
+            let mut current: Option<SegmentInfo> = None;
+            let mut i = head;
+            while i != NIL {
+                let b = *self.b(i);
+                if b.mapped {
+                    let seg = current.get_or_insert_with(|| SegmentInfo {
+                        addr: b.ptr,
+                        size: 0,
+                        stream: b.stream,
+                        small: b.small,
+                        expandable: b.expandable,
+                        blocks: Vec::new(),
+                    });
+                    seg.size += b.size;
+                    seg.blocks.push(BlockInfo {
+                        addr: b.ptr,
+                        size: b.size,
+                        id: owner.get(&i).copied(),
+                    });
+                } else if let Some(seg) = current.take() {
+                    out.push(seg);
+                }
+                i = b.next;
+            }
+            out.extend(current);
+        }
+        out.sort_by_key(|s| s.addr);
+        out
+    }
+
+    /// Appends to the segment log when it is on. Called only where device memory is
+    /// reserved or released.
+    fn log_segment(&mut self, op: SegmentOp, i: u32, addr: u64, size: u64) {
+        if self.log {
+            let b = self.b(i);
+            let (stream, small) = (b.stream, b.small);
+            self.segment_log.push(SegmentEvent {
+                op,
+                addr,
+                size,
+                stream,
+                small,
+            });
+        }
     }
 
     fn new_block(&mut self, b: Block) -> u32 {
@@ -625,6 +799,7 @@ impl Simulator {
         self.segments += 1;
         self.counters.device_allocs += 1;
         self.add_reserved(alloc_size);
+        self.log_segment(SegmentOp::Alloc, block, ptr, alloc_size);
         Some(block)
     }
 
@@ -678,7 +853,9 @@ impl Simulator {
     fn release_block(&mut self, i: u32) {
         debug_assert!(self.b(i).prev == NIL && self.b(i).next == NIL && !self.b(i).expandable);
         self.remove_free(i);
-        self.reserved -= self.b(i).size;
+        let (ptr, size) = (self.b(i).ptr, self.b(i).size);
+        self.log_segment(SegmentOp::Free, i, ptr, size);
+        self.reserved -= size;
         self.segments -= 1;
         self.counters.device_frees += 1;
         self.drop_block(i);
@@ -819,6 +996,7 @@ impl Simulator {
         self.remove_unmapped(i);
         self.bm(i).mapped = true;
         let b = *self.b(i);
+        self.log_segment(SegmentOp::Map, i, b.ptr, mapped);
         if mapped < b.size {
             let rest = self.new_block(Block {
                 ptr: b.ptr + mapped,
@@ -856,6 +1034,7 @@ impl Simulator {
             return;
         }
         self.remove_free(i);
+        self.log_segment(SegmentOp::Unmap, i, begin, end - begin);
         if begin > b.ptr {
             let before = self.new_block(Block {
                 size: begin - b.ptr,

@@ -11,20 +11,21 @@
 //!   "segments": [{ "device": 0, "address": int, "total_size": int,
 //!                  "allocated_size": int, "active_size": int, "requested_size": int,
 //!                  "stream": int, "segment_type": "large" | "small",
-//!                  "segment_pool_id": (0, 0), "is_expandable": False,
+//!                  "segment_pool_id": (0, 0), "is_expandable": bool,
 //!                  "frames": [frame], "category"?: str,
 //!                  "blocks": [{ "address": int, "size": int, "requested_size": int,
 //!                               "state": "active_allocated" | "active_pending_free"
 //!                                        | "inactive",
 //!                               "frames": [frame], "category"?: str }] }],
 //!   "device_traces": [[{ "action": "alloc" | "free_requested" | "free_completed"
-//!                                  | "segment_alloc" | "segment_free" | "oom" | "snapshot",
+//!                                  | "segment_alloc" | "segment_free" | "segment_map"
+//!                                  | "segment_unmap" | "oom" | "snapshot",
 //!                        "addr": int (or "device_free": int for "oom"), "size": int,
 //!                        "stream": int, "time_us": int, "compile_context": str,
 //!                        "user_metadata": str, "frames": [frame], "category"?: str }]],
 //!   "allocator_settings": { "PYTORCH_CUDA_ALLOC_CONF": "", "max_split_size": -1,
 //!                           "garbage_collection_threshold": 0.0,
-//!                           "expandable_segments": False,
+//!                           "expandable_segments": bool,
 //!                           "pinned_num_register_threads": 1,
 //!                           "release_lock_on_cudamalloc": False,
 //!                           "pinned_use_cuda_host_register": False,
@@ -37,7 +38,13 @@
 //! History" starts from it and undoes the trace backwards, so the two must agree, and
 //! [`snapshot`] rejects events that would not (a block outside a live segment, a free of an
 //! unknown block). Blocks tile their segment, gaps as `inactive` blocks, as
-//! `_memory_viz.segsum` asserts.
+//! `_memory_viz.segsum` asserts. As in torch's snapshot, an expandable segment is listed
+//! as one segment per contiguous mapped range (`segment_map` ranges that touch merge;
+//! `segment_unmap` cuts them).
+//!
+//! [`from_trace`] makes the events of a [`Trace`] by replaying it through the
+//! caching-allocator simulation ([`crate::allocator::Simulator`]), so that the snapshot
+//! shows the simulated addresses, segments and cache reuse.
 //!
 //! Categories: torch's snapshot has none, but MemoryViz colours the "Active Memory Timeline"
 //! by a trace entry's `category` key when there is one (`annotate_snapshot` in
@@ -52,12 +59,15 @@
 
 use std::collections::BTreeMap;
 
+use crate::allocator::{AllocConf, SegmentOp, SimError, Simulator};
 use crate::error::{Error, Result};
+use crate::trace::{MarkKind, Op, Section, Trace};
 
 /// What the allocator did: the `action` of a torch trace entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// A block was handed out (`addr`, `size`: the block).
+    /// A block was handed out: `addr` is the block's, `size` the bytes requested (torch
+    /// records `orig_size`, not the rounded block size; see [`VizEvent::block_size`]).
     Alloc,
     /// The block's tensor died; its memory waits for streams to finish.
     FreeRequested,
@@ -67,6 +77,11 @@ pub enum Action {
     SegmentAlloc,
     /// The allocator returned a segment to CUDA (`cudaFree`); it must hold no live block.
     SegmentFree,
+    /// Pages mapped into an expandable segment (`cuMemMap`, `expandable_segments:True`):
+    /// reserved grows by `size` at `addr`.
+    SegmentMap,
+    /// Free pages of an expandable segment unmapped; the range must hold no live block.
+    SegmentUnmap,
     /// An allocation of `size` bytes failed; `addr` is ignored.
     Oom,
     /// A marker, e.g. the end of a step; no memory changes.
@@ -82,6 +97,8 @@ impl Action {
             Action::FreeCompleted => "free_completed",
             Action::SegmentAlloc => "segment_alloc",
             Action::SegmentFree => "segment_free",
+            Action::SegmentMap => "segment_map",
+            Action::SegmentUnmap => "segment_unmap",
             Action::Oom => "oom",
             Action::Snapshot => "snapshot",
         }
@@ -102,8 +119,14 @@ pub struct VizEvent {
     pub action: Action,
     /// Device address of the block or segment.
     pub addr: u64,
-    /// Bytes of the block or segment; for [`Action::Oom`], the bytes asked for.
+    /// Bytes of the segment or mapped range; for the block actions, the bytes requested
+    /// (as torch records them); for [`Action::Oom`], the bytes asked for.
     pub size: u64,
+    /// For [`Action::Alloc`]: the allocator's block, when larger than `size` (rounding to
+    /// 512 B, or a block that was not split). It goes into the snapshot's `segments`
+    /// (`size` of the block, `requested_size` = `size`), as torch lists them. `None`: the
+    /// block is `size` bytes.
+    pub block_size: Option<u64>,
     /// CUDA stream number (0: the default stream).
     pub stream: u32,
     /// What the memory holds (`"activations"`, `"parameters"`); empty for none.
@@ -121,6 +144,7 @@ impl VizEvent {
             action,
             addr,
             size,
+            block_size: None,
             stream: 0,
             category: String::new(),
             frames: vec![],
@@ -130,6 +154,16 @@ impl VizEvent {
     /// The same event with a category.
     pub fn category(mut self, category: impl Into<String>) -> VizEvent {
         self.category = category.into();
+        self
+    }
+    /// The same event with a block of `bytes` (see [`VizEvent::block_size`]).
+    pub fn block_size(mut self, bytes: u64) -> VizEvent {
+        self.block_size = Some(bytes);
+        self
+    }
+    /// The same event on `stream`.
+    pub fn stream(mut self, stream: u32) -> VizEvent {
+        self.stream = stream;
         self
     }
     /// The same event at `time_us`.
@@ -151,12 +185,16 @@ impl VizEvent {
 /// The high-water marks of a timeline, by replaying it as MemoryViz does.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Summary {
-    /// Most bytes held by blocks at once (`alloc` adds, `free_completed` subtracts): the
-    /// top of MemoryViz's "Active Memory Timeline", `torch.cuda.max_memory_allocated()`.
+    /// Most bytes allocated at once by the trace's sizes (`alloc` adds, `free_completed`
+    /// subtracts): the top of MemoryViz's "Active Memory Timeline". With requested sizes,
+    /// as torch and [`from_trace`] record them, that is `requested_bytes.all.peak`;
+    /// `torch.cuda.max_memory_allocated()` counts whole blocks ([`VizEvent::block_size`])
+    /// and can be higher.
     pub peak_allocated_bytes: u64,
-    /// Most bytes in segments at once: `torch.cuda.max_memory_reserved()`.
+    /// Most bytes in segments at once (`segment_alloc` and `segment_map` add,
+    /// `segment_free` and `segment_unmap` subtract): `torch.cuda.max_memory_reserved()`.
     pub peak_reserved_bytes: u64,
-    /// Bytes held by blocks after the last event.
+    /// Bytes allocated after the last event, by the trace's sizes.
     pub end_allocated_bytes: u64,
     /// Bytes in segments after the last event.
     pub end_reserved_bytes: u64,
@@ -201,22 +239,185 @@ pub fn snapshot(events: &[VizEvent], device_capacity: Option<u64>) -> Result<Vec
             "device_traces".into(),
             Value::List(vec![Value::List(trace)]),
         ),
-        ("allocator_settings".into(), allocator_settings()),
+        (
+            "allocator_settings".into(),
+            allocator_settings(events.iter().any(|e| e.action == Action::SegmentMap)),
+        ),
         ("external_annotations".into(), Value::List(vec![])),
     ]);
     Ok(pickle(&root))
 }
 
+/// The timeline of `trace` as PyTorch's caching allocator would record it: the trace is
+/// replayed through [`Simulator`] (with `conf` and `capacity`, the bytes the allocator may
+/// reserve), and every allocator call becomes the trace entries torch 2.11 writes for it,
+/// with the simulated addresses. Entry by entry, following `DeviceCachingAllocator` in
+/// c10/cuda/CUDACachingAllocator.cpp:
+///
+/// - `segment_alloc` (`alloc_block`): the new segment's address and whole size, and
+///   `segment_free` (`release_block`, when the out-of-memory path returns cached
+///   segments) likewise; under `expandable_segments:True`, `segment_map` (`map_block`)
+///   and `segment_unmap` (`unmap_block`) with the range of whole pages mapped or
+///   unmapped. Each comes before the `alloc` that caused it, in the allocator's order.
+/// - `alloc` (`alloc_found_block`): the block's address and `orig_size`, the bytes
+///   requested, not the rounded block (`record_trace(TraceEntry::ALLOC, block->ptr,
+///   orig_size, ...)`); the block's size goes into [`VizEvent::block_size`], which the
+///   snapshot's `segments` list as torch does (`size` and `requested_size`).
+/// - `free_requested` (`free`) then `free_completed` (`free_block`), both with
+///   `block->requested_size`; the simulation has no cross-stream uses, so a free
+///   completes at once.
+/// - `oom` (`malloc`, when even the retry after releasing the cache fails): `size` is
+///   `params.size()`, the rounded request; [`snapshot`] fills `device_free` from its
+///   capacity. The timeline stops there, as training would.
+/// - Zero-byte allocations get no entries (`allocate` hands out a null pointer without
+///   calling `malloc`).
+///
+/// Every block entry carries the trace event's [`crate::trace::Category::name`] as
+/// `category` and one frame `{filename: "memplan", line: 0, name: owner}` naming the
+/// module and part (`layers.3.attention`); segment entries carry the frame of the
+/// allocation that caused them and no category. `time_us` is the index of the trace
+/// event, `stream` the trace's stream number (0 the default stream). Each
+/// [`crate::trace::Mark`] becomes a `snapshot` entry before the events it precedes, with
+/// its name as the frame (MemoryViz lists it among the events; no tool counts it as
+/// memory).
+///
+/// Errors on a trace that is not consistent ([`Trace::running`]).
+///
+/// ```
+/// use memplan::allocator::AllocConf;
+/// use memplan::output::memory_viz::{from_trace, summarize, Action};
+/// use memplan::trace::{Category, Event, Module, Op, Owner, Part, Source, Trace};
+/// let owner = Owner::new(Module::Layer(0), Part::Attention);
+/// let category = Category::Activations;
+/// let ev = |op, id, bytes| Event { op, id, bytes, category, owner, stream: 0 };
+/// let trace = Trace {
+///     source: Source::Predicted,
+///     stage: 0,
+///     rank: 0,
+///     capacity_bytes: None,
+///     events: vec![ev(Op::Alloc, 1, 1000), ev(Op::Free, 1, 1000)],
+///     marks: vec![],
+/// };
+/// let events = from_trace(&trace, &AllocConf::default(), None).unwrap();
+/// let actions: Vec<_> = events.iter().map(|e| e.action).collect();
+/// use Action::*;
+/// assert_eq!(actions, [SegmentAlloc, Alloc, FreeRequested, FreeCompleted]);
+/// assert_eq!(events[0].size, 2 << 20); // a 2 MiB small-pool segment
+/// assert_eq!((events[1].size, events[1].block_size), (1000, Some(1024)));
+/// assert_eq!(events[1].frames[0].name, "layers.0.attention");
+/// assert_eq!(summarize(&events).unwrap().peak_reserved_bytes, 2 << 20);
+/// ```
+pub fn from_trace(trace: &Trace, conf: &AllocConf, capacity: Option<u64>) -> Result<Vec<VizEvent>> {
+    trace.running()?;
+    let mut sim = Simulator::new(conf.clone(), capacity);
+    sim.reserve(trace.events.len() / 2);
+    sim.log_segments(true);
+    let mut out = Vec::with_capacity(trace.events.len() * 2 + trace.marks.len());
+    let mut sorted: Vec<_> = trace.marks.iter().collect();
+    sorted.sort_by_key(|m| m.at); // stable: marks at one moment keep their order
+    let mut marks = sorted.into_iter().peekable();
+    for (k, e) in trace.events.iter().enumerate() {
+        while let Some(m) = marks.next_if(|m| m.at <= k) {
+            out.push(mark_event(&m.kind, m.first_step, k as u64));
+        }
+        let time = k as u64;
+        let owner = e.owner.to_string();
+        let at = |action, addr, size| {
+            VizEvent::new(action, addr, size)
+                .stream(e.stream)
+                .at(time)
+                .frame("memplan", 0, &owner)
+        };
+        let block = match e.op {
+            Op::Alloc => None,
+            Op::Free => sim.block_of(e.id),
+        };
+        let result = match e.op {
+            Op::Alloc => sim.alloc(e.id, e.bytes, e.stream),
+            Op::Free => sim.free(e.id),
+        };
+        for s in sim.drain_segment_events() {
+            let action = match s.op {
+                SegmentOp::Alloc => Action::SegmentAlloc,
+                SegmentOp::Free => Action::SegmentFree,
+                SegmentOp::Map => Action::SegmentMap,
+                SegmentOp::Unmap => Action::SegmentUnmap,
+            };
+            out.push(at(action, s.addr, s.size).stream(s.stream));
+        }
+        let category = e.category.name();
+        match result {
+            Ok(()) => match (e.op, block) {
+                (Op::Alloc, _) => {
+                    if let Some((addr, size)) = sim.block_of(e.id) {
+                        out.push(
+                            at(Action::Alloc, addr, e.bytes)
+                                .block_size(size)
+                                .category(category),
+                        );
+                    }
+                }
+                (Op::Free, Some((addr, _))) => {
+                    out.push(at(Action::FreeRequested, addr, e.bytes).category(category));
+                    out.push(at(Action::FreeCompleted, addr, e.bytes).category(category));
+                }
+                (Op::Free, None) => {} // a zero-byte allocation
+            },
+            Err(SimError::Oom(o)) => {
+                out.push(at(Action::Oom, 0, o.rounded).category(category));
+                return Ok(out);
+            }
+            Err(err) => {
+                return Err(Error::input(format!("trace event {k}: {err}")));
+            }
+        }
+    }
+    let end = trace.events.len() as u64;
+    for m in marks {
+        out.push(mark_event(&m.kind, m.first_step, end));
+    }
+    Ok(out)
+}
+
+/// A `snapshot` entry naming a trace mark: "step 1: forward begins (micro-batch 0)".
+fn mark_event(kind: &MarkKind, first_step: bool, time_us: u64) -> VizEvent {
+    let step = if first_step { "step 1" } else { "steady step" };
+    let what = match kind {
+        MarkKind::Begin { section, micro } => match section {
+            Section::Forward | Section::Backward => {
+                format!("{} begins (micro-batch {micro})", section.name())
+            }
+            _ => format!("{} begins", section.name()),
+        },
+        MarkKind::Point { phase } => format!("phase point {phase}"),
+        MarkKind::End => "end".to_string(),
+    };
+    VizEvent::new(Action::Snapshot, 0, 0).at(time_us).frame(
+        "memplan",
+        0,
+        &format!("{step}: {what}"),
+    )
+}
+
 // ---------------------------------------------------------------------------------------
 // Replay: the allocator state after each event.
 
+#[derive(Clone, Copy)]
 struct Segment<'a> {
     size: u64,
+    /// The event that created it (the first mapped range, for an expandable segment).
     event: &'a VizEvent,
+    /// Built by `segment_map` (an expandable segment's mapped range).
+    expandable: bool,
+    /// Of the small pool: a segment, or every mapped page, of at most 2 MiB.
+    small: bool,
 }
 
 struct Block<'a> {
+    /// Bytes the block spans in its segment.
     size: u64,
+    /// Bytes requested (the event's `size`).
+    requested: u64,
     /// `free_requested` seen, `free_completed` not yet.
     pending_free: bool,
     event: &'a VizEvent,
@@ -251,30 +452,65 @@ fn replay(events: &[VizEvent], capacity: Option<u64>) -> Result<State<'_>> {
             .addr
             .checked_add(e.size)
             .ok_or_else(|| bad("address + size overflows 64 bits"))?;
-        let needs_size = matches!(e.action, Action::Alloc | Action::SegmentAlloc);
+        let needs_size = matches!(
+            e.action,
+            Action::Alloc | Action::SegmentAlloc | Action::SegmentMap | Action::SegmentUnmap
+        );
         if needs_size && e.size == 0 {
             return Err(bad("size is 0; expected at least 1 byte"));
         }
         let mut device_free = 0;
         match e.action {
-            Action::SegmentAlloc => {
+            Action::SegmentAlloc | Action::SegmentMap => {
                 let before = s.segments.range(..end).next_back();
                 if before.is_some_and(|(a, seg)| a + seg.size > e.addr) {
                     return Err(bad("overlaps a live segment"));
                 }
-                s.segments.insert(
-                    e.addr,
-                    Segment {
-                        size: e.size,
-                        event: e,
-                    },
-                );
+                let seg = Segment {
+                    size: e.size,
+                    event: e,
+                    expandable: e.action == Action::SegmentMap,
+                    small: e.size <= SMALL_SEGMENT_BYTES,
+                };
+                s.segments.insert(e.addr, seg);
+                if seg.expandable {
+                    merge_mapped(&mut s.segments, e.addr);
+                }
                 reserved = reserved
                     .checked_add(e.size)
                     .ok_or_else(|| bad("reserved bytes overflow 64 bits"))?;
             }
+            Action::SegmentUnmap => {
+                let (&start, &seg) = s
+                    .segments
+                    .range(..=e.addr)
+                    .next_back()
+                    .filter(|(a, seg)| seg.expandable && end <= *a + seg.size)
+                    .ok_or_else(|| bad("not inside one mapped range of an expandable segment"))?;
+                if s.blocks
+                    .range(..end)
+                    .next_back()
+                    .is_some_and(|(a, b)| a + b.size > e.addr)
+                {
+                    return Err(bad("the range still holds live blocks"));
+                }
+                let seg_end = start + seg.size;
+                s.segments.remove(&start);
+                if e.addr > start {
+                    let size = e.addr - start;
+                    s.segments.insert(start, Segment { size, ..seg });
+                }
+                if end < seg_end {
+                    let size = seg_end - end;
+                    s.segments.insert(end, Segment { size, ..seg });
+                }
+                reserved -= e.size;
+            }
             Action::SegmentFree => {
                 match s.segments.get(&e.addr) {
+                    Some(seg) if seg.expandable => {
+                        return Err(bad("a mapped range; expected segment_unmap"))
+                    }
                     Some(seg) if seg.size == e.size => {}
                     Some(seg) => {
                         return Err(bad(&format!(
@@ -291,6 +527,20 @@ fn replay(events: &[VizEvent], capacity: Option<u64>) -> Result<State<'_>> {
                 reserved -= e.size;
             }
             Action::Alloc => {
+                let extent = match e.block_size {
+                    Some(b) if b < e.size => {
+                        return Err(bad(&format!(
+                            "block of {b} bytes; expected at least the {} requested",
+                            e.size
+                        )))
+                    }
+                    Some(b) => b,
+                    None => e.size,
+                };
+                let end = e
+                    .addr
+                    .checked_add(extent)
+                    .ok_or_else(|| bad("address + block size overflows 64 bits"))?;
                 let seg = s.segments.range(..=e.addr).next_back();
                 if seg.is_none_or(|(a, seg)| end > a + seg.size) {
                     return Err(bad(
@@ -304,7 +554,8 @@ fn replay(events: &[VizEvent], capacity: Option<u64>) -> Result<State<'_>> {
                 s.blocks.insert(
                     e.addr,
                     Block {
-                        size: e.size,
+                        size: extent,
+                        requested: e.size,
                         pending_free: false,
                         event: e,
                     },
@@ -318,7 +569,7 @@ fn replay(events: &[VizEvent], capacity: Option<u64>) -> Result<State<'_>> {
             },
             Action::FreeCompleted => match s.blocks.get(&e.addr) {
                 Some(b) if b.pending_free => {
-                    allocated -= b.size;
+                    allocated -= b.requested;
                     s.blocks.remove(&e.addr);
                 }
                 Some(_) => return Err(bad("expected a free_requested first")),
@@ -334,6 +585,43 @@ fn replay(events: &[VizEvent], capacity: Option<u64>) -> Result<State<'_>> {
     s.summary.end_allocated_bytes = allocated;
     s.summary.end_reserved_bytes = reserved;
     Ok(s)
+}
+
+/// Merges the mapped range at `addr` with mapped ranges of the same stream that touch it,
+/// as torch lists one segment per contiguous mapped range (and MemoryViz's
+/// `map_segment` merges them).
+fn merge_mapped(segments: &mut BTreeMap<u64, Segment>, addr: u64) {
+    let mergeable =
+        |a: &Segment, b: &Segment| a.expandable && b.expandable && a.event.stream == b.event.stream;
+    let mut start = addr;
+    let seg = segments[&addr];
+    if let Some((&p, prev)) = segments.range(..addr).next_back() {
+        if p + prev.size == addr && mergeable(prev, &seg) {
+            let merged = Segment {
+                size: prev.size + seg.size,
+                small: prev.small && seg.small,
+                ..*prev
+            };
+            segments.remove(&addr);
+            segments.insert(p, merged);
+            start = p;
+        }
+    }
+    let cur = segments[&start];
+    let end = start + cur.size;
+    if let Some(next) = segments.get(&end).copied() {
+        if mergeable(&cur, &next) {
+            segments.remove(&end);
+            segments.insert(
+                start,
+                Segment {
+                    size: cur.size + next.size,
+                    small: cur.small && next.small,
+                    ..cur
+                },
+            );
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -408,7 +696,7 @@ const SMALL_SEGMENT_BYTES: u64 = 2 << 20;
 fn segment_value(addr: u64, seg: &Segment, blocks: &BTreeMap<u64, Block>) -> Value {
     let end = addr + seg.size;
     let mut values = vec![];
-    let (mut allocated, mut active) = (0, 0);
+    let (mut allocated, mut active, mut requested) = (0, 0, 0);
     let mut at = addr;
     let inactive = |address: u64, size: u64| {
         Value::Dict(vec![
@@ -427,6 +715,7 @@ fn segment_value(addr: u64, seg: &Segment, blocks: &BTreeMap<u64, Block>) -> Val
             "active_pending_free"
         } else {
             allocated += b.size;
+            requested += b.requested;
             "active_allocated"
         };
         active += b.size;
@@ -434,7 +723,7 @@ fn segment_value(addr: u64, seg: &Segment, blocks: &BTreeMap<u64, Block>) -> Val
             vec![
                 ("address".into(), int(b_addr)),
                 ("size".into(), int(b.size)),
-                ("requested_size".into(), int(b.size)),
+                ("requested_size".into(), int(b.requested)),
                 ("state".into(), string(state)),
                 ("frames".into(), frames_value(b.event)),
             ],
@@ -453,18 +742,14 @@ fn segment_value(addr: u64, seg: &Segment, blocks: &BTreeMap<u64, Block>) -> Val
             ("total_size".into(), int(seg.size)),
             ("allocated_size".into(), int(allocated)),
             ("active_size".into(), int(active)),
-            ("requested_size".into(), int(allocated)),
+            ("requested_size".into(), int(requested)),
             ("stream".into(), int(e.stream.into())),
             (
                 "segment_type".into(),
-                string(if seg.size <= SMALL_SEGMENT_BYTES {
-                    "small"
-                } else {
-                    "large"
-                }),
+                string(if seg.small { "small" } else { "large" }),
             ),
             ("segment_pool_id".into(), Value::Tuple(vec![int(0), int(0)])),
-            ("is_expandable".into(), Value::Bool(false)),
+            ("is_expandable".into(), Value::Bool(seg.expandable)),
             ("frames".into(), frames_value(e)),
             ("blocks".into(), Value::List(values)),
         ],
@@ -473,13 +758,14 @@ fn segment_value(addr: u64, seg: &Segment, blocks: &BTreeMap<u64, Block>) -> Val
 }
 
 /// torch's defaults, as `_snapshot()` reports them with no `PYTORCH_CUDA_ALLOC_CONF`
-/// (`max_split_size` is `SIZE_MAX` cast to `int64_t`). No tool reads them.
-fn allocator_settings() -> Value {
+/// (`max_split_size` is `SIZE_MAX` cast to `int64_t`), but for `expandable_segments`, on
+/// when the trace maps pages. No tool reads them.
+fn allocator_settings(expandable: bool) -> Value {
     Value::Dict(vec![
         ("PYTORCH_CUDA_ALLOC_CONF".into(), string("")),
         ("max_split_size".into(), Value::Int(-1)),
         ("garbage_collection_threshold".into(), Value::Float(0.0)),
-        ("expandable_segments".into(), Value::Bool(false)),
+        ("expandable_segments".into(), Value::Bool(expandable)),
         ("pinned_num_register_threads".into(), int(1)),
         ("release_lock_on_cudamalloc".into(), Value::Bool(false)),
         ("pinned_use_cuda_host_register".into(), Value::Bool(false)),
@@ -771,6 +1057,50 @@ mod tests {
         assert_eq!(s.peak_allocated_bytes, (4 << 20) + 300);
         assert_eq!(s.end_allocated_bytes, 300);
         assert_eq!(s.peak_reserved_bytes, 20 << 20);
+    }
+
+    #[test]
+    fn touching_maps_merge_and_unmaps_cut_them() {
+        let base = 0x7f00_0000_0000;
+        let mib = 1 << 20;
+        let events = [
+            VizEvent::new(Action::SegmentMap, base, 20 * mib),
+            VizEvent::new(Action::SegmentMap, base + 20 * mib, 20 * mib),
+            // A block across the two maps: inside one merged range.
+            VizEvent::new(Action::Alloc, base + 10 * mib, 15 * mib).block_size(16 * mib),
+            VizEvent::new(Action::SegmentMap, base + 40 * mib, 20 * mib),
+            VizEvent::new(Action::SegmentUnmap, base + 40 * mib, 20 * mib),
+        ];
+        let state = replay(&events, None).unwrap();
+        let segs: Vec<(u64, u64, bool)> = state
+            .segments
+            .iter()
+            .map(|(&a, s)| (a - base, s.size, s.expandable))
+            .collect();
+        assert_eq!(segs, [(0, 40 * mib, true)]);
+        assert_eq!(state.summary.peak_reserved_bytes, 60 * mib);
+        assert_eq!(state.summary.end_reserved_bytes, 40 * mib);
+        assert_eq!(state.summary.end_allocated_bytes, 15 * mib);
+        let bytes = snapshot(&events, None).unwrap();
+        opcodes(&bytes);
+
+        // Unmapping under the live block, or freeing a mapped range whole, is refused.
+        let mut bad = events[..3].to_vec();
+        bad.push(VizEvent::new(
+            Action::SegmentUnmap,
+            base + 20 * mib,
+            20 * mib,
+        ));
+        let err = snapshot(&bad, None).unwrap_err().to_string();
+        assert!(err.contains("still holds live blocks"), "{err}");
+        let mut bad = events[..2].to_vec();
+        bad.push(VizEvent::new(Action::SegmentFree, base, 40 * mib));
+        let err = snapshot(&bad, None).unwrap_err().to_string();
+        assert!(err.contains("expected segment_unmap"), "{err}");
+        // A block smaller than its request is refused.
+        let mut bad = events[..1].to_vec();
+        bad.push(VizEvent::new(Action::Alloc, base, 1024).block_size(512));
+        assert!(snapshot(&bad, None).is_err());
     }
 
     #[test]
