@@ -9,6 +9,16 @@ cd "$(dirname "$0")/.."
 
 cargo test --locked
 
+# The timeline's HTML page in headless Chromium (tests/timeline.rs): install it when missing
+# (Debian's package; about 20 s with apt-get update).
+if ! command -v chromium >/dev/null; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+fi
+MEMPLAN_REQUIRE_CHROMIUM=1 cargo test --locked --test timeline
+
 # The Python wheel: build it, install it into a clean venv, pytest and mypy; its answers are
 # also compared with the binary the tests above built.
 MEMPLAN_RUST_BIN="$PWD/target/debug/memplan" scripts/test-python.sh

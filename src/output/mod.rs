@@ -1,10 +1,12 @@
 //! Renderers: table, JSON and markdown, one file each behind [`Render`]. They format what
-//! the estimator computed and compute nothing themselves.
+//! the estimator computed and compute nothing themselves. [`timeline`] draws a step's memory
+//! timeline (a trace) as SVG and as a self-contained HTML page.
 
 pub mod json;
 pub mod markdown;
 pub mod memory_viz;
 pub mod table;
+pub mod timeline;
 #[cfg(feature = "trainer")]
 pub mod validation;
 
