@@ -572,10 +572,13 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                     acts,
                     lg.at_projection,
                 );
-                // At the last block's all-gather: the previous block's output retained, the
-                // cast input and the new output, the earlier blocks' activations.
+                // At the last block's all-gather: the previous block's output retained (when
+                // there is a previous block: the event trace found this moment one block too
+                // high on single-block pipeline stages), the cast input and the new output,
+                // the earlier blocks' activations.
+                let outputs = 1 + u128::from(layers >= 2);
                 let last_gather = (
-                    root_u + u128::from(gathers) * (2 * block_u + cast_in),
+                    root_u + u128::from(gathers) * (outputs * block_u + cast_in),
                     div(blocks_mb * layers.saturating_sub(1), layers.max(1)) + others,
                     0,
                 );

@@ -669,8 +669,9 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                 if at_end.1 > best.1 {
                     best = (at_end.0, at_end.1, true);
                 }
-                // Post-backward: the reduce-scatter.
+                // Post-backward (FSDP2 `post_backward`): reshard, then the reduce-scatter.
                 w.free(end);
+                w.free_all(&mut params[i as usize]);
                 w.free(rs_prev.take());
                 rs_prev = w.alloc(
                     q.rs,
@@ -686,7 +687,6 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                         REDUCE_SCATTER_STREAM,
                     )?);
                 }
-                w.free_all(&mut params[i as usize]);
             }
             if marked {
                 w.point(PHASES[2].name(), best.0);
