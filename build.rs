@@ -81,6 +81,11 @@ mod trainer {
             println!("cargo:rustc-cfg=memplan_nccl");
         }
         println!("cargo::rustc-check-cfg=cfg(memplan_nccl)");
+        // The CUDA caching allocator's history, for measured traces of a CUDA run
+        // (csrc/shim.cpp), needs libtorch_cuda only.
+        if lib.join("libtorch_cuda.so").exists() {
+            build.define("MEMPLAN_CUDA_TRACE", None);
+        }
         build
             .cpp(true)
             .pic(true)

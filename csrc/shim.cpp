@@ -2,6 +2,10 @@
 //
 // - a counting CPU allocator (exact live and peak bytes of CPU tensors, in two channels:
 //   "device" and "host", plus an "off" mode whose allocations are never counted);
+// - an opt-in recorder of the device channel's allocations and frees, in order, each with a
+//   number and the attribution tag the trainer set (src/trainer/recorder.rs reads it);
+// - on CUDA builds, the caching allocator's own allocation history (torch::cuda's
+//   _record_memory_history / _memory_snapshot_pickled), read back as the same events;
 // - the accelerator's caching-allocator counters (at::accelerator);
 // - autograd: backward with incoming gradients, identity nodes whose backward calls back into
 //   Rust (FSDP2's pre-/post-backward hooks), a checkpoint link node, storage resize (FSDP2's
@@ -21,7 +25,19 @@
 #include <c10/core/StorageImpl.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
+// The CUDA allocation history (torch::cuda::_record_memory_history, _memory_snapshot_pickled)
+// lives in libtorch_cuda, so it is compiled only where build.rs links that: it defines
+// MEMPLAN_NCCL when libtorch_cuda.so and CUDA's headers are there, and may define
+// MEMPLAN_CUDA_TRACE when libtorch_cuda.so alone is (these headers need no CUDA header).
+#if defined(MEMPLAN_NCCL) || defined(MEMPLAN_CUDA_TRACE)
+#define MP_CUDA_HISTORY 1
+#endif
+#ifdef MP_CUDA_HISTORY
+#include <torch/csrc/cuda/memory_snapshot.h>
+#include <torch/csrc/jit/serialization/pickle.h>
+#endif
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -32,6 +48,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include <unistd.h>
 
@@ -70,6 +87,9 @@ struct Counter {
 struct Live {
   size_t size;
   int channel;
+  // The allocation's number: unique over the process, increasing (pointers are reused, so
+  // they cannot name an allocation in a trace).
+  int64_t id;
 };
 
 std::mutex g_mu;
@@ -92,6 +112,23 @@ int64_t trace_threshold() {
 }
 
 void counted_delete(void *ptr);
+
+// The event recorder (mp_trace_*): while on, every counted device-channel allocation, and every
+// free of one allocated since the recording began, is appended to g_trace, under g_mu like
+// the counters, so the events are in exactly the order the counter moved. g_tag is the
+// trainer's attribution context at the moment of the allocation; reading it is one relaxed
+// load, and with recording off nothing is appended (one relaxed load of g_recording).
+struct TraceEvent {
+  int64_t op;  // 0: alloc, 1: free
+  int64_t id;
+  int64_t bytes;
+  int64_t tag;  // alloc: g_tag then; free: 0
+};
+std::atomic<bool> g_recording{false};
+std::atomic<int64_t> g_tag{0};
+int64_t g_next_id = 1;                 // under g_mu
+int64_t g_trace_first_id = INT64_MAX;  // under g_mu: the first id of the recording
+std::vector<TraceEvent> g_trace;       // under g_mu
 
 // Threads whose allocations are never counted: the communication library's own (the c10d
 // store's and Gloo's worker and transport threads, registered by dist.cpp when it creates
@@ -143,7 +180,11 @@ struct CountingAllocator final : public c10::Allocator {
         TORCH_CHECK_WITH(OutOfMemoryError, false, "CPU device emulation out of memory: tried to allocate ",
                          n, " bytes with ", current, " of ", limit, " bytes in use");
       }
-      g_live[data] = Live{n, ch};
+      int64_t id = g_next_id++;
+      g_live[data] = Live{n, ch, id};
+      if (ch == 0 && g_recording.load(std::memory_order_relaxed))
+        g_trace.push_back(TraceEvent{0, id, static_cast<int64_t>(n),
+                                     g_tag.load(std::memory_order_relaxed)});
       Counter &c = g_counters[ch];
       c.current += static_cast<int64_t>(n);
       if (c.current > c.peak) c.peak = c.current;
@@ -171,6 +212,10 @@ void counted_delete(void *ptr) {
     auto it = g_live.find(ptr);
     if (it != g_live.end()) {
       g_counters[it->second.channel].current -= static_cast<int64_t>(it->second.size);
+      if (it->second.channel == 0 && g_recording.load(std::memory_order_relaxed) &&
+          it->second.id >= g_trace_first_id)
+        g_trace.push_back(
+            TraceEvent{1, it->second.id, static_cast<int64_t>(it->second.size), 0});
       int64_t t = trace_threshold();
       if (it->second.channel == 0 && t >= 0 && static_cast<int64_t>(it->second.size) >= t)
         std::fprintf(stderr, "alloc - %zu = %lld\n", it->second.size,
@@ -292,6 +337,166 @@ void mp_counter(int ch, int64_t *current, int64_t *peak) {
 void mp_reset_peak(int ch) {
   std::lock_guard<std::mutex> lock(g_mu);
   if (ch >= 0 && ch < kChannels) g_counters[ch].peak = g_counters[ch].current;
+}
+
+// ---- allocation event recorder (device channel) ----
+
+// Starts recording device-channel events from now on, dropping any recorded before. Frees of
+// tensors allocated before this call are not recorded (they are not part of the recording).
+void mp_trace_start() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  g_trace.clear();
+  g_trace_first_id = g_next_id;
+  g_recording.store(true, std::memory_order_relaxed);
+}
+
+// Stops recording; events not yet taken stay until taken or the next start.
+void mp_trace_stop() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  g_recording.store(false, std::memory_order_relaxed);
+}
+
+// Events recorded and not yet taken.
+int64_t mp_trace_pending() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  return static_cast<int64_t>(g_trace.size());
+}
+
+// Moves up to `cap` of the oldest events out, as (op, id, bytes, tag) quadruples of int64 in
+// `out` (4 x cap values); returns how many.
+int64_t mp_trace_take(int64_t *out, int64_t cap) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  size_t n = std::min(g_trace.size(), static_cast<size_t>(cap < 0 ? 0 : cap));
+  for (size_t i = 0; i < n; ++i) {
+    const TraceEvent &e = g_trace[i];
+    out[4 * i] = e.op;
+    out[4 * i + 1] = e.id;
+    out[4 * i + 2] = e.bytes;
+    out[4 * i + 3] = e.tag;
+  }
+  g_trace.erase(g_trace.begin(), g_trace.begin() + static_cast<std::ptrdiff_t>(n));
+  return static_cast<int64_t>(n);
+}
+
+// The attribution tag of allocations from now on (opaque here; see recorder.rs).
+void mp_trace_set_tag(int64_t tag) { g_tag.store(tag, std::memory_order_relaxed); }
+int64_t mp_trace_get_tag() { return g_tag.load(std::memory_order_relaxed); }
+
+// The number of the counted device-channel allocation that holds `t`'s storage, or -1 (not
+// counted, another channel, no storage).
+int64_t mp_trace_storage_id(at::Tensor *t) {
+  try {
+    if (!t->defined() || !t->has_storage()) return -1;
+    void *data = const_cast<void *>(t->storage().data());
+    if (data == nullptr) return -1;
+    std::lock_guard<std::mutex> lock(g_mu);
+    auto it = g_live.find(data);
+    if (it == g_live.end() || it->second.channel != 0) return -1;
+    return it->second.id;
+  } catch (...) {
+    return -1;
+  }
+}
+
+void mp_free_buffer(void *p) { std::free(p); }
+
+// ---- CUDA allocation history ----
+//
+// The caching allocator records every allocation and free when its history is on
+// (torch.cuda.memory._record_memory_history(max_entries=N) in Python); a snapshot hands it
+// back with the address, requested size and stream of each. Entries are read here as
+// (op, address, bytes, stream) quadruples: op 0 for "alloc", 1 for "free_requested" (when the
+// allocator's allocated counters drop; "free_completed", which can come later for a block
+// used on another stream, and segment events are skipped). Without a CUDA build these report
+// that they are unavailable.
+
+// 1 when this build can record CUDA allocation history.
+int mp_cuda_trace_available() {
+#ifdef MP_CUDA_HISTORY
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// Turns the history on (clearing it), keeping at most `max_entries` entries, without stack
+// traces.
+int mp_cuda_trace_start(int64_t max_entries, char **err) {
+  MP_TRY
+#ifdef MP_CUDA_HISTORY
+  torch::cuda::_record_memory_history(std::optional<std::string>("all"),
+                                      std::optional<std::string>(), "python",
+                                      static_cast<size_t>(max_entries < 1 ? 1 : max_entries),
+                                      /*clearHistory=*/true);
+#else
+  throw std::runtime_error("this memplan was built without CUDA: no allocation history");
+#endif
+  MP_CATCH
+}
+
+// Turns the history off (which clears it).
+int mp_cuda_trace_stop(char **err) {
+  MP_TRY
+#ifdef MP_CUDA_HISTORY
+  torch::cuda::_record_memory_history(std::optional<std::string>(),
+                                      std::optional<std::string>(), "python");
+#else
+  throw std::runtime_error("this memplan was built without CUDA: no allocation history");
+#endif
+  MP_CATCH
+}
+
+// The history of `device`'s allocator so far: *out (malloc'd, free with mp_free_buffer) gets
+// *n quadruples (op, address, bytes, stream) in order.
+int mp_cuda_trace_take(int64_t device, int64_t **out, int64_t *n, char **err) {
+  MP_TRY
+  *out = nullptr;
+  *n = 0;
+#ifdef MP_CUDA_HISTORY
+  std::string pickled = torch::cuda::_memory_snapshot_pickled();
+  c10::IValue v = torch::jit::unpickle(pickled.data(), pickled.size());
+  auto snapshot = v.toGenericDict();
+  auto traces = snapshot.at(c10::IValue("device_traces")).toList();
+  if (device < 0 || static_cast<size_t>(device) >= traces.size()) return 0;
+  auto trace = traces.get(static_cast<size_t>(device)).toList();
+  std::vector<int64_t> buf;
+  buf.reserve(4 * trace.size());
+  const c10::IValue action_k("action"), addr_k("addr"), size_k("size"), stream_k("stream");
+  for (size_t i = 0; i < trace.size(); ++i) {
+    auto e = trace.get(i).toGenericDict();
+    const std::string &action = e.at(action_k).toStringRef();
+    int64_t op;
+    if (action == "alloc")
+      op = 0;
+    else if (action == "free_requested")
+      op = 1;
+    else
+      continue;
+    buf.push_back(op);
+    buf.push_back(e.at(addr_k).toInt());
+    buf.push_back(e.at(size_k).toInt());
+    buf.push_back(e.contains(stream_k) ? e.at(stream_k).toInt() : 0);
+  }
+  auto *p = static_cast<int64_t *>(std::malloc(sizeof(int64_t) * (buf.empty() ? 1 : buf.size())));
+  if (p == nullptr) throw std::runtime_error("out of host memory copying the CUDA history");
+  if (!buf.empty()) std::memcpy(p, buf.data(), sizeof(int64_t) * buf.size());
+  *out = p;
+  *n = static_cast<int64_t>(buf.size() / 4);
+#else
+  (void)device;
+  throw std::runtime_error("this memplan was built without CUDA: no allocation history");
+#endif
+  MP_CATCH
+}
+
+// Allocations and frees the caching allocator of `device` has made since the process began
+// (its cumulative allocation counters): where a CUDA history entry falls relative to a moment.
+int mp_accel_alloc_calls(int64_t device, int64_t *calls, char **err) {
+  MP_TRY
+  auto s = at::accelerator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
+  auto agg = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+  *calls = s.allocation[agg].allocated + s.allocation[agg].freed;
+  MP_CATCH
 }
 
 // ---- accelerator ----

@@ -14,6 +14,9 @@
 //! On the CPU the figures are exact allocation peaks of libtorch's CPU allocator (the
 //! trainer's counting allocator); on CUDA, the caching allocator's peak allocated bytes.
 //! The error of a plan is that of its overall peak, (predicted - measured) / measured.
+//!
+//! With [`TrainOptions::record_trace`] the run's measured allocation events come back too, as
+//! [`Validation::measured_trace`], for a timeline beside the predicted one.
 
 use serde::Serialize;
 
@@ -49,8 +52,13 @@ pub struct Validation {
     pub peak: PhasePair,
     /// Where the estimator says the plan first runs out of the GPU profile's memory.
     pub predicted_first_oom: Option<crate::estimate::PhasePoint>,
-    /// The run's own report (losses, per-step figures, notes).
+    /// The run's own report (losses, per-step figures, notes), less its trace.
     pub report: TrainReport,
+    /// The run's allocation events (setup, step 1, the last step), when the run recorded them
+    /// ([`TrainOptions::record_trace`]). Not serialized: it is large and has its own file
+    /// format (`memplan train --trace`).
+    #[serde(skip)]
+    pub measured_trace: Option<crate::trace::Trace>,
 }
 
 impl Validation {
@@ -80,13 +88,15 @@ pub fn validate_one(label: &str, plan: &Plan, opts: &TrainOptions) -> Result<Val
     Ok(validation_of(label, plan, &e, report))
 }
 
-/// The estimate `e` of `plan` beside a run's report.
+/// The estimate `e` of `plan` beside a run's report (whose trace moves to
+/// [`Validation::measured_trace`]).
 pub fn validation_of(
     label: &str,
     plan: &Plan,
     e: &crate::estimate::Estimate,
-    report: TrainReport,
+    mut report: TrainReport,
 ) -> Validation {
+    let measured_trace = report.trace.take();
     let predicted = predicted_phases(e);
     let predicted_first_oom = e.per_gpu.first_oom;
     let mut measured = [0u64; 6];
@@ -118,6 +128,7 @@ pub fn validation_of(
         },
         predicted_first_oom,
         report,
+        measured_trace,
     }
 }
 
@@ -264,6 +275,19 @@ pub fn validate_all(
         progress,
         ..TrainOptions::default()
     };
+    validate_all_with(plans, &opts, exe)
+}
+
+/// As [`validate_all`], with the run's options: `opts.steps`, `opts.device` and
+/// `opts.record_trace` apply to every entry (a multi-process entry records every rank's trace
+/// and carries each in its row's [`Validation::measured_trace`]); `opts.progress` to the
+/// single-process ones.
+pub fn validate_all_with(
+    plans: &[Entry],
+    opts: &TrainOptions,
+    exe: Option<&std::path::Path>,
+) -> (Vec<Validation>, Vec<(String, crate::error::Error)>) {
+    let (steps, device) = (opts.steps, opts.device);
     let mut done = Vec::new();
     let mut failed = Vec::new();
     for entry in plans {
@@ -272,8 +296,15 @@ pub fn validate_all(
             .plan
             .resolve()
             .and_then(|plan| match entry.nproc_per_node {
-                None => validate_one(label, &plan, &opts).map(|v| vec![v]),
-                Some(n) => validate_ranks(label, &entry.plan, &plan, n, steps, device, exe),
+                None => validate_one(label, &plan, opts).map(|v| vec![v]),
+                Some(n) => validate_ranks(
+                    label,
+                    &entry.plan,
+                    &plan,
+                    n,
+                    (steps, device, opts.record_trace),
+                    exe,
+                ),
             });
         match result {
             Ok(v) => done.extend(v),
@@ -290,8 +321,7 @@ fn validate_ranks(
     file: &PlanFile,
     plan: &Plan,
     n: u64,
-    steps: u64,
-    device: TrainDevice,
+    (steps, device, record_trace): (u64, TrainDevice, bool),
     exe: Option<&std::path::Path>,
 ) -> Result<Vec<Validation>> {
     let e = estimate(plan)?;
@@ -308,7 +338,7 @@ fn validate_ranks(
         serde_json::to_string(file).expect("plan files serialize"),
     )
     .map_err(|err| crate::error::Error::runtime(format!("{}: {err}", path.display())))?;
-    let args: Vec<std::ffi::OsString> = vec![
+    let mut args: Vec<std::ffi::OsString> = vec![
         "train".into(),
         "--plan".into(),
         path.clone().into(),
@@ -322,6 +352,10 @@ fn validate_ranks(
             TrainDevice::Cuda(_) => "cuda".into(),
         },
     ];
+    if record_trace {
+        // A launched rank records its trace into its report (it writes no trace file).
+        args.extend(["--trace".into(), dir.join("trace.json").into()]);
+    }
     let launch = crate::trainer::launch::Launch {
         progress: false,
         nproc_per_node: n,

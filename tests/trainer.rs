@@ -304,3 +304,301 @@ fn asking_for_a_missing_gpu_is_an_input_error() {
     let e = train(&plan(&tiny("")), &opts).unwrap_err();
     assert_eq!(e.kind(), memplan::error::Kind::Input, "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The measured allocation trace.
+
+use memplan::trace::{Category, MarkKind, Section, Trace};
+use memplan::trainer::memory::PhaseMemory;
+use memplan::trainer::StepReport;
+
+fn run_traced(json: &str, steps: u64) -> TrainReport {
+    let opts = TrainOptions {
+        steps,
+        record_trace: true,
+        ..TrainOptions::default()
+    };
+    let r = train(&plan(json), &opts).expect("trainer runs");
+    assert!(r.oom.is_none(), "{:?}", r.oom);
+    r
+}
+
+/// The running sum after the first `at` events.
+fn sum_at(run: &[u64], at: usize) -> u64 {
+    if at == 0 {
+        0
+    } else {
+        run[at - 1]
+    }
+}
+
+/// Checks a trace against the counters of the run that recorded it: every section's start and
+/// highest running sum are the phase's start and peak (forward and backward: over the
+/// micro-batches), the end is what the last step left allocated, and the marks are setup,
+/// then forward and backward of each micro-batch and the optimizer, for step 1 and, when
+/// there is more than one step, the last step, then the end.
+fn check_trace_against_counters(r: &TrainReport, accum: u64) {
+    let t = r.trace.as_ref().expect("a recorded run has a trace");
+    let run = t.running().expect("the trace is consistent");
+    let steps: Vec<(bool, &StepReport)> = if r.steps_completed > 1 {
+        vec![
+            (true, r.first_step.as_ref().unwrap()),
+            (false, r.steady_step.as_ref().unwrap()),
+        ]
+    } else {
+        vec![(true, r.first_step.as_ref().unwrap())]
+    };
+    // The marks, in order.
+    let mut want = vec![(
+        MarkKind::Begin {
+            section: Section::Setup,
+            micro: 0,
+        },
+        true,
+    )];
+    for &(first, _) in &steps {
+        for micro in 0..accum {
+            for section in [Section::Forward, Section::Backward] {
+                want.push((MarkKind::Begin { section, micro }, first));
+            }
+        }
+        want.push((
+            MarkKind::Begin {
+                section: Section::Optimizer,
+                micro: 0,
+            },
+            first,
+        ));
+    }
+    want.push((MarkKind::End, steps.len() == 1));
+    let got: Vec<(MarkKind, bool)> = t
+        .marks
+        .iter()
+        .map(|m| (m.kind.clone(), m.first_step))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(t.marks[0].at, 0);
+    // Section starts and peaks.
+    for &(first, s) in &steps {
+        let phase = |section: Section| -> &PhaseMemory {
+            match section {
+                Section::Forward => &s.forward,
+                Section::Backward => &s.backward,
+                _ => &s.optimizer,
+            }
+        };
+        for section in [Section::Forward, Section::Backward, Section::Optimizer] {
+            let mut peak = 0;
+            let mut start = None;
+            for (k, m) in t.marks.iter().enumerate() {
+                if m.first_step != first
+                    || !matches!(m.kind, MarkKind::Begin { section: x, .. } if x == section)
+                {
+                    continue;
+                }
+                let end = t.marks[k + 1].at;
+                let values =
+                    std::iter::once(sum_at(&run, m.at)).chain(run[m.at..end].iter().copied());
+                peak = peak.max(values.max().unwrap());
+                start.get_or_insert(sum_at(&run, m.at));
+            }
+            let p = phase(section);
+            assert_eq!(
+                start,
+                Some(p.start_allocated_bytes),
+                "start of {section:?} (first step: {first})"
+            );
+            assert_eq!(
+                peak, p.peak_allocated_bytes,
+                "peak of {section:?} (first step: {first})"
+            );
+        }
+    }
+    // Setup ends where step 1 begins; the trace ends at the End mark, where the last step
+    // left its tensors.
+    assert_eq!(sum_at(&run, t.marks[1].at), r.setup_allocated_bytes);
+    let end = t.marks.last().unwrap();
+    assert_eq!(end.at, t.events.len());
+    assert_eq!(
+        sum_at(&run, end.at),
+        r.steady_step
+            .as_ref()
+            .unwrap()
+            .optimizer
+            .end_allocated_bytes
+    );
+}
+
+/// The tiny model with AdamW (foreach: step counters on the host), accumulation 2, on
+/// `ranks` FSDP ranks, with the given precision and checkpointing.
+fn traced_plan(param: &str, ranks: u64, ac: &str) -> String {
+    format!(
+        r#"{{"model":"tiny","gpu":"cpu","num_gpus":{ranks},"parallel":{{"dp_shard":{ranks}}},
+            "batch":{{"micro_batch_size":2,"seq_len":32,"grad_accum_steps":2}},
+            "precision":{{"param":"{param}","reduce":"fp32","master":"fp32"}},
+            "optimizer":"adamw","implementation":{{"optimizer":"foreach"}},
+            "activation_checkpointing":"{ac}"}}"#
+    )
+}
+
+#[test]
+fn the_trace_running_sum_is_the_counter_at_every_section_of_every_plan() {
+    for (param, ranks) in [("fp32", 1), ("bf16", 2)] {
+        for ac in ["none", "full"] {
+            let r = run_traced(&traced_plan(param, ranks, ac), 3);
+            check_trace_against_counters(&r, 2);
+            let t = r.trace.as_ref().unwrap();
+            // At the end: rank 0's fp32 shards (the tiny model's rows are all even, so no
+            // padding), their gradients, AdamW's exp_avg and exp_avg_sq, and the inputs.
+            let p = 4 * TINY_PARAMS / ranks;
+            let c = t.categories_at(t.events.len());
+            let at = |cat: Category| c[cat.index()];
+            assert_eq!(at(Category::MasterParams), p, "{param} {ranks} {ac}");
+            assert_eq!(at(Category::Gradients), p, "{param} {ranks} {ac}");
+            assert_eq!(at(Category::OptimizerStates), 2 * p, "{param} {ranks} {ac}");
+            assert_eq!(at(Category::Inputs), FREQS + LOOP, "{param} {ranks} {ac}");
+            assert_eq!(
+                c.iter().sum::<u64>(),
+                4 * p + FREQS + LOOP,
+                "nothing else is live at the end: {c:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn optimizer_states_appear_in_the_first_step_optimizer_section() {
+    let r = run_traced(&traced_plan("fp32", 2, "none"), 2);
+    let t = r.trace.as_ref().unwrap();
+    let begin = |section: Section, first: bool| {
+        t.marks
+            .iter()
+            .find(|m| {
+                m.first_step == first
+                    && matches!(m.kind, MarkKind::Begin { section: s, .. } if s == section)
+            })
+            .unwrap()
+            .at
+    };
+    let states = |at: usize| t.categories_at(at)[Category::OptimizerStates.index()];
+    // exp_avg and exp_avg_sq of rank 0's half of every parameter, in fp32: none before the
+    // first optimizer step, all of them after it.
+    assert_eq!(states(begin(Section::Optimizer, true)), 0);
+    assert_eq!(
+        states(begin(Section::Forward, false)),
+        2 * 4 * TINY_PARAMS / 2
+    );
+    // Sharded gradients exist from the first backward on, as one fp32 copy of the shard.
+    assert_eq!(
+        t.categories_at(begin(Section::Optimizer, true))[Category::Gradients.index()],
+        4 * TINY_PARAMS / 2
+    );
+    // Unsharded parameters are all-gathered (stream 1) and the reduce-scatter buffers
+    // allocated on stream 2.
+    assert!(t
+        .events
+        .iter()
+        .any(|e| e.category == Category::UnshardedParams && e.stream == 1));
+    assert!(t
+        .events
+        .iter()
+        .any(|e| e.category == Category::GradientBuffers && e.stream == 2));
+    assert!(t
+        .events
+        .iter()
+        .any(|e| e.category == Category::Activations
+            && e.owner.to_string() == "layers.1.feed_forward"));
+}
+
+#[test]
+fn recording_changes_no_figure_and_is_off_by_default() {
+    let json = traced_plan("fp32", 1, "none");
+    let off = run(&json, 2);
+    assert!(off.trace.is_none());
+    let on = run_traced(&json, 2);
+    for (a, b) in off.steps.iter().zip(&on.steps) {
+        assert_eq!(a.forward, b.forward);
+        assert_eq!(a.backward, b.backward);
+        assert_eq!(a.optimizer, b.optimizer);
+    }
+    // A single step is recorded as the first step only.
+    let one = run_traced(&tiny(""), 1);
+    check_trace_against_counters(&one, 1);
+}
+
+fn memplan_bin() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_memplan"))
+}
+
+fn read_trace(path: &std::path::Path) -> Trace {
+    let text = std::fs::read_to_string(path).expect("the trace file is written");
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(doc["schema"], "memplan.trace/1");
+    serde_json::from_str(&text).expect("the trace file parses as a Trace")
+}
+
+#[test]
+fn train_writes_the_trace_file_of_one_process_and_of_rank_zero_of_a_job() {
+    let dir = std::env::temp_dir().join(format!("memplan-trace-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = [
+        "train",
+        "--model",
+        "tiny",
+        "--gpu",
+        "cpu",
+        "--seq-len",
+        "32",
+        "--steps",
+        "3",
+        "--quiet",
+        "--format",
+        "json",
+        "--num-gpus",
+        "2",
+        "--dp-shard",
+        "2",
+    ];
+    for (what, extra) in [("emulated", vec![]), ("job", vec!["--nproc-per-node", "2"])] {
+        let path = dir.join(format!("{what}.json"));
+        let out = memplan_bin()
+            .args(base)
+            .args(&extra)
+            .arg("--trace")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let t = read_trace(&path);
+        assert_eq!(t.source, memplan::trace::Source::Measured);
+        assert_eq!(t.rank, 0);
+        let run = t.running().expect("the trace is consistent");
+        // The stdout document is unchanged: no trace inside it.
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!stdout.contains("\"events\""), "{what}: trace in stdout");
+        let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        let report = if extra.is_empty() {
+            doc["runs"][0]["report"].clone()
+        } else {
+            doc["ranks"][0]["report"].clone()
+        };
+        assert_eq!(report["rank"], 0);
+        assert_eq!(
+            run.last().copied().unwrap_or(0),
+            report["steady_step"]["optimizer"]["end_allocated_bytes"]
+                .as_u64()
+                .unwrap(),
+            "{what}"
+        );
+        assert_eq!(
+            run.iter().copied().max().unwrap_or(0),
+            report["peak_allocated_bytes"].as_u64().unwrap(),
+            "{what}: the trace holds the run's peak (steps 1 and 3 are recorded)"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -48,7 +48,9 @@ use tch::{Device, Kind, Tensor};
 
 use super::ffi::{self, Channel};
 use super::model::TResult;
+use super::recorder::{self, Context, ALL_GATHER_STREAM, REDUCE_SCATTER_STREAM};
 use crate::plan::Offload;
+use crate::trace::{Category, Module, Part};
 
 /// Where a tensor lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -222,6 +224,8 @@ pub struct FsdpParam {
     pub padded: Tensor,
     /// What the model uses: `padded[..rows*cols].view(shape)`, a leaf that requires grad.
     pub leaf: Tensor,
+    /// The module it belongs to (attribution of the allocation trace).
+    pub module: Module,
 }
 
 impl FsdpParam {
@@ -237,8 +241,9 @@ impl FsdpParam {
     }
 
     /// Shards `full` (fp32, host, uncounted) over `env.world` ranks: this rank's shard, and
-    /// the others' when they are emulated.
-    pub fn new(full: &Tensor, env: &Env) -> TResult<FsdpParam> {
+    /// the others' when they are emulated. `module` owns it.
+    pub fn new(full: &Tensor, env: &Env, module: Module) -> TResult<FsdpParam> {
+        let _ctx = recorder::scope(Context::of(Category::MasterParams, module, Part::Shard));
         let shape = full.size();
         let rows = shape[0];
         let cols = if shape.len() == 2 { shape[1] } else { 1 };
@@ -302,6 +307,7 @@ impl FsdpParam {
             remote: shards,
             padded,
             leaf,
+            module,
         })
     }
 
@@ -321,15 +327,18 @@ pub struct Group {
     /// Issued all-gather whose copy-out has not run.
     pending: Option<Tensor>,
     pub reshard_after_forward: bool,
+    /// The module the group wraps (a block, or the root).
+    pub module: Module,
 }
 
 impl Group {
-    pub fn new(params: Vec<FsdpParam>, reshard_after_forward: bool) -> Group {
+    pub fn new(params: Vec<FsdpParam>, reshard_after_forward: bool, module: Module) -> Group {
         Group {
             params,
             unsharded: false,
             pending: None,
             reshard_after_forward,
+            module,
         }
     }
     fn shard_numel(&self) -> i64 {
@@ -371,6 +380,7 @@ impl Fsdp {
             return Ok(());
         }
         let _ng = tch::no_grad_guard();
+        let _ctx = recorder::scope(all_gather_context(group.module));
         let n = group.shard_numel();
         // `_get_param_all_gather_inputs`: with a param dtype and no offload, one flat cast of
         // every shard (`_foreach_copy_` into splits of one buffer); otherwise each shard's
@@ -447,8 +457,12 @@ impl Fsdp {
             // device copy under offload) is made while the previous one is still bound.
             let mut prev: Option<Tensor> = None;
             for p in &group.params {
-                let input = env.on_device(&p.local.data)?.f_to_kind(env.compute)?;
+                let input = {
+                    let _ctx = recorder::scope(all_gather_context(p.module));
+                    env.on_device(&p.local.data)?.f_to_kind(env.compute)?
+                };
                 drop(prev.take());
+                let _ctx = recorder::scope(unsharded_context(p.module));
                 ffi::storage_resize(&p.padded, p.unsharded_nbytes(&env)).map_err(shim)?;
                 ffi::copy_unversioned(&p.padded, &input.f_reshape([-1])?).map_err(shim)?;
                 prev = Some(input);
@@ -461,6 +475,7 @@ impl Fsdp {
             let mut off = 0;
             for p in &group.params {
                 let len = p.shard_numel();
+                let _ctx = recorder::scope(unsharded_context(p.module));
                 ffi::storage_resize(&p.padded, p.unsharded_nbytes(&env)).map_err(shim)?;
                 let dst = p.padded.f_view([env.world, len])?;
                 ffi::copy_unversioned(&dst, &rows.f_narrow(1, off, len)?).map_err(shim)?;
@@ -502,7 +517,15 @@ impl Fsdp {
         let _ng = tch::no_grad_guard();
         let mut grads = Vec::with_capacity(self.groups[g].params.len());
         for p in &self.groups[g].params {
-            grads.push(ffi::take_grad(&p.leaf).map_err(shim)?);
+            let grad = ffi::take_grad(&p.leaf).map_err(shim)?;
+            // Autograd made it during the backward; it is the unsharded gradient.
+            if let Some(t) = &grad {
+                recorder::retag(
+                    t,
+                    Context::of(Category::GradientBuffers, p.module, Part::Grad),
+                );
+            }
+            grads.push(grad);
         }
         self.reshard(g)?;
         if grads.iter().all(|g| g.is_none()) {
@@ -515,13 +538,34 @@ impl Fsdp {
         let group = &mut self.groups[g];
         let n: i64 = with.iter().map(|&i| group.params[i].shard_numel()).sum();
         let world = env.world;
+        // Attribution: the reduce-scatter buffers, and the tensor that becomes the sharded
+        // gradients (a temporary instead when it is added into existing ones or moved to
+        // the host).
+        let module = group.module;
+        let buffers = Context::of(Category::GradientBuffers, module, Part::ReduceScatter)
+            .on_stream(REDUCE_SCATTER_STREAM);
+        let accumulating = with.iter().any(|&i| group.params[i].local.grad.is_some());
+        let final_here = env.shard_place() == Place::Device && !accumulating;
+        let grads_ctx = if final_here {
+            Context::of(Category::Gradients, module, Part::Grad).on_stream(REDUCE_SCATTER_STREAM)
+        } else {
+            buffers
+        };
+        let ctx = recorder::scope(buffers);
         let rs_input = Tensor::f_empty([world * n], (env.reduce, env.device))?;
         // `foreach_reduce_scatter_copy_in`: torch._chunk_cat pads each gradient to a multiple
         // of world rows on dim 0, splits it in world chunks and lays the chunks out rank-major,
         // casting to the reduce dtype.
         let _ = Tensor::f_internal_chunk_cat_out(&rs_input.f_view([world, n])?, &grads, 0, world)?;
         drop(grads);
-        let rs_output = Tensor::f_empty([n], (env.reduce, env.device))?;
+        let rs_output = {
+            let _ctx = recorder::scope(if env.reduce == env.master {
+                grads_ctx
+            } else {
+                buffers
+            });
+            Tensor::f_empty([n], (env.reduce, env.device))?
+        };
         let mut peer_chunks: Vec<(i64, Tensor)> = Vec::new();
         self.comm
             .reduce_scatter(&rs_output, &rs_input, &mut |r, t| {
@@ -529,10 +573,12 @@ impl Fsdp {
                 Ok(())
             })?;
         let out = if env.reduce != env.master {
+            let _ctx = recorder::scope(grads_ctx);
             rs_output.f_to_kind(env.master)?
         } else {
             rs_output
         };
+        drop(ctx);
         let out = if env.shard_place() == Place::Host {
             env.copy_to(&out, Place::Host)?
         } else {
@@ -550,6 +596,16 @@ impl Fsdp {
         }
         Ok(())
     }
+}
+
+/// Attribution of `module`'s all-gather inputs and output.
+fn all_gather_context(module: Module) -> Context {
+    Context::of(Category::UnshardedParams, module, Part::AllGather).on_stream(ALL_GATHER_STREAM)
+}
+
+/// Attribution of a parameter's unsharded buffer (the all-gather's copy-out).
+fn unsharded_context(module: Module) -> Context {
+    Context::of(Category::UnshardedParams, module, Part::Whole)
 }
 
 /// Sets (or adds into) each parameter's sharded gradient from one flat reduce-scatter output.

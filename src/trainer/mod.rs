@@ -22,6 +22,10 @@
 //! Step 1 (optimizer states are created there) and the last step (steady state) are
 //! reported separately. Out of memory is a result: the report names the step and phase.
 //!
+//! On request ([`TrainOptions::record_trace`]) the run also records its device allocations
+//! and frees, in order and attributed to what they hold, as a [`Trace`] ([`recorder`]):
+//! setup, step 1 and the last step, whose running sum is the device counter at every event.
+//!
 //! # What is and is not modelled
 //! It is a single-device emulation of rank 0: the other ranks' shards live on the host,
 //! outside the counters; every rank sees the same data, so rank 0's gradient is the average.
@@ -50,6 +54,7 @@ pub mod launch;
 pub mod memory;
 pub mod model;
 pub mod optim;
+pub mod recorder;
 
 use std::cell::RefCell;
 use std::ffi::{c_int, c_void};
@@ -63,11 +68,13 @@ use torch_sys::C_tensor;
 use crate::error::{Error, Result};
 use crate::plan::{Checkpointing, DType, Logits, Offload, Plan};
 use crate::profiles::ModelSpec;
+use crate::trace::{Category, Module, Part, Section, Trace};
 use ffi::Channel;
 use fsdp::{Emulated, Env, Fsdp, FsdpParam, Group};
 use memory::{Meter, PhaseMemory};
 use model::{BlockWeights, Dims, Flavor, RootWeights, TResult};
 use optim::OptConfig;
+use recorder::Context;
 
 /// Where the run happens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +106,9 @@ pub struct TrainOptions {
     /// Print `memplan-progress STEP STEPS LOSS` on stderr after each step, for a launcher
     /// that draws one progress bar for the whole job.
     pub progress_lines: bool,
+    /// Record the run's device allocations and frees as a [`Trace`] ([`recorder`]): setup,
+    /// step 1 and the last step, in [`TrainReport::trace`].
+    pub record_trace: bool,
 }
 
 /// The default peak learning rate for a model of width `hidden`: 0.25 / hidden, at most 3e-3
@@ -119,6 +129,7 @@ impl Default for TrainOptions {
             device_limit: None,
             abort_at_step: None,
             progress_lines: false,
+            record_trace: false,
         }
     }
 }
@@ -194,6 +205,10 @@ pub struct TrainReport {
     pub tokens_per_second: f64,
     pub oom: Option<OomReport>,
     pub notes: Vec<String>,
+    /// The measured allocation events of setup, step 1 and the last step (only when
+    /// [`TrainOptions::record_trace`] asked for them; see [`recorder`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<Trace>,
 }
 
 fn unsupported(what: &str, got: impl std::fmt::Display, accepted: &str) -> Error {
@@ -320,6 +335,8 @@ impl State {
                 if i > 0 {
                     self.fsdp.unshard(i - 1)?;
                 }
+                // Block i's backward follows.
+                recorder::set(backward_context(Module::Layer(i as u32)));
                 Ok(None)
             }
             CKPT => {
@@ -340,6 +357,13 @@ impl State {
             POST => {
                 drop(grad);
                 self.fsdp.post_backward(i)?;
+                // The previous block's backward follows (its pre-backward hook sets the same),
+                // or, after block 0, the embedding's.
+                recorder::set(backward_context(if i > 0 {
+                    Module::Layer(i as u32 - 1)
+                } else {
+                    Module::TokEmbeddings
+                }));
                 Ok(None)
             }
             _ => unreachable!("unknown hook tag {tag}"),
@@ -406,8 +430,20 @@ impl Hooks {
         st.fsdp.wait_for_unshard(root, true)?;
         let root_leaves = st.fsdp.groups[root].leaves();
         let rw = RootWeights::from_list(&st.spec, &root_leaves);
-        let mut h = model::embed(tokens, &rw)?;
+        let mut h = {
+            let _ctx = recorder::scope(Context::of(
+                Category::Activations,
+                Module::TokEmbeddings,
+                Part::Whole,
+            ));
+            model::embed(tokens, &rw)?
+        };
         for i in 0..layers {
+            let _ctx = recorder::scope(Context::of(
+                Category::Activations,
+                Module::Layer(i as u32),
+                Part::Whole,
+            ));
             st.fsdp.wait_for_unshard(i, true)?;
             let x = self.boundary(&h, POST, i)?;
             drop(h);
@@ -431,7 +467,15 @@ impl Hooks {
         }
         let pred = model::head(h, &rw, st.flavor)?;
         st.fsdp.root_post_forward();
-        let loss = model::loss(&pred, labels, st.flavor)?;
+        let loss = {
+            let _ctx = recorder::scope(Context::of(Category::Logits, Module::Loss, Part::Whole));
+            model::loss(&pred, labels, st.flavor)?
+        };
+        // The loss scalar lives with the loop's inputs until the next batch.
+        recorder::retag(
+            &loss,
+            Context::of(Category::Inputs, Module::Inputs, Part::Whole),
+        );
         if plan.implementation.logits == Logits::FloatOutputKept {
             return Ok((loss, Some(pred)));
         }
@@ -441,7 +485,10 @@ impl Hooks {
 
     /// Backward from the loss, then the root's post-backward.
     fn backward(&self, plan: &Plan, loss: &Tensor) -> TResult<()> {
+        // Up to the last block's pre-backward hook: the loss's and the head's backward.
+        let ctx = recorder::scope(Context::of(Category::Logits, Module::Loss, Part::Whole));
         let r = ffi::backward(&[loss], &[None]);
+        drop(ctx);
         let mut st = self.0.borrow_mut();
         if let Err(e) = r {
             return Err(st.error.take().unwrap_or(tch::TchError::Torch(e.0)));
@@ -450,6 +497,12 @@ impl Hooks {
         st.fsdp.finish_backward();
         Ok(())
     }
+}
+
+/// Attribution of a module's backward: its recomputation and gradient temporaries (the
+/// parameters' unsharded gradients are re-attributed at the post-backward).
+fn backward_context(module: Module) -> Context {
+    Context::of(Category::BackwardWorkingSet, module, Part::Recompute)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -488,22 +541,31 @@ fn build_groups(plan: &Plan, env: &Env) -> TResult<Vec<Group>> {
     let layers = m.layers as usize;
     for i in 0..layers {
         let full = init_weights(&shapes, &norms)?;
+        let module = Module::Layer(i as u32);
         let params = full
             .iter()
-            .map(|t| FsdpParam::new(t, env))
+            .map(|t| FsdpParam::new(t, env, module))
             .collect::<TResult<Vec<_>>>()?;
         // torchtitan: the last block is not resharded after forward (backward needs it first).
         let reshard = plan.reshard_after_forward && i + 1 < layers;
-        groups.push(Group::new(params, reshard));
+        groups.push(Group::new(params, reshard, module));
     }
     let root_shapes: Vec<(u64, u64)> = m.root_params().iter().map(|p| (p.rows, p.cols)).collect();
     let root_norms: Vec<bool> = root_shapes.iter().map(|&(_, c)| c == 1).collect();
     let full = init_weights(&root_shapes, &root_norms)?;
+    // ModelSpec::root_params: tok_embeddings, the final norm, the output projection unless
+    // tied, then the final norm's bias where there is one.
+    let root_module = |k: usize| match k {
+        0 => Module::TokEmbeddings,
+        2 if !m.tied_embeddings => Module::Output,
+        _ => Module::Norm,
+    };
     let params = full
         .iter()
-        .map(|t| FsdpParam::new(t, env))
+        .enumerate()
+        .map(|(k, t)| FsdpParam::new(t, env, root_module(k)))
         .collect::<TResult<Vec<_>>>()?;
-    groups.push(Group::new(params, false));
+    groups.push(Group::new(params, false, Module::Root));
     Ok(groups)
 }
 
@@ -555,6 +617,7 @@ fn batch_on_device(
 ) -> TResult<(Tensor, Tensor)> {
     let (b, s) = (plan.batch.micro_batch_size, plan.batch.seq_len);
     let (rank, ranks) = dp.unwrap_or((0, 1));
+    let _ctx = recorder::scope(Context::of(Category::Inputs, Module::Inputs, Part::Ids));
     let toks = {
         let _off = ffi::channel(Channel::Off);
         let all = synthetic_tokens(seed, index, b * ranks, s, plan.model.vocab);
@@ -664,6 +727,13 @@ fn train_on(
         offload: plan.offload,
     };
     let _default = ffi::channel(env.default_channel());
+    // The recording starts with the meter, so that both count from the same live bytes.
+    let _recording = if opts.record_trace {
+        recorder::start(cuda)?;
+        Some(Recording)
+    } else {
+        None
+    };
     let meter = Meter::new(cuda)?;
     let _limit = match (opts.device, opts.device_limit) {
         (TrainDevice::Cpu, Some(limit)) => {
@@ -683,6 +753,7 @@ fn train_on(
     let (groups, freqs) = (|| -> TResult<_> {
         let groups = build_groups(plan, &env)?;
         // torchtitan's rotary table: a buffer of 2 x seq_len rows, replicated on every rank.
+        let _ctx = recorder::scope(Context::of(Category::Inputs, Module::Inputs, Part::Rotary));
         let freqs = model::precompute_freqs_cis(
             plan.model.head_dim as i64,
             2 * plan.batch.seq_len as i64,
@@ -736,7 +807,14 @@ fn train_on(
     let started = Instant::now();
     let mut tokens = 0u64;
     let dp = mesh.as_ref().map(|m| (m.dp_rank(), m.dp_world()));
+    // Setup, step 1 and the last step are recorded; the steps between are not (see recorder).
+    let between = |step: u64| step > 1 && step < opts.steps;
+    let mut last_step = 0;
     'steps: for step in 1..=opts.steps {
+        last_step = step;
+        if step == opts.steps {
+            recorder::resume();
+        }
         if opts.abort_at_step == Some(step) {
             eprintln!("error: aborting at step {step} (fault injection)");
             std::process::abort();
@@ -756,6 +834,7 @@ fn train_on(
         let mut loss_sum = 0.0;
         for micro in 0..accum {
             let start = meter.start()?;
+            recorder::mark(Section::Forward, micro, step == 1);
             let r = (|| -> TResult<_> {
                 let (input, labels) =
                     batch_on_device(&env, plan, opts.seed, (step - 1) * accum + micro, dp)?;
@@ -784,6 +863,7 @@ fn train_on(
             };
             loss_sum += loss.f_double_value(&[]).map_err(rt)?;
             let start = meter.start()?;
+            recorder::mark(Section::Backward, micro, step == 1);
             let r = hooks.backward(plan, &loss);
             drop(kept_pred);
             // The training loop's `input_ids`, `labels` and `loss` live until the next batch.
@@ -819,6 +899,7 @@ fn train_on(
             ..cfg
         };
         let start = meter.start()?;
+        recorder::mark(Section::Optimizer, 0, step == 1);
         let r = (|| -> TResult<()> {
             let mut st = hooks.0.borrow_mut();
             let mut local: Vec<&mut fsdp::Shard> = st
@@ -886,6 +967,10 @@ fn train_on(
             backward,
             optimizer: opt,
         });
+        if between(step + 1) {
+            recorder::pause();
+        }
+        recorder::drain();
         if opts.progress_lines {
             eprintln!("memplan-progress {step} {} {loss}", opts.steps);
         }
@@ -894,6 +979,7 @@ fn train_on(
             b.inc(1);
         }
     }
+    recorder::end(last_step <= 1);
     drop(live);
     if let Some(b) = &bar {
         b.finish_and_clear();
@@ -969,6 +1055,20 @@ fn train_on(
                 .into(),
         );
     }
+    let trace = if opts.record_trace {
+        let capacity = match cuda {
+            None => opts.device_limit,
+            // What the allocator can hand out: free device memory and what it has reserved.
+            Some(d) => match (ffi::accelerator_mem_info(d), ffi::accelerator_stats(d)) {
+                (Ok((free, _)), Ok(s)) => Some(free + s.reserved),
+                _ => None,
+            },
+        };
+        let rank = mesh.as_ref().map_or(0, |m| m.env.rank);
+        recorder::finish(rank, capacity, &mut notes)
+    } else {
+        None
+    };
     Ok(TrainReport {
         model: plan.model.name.clone(),
         device: opts.device,
@@ -993,5 +1093,15 @@ fn train_on(
         oom,
         notes,
         steps,
+        trace,
     })
+}
+
+/// Drops an unfinished recording when a run ends early with an error.
+struct Recording;
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        recorder::abandon();
+    }
 }

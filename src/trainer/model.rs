@@ -7,8 +7,10 @@
 
 use tch::{Kind, Tensor};
 
+use super::recorder::{self, Context};
 use crate::plan::{Gqa, Logits};
 use crate::profiles::ModelSpec;
+use crate::trace::{Category, Module, Part};
 
 pub type TResult<T> = Result<T, tch::TchError>;
 
@@ -255,6 +257,9 @@ fn feed_forward(x: &Tensor, w: &BlockWeights) -> TResult<Tensor> {
 
 /// torchtitan `TransformerBlock.forward`:
 /// `h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h))`.
+///
+/// Allocations of the attention and feed-forward halves (norms included) are attributed to
+/// those parts of the block; the residual adds to the block as a whole.
 pub fn block_forward(
     x: &Tensor,
     w: &BlockWeights,
@@ -262,14 +267,18 @@ pub fn block_forward(
     d: Dims,
     f: Flavor,
 ) -> TResult<Tensor> {
+    let part = recorder::part(Part::Attention);
     let n = rms_norm(x, w.attention_norm)?;
     let a = attention(&n, w, freqs_cis, d, f)?;
     drop(n);
+    drop(part);
     let h = x.f_add(&a)?;
     drop(a);
+    let part = recorder::part(Part::FeedForward);
     let n = rms_norm(&h, w.ffn_norm)?;
     let m = feed_forward(&n, w)?;
     drop(n);
+    drop(part);
     h.f_add(&m)
 }
 
@@ -283,8 +292,16 @@ pub fn embed(tokens: &Tensor, r: &RootWeights) -> TResult<Tensor> {
 pub fn head(h: Tensor, r: &RootWeights, f: Flavor) -> TResult<Tensor> {
     // `h = self.norm(h)` rebinds: the last block's output is freed once normalised; the
     // normalised h stays bound until the model returns.
-    let n = rms_norm(&h, r.norm)?;
+    let n = {
+        let _ctx = recorder::scope(Context::of(
+            Category::Activations,
+            Module::Norm,
+            Part::Whole,
+        ));
+        rms_norm(&h, r.norm)?
+    };
     drop(h);
+    let _ctx = recorder::scope(Context::of(Category::Logits, Module::Output, Part::Logits));
     let logits = n.f_linear(r.output, None::<&Tensor>)?;
     let out = match f.logits {
         Logits::FloatOutput | Logits::FloatOutputKept => logits.f_to_kind(Kind::Float)?,

@@ -18,7 +18,17 @@ use tch::{Device, Kind, Tensor};
 use super::ffi::{self, AdamHyper, Channel, StepMode};
 use super::fsdp::{shim, Env, Place, Shard};
 use super::model::TResult;
+use super::recorder::{self, Context};
 use crate::plan::{Offload, Optimizer, OptimizerImpl};
+use crate::trace::{Category, Module, Part};
+
+/// Attribution of the optimizer's states (created at step 1) and of its step's temporaries.
+const STATES: Context = Context::of(Category::OptimizerStates, Module::Optimizer, Part::State);
+const TEMPORARIES: Context = Context::of(
+    Category::OptimizerTemporaries,
+    Module::Optimizer,
+    Part::Whole,
+);
 
 /// AdamW defaults of torchtitan (betas 0.9/0.95, weight decay 0.1, eps 1e-8).
 pub const BETAS: (f64, f64) = (0.9, 0.95);
@@ -79,6 +89,7 @@ pub fn step(cfg: &OptConfig, env: &Env, shards: &mut [&mut Shard], peers: bool) 
     let mut shards = shards;
     let is_adam = matches!(cfg.kind, Optimizer::AdamW | Optimizer::Adam);
     let first = shards.iter().any(|s| s.state.len() < n_states);
+    let ctx = recorder::scope(STATES);
     if is_adam {
         for s in shards.iter_mut().filter(|s| s.step.is_none()) {
             let (stdev, stch) = if fused {
@@ -102,6 +113,8 @@ pub fn step(cfg: &OptConfig, env: &Env, shards: &mut [&mut Shard], peers: bool) 
         }
     }
 
+    drop(ctx);
+    let _ctx = recorder::scope(TEMPORARIES);
     // Parameters and gradients where the step runs.
     let (params, grads): (Vec<Tensor>, Vec<Tensor>) = if host_step {
         let mut ps = Vec::new();
@@ -146,6 +159,7 @@ pub fn step(cfg: &OptConfig, env: &Env, shards: &mut [&mut Shard], peers: bool) 
         Optimizer::SgdMomentum => {
             if first {
                 // torch.optim.SGD: `buf = torch.clone(grad).detach()` on the first step.
+                let _ctx = recorder::scope(STATES);
                 for (s, g) in shards.iter_mut().zip(&gr) {
                     if s.state.is_empty() {
                         let mut b = Tensor::f_empty(g.size().as_slice(), (g.kind(), sdev))?;
