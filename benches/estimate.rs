@@ -89,5 +89,32 @@ fn search_64(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, one, sweep, search_64);
+fn llama70b() -> Plan {
+    serde_json::from_str::<PlanFile>(
+        r#"{"model":"llama3-70b","gpu":"h100-80g","num_gpus":64,"parallel":{"tp":8},
+            "batch":{"micro_batch_size":1,"seq_len":8192},"activation_checkpointing":"full"}"#,
+    )
+    .unwrap()
+    .resolve()
+    .unwrap()
+}
+
+/// The step of llama3-70b (80 blocks) as events, and the estimate with its allocator
+/// simulation (the group-level trace replayed through the caching allocator).
+fn traced(c: &mut Criterion) {
+    use memplan::estimate::trace::{trace_with, Detail};
+    let plan = llama70b();
+    let conf = memplan::allocator::AllocConf::default();
+    c.bench_function("trace/llama3-70b tensors", |b| {
+        b.iter(|| trace_with(black_box(&plan), 0, Detail::Tensors).unwrap())
+    });
+    c.bench_function("trace/llama3-70b groups", |b| {
+        b.iter(|| trace_with(black_box(&plan), 0, Detail::Groups).unwrap())
+    });
+    c.bench_function("estimate/simulated (llama3-70b, 64 GPUs, tp 8)", |b| {
+        b.iter(|| memplan::estimate::estimate_simulated(black_box(&plan), &conf, "").unwrap())
+    });
+}
+
+criterion_group!(benches, one, sweep, search_64, traced);
 criterion_main!(benches);

@@ -10,11 +10,13 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::error::{Error, Result, EXIT_BAD_INPUT, EXIT_DOES_NOT_FIT, EXIT_FAILURE, EXIT_FITS};
-use crate::estimate::{estimate, Estimate};
+use crate::estimate::estimate_simulated;
 use crate::output::{renderer, Format, Row};
 use crate::plan::{self, Plan, PlanFile};
 use crate::profiles;
 use crate::search::{self, Constraints, RankBy};
+
+mod timeline;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -33,6 +35,10 @@ pub enum Command {
     Estimate {
         #[command(flatten)]
         plan: Box<PlanArgs>,
+        /// The caching allocator's settings for its simulation, in PYTORCH_CUDA_ALLOC_CONF
+        /// syntax, e.g. expandable_segments:True.
+        #[arg(long, default_value = "")]
+        alloc_conf: String,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
@@ -90,6 +96,10 @@ pub enum Command {
         /// (default: 0.25 / hidden size, at most 3e-3).
         #[arg(long, allow_negative_numbers = true)]
         lr: Option<f64>,
+        /// Record the run's device allocations and frees (setup, step 1 and the last step) and
+        /// write them to FILE as JSON (schema memplan.trace/1); with --nproc-per-node, rank 0's.
+        #[arg(long, value_name = "FILE")]
+        trace: Option<PathBuf>,
         #[command(flatten)]
         dist: Box<DistArgs>,
         #[arg(long, value_enum, default_value_t = Format::Table)]
@@ -111,8 +121,32 @@ pub enum Command {
         /// Fail (exit 1) when any plan's peak error exceeds this percentage.
         #[arg(long, allow_negative_numbers = true)]
         max_error_pct: Option<f64>,
+        /// Record every run's allocations and write DIR/LABEL.svg per plan (and rank): the
+        /// predicted step as stacked areas, the measured one as a line over it.
+        #[arg(long, value_name = "DIR")]
+        timeline: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+    },
+    /// Draw the step: the estimator's allocation events of the most loaded rank (or
+    /// --stage) as a picture by category with the capacity line, the out-of-memory moment
+    /// and the simulated reserved line (svg, html), as a PyTorch memory_viz snapshot
+    /// (memory-viz), or as the event trace (json).
+    Timeline {
+        #[command(flatten)]
+        plan: Box<PlanArgs>,
+        /// Pipeline stage to draw (default: the most loaded).
+        #[arg(long, allow_negative_numbers = true)]
+        stage: Option<i64>,
+        /// The caching allocator's settings, in PYTORCH_CUDA_ALLOC_CONF syntax, e.g.
+        /// expandable_segments:True or max_split_size_mb:512.
+        #[arg(long, default_value = "")]
+        alloc_conf: String,
+        /// Where to write ("-": stdout; default memplan-timeline.EXT).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = timeline::TimelineFormat::Svg)]
+        format: timeline::TimelineFormat,
     },
     /// List the shipped model and GPU profiles and example plans.
     Profiles {
@@ -641,10 +675,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 /// carry theirs.
 pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> {
     match cli.command {
-        Command::Estimate { plan, format } => {
+        Command::Estimate {
+            plan,
+            alloc_conf,
+            format,
+        } => {
             let plan = plan.resolve()?;
             warn(err, &plan.warnings);
-            let est: Estimate = estimate(&plan)?;
+            let conf = crate::allocator::AllocConf::parse(&alloc_conf)?;
+            let (est, _) = estimate_simulated(&plan, &conf, &alloc_conf)?;
             print(
                 out,
                 &renderer(format).estimate(&Row {
@@ -667,7 +706,8 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
             let ests = loaded
                 .iter()
                 .map(|(label, p)| {
-                    estimate(p)
+                    estimate_simulated(p, &Default::default(), "")
+                        .map(|(e, _)| e)
                         .map_err(|e| e.context(format!("plan {}", crate::input::quote(label))))
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -742,6 +782,7 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
             quiet,
             device_memory,
             lr,
+            trace,
             dist,
             format,
         } => {
@@ -779,18 +820,23 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
                 progress: !quiet,
                 device_limit,
                 lr,
+                record_trace: trace.is_some(),
                 ..Default::default()
             };
+            let trace = trace.as_deref();
             let rank_env = if dist.emulate {
                 None
             } else {
                 crate::trainer::dist::RankEnv::from_env()?
             };
             match (dist.nproc_per_node, rank_env) {
-                (Some(n), _) => launch_ranks(&dist, n, opts.progress, &plan, out, format),
-                (None, Some(env)) => run_rank(env, &dist, &plan, &opts, out, format),
+                (Some(n), _) => launch_ranks(&dist, n, opts.progress, &plan, trace, out, format),
+                (None, Some(env)) => run_rank(env, &dist, &plan, &opts, trace, out, format),
                 (None, None) => {
                     let v = crate::validate::validate_one(&plan.model.name, &plan, &opts)?;
+                    if let Some(path) = trace {
+                        write_trace(path, v.measured_trace.as_ref(), &v.report)?;
+                    }
                     print(out, &crate::output::validation::train(&v, format))?;
                     Ok(fit_code(v.report.oom.is_none()))
                 }
@@ -803,6 +849,7 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
             device,
             quiet,
             max_error_pct,
+            timeline: timeline_dir,
             format,
         } => {
             if let Some(m) = max_error_pct {
@@ -819,13 +866,19 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
             } else {
                 crate::validate::read_matrix(std::path::Path::new(&matrix))?
             };
-            let (rows, failed) = crate::validate::validate_all(
-                &plans,
-                positive_steps(steps)?,
-                parse_device(&device)?,
-                !quiet,
-                None,
-            );
+            let opts = crate::trainer::TrainOptions {
+                steps: positive_steps(steps)?,
+                device: parse_device(&device)?,
+                progress: !quiet,
+                record_trace: timeline_dir.is_some(),
+                ..Default::default()
+            };
+            let (rows, failed) = crate::validate::validate_all_with(&plans, &opts, None);
+            if let Some(dir) = &timeline_dir {
+                for (path, _) in timeline::overlays(&rows, dir)? {
+                    writeln!(err, "wrote {}", path.display()).map_err(Error::output)?;
+                }
+            }
             print(out, &crate::output::validation::matrix(&rows, format))?;
             for (label, e) in &failed {
                 let _ = writeln!(err, "error: {label}: {e}");
@@ -836,6 +889,46 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
                         .any(|v| v.error_pct().abs() > m || v.report.oom.is_some())
                 });
             Ok(fit_code(!bad))
+        }
+        Command::Timeline {
+            plan,
+            stage,
+            alloc_conf,
+            output,
+            format,
+        } => {
+            let plan = plan.resolve()?;
+            warn(err, &plan.warnings);
+            let stage = match stage {
+                Some(s) if s < 0 || s as u64 >= plan.parallel.pp => {
+                    return Err(Error::invalid(
+                        "--stage",
+                        s,
+                        format!("a pipeline stage from 0 to {}", plan.parallel.pp - 1),
+                    ))
+                }
+                s => s.map(|s| s as u64),
+            };
+            let (bytes, est, trace) = timeline::render(&plan, stage, &alloc_conf, format)?;
+            let path = output.unwrap_or_else(|| timeline::default_path(format));
+            timeline::write_to(&path, &bytes, out)?;
+            let g = &est.per_gpu;
+            let mut line = format!(
+                "{}: stage {}, {} events; peak allocated {} ({})",
+                path.display(),
+                trace.stage,
+                trace.events.len(),
+                g.peak_allocated_bytes,
+                g.peak_phase
+            );
+            if let Some(sim) = &g.simulation {
+                line += &format!("; simulated reserved peak {}", sim.peak_reserved_bytes);
+                if let Some(at) = &sim.oom_at {
+                    line += &format!("; out of memory at {at}");
+                }
+            }
+            writeln!(err, "{line}").map_err(Error::output)?;
+            Ok(fit_code(est.fits))
         }
         Command::Profiles { format } => {
             let models = profiles::MODELS
@@ -857,6 +950,28 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
     }
 }
 
+/// `train --trace FILE`: writes the run's measured trace, or says why there is none.
+#[cfg(feature = "trainer")]
+fn write_trace(
+    path: &std::path::Path,
+    trace: Option<&crate::trace::Trace>,
+    report: &crate::trainer::TrainReport,
+) -> Result<()> {
+    match trace {
+        Some(t) => crate::trainer::recorder::write_trace_file(path, t),
+        None => Err(Error::runtime(format!(
+            "rank {}: the run recorded no allocation trace{}",
+            report.rank,
+            report
+                .notes
+                .iter()
+                .find(|n| n.starts_with("no allocation trace"))
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default()
+        ))),
+    }
+}
+
 /// `train --nproc-per-node N`: starts the ranks, then prints every rank beside the prediction.
 #[cfg(feature = "trainer")]
 fn launch_ranks(
@@ -864,6 +979,7 @@ fn launch_ranks(
     nproc: i64,
     progress: bool,
     plan: &Plan,
+    trace: Option<&std::path::Path>,
     out: &mut dyn Write,
     format: Format,
 ) -> Result<u8> {
@@ -907,12 +1023,16 @@ fn launch_ranks(
         exe: None,
     };
     let outcome = crate::trainer::launch::launch(&launch, &rank_args())?;
-    let e = estimate(plan)?;
+    let e = crate::estimate::estimate(plan)?;
     let rows: Vec<_> = outcome
         .reports
         .into_iter()
         .map(|r| crate::validate::validation_of(&format!("rank {}", r.rank), plan, &e, r))
         .collect();
+    // Rank 0's trace (on a node without rank 0, its first rank's).
+    if let (Some(path), Some(first)) = (trace, rows.first()) {
+        write_trace(path, first.measured_trace.as_ref(), &first.report)?;
+    }
     let oom = rows.iter().any(|v| v.report.oom.is_some());
     print(out, &crate::output::validation::ranks(&rows, format))?;
     Ok(fit_code(!oom))
@@ -942,7 +1062,9 @@ fn rank_args() -> Vec<OsString> {
         }
         out.push(a);
     }
-    out.push("--quiet".into());
+    if !out.iter().any(|a| a == "--quiet") {
+        out.push("--quiet".into());
+    }
     out
 }
 
@@ -955,6 +1077,7 @@ fn run_rank(
     dist: &DistArgs,
     plan: &Plan,
     opts: &crate::trainer::TrainOptions,
+    trace: Option<&std::path::Path>,
     out: &mut dyn Write,
     format: Format,
 ) -> Result<u8> {
@@ -1011,7 +1134,7 @@ fn run_rank(
             m.shard.size()
         );
     }
-    let e = estimate(plan)?;
+    let e = crate::estimate::estimate(plan)?;
     // Fault injection for the fault tests: MEMPLAN_FAULT_ABORT_RANK=R and
     // MEMPLAN_FAULT_ABORT_STEP=S make rank R abort at the start of step S.
     let fault = |key: &str| std::env::var(key).ok().and_then(|v| v.parse::<u64>().ok());
@@ -1034,7 +1157,7 @@ fn run_rank(
         abort_at_step,
         ..opts.clone()
     };
-    let report = crate::trainer::train_rank(plan, &opts, mesh.clone())
+    let mut report = crate::trainer::train_rank(plan, &opts, mesh.clone())
         .map_err(|e| e.context(format!("rank {rank}")))?;
     let oom = report.oom.clone();
     if log {
@@ -1058,6 +1181,11 @@ fn run_rank(
             );
         }
         return Ok(fit_code(oom.is_none()));
+    }
+    // Under torchrun, rank 0 writes its own trace; the reports travel without theirs.
+    let measured = report.trace.take();
+    if let (Some(path), 0) = (trace, rank) {
+        write_trace(path, measured.as_ref(), &report)?;
     }
     // Under torchrun: a rank out of memory cannot meet its peers again; it reports alone.
     if oom.is_some() {

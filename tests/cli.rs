@@ -326,3 +326,90 @@ fn estimates_a_torchtitan_config_with_the_world_size_from_flags() {
         by_flags["per_gpu"]["peak_reserved_bytes"]
     );
 }
+
+/// `memplan timeline` on the seed plan: the trace's first-step optimizer crosses the
+/// capacity (48 GB less the CUDA context), the picture marks the out-of-memory moment there,
+/// and the JSON trace says where.
+#[test]
+fn timeline_of_the_seed_plan_marks_the_first_optimizer_step_out_of_memory() {
+    let dir = std::env::temp_dir().join(format!("memplan-cli-timeline-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("seed.svg");
+    memplan()
+        .args(["timeline", "--example", "seed-8b-2x48g", "--output"])
+        .arg(&svg)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "out of memory at step 1 optimizer: layers.",
+        ));
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.starts_with("<svg") || text.starts_with("<?xml"));
+    assert!(text.contains("out of memory") && text.contains("capacity"));
+
+    let out = memplan()
+        .args([
+            "timeline",
+            "--example",
+            "seed-8b-2x48g",
+            "--format",
+            "json",
+            "-o",
+            "-",
+        ])
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["schema"], "memplan.trace/1");
+    let cap = doc["capacity_bytes"].as_u64().unwrap();
+    // The 48 GB card's 47.99 GiB less 512 MiB of CUDA context and 512 MiB of NCCL.
+    assert_eq!(cap, 51_527_024_640 - (1 << 30));
+    // Running sum: where it first exceeds the capacity is in step 1's optimizer section.
+    let events = doc["events"].as_array().unwrap();
+    let mut total = 0i64;
+    let first_over = events
+        .iter()
+        .position(|e| {
+            let b = e["bytes"].as_i64().unwrap();
+            total += if e["op"] == "alloc" { b } else { -b };
+            total as u64 > cap
+        })
+        .unwrap();
+    let opt = doc["marks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["kind"] == "begin" && m["section"] == "optimizer")
+        .unwrap();
+    assert_eq!(opt["first_step"], true);
+    assert!(first_over >= opt["at"].as_u64().unwrap() as usize);
+    assert_eq!(events[first_over]["category"], "optimizer-states");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn timeline_refuses_a_stage_beyond_the_pipeline_and_a_bad_alloc_conf() {
+    memplan()
+        .args([
+            "timeline",
+            "--example",
+            "seed-8b-2x48g",
+            "--stage",
+            "1",
+            "-o",
+            "-",
+        ])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--stage"));
+    memplan()
+        .args([
+            "timeline",
+            "--example",
+            "seed-8b-2x48g",
+            "--alloc-conf",
+            "max_split_size_mb:1",
+        ])
+        .assert()
+        .code(2);
+}

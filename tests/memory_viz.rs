@@ -1027,3 +1027,71 @@ fn from_trace_records_page_maps_and_unmaps_of_expandable_segments() {
     assert_eq!(number(&values, "END_RESERVED"), 40 * MIB);
     assert_eq!(number(&values, "PEAK_ALLOCATED"), 35 * MIB);
 }
+
+/// The whole path a user takes: `memplan timeline --format memory-viz` on the offload
+/// example writes the estimator's step; torch's tools read it and replay the estimator's
+/// own peak allocated (the loss backward, 16.37 GiB) and the simulation's reserved peak.
+#[test]
+fn the_estimators_timeline_opens_in_torch_with_the_estimated_peak() {
+    let dir = std::env::temp_dir().join(format!("memplan-viz-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("offload.pickle");
+    let out = Command::new(env!("CARGO_BIN_EXE_memplan"))
+        .args([
+            "timeline",
+            "--example",
+            "seed-8b-2x48g-offload",
+            "--format",
+            "memory-viz",
+        ])
+        .arg("--output")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    assert_only_memory_viz_opcodes(&bytes);
+
+    let plan = memplan::plan::example("seed-8b-2x48g-offload")
+        .unwrap()
+        .resolve()
+        .unwrap();
+    let est = memplan::estimate::estimate(&plan).unwrap();
+    let t = memplan::estimate::trace::trace(&plan, est.per_gpu.stage).unwrap();
+    let sim = memplan::estimate::simulate::simulate(&t, &AllocConf::default(), "").unwrap();
+    // The pickle decoded here: the trace entries replay to the same peaks.
+    let summary =
+        summarize(&from_trace(&t, &AllocConf::default(), t.capacity_bytes).unwrap()).unwrap();
+    assert_eq!(
+        summary.peak_allocated_bytes,
+        est.per_gpu.peak_allocated_bytes.get()
+    );
+    assert_eq!(summary.peak_reserved_bytes, sim.peak_reserved_bytes.get());
+
+    let Some((values, stdout)) = torch_tools("estimator-offload", &bytes) else {
+        return;
+    };
+    assert_eq!(
+        number(&values, "PEAK_ALLOCATED"),
+        est.per_gpu.peak_allocated_bytes.get(),
+        "{stdout}"
+    );
+    assert_eq!(
+        number(&values, "PEAK_RESERVED"),
+        sim.peak_reserved_bytes.get()
+    );
+    for c in [
+        "logits",
+        "activations",
+        "unsharded params",
+        "gradient buffers",
+    ] {
+        assert!(values["CATEGORIES"].contains(c), "{}", values["CATEGORIES"]);
+    }
+}

@@ -661,7 +661,8 @@ fn estimate(
     let run = || -> Result<PyEstimate, Error> {
         let s = source(plan, fields)?;
         let plan = resolve(&s)?;
-        let est = memplan::estimate::estimate(&plan)?;
+        let (est, _) =
+            memplan::estimate::estimate_simulated(&plan, &Default::default(), "")?;
         Ok(PyEstimate { plan, est })
     };
     run().map_err(|e| plan_error(py, e))

@@ -19,7 +19,12 @@
 //!                    "activations_bytes": u64, "backward_working_set_bytes": u64,
 //!                    "logits_bytes": u64, "workspace_bytes": u64 },
 //!     "first_oom": null | {"first_step": bool, "phase": str, "allocated_bytes": u64},
-//!     "timeline": [{"first_step": bool, "phase": str, "allocated_bytes": u64}, ...]
+//!     "timeline": [{"first_step": bool, "phase": str, "allocated_bytes": u64}, ...],
+//!     "simulation"?: {                 // the caching-allocator simulation of the step
+//!       "alloc_conf": str, "peak_reserved_bytes": u64,
+//!       "reserved_at_peak_bytes": u64 | null, "fragmentation_at_peak_bytes": u64 | null,
+//!       "largest_free_block_at_peak_bytes": u64 | null, "segments": u64,
+//!       "device_allocs": u64, "oom_event": u64 | null, "oom_at": str | null }
 //!   },
 //!   "host": { "per_node_bytes": u64, "capacity_bytes": u64, "ranks_per_node": u64,
 //!             "breakdown": { "offloaded_params_bytes", "offloaded_gradients_bytes",
