@@ -835,7 +835,7 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
                 (None, None) => {
                     let v = crate::validate::validate_one(&plan.model.name, &plan, &opts)?;
                     if let Some(path) = trace {
-                        write_trace(path, v.measured_trace.as_ref(), &v.report)?;
+                        write_trace(path, &plan, v.measured_trace.as_ref(), &v.report)?;
                     }
                     print(out, &crate::output::validation::train(&v, format))?;
                     Ok(fit_code(v.report.oom.is_none()))
@@ -954,11 +954,12 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
 #[cfg(feature = "trainer")]
 fn write_trace(
     path: &std::path::Path,
+    plan: &Plan,
     trace: Option<&crate::trace::Trace>,
     report: &crate::trainer::TrainReport,
 ) -> Result<()> {
     match trace {
-        Some(t) => crate::trainer::recorder::write_trace_file(path, t),
+        Some(t) => timeline::write_measured(path, plan, t),
         None => Err(Error::runtime(format!(
             "rank {}: the run recorded no allocation trace{}",
             report.rank,
@@ -1031,7 +1032,7 @@ fn launch_ranks(
         .collect();
     // Rank 0's trace (on a node without rank 0, its first rank's).
     if let (Some(path), Some(first)) = (trace, rows.first()) {
-        write_trace(path, first.measured_trace.as_ref(), &first.report)?;
+        write_trace(path, plan, first.measured_trace.as_ref(), &first.report)?;
     }
     let oom = rows.iter().any(|v| v.report.oom.is_some());
     print(out, &crate::output::validation::ranks(&rows, format))?;
@@ -1185,7 +1186,7 @@ fn run_rank(
     // Under torchrun, rank 0 writes its own trace; the reports travel without theirs.
     let measured = report.trace.take();
     if let (Some(path), 0) = (trace, rank) {
-        write_trace(path, measured.as_ref(), &report)?;
+        write_trace(path, plan, measured.as_ref(), &report)?;
     }
     // Under torchrun: a rank out of memory cannot meet its peers again; it reports alone.
     if oom.is_some() {

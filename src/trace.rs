@@ -261,7 +261,26 @@ pub struct Trace {
     pub marks: Vec<Mark>,
 }
 
+/// The JSON schema name of a trace document.
+pub const SCHEMA: &str = "memplan.trace/1";
+
 impl Trace {
+    /// The trace as a JSON document: `{"schema": "memplan.trace/1", ...its fields}`.
+    pub fn to_json(&self) -> String {
+        #[derive(Serialize)]
+        struct Doc<'a> {
+            schema: &'static str,
+            #[serde(flatten)]
+            trace: &'a Trace,
+        }
+        serde_json::to_string(&Doc {
+            schema: SCHEMA,
+            trace: self,
+        })
+        .expect("traces serialize")
+            + "\n"
+    }
+
     /// Allocated bytes after each event, in order. Errors on a free of a tensor that is not
     /// live, an allocation of a live id, or a free whose bytes differ from its allocation.
     pub fn running(&self) -> Result<Vec<u64>> {

@@ -602,3 +602,90 @@ fn train_writes_the_trace_file_of_one_process_and_of_rank_zero_of_a_job() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The measured trace in the other formats: `train --trace run.svg` draws it over the
+/// estimator's step, `run.pickle` is a memory_viz snapshot whose trace replays to the run's
+/// measured peak; `validate --timeline DIR` draws one picture per plan.
+#[test]
+fn measured_traces_become_pictures_and_snapshots() {
+    use memplan::output::memory_viz::summarize;
+    let dir = std::env::temp_dir().join(format!("memplan-trace-formats-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |trace: &std::path::Path| {
+        let out = memplan_bin()
+            .args([
+                "train",
+                "--model",
+                "tiny",
+                "--gpu",
+                "cpu",
+                "--num-gpus",
+                "2",
+            ])
+            .args([
+                "--seq-len",
+                "32",
+                "--steps",
+                "2",
+                "--quiet",
+                "--format",
+                "json",
+            ])
+            .arg("--trace")
+            .arg(trace)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        doc["runs"][0]["report"]["peak_allocated_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    let svg = dir.join("run.svg");
+    run(&svg);
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.contains("measured allocated") && text.contains("activations"));
+
+    let pickle = dir.join("run.pickle");
+    let peak = run(&pickle);
+    let bytes = std::fs::read(&pickle).unwrap();
+    assert_eq!(
+        &bytes[..2],
+        b"\x80\x04",
+        "a protocol-4 pickle, as torch writes"
+    );
+    // The JSON trace of the same run, replayed by the snapshot writer's own summary.
+    let json = dir.join("run.json");
+    assert_eq!(run(&json), peak);
+    let t = read_trace(&json);
+    let events = memplan::output::memory_viz::from_trace(&t, &Default::default(), None).unwrap();
+    assert_eq!(summarize(&events).unwrap().peak_allocated_bytes, peak);
+
+    let matrix = dir.join("m.json");
+    std::fs::write(
+        &matrix,
+        r#"[{"label":"tiny fsdp 2","plan":{"model":"tiny","gpu":"cpu","num_gpus":2,
+             "batch":{"micro_batch_size":2,"seq_len":32}}}]"#,
+    )
+    .unwrap();
+    let pics = dir.join("pictures");
+    let out = memplan_bin()
+        .args(["validate", "--quiet", "--steps", "2", "--matrix"])
+        .arg(&matrix)
+        .arg("--timeline")
+        .arg(&pics)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pic = std::fs::read_to_string(pics.join("tiny_fsdp_2.svg")).unwrap();
+    assert!(pic.contains("measured allocated") && pic.contains("step 1"));
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -5,7 +5,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use clap::ValueEnum;
-use serde::Serialize;
 
 use crate::allocator::AllocConf;
 use crate::error::{Error, Result};
@@ -38,22 +37,6 @@ impl TimelineFormat {
             TimelineFormat::Json => "json",
         }
     }
-}
-
-/// The trace as a JSON document.
-pub fn trace_json(trace: &Trace) -> String {
-    #[derive(Serialize)]
-    struct Doc<'a> {
-        schema: &'static str,
-        #[serde(flatten)]
-        trace: &'a Trace,
-    }
-    serde_json::to_string(&Doc {
-        schema: "memplan.trace/1",
-        trace,
-    })
-    .expect("traces serialize")
-        + "\n"
 }
 
 /// The first event at which the simulated allocator runs out of memory, or else the first
@@ -134,7 +117,7 @@ pub fn render(
     let bytes = match format {
         TimelineFormat::Svg => timeline::svg(&chart(title, &est, &trace, None)?)?.into_bytes(),
         TimelineFormat::Html => timeline::html(&chart(title, &est, &trace, None)?)?.into_bytes(),
-        TimelineFormat::Json => trace_json(&trace).into_bytes(),
+        TimelineFormat::Json => trace.to_json().into_bytes(),
         TimelineFormat::MemoryViz => {
             let events = memory_viz::from_trace(&trace, &conf, trace.capacity_bytes)?;
             memory_viz::snapshot(&events, Some(plan.gpu.memory_bytes.get()))?
@@ -216,4 +199,39 @@ pub fn overlays(rows: &[crate::validate::Validation], dir: &Path) -> Result<Vec<
         written.push((path, shown.peak()?.0));
     }
     Ok(written)
+}
+
+/// `train --trace FILE`: the run's measured trace in the format FILE's extension names: a
+/// picture over the estimator's step (`.svg`, `.html`), a memory_viz snapshot (`.pickle`,
+/// block addresses from the allocator simulation), or the events (anything else: JSON).
+#[cfg(feature = "trainer")]
+pub fn write_measured(path: &Path, plan: &Plan, measured: &Trace) -> Result<()> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let bytes = match ext {
+        "svg" | "html" => {
+            let mut est = crate::estimate::estimate(plan)?;
+            est.per_gpu.stage = measured.stage;
+            let mut predicted = crate::estimate::trace::trace(plan, measured.stage)?;
+            predicted.capacity_bytes = None;
+            let mut shown = measured.clone();
+            shown.capacity_bytes = None;
+            let title = format!(
+                "{}: predicted (areas) and measured on rank {} (line)",
+                plan.model.name, measured.rank
+            );
+            let c = chart(title, &est, &predicted, Some(&shown))?;
+            if ext == "svg" {
+                timeline::svg(&c)?
+            } else {
+                timeline::html(&c)?
+            }
+            .into_bytes()
+        }
+        "pickle" => {
+            let events = memory_viz::from_trace(measured, &AllocConf::default(), None)?;
+            memory_viz::snapshot(&events, None)?
+        }
+        _ => measured.to_json().into_bytes(),
+    };
+    write_to(path, &bytes, &mut std::io::sink())
 }

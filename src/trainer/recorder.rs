@@ -40,7 +40,6 @@ use std::collections::HashMap;
 use std::ffi::{c_char, c_int};
 use std::sync::Mutex;
 
-use serde::Serialize;
 use tch::Tensor;
 use torch_sys::C_tensor;
 
@@ -51,9 +50,6 @@ use crate::trace::{
 
 /// Ring size of the CUDA allocator history: entries beyond it overwrite the oldest.
 pub const CUDA_MAX_ENTRIES: i64 = 1 << 23;
-
-/// Schema of a trace file (`memplan train --trace FILE`).
-pub const SCHEMA: &str = "memplan.trace/1";
 
 extern "C" {
     fn mp_trace_start();
@@ -646,29 +642,6 @@ fn cuda_history(device: i64) -> Result<Vec<Raw>> {
         });
     }
     Ok(out)
-}
-
-/// A trace file: `{"schema": "memplan.trace/1", ...the trace's fields}`.
-#[derive(Serialize)]
-struct TraceFile<'a> {
-    schema: &'static str,
-    #[serde(flatten)]
-    trace: &'a Trace,
-}
-
-/// `trace` as a trace file's pretty JSON.
-pub fn trace_json(trace: &Trace) -> String {
-    serde_json::to_string_pretty(&TraceFile {
-        schema: SCHEMA,
-        trace,
-    })
-    .expect("traces serialize")
-}
-
-/// Writes `trace` to `path` as a trace file.
-pub fn write_trace_file(path: &std::path::Path, trace: &Trace) -> Result<()> {
-    std::fs::write(path, trace_json(trace) + "\n")
-        .map_err(|e| Error::runtime(format!("cannot write the trace to {}: {e}", path.display())))
 }
 
 #[cfg(test)]
