@@ -10,7 +10,9 @@
 #   source scripts/libtorch-env.sh && cargo build --release --features trainer
 #   device run: bash scripts/gpu-validate.sh      carry: ["target/release/memplan"]
 # Writes $OUT/validate.json (every run's full report) and $OUT/validate.md (the table), and
-# prints the table last. Budget: under 8 minutes on one H100.
+# prints the table last: peak allocated predicted vs measured, and measured reserved against
+# the estimator's fitted reserved and its caching-allocator simulation (`memplan estimate` on
+# each matrix plan). Budget: under 8 minutes on one H100.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/memplan-gpu}
@@ -23,21 +25,43 @@ export LD_LIBRARY_PATH="$TL:${LD_LIBRARY_PATH:-}"
 timeout "${MEMPLAN_GPU_TIMEOUT:-450}" "$BIN" validate --matrix scripts/gpu-matrix.json \
     --device cuda --steps 3 --quiet --format json > "$OUT/validate.json"
 echo "validate exit code: $?"
-python3 - "$OUT" <<'PY'
-import json, sys
-out = sys.argv[1]
+python3 - "$OUT" "$BIN" <<'PY'
+import json, subprocess, sys, tempfile
+out, binary = sys.argv[1], sys.argv[2]
 try:
     runs = json.load(open(f"{out}/validate.json"))["runs"]
 except Exception as e:
     print(f"no results: {e}"); sys.exit(0)
-lines = ["| plan | predicted peak allocated (MiB) | measured (MiB) | error | measured reserved (MiB) |",
-         "|---|---:|---:|---:|---:|"]
+# Reserved: the estimator's fitted figure and its caching-allocator simulation, against the
+# caching allocator's own peak on the device (`memplan estimate` on each matrix plan).
+plans = {e["label"]: e["plan"] for e in json.load(open("scripts/gpu-matrix.json"))}
+def reserved(label):
+    plan = plans.get(label.split(" rank ")[0])
+    if plan is None:
+        return None, None
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(plan, f)
+    p = subprocess.run([binary, "estimate", "--plan", f.name, "--format", "json"],
+                       capture_output=True, text=True)
+    try:
+        g = json.loads(p.stdout)["per_gpu"]
+        return g["peak_reserved_bytes"], (g.get("simulation") or {}).get("peak_reserved_bytes")
+    except Exception:
+        return None, None
+def pct(x, m):
+    return f"{100 * (x - m) / m:+.2f}%" if x and m else "n/a"
+lines = ["| plan | predicted peak allocated (MiB) | measured (MiB) | error | measured reserved (MiB) "
+         "| fitted reserved | error | simulated reserved | error |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 for r in runs:
     p, m = r["peak"]["predicted_bytes"], r["peak"]["measured_bytes"]
     res = r["report"].get("peak_reserved_bytes") or 0
     err = 100 * (p - m) / m if m else float("nan")
     oom = " (OOM)" if r["report"].get("oom") else ""
-    lines.append(f"| {r['label']}{oom} | {p/2**20:.1f} | {m/2**20:.1f} | {err:+.2f}% | {res/2**20:.1f} |")
+    fit, sim = reserved(r["label"])
+    mib = lambda x: f"{x / 2**20:.1f}" if x else "n/a"
+    lines.append(f"| {r['label']}{oom} | {p/2**20:.1f} | {m/2**20:.1f} | {err:+.2f}% | {res/2**20:.1f} "
+                 f"| {mib(fit)} | {pct(fit, res)} | {mib(sim)} | {pct(sim, res)} |")
 open(f"{out}/validate.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY
