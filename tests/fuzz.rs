@@ -1,7 +1,9 @@
 //! The fuzzing harness: generated hostile and valid inputs through the whole program.
 //!
 //! Five targets, each run for [`cases`] cases (10,000 unless `MEMPLAN_FUZZ_CASES` says
-//! otherwise):
+//! otherwise), and a sixth, `timeline_traces`, for a tenth of them (the `timeline` command's
+//! trace on the flag target's plans: consistent, and at its phase points the estimate's
+//! figures):
 //! - `plan_json_from_the_schema`: plan files built from the schema, every key present or not,
 //!   each value valid, at an edge (0, -1, 2^24, 2^32, 2^63, ...) or of the wrong type;
 //! - `plan_bytes`: raw bytes, and valid plans with bytes flipped, inserted and cut;
@@ -478,6 +480,48 @@ proptest! {
         let args = with_format(args, fmt);
         let o = run(&args)?;
         check_contract(&args, &o, fmt == "json")?;
+    }
+}
+
+proptest! {
+    // A trace walks every block of the step and the allocator simulation replays it: a tenth
+    // of the cases (most flag vectors are refused before any estimate) keeps this target
+    // within CI's time.
+    #![proptest_config(Config { cases: (cases() / 10).max(1), ..config() })]
+
+    /// `timeline --format json -o -` on the plans of the flag target: the contract (exit code,
+    /// one JSON document), a consistent trace, and at its phase points the estimate's figures
+    /// of the same flags.
+    #[test]
+    fn timeline_traces(args in flags()) {
+        prop_assume!(args[0] == "estimate");
+        let plan_flags = &args[1..];
+        let mut t_args: Vec<String> = vec!["timeline".into()];
+        t_args.extend(plan_flags.iter().cloned());
+        t_args.extend(["--format", "json", "-o", "-"].map(String::from));
+        let o = run(&t_args)?;
+        let doc = check_contract(&t_args, &o, true)?.unwrap_or_default();
+        if o.code == 2 {
+            return Ok(());
+        }
+        prop_assert_eq!(doc["schema"].as_str(), Some("memplan.trace/1"));
+        let trace: memplan::trace::Trace = serde_json::from_value(doc)
+            .map_err(|e| TestCaseError::fail(format!("not a trace: {e}")))?;
+        let points = trace.points().map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let mut e_args: Vec<String> = vec!["estimate".into()];
+        e_args.extend(plan_flags.iter().cloned());
+        let e_args = with_format(e_args, "json");
+        let est = run(&e_args)?;
+        let est: Value = serde_json::from_str(&est.stdout).unwrap();
+        let timeline = est["per_gpu"]["timeline"].as_array().unwrap();
+        prop_assert_eq!(points.len(), timeline.len());
+        for ((_, sum), want) in points.iter().zip(timeline) {
+            prop_assert_eq!(Some(*sum), want["allocated_bytes"].as_u64(), "{:?}", t_args);
+        }
+        prop_assert_eq!(
+            Some(trace.peak().unwrap().0),
+            est["per_gpu"]["peak_allocated_bytes"].as_u64()
+        );
     }
 }
 
