@@ -912,6 +912,19 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
             let (bytes, est, trace) = timeline::render(&plan, stage, &alloc_conf, format)?;
             let path = output.unwrap_or_else(|| timeline::default_path(format));
             timeline::write_to(&path, &bytes, out)?;
+            if format == timeline::TimelineFormat::Json && path != std::path::Path::new("-") {
+                // The output contract: under --format json, stdout is one JSON document.
+                let doc = serde_json::json!({
+                    "schema": "memplan.timeline/1",
+                    "path": path.display().to_string(),
+                    "stage": trace.stage,
+                    "events": trace.events.len(),
+                    "peak_allocated_bytes": est.per_gpu.peak_allocated_bytes,
+                    "simulation": est.per_gpu.simulation,
+                    "fits": est.fits,
+                });
+                print(out, &(doc.to_string() + "\n"))?;
+            }
             let g = &est.per_gpu;
             let mut line = format!(
                 "{}: stage {}, {} events; peak allocated {} ({})",

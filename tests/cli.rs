@@ -413,3 +413,30 @@ fn timeline_refuses_a_stage_beyond_the_pipeline_and_a_bad_alloc_conf() {
         .assert()
         .code(2);
 }
+
+#[test]
+fn timeline_json_to_a_file_says_so_in_one_json_document() {
+    let dir = std::env::temp_dir().join(format!("memplan-cli-tljson-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("t.json");
+    let out = memplan()
+        .args([
+            "timeline",
+            "--example",
+            "seed-8b-2x48g-offload",
+            "--format",
+            "json",
+            "-o",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["schema"], "memplan.timeline/1");
+    let trace: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(doc["events"], trace["events"].as_array().unwrap().len());
+    assert_eq!(doc["peak_allocated_bytes"], 17_572_225_028u64);
+    std::fs::remove_dir_all(&dir).ok();
+}
