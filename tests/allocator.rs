@@ -692,3 +692,242 @@ fn segment_log_and_listing_match_reserved_bytes_at_every_step() {
         assert!(ooms > 0, "{text}: the capacity should bite");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Differential check against recorded outputs. The expected values in
+// tests/data/allocator_golden.txt were written by the BTreeMap-based pools the simulator had
+// before its free-block pools were rewritten for speed; any later change to the pools must
+// reproduce them exactly, event by event. Regenerate (only for an intended change of
+// behaviour) with `MEMPLAN_BLESS_ALLOCATOR=1 cargo test --test allocator golden`.
+
+/// FNV-1a over 64-bit words.
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    fn word(&mut self, w: u64) {
+        for b in w.to_le_bytes() {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// A trace of `n` events from `seed`: sizes log-uniform from 1 B to 1 GiB (some zero),
+/// three streams, at most 400 live allocations.
+fn golden_trace(seed: u64, n: usize) -> Vec<Event> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut live: Vec<u64> = Vec::new();
+    let mut ev = Vec::with_capacity(n);
+    let mut id = 1;
+    while ev.len() < n {
+        let r = next();
+        if !live.is_empty() && (r % 16 < 7 || live.len() >= 400) {
+            // Mostly LIFO-ish frees (as in training), sometimes random ones.
+            let k = if r % 3 == 0 {
+                live.len() - 1
+            } else {
+                (next() as usize) % live.len()
+            };
+            ev.push(Event::Free {
+                id: live.swap_remove(k),
+            });
+        } else {
+            let bytes = if r % 97 == 0 {
+                0
+            } else {
+                1 + next() % (1u64 << (next() % 31))
+            };
+            ev.push(Event::Alloc {
+                id,
+                bytes,
+                stream: (next() % 3) as u32,
+            });
+            live.push(id);
+            id += 1;
+        }
+    }
+    ev
+}
+
+/// Replays `events` (continuing past OOMs, skipping frees of failed allocations) and
+/// summarises everything observable: reserved and allocated bytes after every event, every
+/// block's address and size, the segment log, OOMs, and now and then the largest free block
+/// and the segment listing (hashed), plus peaks, segments and counters.
+fn golden_summary(events: &[Event], conf: &AllocConf, capacity: Option<u64>) -> String {
+    let mut s = Simulator::new(conf.clone(), capacity);
+    s.log_segments(true);
+    let mut h = Fnv::new();
+    let mut failed = HashSet::new();
+    let (mut ooms, mut first_oom) = (0u64, None);
+    for (k, ev) in events.iter().enumerate() {
+        match *ev {
+            Event::Alloc { id, bytes, stream } => match s.alloc(id, bytes, stream) {
+                Ok(()) => {
+                    let (a, b) = s.block_of(id).unwrap_or((0, 0));
+                    h.word(a);
+                    h.word(b);
+                }
+                Err(SimError::Oom(o)) => {
+                    failed.insert(id);
+                    ooms += 1;
+                    first_oom.get_or_insert(k);
+                    h.word(u64::MAX);
+                    h.word(o.allocated);
+                    h.word(o.reserved);
+                }
+                Err(e) => panic!("event {k}: {e}"),
+            },
+            Event::Free { id } if failed.contains(&id) => continue,
+            Event::Free { id } => s.free(id).unwrap(),
+        }
+        h.word(s.reserved().get());
+        h.word(s.allocated().get());
+        for e in s.drain_segment_events() {
+            h.word(e.op as u64);
+            h.word(e.addr);
+            h.word(e.size);
+            h.word(u64::from(e.stream) << 1 | u64::from(e.small));
+        }
+        if k % 37 == 0 {
+            h.word(s.largest_free_block().get());
+        }
+        if k % 401 == 0 || k + 1 == events.len() {
+            for g in s.segment_infos() {
+                h.word(g.addr);
+                h.word(g.size);
+                h.word(
+                    u64::from(g.stream) << 2 | u64::from(g.small) << 1 | u64::from(g.expandable),
+                );
+                for b in &g.blocks {
+                    h.word(b.addr);
+                    h.word(b.size);
+                    h.word(b.id.unwrap_or(u64::MAX));
+                }
+            }
+        }
+    }
+    let c = s.counters();
+    format!(
+        "hash={:016x} peak_alloc={} peak_res={} res={} segs={} ooms={} first_oom={:?} \
+         dev_allocs={} dev_frees={} retries={}",
+        h.0,
+        s.peak_allocated().get(),
+        s.peak_reserved().get(),
+        s.reserved().get(),
+        s.segments(),
+        ooms,
+        first_oom,
+        c.device_allocs,
+        c.device_frees,
+        c.alloc_retries,
+    )
+}
+
+/// The estimator's llama3-70b trace (as in the benches), in both details.
+fn estimator_traces() -> Vec<(String, Vec<Event>, Option<u64>)> {
+    use memplan::estimate::trace::{trace_with, Detail};
+    use memplan::plan::PlanFile;
+    use memplan::trace::Op;
+    let plan = serde_json::from_str::<PlanFile>(
+        r#"{"model":"llama3-70b","gpu":"h100-80g","num_gpus":64,"parallel":{"tp":8},
+            "batch":{"micro_batch_size":1,"seq_len":8192},"activation_checkpointing":"full"}"#,
+    )
+    .unwrap()
+    .resolve()
+    .unwrap();
+    [("groups", Detail::Groups), ("tensors", Detail::Tensors)]
+        .into_iter()
+        .map(|(name, detail)| {
+            let t = trace_with(&plan, 0, detail).unwrap();
+            let events = t
+                .events
+                .iter()
+                .map(|e| match e.op {
+                    Op::Alloc => Event::Alloc {
+                        id: e.id,
+                        bytes: e.bytes,
+                        stream: e.stream,
+                    },
+                    Op::Free => Event::Free { id: e.id },
+                })
+                .collect();
+            (format!("llama3-70b {name}"), events, t.capacity_bytes)
+        })
+        .collect()
+}
+
+const GOLDEN_CONFS: [&str; 7] = [
+    "",
+    "max_split_size_mb:64",
+    "expandable_segments:True",
+    "roundup_power2_divisions:4",
+    "max_split_size_mb:64,expandable_segments:True",
+    "max_split_size_mb:64,roundup_power2_divisions:4",
+    "max_split_size_mb:200,max_non_split_rounding_mb:300,roundup_power2_divisions:[256:1,512:2,>:8]",
+];
+
+fn golden_lines() -> Vec<String> {
+    let mut out = Vec::new();
+    for text in GOLDEN_CONFS {
+        let c = conf(text);
+        for seed in 1..=4u64 {
+            let events = golden_trace(seed, 6_000);
+            let peak = replay(&events, &c, None).unwrap().peak_reserved_bytes.get();
+            for (label, cap) in [
+                ("none", None),
+                ("peak/2", Some(peak / 2)),
+                ("peak/5", Some(peak / 5)),
+            ] {
+                let sum = golden_summary(&events, &c, cap);
+                out.push(format!(
+                    "random seed={seed} conf={text:?} cap={label}: {sum}"
+                ));
+            }
+        }
+        for (name, events, cap) in estimator_traces() {
+            let peak = replay(&events, &c, None).unwrap().peak_reserved_bytes.get();
+            for (label, cap) in [
+                ("trace", cap),
+                ("none", None),
+                ("peak*0.9", Some(peak / 10 * 9)),
+                ("peak/2", Some(peak / 2)),
+            ] {
+                let sum = golden_summary(&events, &c, cap);
+                out.push(format!("{name} conf={text:?} cap={label}: {sum}"));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn golden_replays_match_the_recorded_outputs() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/allocator_golden.txt"
+    );
+    let lines = golden_lines();
+    if std::env::var_os("MEMPLAN_BLESS_ALLOCATOR").is_some() {
+        std::fs::write(path, lines.join("\n") + "\n").unwrap();
+        return;
+    }
+    let want = std::fs::read_to_string(path).unwrap();
+    let want: Vec<&str> = want.lines().collect();
+    assert_eq!(want.len(), lines.len(), "number of recorded cases");
+    let mut bad = 0;
+    for (w, got) in want.iter().zip(&lines) {
+        if *w != got {
+            eprintln!("want {w}\n got {got}");
+            bad += 1;
+        }
+    }
+    assert_eq!(bad, 0, "{bad} of {} replays differ", lines.len());
+}
