@@ -94,9 +94,9 @@ pub fn render(
     let trace = crate::estimate::trace::trace(plan, s)?;
     est.per_gpu.stage = s;
     est.per_gpu.simulation = if plan.gpu.caching_allocator {
-        Some(crate::estimate::simulate::simulate(
+        Some(Box::new(crate::estimate::simulate::simulate(
             &trace, &conf, conf_text,
-        )?)
+        )?))
     } else {
         None
     };

@@ -150,7 +150,7 @@ pub struct GpuEstimate {
     /// The caching-allocator simulation of the step ([`estimate_simulated`]); None from the
     /// closed form alone ([`estimate`], what search uses).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub simulation: Option<simulate::Simulated>,
+    pub simulation: Option<Box<simulate::Simulated>>,
 }
 
 /// The answer for the whole plan.
@@ -310,7 +310,7 @@ fn saved_per_token(ac: Checkpointing, layers: u64, a: &BlockActivations) -> u128
 }
 
 /// Recomputed activations of one block's backward, per token.
-fn recompute_per_token(ac: Checkpointing, a: &BlockActivations) -> u128 {
+pub(crate) fn recompute_per_token(ac: Checkpointing, a: &BlockActivations) -> u128 {
     match ac {
         Checkpointing::None => 0,
         Checkpointing::Full | Checkpointing::SelectiveLayer(_) => a.no_ac - a.input_alias,
@@ -377,8 +377,6 @@ pub(crate) struct Quantities {
     pub inputs: u128,
     /// Of the inputs, the rotary table.
     pub rotary: u128,
-    /// Of one block's saved activations without checkpointing, the feed-forward half's.
-    pub ffn_share: u128,
     /// Sharded master parameters, optimizer states, every sharded gradient, on the device.
     pub master: u128,
     pub states: u128,
@@ -401,8 +399,6 @@ pub(crate) struct Quantities {
     /// at its end.
     pub working: u128,
     pub at_end: u128,
-    /// Of `working`, the recomputed activations (checkpointing).
-    pub recompute: u128,
     /// Gathered (compute-dtype) parameters of one block and of the root.
     pub block_u: u128,
     pub root_u: u128,
@@ -421,6 +417,7 @@ pub(crate) struct Quantities {
     pub opt_temporaries: u128,
 }
 
+#[inline(always)]
 pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     let p = &st.p;
     let pr = &plan.precision;
@@ -478,10 +475,6 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         workspace: plan.gpu.workspace_bytes.get() as u128,
         inputs: st.inputs,
         rotary: st.rotary,
-        ffn_share: match ac {
-            Checkpointing::None if p.moe_layers == 0 => st.tokens * st.dense.ffn_saved,
-            _ => 0,
-        },
         master: if on_gpu_params { shard * m } else { 0 },
         states: if states_on_gpu {
             plan.optimizer.states_per_param() as u128 * shard * m
@@ -502,8 +495,6 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         others: acts.saturating_sub(per_mb),
         working,
         at_end,
-        recompute: st.tokens
-            * recompute_per_token(ac, if p.moe_layers > 0 { &st.moe } else { &st.dense }),
         block_u,
         root_u: if copies { p.root_unsharded * e } else { 0 },
         // Blocks whose gathered parameters are alive between forward and backward:
@@ -715,7 +706,7 @@ pub fn estimate_simulated(
         return Ok((est, None));
     }
     let t = trace::trace_with(plan, est.per_gpu.stage, trace::Detail::Groups)?;
-    est.per_gpu.simulation = Some(simulate::simulate(&t, conf, conf_text)?);
+    est.per_gpu.simulation = Some(Box::new(simulate::simulate(&t, conf, conf_text)?));
     Ok((est, Some(t)))
 }
 

@@ -303,6 +303,18 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
         ));
     }
     let st = stage(plan, stage_index);
+    // Of one block's backward working set, the recomputed activations (checkpointing); of
+    // its saved activations without checkpointing, the feed-forward half's.
+    let big_acts = if st.p.moe_layers > 0 {
+        &st.moe
+    } else {
+        &st.dense
+    };
+    let recompute = st.tokens * super::recompute_per_token(plan.activation_checkpointing, big_acts);
+    let ffn_share = match plan.activation_checkpointing {
+        crate::plan::Checkpointing::None if st.p.moe_layers == 0 => st.tokens * st.dense.ffn_saved,
+        _ => 0,
+    };
     if st.p.layers() > MAX_TRACED_LAYERS {
         return Err(Error::invalid(
             "model layers",
@@ -374,8 +386,8 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
     // tensors, up to the recomputed bytes.
     let recompute_sizes: Vec<u128> =
         match saved_tensors(plan, crate::plan::Checkpointing::None).filter(|_| fine) {
-            Some((list, _)) if q.recompute > 0 => {
-                let mut left = q.recompute;
+            Some((list, _)) if recompute > 0 => {
+                let mut left = recompute;
                 let mut out = Vec::new();
                 for b in list.iter().map(|b| b * st.tokens) {
                     let take = b.min(left);
@@ -389,7 +401,7 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                 }
                 out
             }
-            _ => vec![q.recompute],
+            _ => vec![recompute],
         };
     per_module(
         &mut w,
@@ -525,7 +537,7 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                         }
                     }
                     _ => {
-                        let ffn = q.ffn_share.min(a);
+                        let ffn = ffn_share.min(a);
                         let part = if ffn > 0 {
                             Part::Attention
                         } else {
@@ -638,14 +650,14 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                 }
                 // The recomputed forward, then the gradient temporaries and weight gradients.
                 let mut working = w.alloc_split(
-                    q.recompute,
+                    recompute,
                     Some(&recompute_sizes),
                     Category::BackwardWorkingSet,
                     layer(i, Part::Recompute),
                     0,
                 )?;
                 working.push(w.alloc(
-                    q.working - q.recompute,
+                    q.working - recompute,
                     Category::BackwardWorkingSet,
                     layer(i, Part::Grad),
                     0,
