@@ -417,7 +417,6 @@ pub(crate) struct Quantities {
     pub opt_temporaries: u128,
 }
 
-#[inline(always)]
 pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     let p = &st.p;
     let pr = &plan.precision;
