@@ -269,6 +269,7 @@ pub fn in_flight_milli(plan: &Plan, s: u64) -> u128 {
     }
 }
 
+#[inline]
 fn stage(plan: &Plan, index: u64) -> Stage {
     let b = &plan.batch;
     let par = &plan.parallel;
@@ -417,6 +418,7 @@ pub(crate) struct Quantities {
     pub opt_temporaries: u128,
 }
 
+#[inline]
 pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     let p = &st.p;
     let pr = &plan.precision;
