@@ -1,7 +1,7 @@
 //! The estimator's training step as ordered allocation events ([`crate::trace::Trace`]).
 //!
 //! [`super::estimate`] evaluates a few moments of the step in closed form. This module walks
-//! the whole step of one pipeline stage's rank, tensor group by tensor group, in the order
+//! the whole step of one pipeline stage's rank, tensor by tensor, in the order
 //! FSDP2 and autograd allocate and free them, from the same [`Quantities`]: setup (master
 //! shards, inputs, workspace), then for the first and a steady step every micro-batch's
 //! forward (root and block all-gathers with their cast inputs and retained outputs, each
@@ -21,10 +21,14 @@
 //! Simplifications shared with the estimator: every block is the stage's larger kind
 //! (dense or MoE); a pipeline stage is walked for one micro-batch, the one at its peak, with
 //! the activations of the other micro-batches in flight and the gradients of earlier ones
-//! as single allocations; a block's saved activations are one tensor per half (attention,
-//! feed-forward) without checkpointing and one otherwise; its backward working set is one
-//! tensor. More than [`MAX_WALKED_MICRO_BATCHES`] micro-batches are walked as the first and
-//! the last, whose memory every middle one repeats.
+//! as single allocations (the schedule's order of forwards and backwards is not walked);
+//! the backward's gradient temporaries are one tensor. At [`Detail::Tensors`], torchtitan's
+//! Llama block allocates one tensor per parameter, per saved activation (the terms of
+//! [`super::activations::block_activations`]) and per recomputed activation; other blocks,
+//! and [`Detail::Groups`], keep one tensor per group (a block's gathered parameters, its
+//! saved activations per half, its working set). More than [`MAX_WALKED_MICRO_BATCHES`]
+//! micro-batches are walked as the first and the last, whose memory every middle one
+//! repeats.
 
 use crate::error::{Error, Result};
 use crate::plan::Plan;
