@@ -1,8 +1,8 @@
 //! The estimator's training step as ordered allocation events ([`crate::trace::Trace`]).
 //!
 //! [`super::estimate`] evaluates a few moments of the step in closed form. This module walks
-//! the whole step of one pipeline stage's rank, tensor by tensor, in the order
-//! FSDP2 and autograd allocate and free them, from the same [`Quantities`]: setup (master
+//! the whole step of one pipeline stage's rank, tensor by tensor, in the order FSDP2 and
+//! autograd allocate and free them, from the estimator's own quantities: setup (master
 //! shards, inputs, workspace), then for the first and a steady step every micro-batch's
 //! forward (root and block all-gathers with their cast inputs and retained outputs, each
 //! block's saved activations, the head, the logits and the loss), its backward (the loss
@@ -13,10 +13,10 @@
 //! The walk puts a [`MarkKind::Point`] where each of the estimator's phases is evaluated (at
 //! the largest of the candidate moments the estimator compares: the forward's three, every
 //! block position of the backward), and the running sum there equals the estimator's
-//! figure, category by category ([`tests`] checks it over many plans). Between those
-//! moments, frees are placed before allocations, so the trace never rises above what the
-//! estimator evaluates: it is the estimator's story of the step, not a new model. The
-//! measured trace of the trainer shows the real order of every tensor.
+//! figure, category by category (the unit tests and `tests/properties.rs` check it over many
+//! plans). Between those moments, frees are placed before allocations, so the trace never
+//! rises above what the estimator evaluates: it is the estimator's story of the step, not a
+//! new model. The measured trace of the trainer shows the real order of every tensor.
 //!
 //! Simplifications shared with the estimator: every block is the stage's larger kind
 //! (dense or MoE); a pipeline stage is walked for one micro-batch, the one at its peak, with
