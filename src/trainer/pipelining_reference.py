@@ -1,0 +1,217 @@
+"""PyTorch's own torch.distributed.pipelining, per stage on CPU/Gloo, for checking memplan's estimator.
+
+The tiny torchtitan Llama of src/trainer/fsdp2_reference.py (same model code), cut into pp=2 stages
+(stage 0: embedding + first half of the layers; stage 1: the rest + norm + output), one
+PipelineStage per rank (input_args/output_args given as meta tensors, so no shape inference and no
+numpy), ScheduleGPipe or Schedule1F1B with a cross-entropy loss_fn, torch.optim.AdamW(foreach=True),
+fp32 throughout. With 4 ranks: a ("pp", "dp_shard") = (2, 2) mesh and fully_shard per block and on
+the stage root with reshard_after_forward=False, as torchtitan does under PP. Every rank counts its
+allocations with memplan's counting CPU allocator (csrc/shim.cpp built as a shared library, see
+fsdp2_reference.py for the g++ line; channel 0 counts as device):
+
+    torchrun --nproc_per_node=2 src/trainer/pipelining_reference.py /tmp/shim.so \
+        '{"hidden":64,"layers":2,"heads":4,"kv_heads":4,"ffn":176,"vocab":256,"mbs":2,
+          "n_microbatches":4,"seq":32,"schedule":"1f1b","steps":2}'
+
+(--nproc_per_node=4 for pp=2 x dp_shard=2). Each rank prints one line per run,
+`MPPP {json}`, with, per step, the peak allocated bytes from the step start (peak reset there)
+relative to the counter before the model was built, plus the schedule and optimizer peaks and the
+bytes held at the step start and end. The line is printed before teardown. Config keys besides the
+model: "return_outputs" (default false: the last stage does not keep merged logits, as torchtitan
+passes), "steps" (default 2). Each rank's tokens/labels for the whole step (mbs * n_microbatches
+rows) are made inside the counted region on the stage that consumes them.
+"""
+import ctypes, json, math, os, sys
+
+lib = ctypes.CDLL(sys.argv[1])
+cfg = json.loads(sys.argv[2])
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.pipelining import PipelineStage, ScheduleGPipe, Schedule1F1B
+
+err = ctypes.c_char_p()
+assert lib.mp_install_counting_allocator(ctypes.byref(err)) == 0
+lib.mp_set_channel(2)
+
+
+def counter():
+    c, p = ctypes.c_int64(), ctypes.c_int64()
+    lib.mp_counter(0, ctypes.byref(c), ctypes.byref(p))
+    return c.value, p.value
+
+
+H, L, NH, NKV, FF, V = cfg["hidden"], cfg["layers"], cfg["heads"], cfg["kv_heads"], cfg["ffn"], cfg["vocab"]
+MB, NMB, S = cfg["mbs"], cfg["n_microbatches"], cfg["seq"]
+B = MB * NMB
+HD = H // NH
+PP = 2
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        output = self._norm(x.float()).type_as(x)
+        return output * self.weight
+
+
+def precompute_freqs_cis(dim, end, theta=10000.0):
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))
+    t = torch.arange(end, device=freqs.device)
+    freqs = torch.outer(t, freqs).float()
+    return torch.polar(torch.ones_like(freqs), freqs)
+
+
+def apply_rotary_emb(xq, xk, freqs_cis):
+    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
+    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
+    f = freqs_cis.view(1, xq_.shape[1], 1, xq_.shape[-1])
+    xq_out = torch.view_as_real(xq_ * f).flatten(3)
+    xk_out = torch.view_as_real(xk_ * f).flatten(3)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+def repeat_kv(x, n_rep):
+    bs, slen, n_kv_heads, head_dim = x.shape
+    if n_rep == 1:
+        return x
+    return x[:, :, :, None, :].expand(bs, slen, n_kv_heads, n_rep, head_dim).reshape(bs, slen, n_kv_heads * n_rep, head_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wq = nn.Linear(H, NH * HD, bias=False)
+        self.wk = nn.Linear(H, NKV * HD, bias=False)
+        self.wv = nn.Linear(H, NKV * HD, bias=False)
+        self.wo = nn.Linear(NH * HD, H, bias=False)
+
+    def forward(self, x, freqs_cis):
+        bs, seqlen, _ = x.shape
+        xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
+        xq = xq.view(bs, seqlen, -1, HD)
+        xk = xk.view(bs, seqlen, -1, HD)
+        xv = xv.view(bs, seqlen, -1, HD)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
+        keys = repeat_kv(xk, NH // NKV)
+        values = repeat_kv(xv, NH // NKV)
+        xq, xk, xv = xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
+        output = F.scaled_dot_product_attention(xq, xk, xv, is_causal=True)
+        output = output.transpose(1, 2).contiguous().view(bs, seqlen, -1)
+        return self.wo(output)
+
+
+class FeedForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Linear(H, FF, bias=False)
+        self.w2 = nn.Linear(FF, H, bias=False)
+        self.w3 = nn.Linear(H, FF, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attention = Attention()
+        self.feed_forward = FeedForward()
+        self.attention_norm = RMSNorm(H)
+        self.ffn_norm = RMSNorm(H)
+
+    def forward(self, x, freqs_cis):
+        h = x + self.attention(self.attention_norm(x), freqs_cis)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class StageModel(nn.Module):
+    """torchtitan's pipeline split: every stage keeps freqs_cis; absent parts are None."""
+
+    def __init__(self, stage):
+        super().__init__()
+        first, last = stage == 0, stage == PP - 1
+        per = L // PP
+        self.tok_embeddings = nn.Embedding(V, H) if first else None
+        self.register_buffer("freqs_cis", precompute_freqs_cis(HD, S * 2), persistent=True)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock() for i in range(stage * per, (stage + 1) * per)})
+        self.norm = RMSNorm(H) if last else None
+        self.output = nn.Linear(H, V, bias=False) if last else None
+
+    def forward(self, tokens):
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        freqs = self.freqs_cis[0 : h.shape[1]]
+        for layer in self.layers.values():
+            h = layer(h, freqs)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h).float() if self.output is not None else h
+
+
+def loss_fn(pred, labels):
+    return F.cross_entropy(pred.flatten(0, 1), labels.flatten(0, 1))
+
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+dp = world // PP
+mesh = init_device_mesh("cpu", (PP, dp), mesh_dim_names=("pp", "dp_shard"))
+stage_idx = mesh.get_local_rank("pp")
+torch.manual_seed(0)
+lib.mp_set_channel(0)
+lib.mp_reset_peak(0)
+base = counter()[0]
+model = StageModel(stage_idx)
+if dp > 1:
+    for block in model.layers.values():
+        fully_shard(block, mesh=mesh["dp_shard"], reshard_after_forward=False)
+    fully_shard(model, mesh=mesh["dp_shard"], reshard_after_forward=False)
+meta = torch.device("meta")
+in_meta = (torch.empty(MB, S, dtype=torch.long, device=meta) if stage_idx == 0
+           else torch.empty(MB, S, H, device=meta))
+out_meta = (torch.empty(MB, S, H, device=meta) if stage_idx < PP - 1 else torch.empty(MB, S, V, device=meta))
+stage = PipelineStage(model, stage_idx, PP, torch.device("cpu"), input_args=(in_meta,), output_args=(out_meta,),
+                      group=mesh.get_group("pp"))
+Sched = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[cfg["schedule"]]
+sched = Sched(stage, n_microbatches=NMB, loss_fn=loss_fn)
+opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+setup = counter()[0] - base
+out = {"rank": rank, "stage": stage_idx, "dp": dp, "schedule": cfg["schedule"], "setup": setup, "steps": []}
+ret = bool(cfg.get("return_outputs", False))
+for step in range(cfg.get("steps", 2)):
+    opt.zero_grad()
+    dist.barrier()
+    lib.mp_reset_peak(0)
+    s0 = counter()[0]
+    g = torch.Generator().manual_seed(step)
+    lib.mp_set_channel(2)
+    toks = torch.randint(0, V, (B, S + 1), generator=g)
+    lib.mp_set_channel(0)
+    if stage_idx == 0:
+        inp = toks[:, :-1].clone()
+        sched.step(inp, return_outputs=ret)
+    elif stage_idx == PP - 1:
+        labels = toks[:, 1:].clone()
+        losses = []
+        sched.step(target=labels, losses=losses, return_outputs=ret)
+    else:
+        sched.step(return_outputs=ret)
+    sched_end, sched_peak = counter()
+    lib.mp_reset_peak(0)
+    opt.step()
+    o_end, o_peak = counter()
+    out["steps"].append({k: v - base for k, v in dict(start=s0, sched_peak=sched_peak, sched_end=sched_end,
+                         opt_peak=o_peak, end=o_end, peak=max(sched_peak, o_peak)).items()})
+    dist.barrier()
+print("MPPP " + json.dumps(out), flush=True)
+dist.barrier()
+dist.destroy_process_group()
