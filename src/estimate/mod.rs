@@ -178,8 +178,9 @@ pub(crate) struct Stage {
     logits: logits::LogitsBytes,
     /// Token ids, labels, loss and rotary table.
     inputs: u128,
-    /// Of the inputs, the rotary table.
+    /// Of the inputs, the rotary table and the pipeline's receive buffers.
     rotary: u128,
+    p2p: u128,
     /// [`block_backward`] of the stage's larger block, for unsharded compute-dtype weight
     /// gradients and for master-dtype ones (FSDP off and no cast).
     working: [[u128; 2]; 2],
@@ -286,9 +287,32 @@ fn stage(plan: &Plan, index: u64) -> Stage {
     // table of 2 x seq positions x head_dim/2 complex64 on every stage.
     let ids = 8 * tokens * (p.first as u128 + p.last as u128) + 4 * p.last as u128;
     let rotary = 8 * b.seq_len as u128 * m.head_dim as u128;
+    // Pipeline receive buffers (torch 2.11 `PipelineStage`): every local stage keeps one
+    // activation buffer per micro-batch to receive its input (not global stage 0) and one to
+    // receive its output's gradient (not the last), allocated in the first step and kept.
+    // Measured with torch's own pipelining on CPU (src/trainer/pipelining_reference.py,
+    // docs/research/parallelism-torch-2.11.md): 4 x (2 x 32 x 64) fp32 = 65,536 B on both
+    // stages of a pp=2 tiny plan.
+    let p2p = if par.pp > 1 {
+        let v = if par.pp_schedule == PpSchedule::Interleaved1F1B {
+            par.pp_virtual_stages as u128
+        } else {
+            1
+        };
+        let directions = 2 * v - u128::from(index == 0) - u128::from(index + 1 == par.pp);
+        let sp = if par.sp { par.tp as u128 } else { 1 };
+        let act = div(
+            tokens * m.hidden as u128 * plan.precision.param.bytes() as u128,
+            sp,
+        );
+        directions * b.grad_accum_steps as u128 * act
+    } else {
+        0
+    };
     Stage {
-        inputs: ids + rotary,
+        inputs: ids + rotary + p2p,
         rotary,
+        p2p,
         logits: if p.last {
             logits::logits_bytes(plan, tokens)
         } else {
@@ -376,8 +400,9 @@ pub(crate) struct Quantities {
     pub accum: bool,
     pub workspace: u128,
     pub inputs: u128,
-    /// Of the inputs, the rotary table.
+    /// Of the inputs, the rotary table and the pipeline's receive buffers.
     pub rotary: u128,
+    pub p2p: u128,
     /// Sharded master parameters, optimizer states, every sharded gradient, on the device.
     pub master: u128,
     pub states: u128,
@@ -476,6 +501,7 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         workspace: plan.gpu.workspace_bytes.get() as u128,
         inputs: st.inputs,
         rotary: st.rotary,
+        p2p: st.p2p,
         master: if on_gpu_params { shard * m } else { 0 },
         states: if states_on_gpu {
             plan.optimizer.states_per_param() as u128 * shard * m

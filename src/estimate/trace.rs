@@ -356,7 +356,13 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
         0,
     )?;
     w.alloc(
-        q.inputs - q.rotary,
+        q.p2p,
+        Category::Inputs,
+        Owner::new(Module::Pipeline, Part::Whole),
+        0,
+    )?;
+    w.alloc(
+        q.inputs - q.rotary - q.p2p,
         Category::Inputs,
         Owner::new(Module::Inputs, Part::Ids),
         0,
