@@ -875,7 +875,7 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
             };
             let (rows, failed) = crate::validate::validate_all_with(&plans, &opts, None);
             if let Some(dir) = &timeline_dir {
-                for (path, _) in timeline::overlays(&rows, dir)? {
+                for path in timeline::overlays(&rows, dir)? {
                     writeln!(err, "wrote {}", path.display()).map_err(Error::output)?;
                 }
             }

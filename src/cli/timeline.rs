@@ -147,12 +147,27 @@ pub fn default_path(format: TimelineFormat) -> PathBuf {
     PathBuf::from(format!("memplan-timeline.{}", format.extension()))
 }
 
-/// `validate --timeline DIR`: one picture per validated run that recorded its trace, the
-/// estimator's step of the run's rank (its pipeline stage) as stacked areas and the measured
-/// one as a line; returns the files written with their measured peaks. No capacity line: a
-/// CPU run's tensors are far below any GPU's.
+/// The estimator's step of `measured`'s stage as stacked areas, and `measured` as a line
+/// over it: an SVG, or with `html` a page. No capacity line: a CPU run's tensors are far
+/// below any GPU's.
 #[cfg(feature = "trainer")]
-pub fn overlays(rows: &[crate::validate::Validation], dir: &Path) -> Result<Vec<(PathBuf, u64)>> {
+fn overlay(plan: &Plan, measured: &Trace, title: String, html: bool) -> Result<String> {
+    let mut est = crate::estimate::estimate(plan)?;
+    est.per_gpu.stage = measured.stage;
+    let mut predicted = crate::estimate::trace::trace(plan, measured.stage)?;
+    predicted.capacity_bytes = None;
+    let c = chart(title, &est, &predicted, Some(measured))?;
+    if html {
+        timeline::html(&c)
+    } else {
+        timeline::svg(&c)
+    }
+}
+
+/// `validate --timeline DIR`: one picture per validated run that recorded its trace
+/// ([`overlay`] of the run's rank); returns the files written.
+#[cfg(feature = "trainer")]
+pub fn overlays(rows: &[crate::validate::Validation], dir: &Path) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).map_err(|e| {
         Error::output(e).context(format!(
             "folder {}",
@@ -164,14 +179,6 @@ pub fn overlays(rows: &[crate::validate::Validation], dir: &Path) -> Result<Vec<
         let Some(measured) = &v.measured_trace else {
             continue;
         };
-        let mut est = crate::estimate::estimate(&v.plan)?;
-        let stage = measured.stage;
-        let mut trace = crate::estimate::trace::trace(&v.plan, stage)?;
-        trace.capacity_bytes = None;
-        est.per_gpu.stage = stage;
-        let mut shown = measured.clone();
-        shown.capacity_bytes = None;
-        let ranks = v.report.processes > 1;
         // A multi-process row's label names its rank already.
         let name: String = v
             .label
@@ -187,16 +194,16 @@ pub fn overlays(rows: &[crate::validate::Validation], dir: &Path) -> Result<Vec<
         let title = format!(
             "{}: predicted (areas) and measured on {} (line)",
             v.label,
-            if ranks {
+            if v.report.processes > 1 {
                 format!("rank {}", v.report.rank)
             } else {
                 "the emulated rank 0".into()
             }
         );
-        let svg = timeline::svg(&chart(title, &est, &trace, Some(&shown))?)?;
+        let svg = overlay(&v.plan, measured, title, false)?;
         let path = dir.join(format!("{name}.svg"));
         write_to(&path, svg.as_bytes(), &mut std::io::sink())?;
-        written.push((path, shown.peak()?.0));
+        written.push(path);
     }
     Ok(written)
 }
@@ -209,23 +216,11 @@ pub fn write_measured(path: &Path, plan: &Plan, measured: &Trace) -> Result<()> 
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let bytes = match ext {
         "svg" | "html" => {
-            let mut est = crate::estimate::estimate(plan)?;
-            est.per_gpu.stage = measured.stage;
-            let mut predicted = crate::estimate::trace::trace(plan, measured.stage)?;
-            predicted.capacity_bytes = None;
-            let mut shown = measured.clone();
-            shown.capacity_bytes = None;
             let title = format!(
                 "{}: predicted (areas) and measured on rank {} (line)",
                 plan.model.name, measured.rank
             );
-            let c = chart(title, &est, &predicted, Some(&shown))?;
-            if ext == "svg" {
-                timeline::svg(&c)?
-            } else {
-                timeline::html(&c)?
-            }
-            .into_bytes()
+            overlay(plan, measured, title, ext == "html")?.into_bytes()
         }
         "pickle" => {
             let events = memory_viz::from_trace(measured, &AllocConf::default(), None)?;

@@ -749,8 +749,12 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
         w.begin(Section::Optimizer, 0);
         w.free(others);
         if first {
-            let root_states = q.states / p.shard_total().max(1) * p.root_shard;
-            let root_states = if q.states > 0 { root_states } else { 0 };
+            // The root's share: its shards' states, when the states are on the device.
+            let root_states = if q.states > 0 {
+                plan.optimizer.states_per_param() as u128 * p.root_shard * q.m
+            } else {
+                0
+            };
             per_module(
                 &mut w,
                 (q.states, root_states),
