@@ -683,7 +683,7 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
             let plan = plan.resolve()?;
             warn(err, &plan.warnings);
             let conf = crate::allocator::AllocConf::parse(&alloc_conf)?;
-            let (est, _) = estimate_simulated(&plan, &conf, &alloc_conf)?;
+            let est = estimate_simulated(&plan, &conf, &alloc_conf)?;
             print(
                 out,
                 &renderer(format).estimate(&Row {
@@ -707,7 +707,6 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
                 .iter()
                 .map(|(label, p)| {
                     estimate_simulated(p, &Default::default(), "")
-                        .map(|(e, _)| e)
                         .map_err(|e| e.context(format!("plan {}", crate::input::quote(label))))
                 })
                 .collect::<Result<Vec<_>>>()?;

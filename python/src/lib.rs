@@ -661,7 +661,7 @@ fn estimate(
     let run = || -> Result<PyEstimate, Error> {
         let s = source(plan, fields)?;
         let plan = resolve(&s)?;
-        let (est, _) = memplan::estimate::estimate_simulated(&plan, &Default::default(), "")?;
+        let est = memplan::estimate::estimate_simulated(&plan, &Default::default(), "")?;
         Ok(PyEstimate { plan, est })
     };
     run().map_err(|e| plan_error(py, e))

@@ -719,22 +719,21 @@ const PHASES: [Phase; 5] = [
 
 /// [`estimate`], with the step's event trace of the most loaded rank (at
 /// [`trace::Detail::Groups`]) replayed through the caching-allocator simulation under `conf`
-/// (`PYTORCH_CUDA_ALLOC_CONF`, spelled `conf_text`). Returns the trace too. No simulation
-/// (and no trace) for a GPU profile without a caching allocator, or a stage of more than
-/// [`trace::MAX_TRACED_LAYERS`] blocks.
+/// (`PYTORCH_CUDA_ALLOC_CONF`, spelled `conf_text`). No simulation for a GPU profile
+/// without a caching allocator, or a stage of more than [`trace::MAX_TRACED_LAYERS`] blocks.
 pub fn estimate_simulated(
     plan: &Plan,
     conf: &crate::allocator::AllocConf,
     conf_text: &str,
-) -> Result<(Estimate, Option<crate::trace::Trace>)> {
+) -> Result<Estimate> {
     let mut est = estimate(plan)?;
     let layers = params::stage_layers(plan.model.layers, plan.parallel.pp, est.per_gpu.stage);
     if !plan.gpu.caching_allocator || layers > trace::MAX_TRACED_LAYERS {
-        return Ok((est, None));
+        return Ok(est);
     }
     let t = trace::trace_with(plan, est.per_gpu.stage, trace::Detail::Groups)?;
     est.per_gpu.simulation = Some(Box::new(simulate::simulate(&t, conf, conf_text)?));
-    Ok((est, Some(t)))
+    Ok(est)
 }
 
 /// Estimates the plan.
