@@ -489,10 +489,20 @@ int mp_cuda_trace_take(int64_t device, int64_t **out, int64_t *n, char **err) {
   MP_CATCH
 }
 
+// The caching allocator answers "Invalid device argument" until the device's hooks have run:
+// CUDA initialises lazily, on the first CUDA tensor (or on recordHistory). Seen on an H200
+// with torch 2.11.0+cu130 when a run read the counters before making any tensor; so every
+// accelerator call below initialises the device first (a call_once, cheap after the first).
+static void mp_accel_init() {
+  if (auto acc = at::accelerator::getAccelerator(false))
+    at::globalContext().lazyInitDevice(*acc);
+}
+
 // Allocations and frees the caching allocator of `device` has made since the process began
 // (its cumulative allocation counters): where a CUDA history entry falls relative to a moment.
 int mp_accel_alloc_calls(int64_t device, int64_t *calls, char **err) {
   MP_TRY
+  mp_accel_init();
   auto s = at::accelerator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
   auto agg = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
   *calls = s.allocation[agg].allocated + s.allocation[agg].freed;
@@ -512,6 +522,7 @@ int mp_accel_count(int64_t *n, char **err) {
 // out: allocated current, allocated peak, reserved current, reserved peak, num_ooms.
 int mp_accel_stats(int64_t device, int64_t *out, char **err) {
   MP_TRY
+  mp_accel_init();
   auto s = at::accelerator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
   auto agg = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
   out[0] = s.allocated_bytes[agg].current;
@@ -524,18 +535,32 @@ int mp_accel_stats(int64_t device, int64_t *out, char **err) {
 
 int mp_accel_reset_peak(int64_t device, char **err) {
   MP_TRY
+  mp_accel_init();
   at::accelerator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
+  MP_CATCH
+}
+
+// Returns the caching allocator's unused cached blocks to the driver, after a synchronize, so
+// that a run's peak reserved starts from what is live, not from an earlier run in the same
+// process (validate runs its plans one after another).
+int mp_accel_empty_cache(int64_t device, char **err) {
+  MP_TRY
+  mp_accel_init();
+  at::accelerator::synchronizeDevice(static_cast<c10::DeviceIndex>(device));
+  at::accelerator::emptyCache();
   MP_CATCH
 }
 
 int mp_accel_synchronize(int64_t device, char **err) {
   MP_TRY
+  mp_accel_init();
   at::accelerator::synchronizeDevice(static_cast<c10::DeviceIndex>(device));
   MP_CATCH
 }
 
 int mp_accel_mem_info(int64_t device, int64_t *free_bytes, int64_t *total_bytes, char **err) {
   MP_TRY
+  mp_accel_init();
   auto p = at::accelerator::getMemoryInfo(static_cast<c10::DeviceIndex>(device));
   *free_bytes = static_cast<int64_t>(p.first);
   *total_bytes = static_cast<int64_t>(p.second);

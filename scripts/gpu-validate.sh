@@ -10,7 +10,7 @@
 #   source scripts/libtorch-env.sh && cargo build --release --features trainer
 #   device run: bash scripts/gpu-validate.sh      carry: ["target/release/memplan"]
 # Writes $OUT/validate.json (every run's full report) and $OUT/validate.md (the table), and
-# prints the table last: peak allocated predicted vs measured, and measured reserved against
+# prints the table last (a two-step smoke run with --trace comes first): peak allocated predicted vs measured, and measured reserved against
 # the estimator's fitted reserved and its caching-allocator simulation (`memplan estimate` on
 # each matrix plan). Budget: under 8 minutes on one H100.
 set -uo pipefail
@@ -22,6 +22,16 @@ TL=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
 export LD_LIBRARY_PATH="$TL:${LD_LIBRARY_PATH:-}"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; date -u +%F; } \
     | tee "$OUT/device.txt"
+# Smoke first: one short CUDA run with the allocator history recorded, so that a crash in the
+# CUDA path shows up on its own, before the matrix (its report and trace come back in $OUT).
+# MEMPLAN_GPU_SMOKE=0 skips it.
+if [ "${MEMPLAN_GPU_SMOKE:-1}" != 0 ]; then
+python3 -c 'import json,sys; json.dump(json.load(open("scripts/gpu-matrix.json"))[0]["plan"], sys.stdout)' \
+    > "$OUT/smoke-plan.json"
+timeout 120 "$BIN" train --plan "$OUT/smoke-plan.json" --device cuda --steps 2 --quiet \
+    --trace "$OUT/smoke-trace.json" > "$OUT/smoke.txt" 2>&1
+echo "smoke exit code: $?"; cat "$OUT/smoke.txt"
+fi
 timeout "${MEMPLAN_GPU_TIMEOUT:-450}" "$BIN" validate --matrix scripts/gpu-matrix.json \
     --device cuda --steps 3 --quiet --format json > "$OUT/validate.json"
 echo "validate exit code: $?"

@@ -40,6 +40,7 @@ extern "C" {
     fn mp_accel_stats(device: i64, out: *mut i64, err: *mut *mut c_char) -> c_int;
     fn mp_accel_reset_peak(device: i64, err: *mut *mut c_char) -> c_int;
     fn mp_accel_synchronize(device: i64, err: *mut *mut c_char) -> c_int;
+    fn mp_accel_empty_cache(device: i64, err: *mut *mut c_char) -> c_int;
     fn mp_accel_mem_info(
         device: i64,
         free: *mut i64,
@@ -236,6 +237,11 @@ pub fn accelerator_reset_peak(device: i64) -> Result<(), ShimError> {
 
 pub fn accelerator_synchronize(device: i64) -> Result<(), ShimError> {
     call(|e| unsafe { mp_accel_synchronize(device, e) })
+}
+
+/// Synchronizes and returns the caching allocator's unused blocks to the driver.
+pub fn accelerator_empty_cache(device: i64) -> Result<(), ShimError> {
+    call(|e| unsafe { mp_accel_empty_cache(device, e) })
 }
 
 /// (free, total) device bytes as the driver reports them.
