@@ -35,6 +35,11 @@
 #ifdef MP_CUDA_HISTORY
 #include <torch/csrc/cuda/memory_snapshot.h>
 #include <torch/csrc/jit/serialization/pickle.h>
+// Declared in ATen/cuda/CUDAContextLight.h, which needs cuBLAS's headers; exported by
+// libtorch_cuda.so.
+namespace at::cuda {
+void clearCublasWorkspaces();
+}
 #endif
 
 #include <algorithm>
@@ -540,13 +545,19 @@ int mp_accel_reset_peak(int64_t device, char **err) {
   MP_CATCH
 }
 
-// Returns the caching allocator's unused cached blocks to the driver, after a synchronize, so
-// that a run's peak reserved starts from what is live, not from an earlier run in the same
-// process (validate runs its plans one after another).
+// Starts a CUDA run as a fresh process would: frees the cuBLAS workspaces an earlier run
+// left (one per cuBLAS handle and stream: 32 MiB each on sm90, two per training step since
+// the autograd engine runs backward on its own thread with its own handle; seen on an H200,
+// where the first of 14 validate plans counted them and the 13 after it did not), then
+// returns the caching allocator's unused cached blocks to the driver, so that a run's peak
+// reserved starts from what is live, not from an earlier run in the same process.
 int mp_accel_empty_cache(int64_t device, char **err) {
   MP_TRY
   mp_accel_init();
   at::accelerator::synchronizeDevice(static_cast<c10::DeviceIndex>(device));
+#ifdef MP_CUDA_HISTORY
+  at::cuda::clearCublasWorkspaces();
+#endif
   at::accelerator::emptyCache();
   MP_CATCH
 }

@@ -937,8 +937,9 @@ pub struct GpuSpec {
     /// Device memory taken outside PyTorch's caching allocator: CUDA context, kernel images,
     /// cuBLAS/cuDNN handles. What nvidia-smi shows minus what the allocator reserves.
     pub runtime_overhead_bytes: Bytes,
-    /// Library workspaces allocated through the caching allocator (cuBLAS), so counted in
-    /// allocated bytes.
+    /// The cuBLAS workspace of one handle, allocated through the caching allocator, so
+    /// counted in allocated bytes. A training step has two (see the estimator's
+    /// `Quantities::workspace`).
     pub workspace_bytes: Bytes,
     /// Whether allocations go through PyTorch's CUDA caching allocator (so reserved exceeds
     /// allocated by its fragmentation). False for the CPU, whose allocator returns memory.

@@ -398,7 +398,16 @@ pub(crate) struct Quantities {
     pub on_gpu_params: bool,
     /// Earlier micro-batches of the same step exist (accumulation or pipelining).
     pub accum: bool,
+    /// cuBLAS workspaces: PyTorch keeps one per (cuBLAS handle, stream), and handles are
+    /// per thread, so a step has two: the first forward matmul makes the main thread's, the
+    /// first backward matmul the autograd engine's device thread's (torch 2.11
+    /// `CublasHandlePool.cpp`; measured on an H200: two 32 MiB blocks, held for the run,
+    /// made at the first forward and the first backward matmul). `workspace` is both;
+    /// `workspace_forward` what the first step's forward phase holds: the first only, unless
+    /// an earlier micro-batch's backward ran before the forward's peak (accumulation or
+    /// pipelining: counted as both; GPipe runs every forward first, 1 handle too high there).
     pub workspace: u128,
+    pub workspace_forward: u128,
     pub inputs: u128,
     /// Of the inputs, the rotary table and the pipeline's receive buffers.
     pub rotary: u128,
@@ -498,7 +507,8 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         gathers,
         on_gpu_params,
         accum,
-        workspace: plan.gpu.workspace_bytes.get() as u128,
+        workspace: 2 * plan.gpu.workspace_bytes.get() as u128,
+        workspace_forward: plan.gpu.workspace_bytes.get() as u128 * if accum { 2 } else { 1 },
         inputs: st.inputs,
         rotary: st.rotary,
         p2p: st.p2p,
@@ -756,10 +766,20 @@ pub fn estimate(plan: &Plan) -> Result<Estimate> {
     // micro-batches in flight and the embedding, the last computes the logits.
     // A steady step's phases; the first step's are the same less the optimizer states,
     // which the first optimizer step creates.
+    // Its forward may hold only the main thread's cuBLAS workspace (`Quantities::workspace`).
+    let accum = plan.batch.grad_accum_steps > 1 || plan.parallel.pp > 1;
+    let backward_workspace = if accum {
+        0
+    } else {
+        plan.gpu.workspace_bytes.get() as u128
+    };
     let first_of = |w: &Wide, phase: Phase| {
         let mut f = *w;
         if phase != Phase::Optimizer {
             f.0[4] = 0;
+        }
+        if phase == Phase::Forward {
+            f.0[9] -= backward_workspace;
         }
         f
     };

@@ -341,10 +341,11 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
     };
     let layer = |i: u128, part: Part| Owner::new(Module::Layer(first_layer + i as u32), part);
 
-    // Setup: workspace, inputs, master shards.
+    // Setup: the main thread's cuBLAS workspace (the other comes with the first backward),
+    // inputs, master shards.
     w.begin(Section::Setup, 0);
     w.alloc(
-        q.workspace,
+        q.workspace_forward,
         Category::Workspace,
         Owner::new(Module::Workspace, Part::Whole),
         0,
@@ -447,6 +448,7 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
     );
     let root_grad_shard = q.grads_all - q.blocks_grads;
     let mut grads: Vec<Option<T>> = Vec::new();
+    let mut backward_workspace = false;
     for first in [true, false] {
         w.first = first;
         // torchtitan's `zero_grad()`: the gradients are set to None.
@@ -612,6 +614,16 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                             w.point(PHASES[0].name(), best.0);
                         }
                         w.begin(Section::Backward, micro);
+                        if !backward_workspace && q.workspace > q.workspace_forward {
+                            // The autograd engine's thread makes its own cuBLAS workspace.
+                            backward_workspace = true;
+                            w.alloc(
+                                q.workspace - q.workspace_forward,
+                                Category::Workspace,
+                                Owner::new(Module::Workspace, Part::Whole),
+                                0,
+                            )?;
+                        }
                     }
                     Step::At(Moment::LossBackward) => {
                         if marked {

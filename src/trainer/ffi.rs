@@ -239,7 +239,8 @@ pub fn accelerator_synchronize(device: i64) -> Result<(), ShimError> {
     call(|e| unsafe { mp_accel_synchronize(device, e) })
 }
 
-/// Synchronizes and returns the caching allocator's unused blocks to the driver.
+/// Synchronizes, frees the cuBLAS workspaces and returns the caching allocator's unused
+/// blocks to the driver.
 pub fn accelerator_empty_cache(device: i64) -> Result<(), ShimError> {
     call(|e| unsafe { mp_accel_empty_cache(device, e) })
 }

@@ -727,8 +727,10 @@ fn train_on(
         offload: plan.offload,
     };
     let _default = ffi::channel(env.default_channel());
-    // Blocks an earlier run in this process left cached would stand in this run's reserved
-    // peak: on an H200, 14 validate plans in one process all read the first plan's 30.5 GiB.
+    // A CUDA run starts as a fresh process would: without the cuBLAS workspaces an earlier
+    // run in this process made (the estimator counts them; on an H200 only the first of 14
+    // validate plans did) and without its cached blocks, which would stand in this run's
+    // reserved peak (all 14 read the first plan's 30.5 GiB).
     if let Some(d) = cuda {
         ffi::accelerator_empty_cache(d)
             .map_err(|e| Error::runtime(format!("emptying the CUDA cache: {e}")))?;
