@@ -16,6 +16,7 @@ use crate::plan::{self, Plan, PlanFile};
 use crate::profiles;
 use crate::search::{self, Constraints, RankBy};
 
+mod replay;
 mod timeline;
 
 #[derive(Parser, Debug)]
@@ -147,6 +148,20 @@ pub enum Command {
         output: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = timeline::TimelineFormat::Svg)]
         format: timeline::TimelineFormat,
+    },
+    /// Replay a recorded allocation trace (`train --trace FILE.json`, or `timeline --format
+    /// json`) through the caching-allocator model: peak reserved, cached free bytes and the
+    /// largest free block at the allocated peak, segments, cudaMalloc calls, once per
+    /// --alloc-conf, so settings can be compared on a measured step.
+    Replay {
+        /// The trace (JSON, schema memplan.trace/1).
+        trace: PathBuf,
+        /// A PYTORCH_CUDA_ALLOC_CONF setting to simulate, e.g. expandable_segments:True;
+        /// repeat it to compare several (default: the allocator's defaults).
+        #[arg(long)]
+        alloc_conf: Vec<String>,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
     },
     /// List the shipped model and GPU profiles and example plans.
     Profiles {
@@ -888,6 +903,19 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
                         .any(|v| v.error_pct().abs() > m || v.report.oom.is_some())
                 });
             Ok(fit_code(!bad))
+        }
+        Command::Replay {
+            trace,
+            alloc_conf,
+            format,
+        } => {
+            let trace = replay::read(&trace)?;
+            let r = crate::estimate::simulate::replay(&trace, &alloc_conf)?;
+            match format {
+                Format::Json => print(out, &crate::output::json::to_string(&r))?,
+                Format::Table | Format::Markdown => print(out, &crate::output::replay::table(&r))?,
+            }
+            Ok(EXIT_FITS)
         }
         Command::Timeline {
             plan,

@@ -21,6 +21,7 @@
 use serde::Serialize;
 
 use crate::error::Result;
+use crate::estimate::simulate::reserved_on_one_stream;
 use crate::estimate::{estimate, Phase};
 use crate::plan::{Plan, PlanFile};
 use crate::trainer::{train, TrainDevice, TrainOptions, TrainReport};
@@ -50,6 +51,9 @@ pub struct Validation {
     /// forward, backward, optimizer of the first step, then of the steady step.
     pub phases: [PhasePair; 6],
     pub peak: PhasePair,
+    /// CUDA runs: peak reserved, predicted for the trainer's one stream
+    /// ([`reserved_on_one_stream`]) and measured (the caching allocator's counter).
+    pub reserved: Option<PhasePair>,
     /// Where the estimator says the plan first runs out of the GPU profile's memory.
     pub predicted_first_oom: Option<crate::estimate::PhasePoint>,
     /// The run's own report (losses, per-step figures, notes), less its trace.
@@ -97,6 +101,15 @@ pub fn validation_of(
     mut report: TrainReport,
 ) -> Validation {
     let measured_trace = report.trace.take();
+    // A plan the estimator traced for its estimate traces again here; a failure leaves the
+    // pair out rather than the run.
+    let reserved = match (report.peak_reserved_bytes, reserved_on_one_stream(plan)) {
+        (Some(measured_bytes), Ok(Some(predicted_bytes))) => Some(PhasePair {
+            predicted_bytes,
+            measured_bytes,
+        }),
+        _ => None,
+    };
     let predicted = predicted_phases(e);
     let predicted_first_oom = e.per_gpu.first_oom;
     let mut measured = [0u64; 6];
@@ -126,6 +139,7 @@ pub fn validation_of(
             predicted_bytes: predicted.iter().copied().max().unwrap_or(0),
             measured_bytes: report.peak_allocated_bytes,
         },
+        reserved,
         predicted_first_oom,
         report,
         measured_trace,

@@ -124,7 +124,8 @@ struct ModelRow<'a> {
     param_count: u64,
 }
 
-fn to_string<T: Serialize>(v: &T) -> String {
+/// Any output document, pretty-printed, with a final newline.
+pub fn to_string<T: Serialize>(v: &T) -> String {
     serde_json::to_string_pretty(v).expect("output types serialize") + "\n"
 }
 

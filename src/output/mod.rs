@@ -5,6 +5,7 @@
 pub mod json;
 pub mod markdown;
 pub mod memory_viz;
+pub mod replay;
 pub mod table;
 pub mod timeline;
 #[cfg(feature = "trainer")]

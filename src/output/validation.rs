@@ -129,6 +129,8 @@ struct Envelope<'a> {
 
 /// A matrix: one line per plan.
 pub fn matrix(rows: &[Validation], format: Format) -> String {
+    // CUDA runs add reserved: predicted for the trainer's one stream, and measured.
+    let reserved = rows.iter().any(|v| v.reserved.is_some());
     match format {
         Format::Json => {
             serde_json::to_string_pretty(&Envelope {
@@ -140,38 +142,70 @@ pub fn matrix(rows: &[Validation], format: Format) -> String {
         }
         Format::Markdown => {
             let mut s = String::from(
-                "| plan | predicted peak | measured peak | error | worst phase error |\n|---|---:|---:|---:|---:|\n",
+                "| plan | predicted peak | measured peak | error | worst phase error |",
             );
+            s += if reserved {
+                " predicted reserved | measured reserved | error |\n|---|---:|---:|---:|---:|---:|---:|---:|\n"
+            } else {
+                "\n|---|---:|---:|---:|---:|\n"
+            };
             for v in rows {
                 s += &format!(
-                    "| {} | {} | {} | {:+.2}% | {:+.2}% |\n",
+                    "| {} | {} | {} | {:+.2}% | {:+.2}% |",
                     v.label,
                     v.peak.predicted_bytes,
                     v.peak.measured_bytes,
                     v.error_pct(),
                     worst(v)
                 );
+                if reserved {
+                    s += &match &v.reserved {
+                        Some(r) => format!(
+                            " {} | {} | {:+.2}% |",
+                            r.predicted_bytes,
+                            r.measured_bytes,
+                            r.error_pct()
+                        ),
+                        None => " | | |".to_string(),
+                    };
+                }
+                s.push('\n');
             }
             s
         }
         Format::Table => {
             let mut t = Table::new();
             t.load_preset(UTF8_FULL_CONDENSED);
-            t.set_header(vec![
+            let mut header = vec![
                 "plan",
                 "predicted peak",
                 "measured peak",
                 "error",
                 "worst phase",
-            ]);
+            ];
+            if reserved {
+                header.extend(["predicted reserved", "measured reserved", "error"]);
+            }
+            t.set_header(header);
             for v in rows {
-                t.add_row(vec![
+                let mut row = vec![
                     Cell::new(&v.label),
                     right(Bytes(v.peak.predicted_bytes)),
                     right(Bytes(v.peak.measured_bytes)),
                     right(format!("{:+.2}%", v.error_pct())),
                     right(format!("{:+.2}%", worst(v))),
-                ]);
+                ];
+                if reserved {
+                    row.extend(match &v.reserved {
+                        Some(r) => [
+                            right(Bytes(r.predicted_bytes)),
+                            right(Bytes(r.measured_bytes)),
+                            right(format!("{:+.2}%", r.error_pct())),
+                        ],
+                        None => [Cell::new(""), Cell::new(""), Cell::new("")],
+                    });
+                }
+                t.add_row(row);
             }
             let within = rows.iter().filter(|v| v.error_pct().abs() <= 3.0).count();
             format!(
