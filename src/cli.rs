@@ -40,6 +40,9 @@ pub enum Command {
         /// syntax, e.g. expandable_segments:True.
         #[arg(long, default_value = "")]
         alloc_conf: String,
+        /// Also estimate every pipeline stage's ranks, not only the most loaded one.
+        #[arg(long)]
+        all_stages: bool,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
@@ -693,18 +696,25 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
         Command::Estimate {
             plan,
             alloc_conf,
+            all_stages,
             format,
         } => {
             let plan = plan.resolve()?;
             warn(err, &plan.warnings);
             let conf = crate::allocator::AllocConf::parse(&alloc_conf)?;
             let est = estimate_simulated(&plan, &conf, &alloc_conf)?;
+            let stages = if all_stages {
+                crate::estimate::estimate_stages(&plan, &conf, &alloc_conf)?
+            } else {
+                Vec::new()
+            };
             print(
                 out,
                 &renderer(format).estimate(&Row {
                     label: &plan.model.name,
                     plan: &plan,
                     estimate: &est,
+                    stages: &stages,
                 }),
             )?;
             Ok(fit_code(est.fits))
@@ -729,6 +739,7 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
                 .iter()
                 .zip(&ests)
                 .map(|((label, plan), estimate)| Row {
+                    stages: &[],
                     label,
                     plan,
                     estimate,

@@ -451,3 +451,57 @@ fn timeline_json_to_a_file_says_so_in_one_json_document() {
     assert_eq!(doc["peak_allocated_bytes"], peak);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn all_stages_lists_every_pipeline_stage_and_names_the_most_loaded() {
+    let out = memplan()
+        .args([
+            "estimate",
+            "--model",
+            "small",
+            "--gpu",
+            "h100-80g",
+            "--num-gpus",
+            "8",
+        ])
+        .args(["--pp", "4", "--grad-accum-steps", "8", "--seq-len", "256"])
+        .args(["--all-stages", "--format", "json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stages = doc["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 4);
+    let layers: u64 = stages.iter().map(|s| s["layers"].as_u64().unwrap()).sum();
+    assert_eq!(layers, 4, "the small profile's 4 blocks, one per stage");
+    let peaks: Vec<u64> = stages
+        .iter()
+        .map(|s| s["peak_allocated_bytes"].as_u64().unwrap())
+        .collect();
+    let top = doc["per_gpu"]["peak_allocated_bytes"].as_u64().unwrap();
+    let most = doc["per_gpu"]["stage"].as_u64().unwrap() as usize;
+    assert_eq!(top, *peaks.iter().max().unwrap());
+    assert_eq!(peaks[most], top);
+    for (i, s) in stages.iter().enumerate() {
+        assert_eq!(s["stage"], i as u64);
+    }
+    // Without --all-stages the document has no list; the table names the stage.
+    let out = memplan()
+        .args([
+            "estimate",
+            "--model",
+            "small",
+            "--gpu",
+            "h100-80g",
+            "--num-gpus",
+            "8",
+        ])
+        .args(["--pp", "4", "--grad-accum-steps", "8", "--seq-len", "256"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains(&format!("pipeline stage {most} of 4")),
+        "{text}"
+    );
+}

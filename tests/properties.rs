@@ -117,6 +117,43 @@ proptest! {
         prop_assert_eq!(t.peak().unwrap().0, e.per_gpu.peak_allocated_bytes.get());
     }
 
+    /// `estimate` reports the most loaded pipeline stage having looked at the first and the
+    /// last only ("they bound every stage"); `estimate_stage` estimates each stage alone, and
+    /// each stage's own event trace, walked independently, peaks at that stage's figure.
+    #[test]
+    fn the_most_loaded_stage_is_the_highest_of_every_stage(
+        k in knobs(),
+        pp in prop::sample::select(&[2u64, 4][..]),
+        schedule in prop::sample::select(&["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"][..]),
+    ) {
+        let model = if pp == 4 { "small" } else { k.model };
+        let virtual_stages = if schedule == "interleaved-1f1b" { 2 } else { 1 };
+        let Ok(plan) = serde_json::from_str::<PlanFile>(&format!(
+            r#"{{"model":"{model}","num_gpus":{},"parallel":{{"pp":{pp},"pp_schedule":"{schedule}","pp_virtual_stages":{virtual_stages}}},
+                "batch":{{"micro_batch_size":{},"seq_len":{},"grad_accum_steps":{}}},
+                "activation_checkpointing":"{}","offload":"{}"}}"#,
+            pp << k.shard_pow.min(3), k.batch, k.seq, k.accum * pp, k.ac, k.offload
+        )).unwrap().resolve() else {
+            // Too few layers for the stages: refused, which no_input_panics covers.
+            return Ok(());
+        };
+        let e = estimate(&plan).unwrap();
+        let stages: Vec<_> = (0..pp)
+            .map(|s| memplan::estimate::estimate_stage(&plan, s).unwrap())
+            .collect();
+        let highest = stages.iter().map(|s| s.per_gpu.peak_allocated_bytes).max().unwrap();
+        prop_assert_eq!(e.per_gpu.peak_allocated_bytes, highest);
+        prop_assert_eq!(
+            &stages[e.per_gpu.stage as usize].per_gpu.breakdown,
+            &e.per_gpu.breakdown
+        );
+        for (s, st) in stages.iter().enumerate() {
+            prop_assert_eq!(st.per_gpu.stage, s as u64);
+            let t = memplan::estimate::trace::trace(&plan, s as u64).unwrap();
+            prop_assert_eq!(t.peak().unwrap().0, st.per_gpu.peak_allocated_bytes.get(), "stage {}", s);
+        }
+    }
+
     #[test]
     fn more_sharding_never_raises_per_gpu_bytes(k in knobs()) {
         prop_assume!(k.shard_pow < 6);

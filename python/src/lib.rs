@@ -438,6 +438,7 @@ pub struct PyEstimate {
 impl PyEstimate {
     fn json(&self) -> String {
         renderer(Format::Json).estimate(&Row {
+            stages: &[],
             label: &self.plan.model.name,
             plan: &self.plan,
             estimate: &self.est,
@@ -576,6 +577,7 @@ impl PyEstimate {
             }
         };
         Ok(renderer(f).estimate(&Row {
+            stages: &[],
             label: &self.plan.model.name,
             plan: &self.plan,
             estimate: &self.est,
@@ -583,6 +585,7 @@ impl PyEstimate {
     }
     fn __str__(&self) -> String {
         renderer(Format::Table).estimate(&Row {
+            stages: &[],
             label: &self.plan.model.name,
             plan: &self.plan,
             estimate: &self.est,
@@ -628,6 +631,7 @@ impl PyEstimate {
     }
     fn _repr_markdown_(&self) -> String {
         renderer(Format::Markdown).estimate(&Row {
+            stages: &[],
             label: &self.plan.model.name,
             plan: &self.plan,
             estimate: &self.est,

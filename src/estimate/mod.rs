@@ -736,7 +736,16 @@ pub fn estimate_simulated(
     conf: &crate::allocator::AllocConf,
     conf_text: &str,
 ) -> Result<Estimate> {
-    let mut est = estimate(plan)?;
+    simulated(estimate(plan)?, plan, conf, conf_text)
+}
+
+/// `est` (of `plan`) with the allocator simulation of its stage's step.
+fn simulated(
+    mut est: Estimate,
+    plan: &Plan,
+    conf: &crate::allocator::AllocConf,
+    conf_text: &str,
+) -> Result<Estimate> {
     let layers = params::stage_layers(plan.model.layers, plan.parallel.pp, est.per_gpu.stage);
     if !plan.gpu.caching_allocator || layers > trace::MAX_TRACED_LAYERS {
         return Ok(est);
@@ -758,6 +767,35 @@ pub fn estimate_simulated(
 /// assert!(!est.fits); // 16 bytes per parameter over 2 GPUs is 64 GB before activations
 /// ```
 pub fn estimate(plan: &Plan) -> Result<Estimate> {
+    estimate_for(plan, None)
+}
+
+/// The estimate for the ranks of pipeline stage `stage` (0 to pp - 1), rather than for the
+/// most loaded rank that [`estimate`] picks (`memplan estimate --all-stages`).
+pub fn estimate_stage(plan: &Plan, stage: u64) -> Result<Estimate> {
+    if stage >= plan.parallel.pp {
+        return Err(Error::invalid(
+            "stage",
+            stage,
+            format!("a pipeline stage from 0 to {}", plan.parallel.pp - 1),
+        ));
+    }
+    estimate_for(plan, Some(stage))
+}
+
+/// Every pipeline stage's estimate, in stage order, each simulated as [`estimate_simulated`]
+/// does.
+pub fn estimate_stages(
+    plan: &Plan,
+    conf: &crate::allocator::AllocConf,
+    conf_text: &str,
+) -> Result<Vec<Estimate>> {
+    (0..plan.parallel.pp)
+        .map(|s| simulated(estimate_stage(plan, s)?, plan, conf, conf_text))
+        .collect()
+}
+
+fn estimate_for(plan: &Plan, only: Option<u64>) -> Result<Estimate> {
     let last = plan.parallel.pp - 1;
     let runtime = overhead::runtime_overhead(plan)?;
     let capacity = plan.gpu.memory_bytes;
@@ -789,9 +827,9 @@ pub fn estimate(plan: &Plan) -> Result<Estimate> {
         let top = walls.iter().map(Wide::total).max().unwrap_or(0);
         (top, st, walls)
     };
-    let (top, mut st, mut walls) = build(0);
-    let mut stage_index = 0;
-    if last > 0 {
+    let mut stage_index = only.unwrap_or(0);
+    let (top, mut st, mut walls) = build(stage_index);
+    if last > 0 && only.is_none() {
         let (t, s, w) = build(last);
         if t > top {
             (st, walls, stage_index) = (s, w, last);

@@ -69,6 +69,18 @@ struct Envelope<'a> {
     estimate: &'a Estimate,
     /// Settings accepted but probably not meant (also printed on stderr).
     warnings: &'a [String],
+    /// `--all-stages`: every pipeline stage's ranks, in stage order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    stages: Vec<StageRow<'a>>,
+}
+
+/// One pipeline stage's figures (the per-GPU estimate of its ranks).
+#[derive(Serialize)]
+struct StageRow<'a> {
+    layers: u64,
+    #[serde(flatten)]
+    per_gpu: &'a crate::estimate::GpuEstimate,
+    fits_gpu: bool,
 }
 
 impl<'a> Envelope<'a> {
@@ -80,6 +92,15 @@ impl<'a> Envelope<'a> {
             param_count: row.plan.model.param_count(),
             estimate: row.estimate,
             warnings: &row.plan.warnings,
+            stages: row
+                .stages
+                .iter()
+                .map(|e| StageRow {
+                    layers: crate::output::stage_layers(row.plan, e.per_gpu.stage),
+                    per_gpu: &e.per_gpu,
+                    fits_gpu: e.fits_gpu,
+                })
+                .collect(),
         }
     }
 }

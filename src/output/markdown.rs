@@ -14,10 +14,13 @@ impl Render for Markdown {
     fn estimate(&self, row: &Row) -> String {
         let e = row.estimate;
         let g = &e.per_gpu;
+        let at = match super::stage_name(row.plan, g.stage) {
+            Some(stage) => format!("{}, {stage}", g.peak_phase),
+            None => g.peak_phase.to_string(),
+        };
         let mut s = format!(
-            "**{}**\n\n| per GPU at peak ({}) | GiB |\n|---|---:|\n",
+            "**{}**\n\n| per GPU at peak ({at}) | GiB |\n|---|---:|\n",
             cell(&plan_summary(row.plan)),
-            g.peak_phase
         );
         for (name, b) in g.breakdown.items() {
             if b.get() > 0 {
@@ -37,11 +40,28 @@ impl Render for Markdown {
                 s += &format!("| {name} | {} |\n", gib(b));
             }
         }
-        s += &format!(
-            "| **total** | **{}** |\n\n{}\n",
-            gib(e.host.per_node_bytes),
-            verdict(e)
-        );
+        s += &format!("| **total** | **{}** |\n\n", gib(e.host.per_node_bytes));
+        if !row.stages.is_empty() {
+            s += "| pipeline stage | layers | peak allocated (GiB) | at | peak reserved | simulated reserved | device total | fits |\n|---:|---:|---:|---|---:|---:|---:|---|\n";
+            for st in row.stages {
+                let g = &st.per_gpu;
+                s += &format!(
+                    "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                    g.stage,
+                    super::stage_layers(row.plan, g.stage),
+                    gib(g.peak_allocated_bytes),
+                    g.peak_phase,
+                    gib(g.peak_reserved_bytes),
+                    g.simulation
+                        .as_ref()
+                        .map_or("-".to_string(), |x| gib(x.peak_reserved_bytes)),
+                    gib(g.device_total_bytes),
+                    if st.fits_gpu { "yes" } else { "no" }
+                );
+            }
+            s += "\n";
+        }
+        s += &format!("{}\n", verdict(e));
         s
     }
 

@@ -21,6 +21,19 @@ pub struct Row<'a> {
     pub label: &'a str,
     pub plan: &'a Plan,
     pub estimate: &'a Estimate,
+    /// Every pipeline stage's estimate, in stage order (`estimate --all-stages`); empty
+    /// otherwise.
+    pub stages: &'a [Estimate],
+}
+
+/// "pipeline stage 1 of 4" where the plan has stages, else nothing.
+pub fn stage_name(plan: &Plan, stage: u64) -> Option<String> {
+    (plan.parallel.pp > 1).then(|| format!("pipeline stage {stage} of {}", plan.parallel.pp))
+}
+
+/// Layers a pipeline stage's ranks hold.
+pub fn stage_layers(plan: &Plan, stage: u64) -> u64 {
+    crate::estimate::params::stage_layers(plan.model.layers, plan.parallel.pp, stage)
 }
 
 /// An output format.
@@ -67,6 +80,7 @@ impl<'a> MaxBatch<'a> {
             max_micro_batch,
             estimates,
             found: at.map(|(plan, estimate)| Row {
+                stages: &[],
                 label: &plan.model.name,
                 plan,
                 estimate,

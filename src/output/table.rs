@@ -29,8 +29,12 @@ impl Render for Table {
     fn estimate(&self, row: &Row) -> String {
         let e = row.estimate;
         let g = &e.per_gpu;
+        let at = match super::stage_name(row.plan, g.stage) {
+            Some(stage) => format!("{}, {stage}", g.peak_phase),
+            None => g.peak_phase.to_string(),
+        };
         let mut t = new_table(vec![
-            format!("per GPU at peak ({})", g.peak_phase),
+            format!("per GPU at peak ({at})"),
             "bytes".into(),
             "share".into(),
         ]);
@@ -116,8 +120,44 @@ impl Render for Table {
                 right(p.allocated_bytes),
             ]);
         }
+        let stages = if row.stages.is_empty() {
+            String::new()
+        } else {
+            let mut st = new_table(
+                [
+                    "pipeline stage",
+                    "layers",
+                    "peak allocated",
+                    "at",
+                    "peak reserved",
+                    "simulated reserved",
+                    "device total",
+                    "fits",
+                ]
+                .map(String::from)
+                .to_vec(),
+            );
+            for s in row.stages {
+                let g = &s.per_gpu;
+                st.add_row(vec![
+                    right(g.stage),
+                    right(super::stage_layers(row.plan, g.stage)),
+                    right(g.peak_allocated_bytes),
+                    Cell::new(g.peak_phase),
+                    right(g.peak_reserved_bytes),
+                    right(
+                        g.simulation
+                            .as_ref()
+                            .map_or("-".to_string(), |x| x.peak_reserved_bytes.to_string()),
+                    ),
+                    right(g.device_total_bytes),
+                    Cell::new(if s.fits_gpu { "yes" } else { "no" }),
+                ]);
+            }
+            format!("{st}\n")
+        };
         format!(
-            "{}\n{t}\n{h}\n{tl}\n{}\n",
+            "{}\n{t}\n{h}\n{tl}\n{stages}{}\n",
             plan_summary(row.plan),
             verdict(e)
         )
