@@ -800,8 +800,12 @@ fn estimate_for(plan: &Plan, only: Option<u64>) -> Result<Estimate> {
     let runtime = overhead::runtime_overhead(plan)?;
     let capacity = plan.gpu.memory_bytes;
 
-    // The first and the last pipeline stage bound every stage: the first keeps the most
-    // micro-batches in flight and the embedding, the last computes the logits.
+    // Three pipeline stages bound every stage: the first keeps the most micro-batches in
+    // flight and the embedding, the last computes the logits, and the second bounds the
+    // middle ones (layers and micro-batches in flight never grow with the stage index, and
+    // every middle stage keeps both receive buffers, which the first lacks one of: with
+    // small activations and many micro-batches it is the highest; found by the property test
+    // `the_most_loaded_stage_is_the_highest_of_every_stage`, which checks all stages).
     // A steady step's phases; the first step's are the same less the optimizer states,
     // which the first optimizer step creates.
     // Its forward may hold only the main thread's cuBLAS workspace (`Quantities::workspace`).
@@ -829,10 +833,18 @@ fn estimate_for(plan: &Plan, only: Option<u64>) -> Result<Estimate> {
     };
     let mut stage_index = only.unwrap_or(0);
     let (top, mut st, mut walls) = build(stage_index);
-    if last > 0 && only.is_none() {
-        let (t, s, w) = build(last);
-        if t > top {
-            (st, walls, stage_index) = (s, w, last);
+    if only.is_none() {
+        let mut top = top;
+        let others = match last {
+            0 => &[][..],
+            1 => &[1][..],
+            _ => &[1, last][..],
+        };
+        for &other in others {
+            let (t, s, w) = build(other);
+            if t > top {
+                (top, st, walls, stage_index) = (t, s, w, other);
+            }
         }
     }
     let mut timeline = [PhasePoint {
