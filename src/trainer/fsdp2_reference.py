@@ -21,10 +21,19 @@ Differences to expect: torch.optim's CPU `step` scalars (4 bytes per parameter t
 here as device bytes; the trainer counts them as host bytes. This script frees `inp`, `labels`
 and `loss` before the optimizer step; torchtitan (and the trainer) keep them until the next
 batch. ac: "none", "full" or "sel:K" (torchtitan's selective layer rule).
+
+On a GPU, give `cuda` in place of the shim: the same job runs on cuda:0 (FSDP2's own
+all-gather and reduce-scatter streams, the fake process group's collectives doing nothing)
+and the figures are the caching allocator's (`torch.cuda.memory_allocated` and its peaks),
+with "peak_reserved" (`max_memory_reserved` over the run). With "trace": PATH in the config
+it also records the allocator's history and writes it as a memplan.trace/1 document (alloc
+and free_completed entries, requested sizes, streams numbered by first appearance), for
+`memplan replay PATH`: the allocator model against PyTorch's real three-stream FSDP2.
 """
 import ctypes, json, math, sys
 
-lib = ctypes.CDLL(sys.argv[1])
+CUDA = sys.argv[1] == "cuda"
+lib = None if CUDA else ctypes.CDLL(sys.argv[1])
 cfg = json.loads(sys.argv[2])
 import torch
 import torch.nn as nn
@@ -35,15 +44,39 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-err = ctypes.c_char_p()
-assert lib.mp_install_counting_allocator(ctypes.byref(err)) == 0
-lib.mp_set_channel(2)
+DEV = "cuda" if CUDA else "cpu"
+reserved_peak = 0
+if CUDA:
+    torch.cuda.set_device(0)
+    if cfg.get("trace"):
+        torch.cuda.memory._record_memory_history(context=None, stacks="python", max_entries=4_000_000)
 
+    def set_channel(_):
+        pass
 
-def counter():
-    c, p = ctypes.c_int64(), ctypes.c_int64()
-    lib.mp_counter(0, ctypes.byref(c), ctypes.byref(p))
-    return c.value, p.value
+    def reset_peak():
+        global reserved_peak
+        reserved_peak = max(reserved_peak, torch.cuda.max_memory_reserved())
+        torch.cuda.reset_peak_memory_stats()
+
+    def counter():
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+else:
+    err = ctypes.c_char_p()
+    assert lib.mp_install_counting_allocator(ctypes.byref(err)) == 0
+
+    def set_channel(ch):
+        lib.mp_set_channel(ch)
+
+    def reset_peak():
+        lib.mp_reset_peak(0)
+
+    def counter():
+        c, p = ctypes.c_int64(), ctypes.c_int64()
+        lib.mp_counter(0, ctypes.byref(c), ctypes.byref(p))
+        return c.value, p.value
+set_channel(2)
 
 
 H, L, NH, NKV, FF, V = cfg["hidden"], cfg["layers"], cfg["heads"], cfg["kv_heads"], cfg["ffn"], cfg["vocab"]
@@ -156,11 +189,12 @@ class Transformer(nn.Module):
 
 
 dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=N)
-mesh = init_device_mesh("cpu", (N,))
-lib.mp_set_channel(0)
-lib.mp_reset_peak(0)
+mesh = init_device_mesh(DEV, (N,))
+set_channel(0)
+reset_peak()
 base = counter()[0]
-model = Transformer()
+with torch.device(DEV):
+    model = Transformer()
 mp = MixedPrecisionPolicy(param_dtype=dt[cfg["param"]], reduce_dtype=dt[cfg["reduce"]])
 for lid, block in list(model.layers.items()):
     ac = cfg["ac"]
@@ -174,12 +208,14 @@ setup = counter()[0] - base
 out = {"setup": setup, "steps": []}
 for step in range(cfg["steps"]):
     opt.zero_grad()
-    lib.mp_reset_peak(0)
+    reset_peak()
     s0 = counter()[0]
-    lib.mp_set_channel(2)
+    set_channel(2)
     toks = torch.randint(0, V, (B, S + 1))
-    lib.mp_set_channel(0)
-    inp, labels = toks[:, :-1].clone(), toks[:, 1:].clone()
+    set_channel(0)
+    inp, labels = toks[:, :-1].to(DEV), toks[:, 1:].to(DEV)
+    if not CUDA:
+        inp, labels = inp.clone(), labels.clone()
     pred = model(inp)
     flat = pred.flatten(0, 1)
     if cfg.get("logits") == "float-in-loss":
@@ -188,14 +224,38 @@ for step in range(cfg["steps"]):
     del flat
     del pred
     f_end, f_peak = counter()
-    lib.mp_reset_peak(0)
+    reset_peak()
     loss.backward()
     b_end, b_peak = counter()
     del loss, inp, labels
-    lib.mp_reset_peak(0)
+    reset_peak()
     o0 = counter()[0]
     opt.step()
     o_end, o_peak = counter()
     out["steps"].append({k: v - base for k, v in dict(fwd_start=s0, fwd_peak=f_peak, fwd_end=f_end, bwd_peak=b_peak,
                          bwd_end=b_end, opt_start=o0, opt_peak=o_peak, opt_end=o_end).items()})
+if CUDA:
+    reset_peak()
+    out["peak_reserved"] = reserved_peak
+    if cfg.get("trace"):
+        # The allocator's history as a memplan.trace/1 document: every allocation numbered by
+        # address (a block is freed when its free completes, after the streams that used it).
+        snap = torch.cuda.memory._snapshot()
+        events, live, streams = [], {}, {}
+        unknown = {"module": "unknown", "part": "whole"}
+        for e in snap["device_traces"][0]:
+            if e["action"] not in ("alloc", "free_completed"):
+                continue
+            stream = streams.setdefault(e["stream"], len(streams))
+            if e["action"] == "alloc":
+                live[e["addr"]] = (len(events) + 1, e["size"])
+                events.append({"op": "alloc", "id": len(events) + 1, "bytes": e["size"],
+                               "category": "other", "owner": unknown, "stream": stream})
+            elif e["addr"] in live:
+                i, size = live.pop(e["addr"])
+                events.append({"op": "free", "id": i, "bytes": size, "category": "other",
+                               "owner": unknown, "stream": stream})
+        json.dump({"schema": "memplan.trace/1", "source": "measured", "stage": 0, "rank": 0,
+                   "capacity_bytes": torch.cuda.get_device_properties(0).total_memory,
+                   "events": events, "marks": []}, open(cfg["trace"], "w"))
 print(json.dumps(out))
