@@ -885,7 +885,9 @@ impl PlanFile {
             optimizer: parse_opt("optimizer", &self.optimizer, Optimizer::AdamW)?,
             activation_checkpointing,
             offload: parse_opt("offload", &self.offload, Offload::None)?,
-            reshard_after_forward: self.reshard_after_forward.unwrap_or(true),
+            // torchtitan's "default" policy: reshard after forward unless pipelining (its
+            // schedules run every micro-batch's forward and backward between two steps).
+            reshard_after_forward: self.reshard_after_forward.unwrap_or(pp == 1),
             implementation,
             float8: self.float8.unwrap_or(false),
             compile: self.compile.unwrap_or(false),

@@ -21,6 +21,15 @@
 //! A final logit soft-cap (Gemma 2) adds its saved tanh output, e bytes per logit, to each
 //! moment.
 //!
+//! Under pipelining the last stage cannot `del pred`: the schedule caches each micro-batch's
+//! stage output until that micro-batch's backward is done (torch 2.11
+//! `pipelining/stage.py:720`, detached at `:843`), and keeps its loss, which holds the
+//! log-softmax output, until then (`schedules.py:283-286`). So the loss input (the stage
+//! output) stays alive as in float-output-kept, through the stage's whole backward, and every
+//! other micro-batch in flight keeps its stage output and log-softmax output
+//! ([`LogitsBytes::kept_per_micro_batch`]). Measured with torch's own pipelining on CPU
+//! (docs/research/parallelism-torch-2.11.md).
+//!
 //! Worked number: llama3-8b at batch 4 x 2048 tokens (T = 8192), V = 128,256, float-in-loss:
 //! backward peak 12 x 8192 x 128,256 = 12.61 GB, the largest single buffer of the seed case.
 
@@ -39,6 +48,12 @@ pub struct LogitsBytes {
     /// before backward, is too small for the fp32 buffers of the loss backward, so the
     /// caching allocator keeps it and maps new segments for them.
     pub freed_segment: u128,
+    /// Pipeline last stage only: the loss input (the stage output), held from the loss to
+    /// the end of the micro-batch's backward; and what each other micro-batch in flight
+    /// keeps from its loss to its backward (its stage output, log-softmax output and
+    /// soft-cap output).
+    pub held_in_backward: u128,
+    pub kept_per_micro_batch: u128,
 }
 
 /// ```
@@ -61,11 +76,35 @@ pub fn logits_bytes(plan: &Plan, tokens: u128) -> LogitsBytes {
         _ => 0,
     };
     let cap = if plan.model.final_logit_softcap { e } else { 0 };
+    let (input, log_softmax) = loss_input_and_log_softmax(plan.implementation.logits, e);
+    // Held like float-output-kept's fp32 logits, which already count it.
+    let held = if plan.parallel.pp > 1 { input } else { 0 };
+    let held_extra = if plan.implementation.logits == Logits::FloatOutputKept {
+        0
+    } else {
+        held
+    };
     LogitsBytes {
         at_projection: (projection + cap) * tv,
         forward_peak: (fwd + cap) * tv,
-        backward_peak: (bwd + cap) * tv,
+        backward_peak: (bwd + cap + held_extra) * tv,
         freed_segment: freed,
+        held_in_backward: held * tv,
+        kept_per_micro_batch: if plan.parallel.pp > 1 {
+            (input + log_softmax + cap) * tv
+        } else {
+            0
+        },
+    }
+}
+
+/// Bytes per logit of the loss's input (what `del pred` frees: the model's output) and of
+/// log-softmax's saved output.
+fn loss_input_and_log_softmax(mode: Logits, e: u128) -> (u128, u128) {
+    match mode {
+        Logits::ComputeDtype => (e, e),
+        Logits::FloatInLoss => (e, 4),
+        Logits::FloatOutput | Logits::FloatOutputKept => (4, 4),
     }
 }
 
@@ -170,8 +209,9 @@ pub fn script(plan: &Plan) -> ([Step; 12], usize) {
         if plan.implementation.logits == Logits::FloatInLoss && e < 4 {
             push(Free(Upcast, 4));
         }
-        // `del pred` since June 2024 (PR #391), unless the plan keeps the fp32 logits.
-        if plan.implementation.logits != Logits::FloatOutputKept {
+        // `del pred` since June 2024 (PR #391), unless the plan keeps the fp32 logits or a
+        // pipeline schedule caches the stage output.
+        if plan.implementation.logits != Logits::FloatOutputKept && plan.parallel.pp == 1 {
             if let Some((slot, b)) = input {
                 push(Free(slot, b));
             }
@@ -205,9 +245,14 @@ mod tests {
             "compute-dtype",
         ] {
             for dtype in ["bf16", "fp32"] {
-                for model in ["llama3-8b", "tests/data/hf/gemma-2-2b.json"] {
+                for (model, pp) in [
+                    ("llama3-8b", 1),
+                    ("tests/data/hf/gemma-2-2b.json", 1),
+                    ("llama3-8b", 2),
+                ] {
                     let p = plan(&format!(
-                        r#"{{"model":"{model}","precision":{{"param":"{dtype}","master":"fp32","reduce":"fp32"}},
+                        r#"{{"model":"{model}","num_gpus":{pp},"parallel":{{"pp":{pp}}},
+                            "precision":{{"param":"{dtype}","master":"fp32","reduce":"fp32"}},
                             "implementation":{{"logits":"{logits}"}}}}"#
                     ));
                     let (steps, n) = script(&p);
@@ -221,7 +266,7 @@ mod tests {
                     }
                     let l = logits_bytes(&p, 1);
                     let v = p.model.vocab as u128;
-                    let what = format!("{logits} {dtype} {model}");
+                    let what = format!("{logits} {dtype} {model} pp {pp}");
                     assert_eq!(l.at_projection, at[0] * v, "{what}");
                     assert_eq!(l.forward_peak, at[1] * v, "{what}");
                     assert_eq!(l.backward_peak, at[2] * v, "{what}");

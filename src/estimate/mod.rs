@@ -183,7 +183,7 @@ pub(crate) struct Stage {
     p2p: u128,
     /// [`block_backward`] of the stage's larger block, for unsharded compute-dtype weight
     /// gradients and for master-dtype ones (FSDP off and no cast).
-    working: [[u128; 2]; 2],
+    working: [[u128; 4]; 2],
 }
 
 /// `a / b` on 128 bits, through 64-bit division when both fit (128-bit division is a library
@@ -284,8 +284,15 @@ fn stage(plan: &Plan, index: u64) -> Stage {
         BlockActivations::default()
     };
     // int64 ids on the first stage, int64 labels and the fp32 loss on the last; the rotary
-    // table of 2 x seq positions x head_dim/2 complex64 on every stage.
-    let ids = 8 * tokens * (p.first as u128 + p.last as u128) + 4 * p.last as u128;
+    // table of 2 x seq positions x head_dim/2 complex64 on every stage. A pipeline schedule
+    // splits the step's batch into micro-batches as views: ids and labels of every
+    // micro-batch stay (measured with torch's own pipelining on CPU).
+    let whole_step = if par.pp > 1 {
+        b.grad_accum_steps as u128
+    } else {
+        1
+    };
+    let ids = 8 * tokens * whole_step * (p.first as u128 + p.last as u128) + 4 * p.last as u128;
     let rotary = 8 * b.seq_len as u128 * m.head_dim as u128;
     // Pipeline receive buffers (torch 2.11 `PipelineStage`): every local stage keeps one
     // activation buffer per micro-batch to receive its input (not global stage 0) and one to
@@ -357,7 +364,7 @@ fn block_backward(
     moe_act: &BlockActivations,
     t: u128,
     grads_elem_bytes: u128,
-) -> [u128; 2] {
+) -> [u128; 4] {
     let ac = plan.activation_checkpointing;
     let moe = p.moe_layers > 0;
     let a = if moe { moe_act } else { dense };
@@ -366,10 +373,8 @@ fn block_backward(
     let tp = plan.parallel.tp as u128;
     let (h, f, q) = (m.hidden as u128, m.intermediate as u128, m.q_dim() as u128);
     if moe {
-        return [
-            re + t * a.mlp_transient + grads_elem_bytes * p.moe.unsharded,
-            0,
-        ];
+        let during = re + t * a.mlp_transient + grads_elem_bytes * p.moe.unsharded;
+        return [during, 0, during, 0];
     }
     let w2 = div(grads_elem_bytes * h * f, tp);
     let mlp_point = re + t * a.mlp_transient + w2;
@@ -381,7 +386,22 @@ fn block_backward(
     // At the block's end every weight gradient exists and the activations are gone but for
     // the gradient flowing in and the one flowing out (what small batches peak at).
     let end_point = grads_elem_bytes * p.dense.unsharded + 2 * t * a.full_ac;
-    [mlp_point.max(attn_point), end_point]
+    // Accumulating into gradients that exist (a pipeline's later micro-batches): autograd
+    // adds each new weight gradient into `.grad` and frees it at once, so none is alive past
+    // its own matmul, and w2's saved input is freed with its backward. Measured with torch's
+    // own pipelining (docs/research/parallelism-torch-2.11.md; 1F1B, stage 0, the second
+    // backward, tiny shapes only): the peak is w2's matmul backward, its two outputs (the
+    // input's gradient and the new weight gradient) the only temporaries.
+    let e_act = plan.precision.param.bytes() as u128;
+    let w2_matmul = re + div(t * f * e_act, tp) + w2;
+    let wq = div(grads_elem_bytes * h * q, tp);
+    let attn_acc = (re + t * a.attn_transient + wq).saturating_sub(t * a.ffn_saved);
+    [
+        mlp_point.max(attn_point),
+        end_point,
+        w2_matmul.max(attn_acc),
+        2 * t * a.full_ac,
+    ]
 }
 
 /// The quantities of one stage's step that the phases are made of, in bytes: computed once
@@ -396,8 +416,6 @@ pub(crate) struct Quantities {
     /// All-gathers go through a flat buffer (FSDP over more than one rank, with copies).
     pub gathers: bool,
     pub on_gpu_params: bool,
-    /// Earlier micro-batches of the same step exist (accumulation or pipelining).
-    pub accum: bool,
     /// cuBLAS workspaces: PyTorch keeps one per (cuBLAS handle, stream), and handles are
     /// per thread, so a step has two: the first forward matmul makes the main thread's, the
     /// first backward matmul the autograd engine's device thread's (torch 2.11
@@ -416,8 +434,14 @@ pub(crate) struct Quantities {
     pub master: u128,
     pub states: u128,
     pub grads_all: u128,
-    /// Sharded gradients alive from earlier micro-batches of the same step.
+    /// Gradients alive when the representative micro-batch's backward begins (sharded ones
+    /// from earlier micro-batches; under FSDP with pipelining, every unsharded one), and
+    /// during its forward.
     pub grads_prior: u128,
+    pub grads_forward: u128,
+    /// FSDP2 under pipelining: nothing is resharded or reduce-scattered until the schedule's
+    /// end (REDUCE_GRAD), so gradients are unsharded in the compute dtype.
+    pub fsdp_pp: bool,
     /// Of the gradients, the blocks' (the root's are the rest).
     pub blocks_grads: u128,
     /// One block's sharded gradient (the larger kind of block).
@@ -427,9 +451,14 @@ pub(crate) struct Quantities {
     pub per_mb: u128,
     pub head: u128,
     /// Saved activations at the peak, every micro-batch in flight, and of the other
-    /// micro-batches alone.
+    /// micro-batches alone (with, on a pipeline's last stage, their kept logits, and on the
+    /// other stages the stage outputs the schedule holds), in the representative
+    /// micro-batch's backward and, `_forward`, in its forward (GPipe's backward can find one
+    /// micro-batch fewer than its forward).
     pub acts: u128,
     pub others: u128,
+    pub acts_forward: u128,
+    pub others_forward: u128,
     /// One block's backward beyond what was alive before it: during (MLP or attention) and
     /// at its end.
     pub working: u128,
@@ -470,25 +499,93 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     let states_on_gpu = plan.offload == Offload::None;
     let shard = p.shard_total();
     let accum = plan.batch.grad_accum_steps > 1 || plan.parallel.pp > 1;
-    // Sharded gradients alive from earlier micro-batches of the same step.
+    let par = &plan.parallel;
+    let pipelined = par.pp > 1;
+    let micro = plan.batch.grad_accum_steps as u128;
+    let gpipe = pipelined && par.pp_schedule == PpSchedule::GPipe;
+    let fsdp_pp = pipelined && copies;
     let grads_all = if on_gpu_params { shard * m } else { 0 };
-    let grads_prior = if accum { grads_all } else { 0 };
+    // Under FSDP with pipelining every micro-batch's backward accumulates into full-size
+    // unsharded gradients, reduce-scattered only at the schedule's end (torch 2.11
+    // `PipelineStage` turns FSDP's reshard-after-backward and gradient sync off for every
+    // micro-batch; `perform_reduce_grad` at the end). Measured with torch's own pipelining on
+    // CPU (docs/research/parallelism-torch-2.11.md).
+    let unsharded_grads = if fsdp_pp {
+        (p.dense_layers as u128 * p.dense.unsharded
+            + p.moe_layers as u128 * p.moe.unsharded
+            + p.root_unsharded)
+            * e
+    } else {
+        0
+    };
+    let grads_whole = if fsdp_pp { unsharded_grads } else { grads_all };
 
     let head = if p.last { st.dense.head } else { 0 };
-    let per_mb = st.tokens
+    let per_mb_saved = st.tokens
         * (saved_per_token(ac, p.dense_layers, &st.dense)
             + saved_per_token(ac, p.moe_layers, &st.moe)
             + head);
-    let acts = if st.in_flight_milli == 1000 {
-        per_mb
+    // A stage's input arrives in its receive buffer (counted with the inputs), which its
+    // first block saves for backward as its own input: not a second copy (all but global
+    // stage 0; interleaved ranks are left as they were).
+    let stage_act = div(
+        st.tokens * plan.model.hidden as u128 * e,
+        if par.sp { par.tp as u128 } else { 1 },
+    );
+    let alias = if pipelined && !p.first && par.pp_virtual_stages == 1 {
+        stage_act.min(per_mb_saved)
     } else {
-        div(per_mb * st.in_flight_milli, 1000)
+        0
     };
+    let per_mb = per_mb_saved - alias;
+    // Each other micro-batch in flight on the last stage keeps its logits and loss graph
+    // until its backward; on the other stages the schedule holds stage outputs: every
+    // micro-batch's under GPipe (its sends are waited at the step's end), and under 1F1B the
+    // micro-batches in flight and the last warm-up send's.
+    let kept = if p.last {
+        st.logits.kept_per_micro_batch
+    } else {
+        0
+    };
+    let outputs = if pipelined && !p.last {
+        let milli = if gpipe {
+            1000 * micro
+        } else {
+            (st.in_flight_milli + 1000).min(1000 * micro)
+        };
+        div(stage_act * milli, 1000)
+    } else {
+        0
+    };
+    let others_forward = div(
+        (per_mb + kept) * st.in_flight_milli.saturating_sub(1000),
+        1000,
+    ) + outputs;
+    // Gradients from earlier micro-batches: with accumulation; under 1F1B-like schedules
+    // from the second micro-batch on (its forward and backward come after the first
+    // backward); under GPipe none before the first backward, whose micro-batch has every
+    // other in flight, or, when the gradients outweigh a micro-batch's activations, at the
+    // second backward, with one micro-batch fewer in flight.
+    let earlier = if pipelined { micro >= 2 } else { accum };
+    let gpipe_later = gpipe && micro >= 2 && grads_whole > per_mb + kept;
+    let (grads_forward, grads_prior, dropped) = if gpipe {
+        (
+            0,
+            if gpipe_later { grads_whole } else { 0 },
+            if gpipe_later { per_mb + kept } else { 0 },
+        )
+    } else if earlier {
+        (grads_whole, grads_whole, 0)
+    } else {
+        (0, 0, 0)
+    };
+    let others = others_forward - dropped;
+    let acts = per_mb + others;
     // The block in backward: the larger kind present. Its weight gradients are unsharded
     // in the compute dtype when FSDP gathers or casts, else plain master-dtype gradients.
     // During the block's backward (its MLP or attention), and at its end, when its weight
     // gradients all exist and its saved activations are freed.
-    let [working, at_end] = st.working[usize::from(!copies)];
+    let [working, at_end, working_acc, at_end_acc] = st.working[usize::from(!copies)];
     let big = p.biggest_block();
     // Gathered parameters of a block: float8 all-gathers the linear weights in one byte.
     let block_u = if !copies {
@@ -500,13 +597,14 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     };
     // Whether all-gathers go through a flat buffer (FSDP over more than one rank), and the
     // block's cast all-gather input (its shard in the compute dtype, when that differs).
-    let gathers = copies && n > 1;
+    // Under pipelining FSDP2 gathers each block once and keeps it unsharded (nothing is
+    // resharded until the step's end), so a steady step has no all-gather buffers.
+    let gathers = copies && n > 1 && (!pipelined || plan.reshard_after_forward);
     Quantities {
         m,
         layers,
         gathers,
         on_gpu_params,
-        accum,
         workspace: 2 * plan.gpu.workspace_bytes.get() as u128,
         workspace_forward: plan.gpu.workspace_bytes.get() as u128 * if accum { 2 } else { 1 },
         inputs: st.inputs,
@@ -520,18 +618,39 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         },
         grads_all,
         grads_prior,
-        blocks_grads: if on_gpu_params {
+        grads_forward,
+        fsdp_pp,
+        blocks_grads: if fsdp_pp {
+            unsharded_grads - p.root_unsharded * e
+        } else if on_gpu_params {
             p.blocks_shard() * m
         } else {
             0
         },
-        block_grad: if on_gpu_params { big.shard * m } else { 0 },
+        block_grad: if fsdp_pp {
+            big.unsharded * e
+        } else if on_gpu_params {
+            big.shard * m
+        } else {
+            0
+        },
         per_mb,
         head: st.tokens * head,
         acts,
-        others: acts.saturating_sub(per_mb),
-        working,
-        at_end,
+        others,
+        acts_forward: per_mb + others_forward,
+        others_forward,
+        // A pipeline's representative backward accumulates into existing gradients.
+        working: if pipelined && grads_prior > 0 {
+            working_acc
+        } else {
+            working
+        },
+        at_end: if pipelined && grads_prior > 0 {
+            at_end_acc
+        } else {
+            at_end
+        },
         block_u,
         root_u: if copies { p.root_unsharded * e } else { 0 },
         // Blocks whose gathered parameters are alive between forward and backward:
@@ -549,18 +668,34 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         // The output weight's unsharded gradient is produced first in backward and, on the
         // root FSDP unit, reduce-scattered only at the root's post-backward after every
         // block.
-        out_grad: if copies { p.output_unsharded * e } else { 0 },
+        out_grad: if copies && !(fsdp_pp && grads_prior > 0) {
+            p.output_unsharded * e
+        } else {
+            0
+        },
         // FSDP2 copies a unit's unsharded gradients into a reduce-dtype reduce-scatter input
         // and keeps it until the next unit's reduce-scatter: one unit's worth beyond the
         // block's own.
-        rs: if copies { big.unsharded * r } else { 0 },
+        rs: if copies && !fsdp_pp {
+            big.unsharded * r
+        } else {
+            0
+        },
         cast_in: if gathers && pr.param != pr.master {
             big.shard * e
         } else {
             0
         },
-        root_grads: if copies { p.root_unsharded * e } else { 0 },
-        root_rs: if copies { p.root_unsharded * r } else { 0 },
+        root_grads: if copies && !(fsdp_pp && grads_prior > 0) {
+            p.root_unsharded * e
+        } else {
+            0
+        },
+        root_rs: if copies && !fsdp_pp {
+            p.root_unsharded * r
+        } else {
+            0
+        },
         opt_temporaries: if states_on_gpu {
             optimizer_temporaries(plan, p)
         } else {
@@ -590,7 +725,8 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
     for (w, &phase) in out.iter_mut().zip(PHASES.iter()) {
         match phase {
             Phase::Forward => {
-                w.0[2] = grads_prior;
+                let acts = q.acts_forward;
+                w.0[2] = q.grads_forward;
                 // At the loss: the logits buffers at their forward peak.
                 let loss = (root_u + held.max(1) * block_u, acts, lg.forward_peak);
                 // At the output projection: FSDP2 keeps the last block's all-gather output
@@ -607,7 +743,7 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                 let outputs = 1 + u128::from(layers >= 2);
                 let last_gather = (
                     root_u + u128::from(gathers) * (outputs * block_u + cast_in),
-                    div(blocks_mb * layers.saturating_sub(1), layers.max(1)) + others,
+                    div(blocks_mb * layers.saturating_sub(1), layers.max(1)) + q.others_forward,
                     0,
                 );
                 let (u, a_, l) = [loss, projection, last_gather]
@@ -637,7 +773,10 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                     if j >= l {
                         continue;
                     }
-                    let gathered = if plan.reshard_after_forward {
+                    // Under pipelining nothing is resharded after backward either.
+                    let gathered = if q.fsdp_pp && !plan.reshard_after_forward {
+                        l
+                    } else if plan.reshard_after_forward {
                         2.min(l - j)
                     } else {
                         l - j
@@ -666,6 +805,7 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                 }
                 let c = best.1;
                 (w.0[1], w.0[2], w.0[3], w.0[6], w.0[7]) = (c[0], c[1], c[2], c[3], c[4]);
+                w.0[8] = lg.held_in_backward;
             }
             Phase::BackwardEnd => {
                 // The root's post-backward, after every block: FSDP2 reshards the root's
@@ -675,6 +815,11 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                 w.0[2] = grads_prior.max(q.blocks_grads);
                 w.0[3] = q.root_grads + q.root_rs;
                 w.0[6] = others;
+                w.0[8] = lg.held_in_backward;
+                if q.fsdp_pp && !plan.reshard_after_forward {
+                    // Still unsharded: the root's post-backward neither reshards nor reduces.
+                    w.0[1] = root_u + layers * block_u;
+                }
             }
             Phase::Optimizer => {
                 w.0[2] = grads_all;

@@ -446,7 +446,10 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
         st.tokens,
         plan.model.vocab.div_ceil(plan.parallel.tp) as u128,
     );
-    let root_grad_shard = q.grads_all - q.blocks_grads;
+    let root_grad_shard = q.grads_all.saturating_sub(q.blocks_grads);
+    // FSDP2 under pipelining keeps every block and the root unsharded until the schedule's end.
+    let keep_unsharded = q.fsdp_pp && !plan.reshard_after_forward;
+    let grad_stream = if q.fsdp_pp { 0 } else { REDUCE_SCATTER_STREAM };
     let mut grads: Vec<Option<T>> = Vec::new();
     let mut backward_workspace = false;
     for first in [true, false] {
@@ -462,10 +465,21 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
             Owner::new(Module::Pipeline, Part::Whole),
             0,
         )?;
-        if pipelined && q.accum {
+        // Under GPipe, what of them has gone by the representative backward (one micro-batch,
+        // when that backward is the second, whose gradients outweigh it).
+        let mut dropped = w.alloc(
+            q.others_forward - q.others,
+            Category::Activations,
+            Owner::new(Module::Pipeline, Part::Whole),
+            0,
+        )?;
+        if pipelined && q.grads_forward > 0 {
             grads = per_module(
                 &mut w,
-                (q.grads_all, root_grad_shard),
+                (
+                    q.grads_forward,
+                    q.grads_forward.saturating_sub(q.blocks_grads),
+                ),
                 (q.layers, first_layer),
                 Category::Gradients,
                 Part::Grad,
@@ -478,7 +492,7 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                 w.begin(Section::Forward, micro);
             }
             // Forward.
-            let root = w.alloc(
+            let mut root = w.alloc(
                 q.root_u,
                 Category::UnshardedParams,
                 Owner::new(Module::Root, Part::AllGather),
@@ -614,6 +628,17 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                             w.point(PHASES[0].name(), best.0);
                         }
                         w.begin(Section::Backward, micro);
+                        w.free(dropped.take());
+                        if pipelined && q.grads_prior > q.grads_forward {
+                            grads = per_module(
+                                &mut w,
+                                (q.grads_prior, q.grads_prior.saturating_sub(q.blocks_grads)),
+                                (q.layers, first_layer),
+                                Category::Gradients,
+                                Part::Grad,
+                                None,
+                            )?;
+                        }
                         if !backward_workspace && q.workspace > q.workspace_forward {
                             // The autograd engine's thread makes its own cuBLAS workspace.
                             backward_workspace = true;
@@ -633,6 +658,21 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                     }
                 }
             }
+            // A pipeline schedule caches the last stage's output (the loss input) until the
+            // micro-batch's backward is done.
+            let held_output = if pipelined && p.last {
+                let input = match plan.implementation.logits {
+                    crate::plan::Logits::FloatOutput | crate::plan::Logits::FloatOutputKept
+                        if e < 4 =>
+                    {
+                        Slot::Upcast
+                    }
+                    _ => Slot::Pred,
+                };
+                slots[input as usize].take()
+            } else {
+                None
+            };
             for t in slots {
                 w.free(t);
             }
@@ -705,7 +745,9 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                 }
                 // Post-backward (FSDP2 `post_backward`): reshard, then the reduce-scatter.
                 w.free(end);
-                w.free_all(&mut params[i as usize]);
+                if !keep_unsharded {
+                    w.free_all(&mut params[i as usize]);
+                }
                 w.free(rs_prev.take());
                 rs_prev = w.alloc(
                     q.rs,
@@ -718,7 +760,7 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                         share(q.blocks_grads, l, j),
                         Category::Gradients,
                         layer(i, Part::Grad),
-                        REDUCE_SCATTER_STREAM,
+                        grad_stream,
                     )?);
                 }
             }
@@ -727,7 +769,9 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
             }
             // The root's post-backward.
             w.free(rs_prev.take());
-            w.free(root);
+            if !keep_unsharded {
+                w.free(root.take());
+            }
             let root_grads = w.alloc(
                 q.root_grads - q.out_grad,
                 Category::GradientBuffers,
@@ -747,7 +791,32 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
             w.free(root_rs);
             w.free(root_grads);
             w.free(out_grad);
-            if !grads_exist {
+            w.free(held_output);
+            if q.fsdp_pp {
+                // The schedule's end (REDUCE_GRAD): each unit's unsharded gradients are
+                // reduce-scattered into its shard and freed, and the units reshard.
+                w.free(root.take());
+                for unit in params.iter_mut() {
+                    w.free_all(unit);
+                }
+                w.free_all(&mut block_grads);
+                w.free_all(&mut grads);
+                let root_shard = if q.on_gpu_params {
+                    p.root_shard * q.m
+                } else {
+                    0
+                };
+                if q.grads_all > 0 {
+                    grads = per_module(
+                        &mut w,
+                        (q.grads_all, root_shard),
+                        (q.layers, first_layer),
+                        Category::Gradients,
+                        Part::Grad,
+                        None,
+                    )?;
+                }
+            } else if !grads_exist {
                 block_grads.push(w.alloc(
                     root_grad_shard,
                     Category::Gradients,
