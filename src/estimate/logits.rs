@@ -54,6 +54,9 @@ pub struct LogitsBytes {
     /// soft-cap output).
     pub held_in_backward: u128,
     pub kept_per_micro_batch: u128,
+    /// nll_loss backward's gradient (as large as log-softmax's saved output), both freed
+    /// once log-softmax's backward has run.
+    pub loss_grad: u128,
 }
 
 /// ```
@@ -94,6 +97,11 @@ pub fn logits_bytes(plan: &Plan, tokens: u128) -> LogitsBytes {
             (input + log_softmax + cap) * tv
         } else {
             0
+        },
+        loss_grad: if plan.implementation.logits == Logits::ComputeDtype {
+            e * tv
+        } else {
+            4 * tv
         },
     }
 }

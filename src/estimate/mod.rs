@@ -389,17 +389,22 @@ fn block_backward(
     // Accumulating into gradients that exist (a pipeline's later micro-batches): autograd
     // adds each new weight gradient into `.grad` and frees it at once, so none is alive past
     // its own matmul, and w2's saved input is freed with its backward. Measured with torch's
-    // own pipelining (docs/research/parallelism-torch-2.11.md; 1F1B, stage 0, the second
-    // backward, tiny shapes only): the peak is w2's matmul backward, its two outputs (the
-    // input's gradient and the new weight gradient) the only temporaries.
+    // own pipelining (docs/research/parallelism-torch-2.11.md; 1F1B, the second backward):
+    // the peak is w2's matmul backward, its two outputs (the input's gradient and the new
+    // weight gradient) the only temporaries,
+    // Then the `silu * w3` product's backward, with its two gradients. The gradient flowing
+    // into the stage's last block is the pipeline's receive buffer (counted with the
+    // inputs) except on the last stage, where the final norm's backward allocates it.
     let e_act = plan.precision.param.bytes() as u128;
-    let w2_matmul = re + div(t * f * e_act, tp) + w2;
+    let act_f = div(t * f * e_act, tp);
+    let incoming = if p.last { t * h * e_act } else { 0 };
+    let w2_matmul = act_f + w2;
     let wq = div(grads_elem_bytes * h * q, tp);
     let attn_acc = (re + t * a.attn_transient + wq).saturating_sub(t * a.ffn_saved);
     [
         mlp_point.max(attn_point),
         end_point,
-        w2_matmul.max(attn_acc),
+        (re + incoming + w2_matmul.max(2 * act_f)).max(attn_acc),
         2 * t * a.full_ac,
     ]
 }
@@ -459,6 +464,14 @@ pub(crate) struct Quantities {
     pub others: u128,
     pub acts_forward: u128,
     pub others_forward: u128,
+    /// Of `others` and `others_forward`: the input gradient held for its send.
+    pub sent: u128,
+    pub sent_forward: u128,
+    /// A pipeline's last stage accumulating into existing gradients: the output projection's
+    /// backward, after the loss's, with its new weight gradient and input gradient as
+    /// temporaries beside the logits' gradient (bytes beyond the loss-backward moment's
+    /// buffers less nll_loss's gradient).
+    pub projection_backward: u128,
     /// One block's backward beyond what was alive before it: during (MLP or attention) and
     /// at its end.
     pub working: u128,
@@ -502,7 +515,10 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     let par = &plan.parallel;
     let pipelined = par.pp > 1;
     let micro = plan.batch.grad_accum_steps as u128;
-    let gpipe = pipelined && par.pp_schedule == PpSchedule::GPipe;
+    // Every forward before the first backward: GPipe, or 1F1B with no more micro-batches
+    // than the stage's warm-up holds (stage s of 1F1B runs pp - s forwards first).
+    let all_first =
+        pipelined && (par.pp_schedule == PpSchedule::GPipe || st.in_flight_milli >= 1000 * micro);
     let fsdp_pp = pipelined && copies;
     let grads_all = if on_gpu_params { shard * m } else { 0 };
     // Under FSDP with pipelining every micro-batch's backward accumulates into full-size
@@ -548,7 +564,7 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         0
     };
     let outputs = if pipelined && !p.last {
-        let milli = if gpipe {
+        let milli = if all_first {
             1000 * micro
         } else {
             (st.in_flight_milli + 1000).min(1000 * micro)
@@ -563,23 +579,37 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     ) + outputs;
     // Gradients from earlier micro-batches: with accumulation; under 1F1B-like schedules
     // from the second micro-batch on (its forward and backward come after the first
-    // backward); under GPipe none before the first backward, whose micro-batch has every
-    // other in flight, or, when the gradients outweigh a micro-batch's activations, at the
-    // second backward, with one micro-batch fewer in flight.
+    // backward); when every forward comes first, none before the first backward, whose
+    // micro-batch has every other in flight, or, when the gradients outweigh a
+    // micro-batch's activations, at the second backward, with one micro-batch fewer.
     let earlier = if pipelined { micro >= 2 } else { accum };
-    let gpipe_later = gpipe && micro >= 2 && grads_whole > per_mb + kept;
-    let (grads_forward, grads_prior, dropped) = if gpipe {
+    let second = all_first && micro >= 2 && grads_whole > per_mb + kept;
+    let (grads_forward, grads_prior, dropped) = if all_first {
         (
             0,
-            if gpipe_later { grads_whole } else { 0 },
-            if gpipe_later { per_mb + kept } else { 0 },
+            if second { grads_whole } else { 0 },
+            if second { per_mb + kept } else { 0 },
         )
     } else if earlier {
         (grads_whole, grads_whole, 0)
     } else {
         (0, 0, 0)
     };
-    let others = others_forward - dropped;
+    // A stage's input gradient, sent back to the previous stage, is held until the next
+    // backward's send (1F1B; GPipe holds them all to the step's end, none yet at its first
+    // backward). Measured: one b x s x h buffer on the last stage at its peak.
+    let sent_forward = if pipelined && !p.first && !all_first {
+        stage_act
+    } else {
+        0
+    };
+    let sent = if pipelined && !p.first && (!all_first || second) {
+        stage_act
+    } else {
+        0
+    };
+    let others = others_forward - dropped + sent;
+    let others_forward = others_forward + sent_forward;
     let acts = per_mb + others;
     // The block in backward: the larger kind present. Its weight gradients are unsharded
     // in the compute dtype when FSDP gathers or casts, else plain master-dtype gradients.
@@ -640,6 +670,14 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         others,
         acts_forward: per_mb + others_forward,
         others_forward,
+        sent,
+        sent_forward,
+        projection_backward: if pipelined && p.last && grads_prior > 0 {
+            let grad_elem = if copies { e } else { m };
+            p.output_unsharded * grad_elem + st.tokens * plan.model.hidden as u128 * e
+        } else {
+            0
+        },
         // A pipeline's representative backward accumulates into existing gradients.
         working: if pipelined && grads_prior > 0 {
             working_acc
@@ -757,6 +795,15 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                 w.0[2] = grads_prior;
                 w.0[6] = acts;
                 w.0[8] = lg.backward_peak;
+                // Or the output projection's backward just after, when its new weight
+                // gradient is a temporary (measured: the last stage's peak of a 4-stage
+                // FSDP plan, 1F1B).
+                // (log-softmax's backward has run: its incoming gradient and its saved output,
+                // of the same size, are freed.)
+                let logits = lg.backward_peak - 2 * lg.loss_grad;
+                if q.projection_backward > 0 && logits + q.projection_backward > lg.backward_peak {
+                    (w.0[7], w.0[8]) = (q.projection_backward, logits);
+                }
             }
             Phase::Backward => {
                 // Blocks finish backward from the last to the first. With j blocks done: the
@@ -817,7 +864,10 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                 w.0[6] = others;
                 w.0[8] = lg.held_in_backward;
                 if q.fsdp_pp && !plan.reshard_after_forward {
-                    // Still unsharded: the root's post-backward neither reshards nor reduces.
+                    // Still unsharded: under pipelining the root's post-backward neither
+                    // reshards nor reduces. (The schedule's end, REDUCE_GRAD, reshards each
+                    // unit before copying its gradients into the reduce-scatter input, and
+                    // measured never above the backward.)
                     w.0[1] = root_u + layers * block_u;
                 }
             }

@@ -459,18 +459,26 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
         w.begin(Section::Forward, walked[0]);
         // A pipeline stage: the other micro-batches in flight, and the gradients of earlier
         // micro-batches, as the estimator counts them.
-        let others = w.alloc(
-            q.others,
+        let mut others = w.alloc(
+            q.others - q.sent,
             Category::Activations,
             Owner::new(Module::Pipeline, Part::Whole),
             0,
         )?;
-        // Under GPipe, what of them has gone by the representative backward (one micro-batch,
-        // when that backward is the second, whose gradients outweigh it).
+        // When every forward comes first, what of them has gone by the representative
+        // backward (one micro-batch, when that backward is the second, whose gradients
+        // outweigh it).
         let mut dropped = w.alloc(
-            q.others_forward - q.others,
+            (q.others_forward - q.sent_forward) - (q.others - q.sent),
             Category::Activations,
             Owner::new(Module::Pipeline, Part::Whole),
+            0,
+        )?;
+        // The input gradient held for its send to the previous stage.
+        let mut sent = w.alloc(
+            q.sent_forward,
+            Category::Activations,
+            Owner::new(Module::Pipeline, Part::Grad),
             0,
         )?;
         if pipelined && q.grads_forward > 0 {
@@ -595,7 +603,7 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
             // returns.
             let tv = tokens * vocab;
             let mut slots: [Option<T>; 6] = [None; 6];
-            let (mut projection, mut loss) = ((0, 0), (0, 0));
+            let (mut projection, mut loss, mut loss_backward) = ((0, 0), (0, 0), (0, 0));
             for step in &script[..script_len] {
                 match *step {
                     Step::Alloc(slot, b) => {
@@ -629,6 +637,14 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                         }
                         w.begin(Section::Backward, micro);
                         w.free(dropped.take());
+                        if sent.is_none() {
+                            sent = w.alloc(
+                                q.sent,
+                                Category::Activations,
+                                Owner::new(Module::Pipeline, Part::Grad),
+                                0,
+                            )?;
+                        }
                         if pipelined && q.grads_prior > q.grads_forward {
                             grads = per_module(
                                 &mut w,
@@ -650,13 +666,28 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                             )?;
                         }
                     }
-                    Step::At(Moment::LossBackward) => {
-                        if marked {
-                            let at = w.now().0;
-                            w.point(PHASES[1].name(), at);
-                        }
-                    }
+                    Step::At(Moment::LossBackward) => loss_backward = w.now(),
                 }
+            }
+            // A pipeline's last stage accumulating into existing gradients: the output
+            // projection's backward, its new weight gradient a temporary.
+            if q.projection_backward > 0 {
+                w.free(slots[Slot::NllGrad as usize].take());
+                w.free(slots[Slot::LogSoftmax as usize].take());
+                let temp = w.alloc(
+                    q.projection_backward,
+                    Category::BackwardWorkingSet,
+                    Owner::new(Module::Output, Part::Grad),
+                    0,
+                )?;
+                let after = w.now();
+                if after.1 > loss_backward.1 {
+                    loss_backward = after;
+                }
+                w.free(temp);
+            }
+            if marked {
+                w.point(PHASES[1].name(), loss_backward.0);
             }
             // A pipeline schedule caches the last stage's output (the loss input) until the
             // micro-batch's backward is done.
@@ -828,7 +859,8 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
         }
         // The optimizer step.
         w.begin(Section::Optimizer, 0);
-        w.free(others);
+        w.free(others.take());
+        w.free(sent.take());
         if first {
             // The root's share: its shards' states, when the states are on the device.
             let root_states = if q.states > 0 {

@@ -18,7 +18,8 @@ fsdp2_reference.py for the g++ line; channel 0 counts as device):
 relative to the counter before the model was built, plus the schedule and optimizer peaks and the
 bytes held at the step start and end. The line is printed before teardown. Config keys besides the
 model: "return_outputs" (default false: the last stage does not keep merged logits, as torchtitan
-passes), "steps" (default 2). Each rank's tokens/labels for the whole step (mbs * n_microbatches
+passes), "steps" (default 2), "pp" (stages, default 2; --nproc_per_node = pp x dp_shard),
+"ac" ("full" wraps every block in torch's checkpoint_wrapper; default none). Each rank's tokens/labels for the whole step (mbs * n_microbatches
 rows) are made inside the counted region on the stage that consumes them.
 """
 import ctypes, json, math, os, sys
@@ -32,6 +33,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.pipelining import PipelineStage, ScheduleGPipe, Schedule1F1B
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 err = ctypes.c_char_p()
 assert lib.mp_install_counting_allocator(ctypes.byref(err)) == 0
@@ -48,7 +50,7 @@ H, L, NH, NKV, FF, V = cfg["hidden"], cfg["layers"], cfg["heads"], cfg["kv_heads
 MB, NMB, S = cfg["mbs"], cfg["n_microbatches"], cfg["seq"]
 B = MB * NMB
 HD = H // NH
-PP = 2
+PP = cfg.get("pp", 2)
 
 
 class RMSNorm(nn.Module):
@@ -144,7 +146,9 @@ class StageModel(nn.Module):
         per = L // PP
         self.tok_embeddings = nn.Embedding(V, H) if first else None
         self.register_buffer("freqs_cis", precompute_freqs_cis(HD, S * 2), persistent=True)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock() for i in range(stage * per, (stage + 1) * per)})
+        # "ac": "full" wraps every block in torch's checkpoint_wrapper, as torchtitan does.
+        wrap = (lambda b: checkpoint_wrapper(b, preserve_rng_state=False)) if cfg.get("ac") == "full" else (lambda b: b)
+        self.layers = nn.ModuleDict({str(i): wrap(TransformerBlock()) for i in range(stage * per, (stage + 1) * per)})
         self.norm = RMSNorm(H) if last else None
         self.output = nn.Linear(H, V, bias=False) if last else None
 

@@ -48,7 +48,7 @@ H, L, NH, NKV, FF, V = cfg["hidden"], cfg["layers"], cfg["heads"], cfg["kv_heads
 MB, NMB, S = cfg["mbs"], cfg["n_microbatches"], cfg["seq"]
 B = MB * NMB
 HD = H // NH
-PP = 2
+PP = cfg.get("pp", 2)
 
 
 class RMSNorm(nn.Module):
