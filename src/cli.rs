@@ -308,6 +308,9 @@ pub struct PlanArgs {
     /// foreach, fused, per-param.
     #[arg(long)]
     pub optimizer_impl: Option<String>,
+    /// With TP, compute the loss on vocabulary-sharded logits (default: on, as torchtitan).
+    #[arg(long)]
+    pub loss_parallel: Option<bool>,
 }
 
 impl PlanArgs {
@@ -383,6 +386,7 @@ impl PlanArgs {
             gqa: self.gqa.clone(),
             logits: self.logits.clone(),
             optimizer: self.optimizer_impl.clone(),
+            loss_parallel: self.loss_parallel,
         };
         // When the flags name the world size but not the FSDP degree, the degree follows the
         // world size rather than a plan file's value. A torchtitan config's explicit degree is
@@ -479,6 +483,9 @@ impl PlanArgs {
             .collect();
         if self.optimizer_impl.is_some() {
             v.push(("implementation.optimizer", "--optimizer-impl"));
+        }
+        if self.loss_parallel.is_some() {
+            v.push(("implementation.loss_parallel", "--loss-parallel"));
         }
         v
     }

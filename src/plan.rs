@@ -108,6 +108,7 @@ pub struct ImplementationFile {
     pub gqa: Option<String>,
     pub logits: Option<String>,
     pub optimizer: Option<String>,
+    pub loss_parallel: Option<bool>,
 }
 
 /// A named choice parsed from text, with the list of accepted spellings for errors.
@@ -391,6 +392,10 @@ pub struct Implementation {
     pub gqa: Gqa,
     pub logits: Logits,
     pub optimizer: OptimizerImpl,
+    /// With TP: the output projection keeps its vocabulary-sharded logits and the loss is
+    /// computed on the shards (torchtitan's default, `disable_loss_parallel = false`); off,
+    /// every rank gathers the whole vocabulary's logits. No effect without TP.
+    pub loss_parallel: bool,
 }
 
 impl Default for Implementation {
@@ -403,6 +408,7 @@ impl Default for Implementation {
             gqa: Gqa::RepeatKv,
             logits: Logits::FloatInLoss,
             optimizer: OptimizerImpl::Foreach,
+            loss_parallel: true,
         }
     }
 }
@@ -787,6 +793,7 @@ impl PlanFile {
             gqa: parse_opt("implementation.gqa", &im.gqa, d.gqa)?,
             logits: parse_opt("implementation.logits", &im.logits, d.logits)?,
             optimizer: parse_opt("implementation.optimizer", &im.optimizer, d.optimizer)?,
+            loss_parallel: im.loss_parallel.unwrap_or(d.loss_parallel),
         };
         let host_ram = host_ram(self.host_ram.as_ref())?;
         let moe_capacity_milli = match self.moe_capacity_factor {

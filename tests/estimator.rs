@@ -370,3 +370,59 @@ fn every_pipeline_stage_matches_torch_2_11_pipelining_measured_on_cpu() {
     }
     assert_eq!(stages, 50);
 }
+
+/// torch 2.11's own tensor parallelism (DTensor `parallelize_module` as torchtitan's
+/// `apply_tp`, run by hand: src/trainer/tp_reference.py, TP 2 on CPU/Gloo, counted by the
+/// shim's allocator; each rank's lowest steady-step peak of three runs, as Gloo frees some
+/// collective buffers on its own threads): tests/data/tp_torch_2.11.jsonl. The cases whose
+/// peak is understood are held at 0.5%: sequence parallelism on and off, loss parallelism on
+/// (its backward keeps `exp` of the logits shard: 16 bytes per logit, not 12) and off (every
+/// rank holds the whole vocabulary's logits), and the embedding's gradient, which
+/// `embedding_dense_backward` makes whole (V x h) beside the row-sharded weight. Not yet
+/// itemised, so not held here: full AC under TP (-2.3%) and TP x FSDP (+2.9% and -3.2%).
+#[test]
+fn tensor_parallel_plans_match_torch_2_11_dtensor_measured_on_cpu() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/tp_torch_2.11.jsonl"
+    ))
+    .unwrap();
+    let mut held = 0;
+    for line in text.lines() {
+        let c: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (tp, dp) = (c["tp"].as_u64().unwrap(), c["dp_shard"].as_u64().unwrap());
+        let itemised = dp == 1 && (c["ac"] == "none" || c["model"] == "small");
+        if !itemised {
+            continue;
+        }
+        let plan = plan(&format!(
+            r#"{{"model":{},"gpu":"cpu","num_gpus":{},
+                "parallel":{{"tp":{tp},"sp":{},"dp_shard":{dp}}},
+                "batch":{{"micro_batch_size":{},"seq_len":{}}},
+                "precision":{{"param":"fp32","master":"fp32","reduce":"fp32"}},
+                "activation_checkpointing":{},
+                "implementation":{{"loss_parallel":{}}}}}"#,
+            c["model"],
+            tp * dp,
+            c["sp"],
+            c["batch"],
+            c["seq"],
+            c["ac"],
+            c["loss_parallel"]
+        ));
+        let measured = c["measured"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .max()
+            .unwrap();
+        let pred = estimate(&plan).unwrap().per_gpu.peak_allocated_bytes.get() as f64;
+        assert!(
+            within(pred, measured as f64, 0.005),
+            "{line}: {pred} vs {measured}"
+        );
+        held += 1;
+    }
+    assert_eq!(held, 7);
+}

@@ -57,6 +57,8 @@ pub struct LogitsBytes {
     /// nll_loss backward's gradient (as large as log-softmax's saved output), both freed
     /// once log-softmax's backward has run.
     pub loss_grad: u128,
+    /// Loss parallelism's `exp` buffer in the loss backward, freed with it.
+    pub parallel_loss: u128,
 }
 
 /// ```
@@ -67,7 +69,7 @@ pub struct LogitsBytes {
 /// assert_eq!(l.backward_peak, 12 * 8192 * 128_256);
 /// ```
 pub fn logits_bytes(plan: &Plan, tokens: u128) -> LogitsBytes {
-    let v = plan.model.vocab.div_ceil(plan.parallel.tp) as u128;
+    let v = vocab(plan);
     let tv = tokens * v;
     let e = plan.precision.param.bytes() as u128;
     // (projection, forward peak, backward peak) in bytes per logit: the moments of
@@ -87,10 +89,11 @@ pub fn logits_bytes(plan: &Plan, tokens: u128) -> LogitsBytes {
     } else {
         held
     };
+    let lp = loss_parallel_extra(plan, e);
     LogitsBytes {
         at_projection: (projection + cap) * tv,
         forward_peak: (fwd + cap) * tv,
-        backward_peak: (bwd + cap + held_extra) * tv,
+        backward_peak: (bwd + cap + held_extra + lp) * tv,
         freed_segment: freed,
         held_in_backward: held * tv,
         kept_per_micro_batch: if plan.parallel.pp > 1 {
@@ -98,11 +101,38 @@ pub fn logits_bytes(plan: &Plan, tokens: u128) -> LogitsBytes {
         } else {
             0
         },
+        parallel_loss: lp * tv,
         loss_grad: if plan.implementation.logits == Logits::ComputeDtype {
             e * tv
         } else {
             4 * tv
         },
+    }
+}
+
+/// Vocabulary entries whose logits a rank holds: a TP shard under loss parallelism, else all
+/// of them (without loss parallelism the output projection gathers the whole vocabulary).
+pub fn vocab(plan: &Plan) -> u128 {
+    if plan.implementation.loss_parallel {
+        plan.model.vocab.div_ceil(plan.parallel.tp) as u128
+    } else {
+        plan.model.vocab as u128
+    }
+}
+
+/// Bytes per logit that torch's loss-parallel backward adds
+/// (`torch/distributed/tensor/parallel/loss.py`, its fused nll / log-softmax backward keeps
+/// `exp` of the input beside the gradient it builds: measured 16 bytes per logit of the
+/// shard against 12 without it, with TP 2 on CPU).
+fn loss_parallel_extra(plan: &Plan, e: u128) -> u128 {
+    if plan.parallel.tp > 1 && plan.implementation.loss_parallel {
+        if plan.implementation.logits == Logits::ComputeDtype {
+            e
+        } else {
+            4
+        }
+    } else {
+        0
     }
 }
 
@@ -146,6 +176,8 @@ pub enum Slot {
     NllGrad,
     /// `log_softmax` backward's result, the gradient of the logits.
     Result,
+    /// Loss parallelism's fused backward: `exp` of the input.
+    ParallelLoss,
 }
 
 /// The moments [`LogitsBytes`] reports.
@@ -230,6 +262,7 @@ pub fn script(plan: &Plan) -> ([Step; 12], usize) {
             4
         };
         push(Alloc(NllGrad, g));
+        push(Alloc(ParallelLoss, loss_parallel_extra(plan, e)));
         push(Alloc(Result, g));
         push(At(Moment::LossBackward));
     }

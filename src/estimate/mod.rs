@@ -520,7 +520,16 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     let all_first =
         pipelined && (par.pp_schedule == PpSchedule::GPipe || st.in_flight_milli >= 1000 * micro);
     let fsdp_pp = pipelined && copies;
-    let grads_all = if on_gpu_params { shard * m } else { 0 };
+    // Under TP the embedding's gradient comes out of `embedding_dense_backward` whole, a
+    // replicated (V, h) tensor beside its row-sharded weight, and without FSDP to slice it
+    // it stays so through the optimizer step (measured with torch's DTensor TP on CPU).
+    let full_embedding_grad = if par.tp > 1 && p.first && n == 1 && on_gpu_params {
+        let m_ = &plan.model;
+        (m_.vocab - m_.vocab.div_ceil(par.tp)) as u128 * m_.hidden as u128 * m
+    } else {
+        0
+    };
+    let grads_all = if on_gpu_params { shard * m } else { 0 } + full_embedding_grad;
     // Under FSDP with pipelining every micro-batch's backward accumulates into full-size
     // unsharded gradients, reduce-scattered only at the schedule's end (torch 2.11
     // `PipelineStage` turns FSDP's reshard-after-backward and gradient sync off for every
@@ -800,7 +809,7 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                 // FSDP plan, 1F1B).
                 // (log-softmax's backward has run: its incoming gradient and its saved output,
                 // of the same size, are freed.)
-                let logits = lg.backward_peak - 2 * lg.loss_grad;
+                let logits = lg.backward_peak - 2 * lg.loss_grad - lg.parallel_loss;
                 if q.projection_backward > 0 && logits + q.projection_backward > lg.backward_peak {
                     (w.0[7], w.0[8]) = (q.projection_backward, logits);
                 }

@@ -442,10 +442,7 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
         (none[1], none[2]) = (Step::At(Moment::Loss), Step::At(Moment::LossBackward));
         (none, 3)
     };
-    let (tokens, vocab) = (
-        st.tokens,
-        plan.model.vocab.div_ceil(plan.parallel.tp) as u128,
-    );
+    let (tokens, vocab) = (st.tokens, logits::vocab(plan));
     let root_grad_shard = q.grads_all.saturating_sub(q.blocks_grads);
     // FSDP2 under pipelining keeps every block and the root unsharded until the schedule's end.
     let keep_unsharded = q.fsdp_pp && !plan.reshard_after_forward;
@@ -602,7 +599,7 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
             // post-forward frees the last block's retained all-gather output as the model
             // returns.
             let tv = tokens * vocab;
-            let mut slots: [Option<T>; 6] = [None; 6];
+            let mut slots: [Option<T>; 7] = [None; 7];
             let (mut projection, mut loss, mut loss_backward) = ((0, 0), (0, 0), (0, 0));
             for step in &script[..script_len] {
                 match *step {
@@ -612,7 +609,9 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                             Slot::Upcast | Slot::LogSoftmax => {
                                 Owner::new(Module::Loss, Part::Logits)
                             }
-                            Slot::NllGrad | Slot::Result => Owner::new(Module::Loss, Part::Grad),
+                            Slot::NllGrad | Slot::Result | Slot::ParallelLoss => {
+                                Owner::new(Module::Loss, Part::Grad)
+                            }
                         };
                         slots[slot as usize] = w.alloc(b * tv, Category::Logits, owner, 0)?;
                     }
@@ -674,6 +673,7 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
             if q.projection_backward > 0 {
                 w.free(slots[Slot::NllGrad as usize].take());
                 w.free(slots[Slot::LogSoftmax as usize].take());
+                w.free(slots[Slot::ParallelLoss as usize].take());
                 let temp = w.alloc(
                     q.projection_backward,
                     Category::BackwardWorkingSet,
