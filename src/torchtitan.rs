@@ -54,6 +54,7 @@
 //! | `activation_checkpoint.mode` none, full, selective (default) with `selective_ac_option` "op" or "K" (default "2"; "0" checkpoints every block) | `activation_checkpointing`: none, full, selective-op, selective-layer:K |
 //! | `optimizer.name` AdamW, Adam | `optimizer` adamw, adam |
 //! | `optimizer.implementation` fused, foreach, for-loop; `optimizer.fused` true / false | `implementation.optimizer` fused, foreach, per-param |
+//! | `disable_loss_parallel` under `[parallelism]` or (to March 2025) `[training]` | `implementation.loss_parallel` (negated) |
 //!
 //! Where torchtitan's default differs from memplan's and was the same in both layouts (batch 8,
 //! selective AC every second block, no resharding under PP), the default is written into the
@@ -176,6 +177,8 @@ struct Training {
     tensor_parallel_degree: Option<i64>,
     /// February to March 2025, before `[parallelism]`.
     fsdp_reshard_after_forward: Option<String>,
+    /// 2024 to March 2025; later under `[parallelism]`.
+    disable_loss_parallel: Option<bool>,
 }
 
 /// `[parallelism]` (2025); also 2024's `[experimental]`, which held the pipeline and context
@@ -202,6 +205,7 @@ struct Parallelism {
     pipeline_parallel_split_points: Option<StringList>,
     module_fqns_per_model_part: Option<Vec<Vec<String>>>,
     fsdp_reshard_after_forward: Option<String>,
+    disable_loss_parallel: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1231,6 +1235,24 @@ impl Reader<'_> {
             self.set("implementation.optimizer", "optimizer.implementation");
         } else if o.fused.is_some() {
             self.set("implementation.optimizer", "optimizer.fused");
+        }
+        // torchtitan computes the loss on vocabulary-sharded logits unless told not to.
+        for (key, v) in [
+            (
+                "parallelism.disable_loss_parallel",
+                cfg.parallelism.disable_loss_parallel,
+            ),
+            (
+                "training.disable_loss_parallel",
+                cfg.training.disable_loss_parallel,
+            ),
+        ] {
+            if let Some(off) = v {
+                if plan.implementation.loss_parallel.is_none() {
+                    plan.implementation.loss_parallel = Some(!off);
+                    self.set("implementation.loss_parallel", key);
+                }
+            }
         }
         Ok(plan)
     }

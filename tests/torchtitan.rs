@@ -1182,3 +1182,33 @@ fn strips_a_byte_order_mark() {
     assert_eq!(e.kind(), Kind::Input);
     assert!(e.to_string().contains("larger than"), "{e}");
 }
+
+#[test]
+fn disable_loss_parallel_turns_loss_parallelism_off() {
+    for section in ["parallelism", "training"] {
+        let text = format!(
+            "{LLAMA3_8B}[{section}]\ntensor_parallel_degree = 2\ndisable_loss_parallel = true\n"
+        );
+        let job = from_toml_str(&text, "train.toml").unwrap();
+        assert_eq!(
+            job.plan.implementation.loss_parallel,
+            Some(false),
+            "{section}"
+        );
+        let plan = with_gpus(job.plan, 2).resolve().unwrap();
+        assert!(!plan.implementation.loss_parallel);
+    }
+    let job = from_toml_str(
+        &format!("{LLAMA3_8B}[parallelism]\ntensor_parallel_degree = 2\n"),
+        "train.toml",
+    )
+    .unwrap();
+    assert_eq!(job.plan.implementation.loss_parallel, None);
+    assert!(
+        with_gpus(job.plan, 2)
+            .resolve()
+            .unwrap()
+            .implementation
+            .loss_parallel
+    );
+}
