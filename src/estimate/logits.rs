@@ -68,6 +68,7 @@ pub struct LogitsBytes {
 /// let l = logits_bytes(&plan.resolve().unwrap(), 8192);
 /// assert_eq!(l.backward_peak, 12 * 8192 * 128_256);
 /// ```
+#[inline]
 pub fn logits_bytes(plan: &Plan, tokens: u128) -> LogitsBytes {
     let v = vocab(plan);
     let tv = tokens * v;
@@ -112,6 +113,7 @@ pub fn logits_bytes(plan: &Plan, tokens: u128) -> LogitsBytes {
 
 /// Vocabulary entries whose logits a rank holds: a TP shard under loss parallelism, else all
 /// of them (without loss parallelism the output projection gathers the whole vocabulary).
+#[inline]
 pub fn vocab(plan: &Plan) -> u128 {
     if plan.implementation.loss_parallel {
         plan.model.vocab.div_ceil(plan.parallel.tp) as u128
@@ -124,6 +126,7 @@ pub fn vocab(plan: &Plan) -> u128 {
 /// (`torch/distributed/tensor/parallel/loss.py`, its fused nll / log-softmax backward keeps
 /// `exp` of the input beside the gradient it builds: measured 16 bytes per logit of the
 /// shard against 12 without it, with TP 2 on CPU).
+#[inline]
 fn loss_parallel_extra(plan: &Plan, e: u128) -> u128 {
     if plan.parallel.tp > 1 && plan.implementation.loss_parallel {
         if plan.implementation.logits == Logits::ComputeDtype {
@@ -138,6 +141,7 @@ fn loss_parallel_extra(plan: &Plan, e: u128) -> u128 {
 
 /// Bytes per logit of the loss's input (what `del pred` frees: the model's output) and of
 /// log-softmax's saved output.
+#[inline]
 fn loss_input_and_log_softmax(mode: Logits, e: u128) -> (u128, u128) {
     match mode {
         Logits::ComputeDtype => (e, e),
