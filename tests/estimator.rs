@@ -426,3 +426,63 @@ fn tensor_parallel_plans_match_torch_2_11_dtensor_measured_on_cpu() {
     }
     assert_eq!(held, 7);
 }
+
+/// The same reference in bf16 (tests/data/pipelining_torch_2.11_bf16.jsonl, 8 plans): without
+/// FSDP the stage computes and keeps everything in bf16; with FSDP a MixedPrecisionPolicy(bf16,
+/// reduce fp32), whose unsharded gradients accumulate across micro-batches in fp32 (the
+/// estimator was -14% on such a stage before it modelled that). Every plan's most loaded stage
+/// is within the project's 3%; bf16's other stages are not yet itemised (worst -5.2%, full AC
+/// under FSDP).
+#[test]
+fn bf16_pipelines_match_torch_2_11_on_their_most_loaded_stage() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/pipelining_torch_2.11_bf16.jsonl"
+    ))
+    .unwrap();
+    let mut n = 0;
+    for line in text.lines() {
+        let c: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (pp, dp) = (c["pp"].as_u64().unwrap(), c["dp_shard"].as_u64().unwrap());
+        let precision = if dp == 1 {
+            r#"{"param":"bf16","master":"bf16","reduce":"bf16"}"#
+        } else {
+            r#"{"param":"bf16","master":"fp32","reduce":"fp32"}"#
+        };
+        let plan = plan(&format!(
+            r#"{{"model":{},"gpu":"cpu","num_gpus":{},
+                "parallel":{{"pp":{pp},"dp_shard":{dp},"pp_schedule":{}}},
+                "batch":{{"micro_batch_size":{},"seq_len":{},"grad_accum_steps":{}}},
+                "precision":{precision},"implementation":{{"logits":"float-output"}},
+                "activation_checkpointing":{}}}"#,
+            c["model"],
+            pp * dp,
+            c["schedule"],
+            c["micro_batch_size"],
+            c["seq"],
+            c["micro_batches"],
+            c["ac"]
+        ));
+        let measured: Vec<u64> = c["measured"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        let e = estimate(&plan).unwrap();
+        let most = e.per_gpu.stage as usize;
+        assert_eq!(
+            most,
+            (0..measured.len()).max_by_key(|&i| measured[i]).unwrap(),
+            "{line}"
+        );
+        let pred = e.per_gpu.peak_allocated_bytes.get() as f64;
+        assert!(
+            within(pred, measured[most] as f64, 0.03),
+            "{line}: {pred} vs {}",
+            measured[most]
+        );
+        n += 1;
+    }
+    assert_eq!(n, 8);
+}

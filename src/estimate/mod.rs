@@ -535,11 +535,17 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     // `PipelineStage` turns FSDP's reshard-after-backward and gradient sync off for every
     // micro-batch; `perform_reduce_grad` at the end). Measured with torch's own pipelining on
     // CPU (docs/research/parallelism-torch-2.11.md).
+    // When the reduce dtype differs from the compute dtype, FSDP2 moves each unit's gradient
+    // into an `unsharded_accumulated_grad` of the reduce dtype at its post-backward and adds
+    // later micro-batches' compute-dtype gradients into it there (torch 2.11
+    // `_fsdp_param.py`, `to_accumulated_grad_if_needed`): the accumulation is in the reduce
+    // dtype, and a unit's new gradients live until its post-backward.
+    let upcast_accumulation = fsdp_pp && r != e;
     let unsharded_grads = if fsdp_pp {
         (p.dense_layers as u128 * p.dense.unsharded
             + p.moe_layers as u128 * p.moe.unsharded
             + p.root_unsharded)
-            * e
+            * if upcast_accumulation { r } else { e }
     } else {
         0
     };
@@ -660,14 +666,14 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         grads_forward,
         fsdp_pp,
         blocks_grads: if fsdp_pp {
-            unsharded_grads - p.root_unsharded * e
+            unsharded_grads - p.root_unsharded * if upcast_accumulation { r } else { e }
         } else if on_gpu_params {
             p.blocks_shard() * m
         } else {
             0
         },
         block_grad: if fsdp_pp {
-            big.unsharded * e
+            big.unsharded * if upcast_accumulation { r } else { e }
         } else if on_gpu_params {
             big.shard * m
         } else {
@@ -688,12 +694,12 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
             0
         },
         // A pipeline's representative backward accumulates into existing gradients.
-        working: if pipelined && grads_prior > 0 {
+        working: if pipelined && grads_prior > 0 && !upcast_accumulation {
             working_acc
         } else {
             working
         },
-        at_end: if pipelined && grads_prior > 0 {
+        at_end: if pipelined && grads_prior > 0 && !upcast_accumulation {
             at_end_acc
         } else {
             at_end

@@ -19,7 +19,8 @@ relative to the counter before the model was built, plus the schedule and optimi
 bytes held at the step start and end. The line is printed before teardown. Config keys besides the
 model: "return_outputs" (default false: the last stage does not keep merged logits, as torchtitan
 passes), "steps" (default 2), "pp" (stages, default 2; --nproc_per_node = pp x dp_shard),
-"ac" ("full" wraps every block in torch's checkpoint_wrapper; default none). Each rank's tokens/labels for the whole step (mbs * n_microbatches
+"ac" ("full" wraps every block in torch's checkpoint_wrapper; default none), "param" ("bf16": see
+below; default fp32). Each rank's tokens/labels for the whole step (mbs * n_microbatches
 rows) are made inside the counted region on the stage that consumes them.
 """
 import ctypes, json, math, os, sys
@@ -175,14 +176,22 @@ lib.mp_set_channel(0)
 lib.mp_reset_peak(0)
 base = counter()[0]
 model = StageModel(stage_idx)
+# "param": "bf16" computes in bf16: without FSDP the whole stage is cast (bf16 weights, gradients
+# and AdamW states), with FSDP a MixedPrecisionPolicy(bf16, reduce fp32) over fp32 shards.
+bf16 = cfg.get("param", "fp32") == "bf16"
+act = torch.bfloat16 if bf16 else torch.float32
+if bf16 and dp == 1:
+    model.to(torch.bfloat16)
 if dp > 1:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     for block in model.layers.values():
-        fully_shard(block, mesh=mesh["dp_shard"], reshard_after_forward=False)
-    fully_shard(model, mesh=mesh["dp_shard"], reshard_after_forward=False)
+        fully_shard(block, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=mp)
+    fully_shard(model, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=mp)
 meta = torch.device("meta")
 in_meta = (torch.empty(MB, S, dtype=torch.long, device=meta) if stage_idx == 0
-           else torch.empty(MB, S, H, device=meta))
-out_meta = (torch.empty(MB, S, H, device=meta) if stage_idx < PP - 1 else torch.empty(MB, S, V, device=meta))
+           else torch.empty(MB, S, H, device=meta, dtype=act))
+out_meta = (torch.empty(MB, S, H, device=meta, dtype=act) if stage_idx < PP - 1 else torch.empty(MB, S, V, device=meta))
 stage = PipelineStage(model, stage_idx, PP, torch.device("cpu"), input_args=(in_meta,), output_args=(out_meta,),
                       group=mesh.get_group("pp"))
 Sched = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[cfg["schedule"]]
