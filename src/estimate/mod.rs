@@ -623,6 +623,14 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     } else {
         0
     };
+    // Without FSDP the output projection's and final norm's gradients are made before any
+    // block's backward and stay (measured with torch's DTensor TP, full AC: 33,024 B on tiny);
+    // FSDP holds the output's unsharded gradient as `out_grad` below.
+    let plain_root_grads = if !copies && on_gpu_params && p.last && grads_prior == 0 {
+        (p.output_unsharded + plan.model.hidden as u128) * m
+    } else {
+        0
+    };
     let others = others_forward - dropped + sent;
     let others_forward = others_forward + sent_forward;
     let acts = per_mb + others;
@@ -724,7 +732,7 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         out_grad: if copies && !(fsdp_pp && grads_prior > 0) {
             p.output_unsharded * e
         } else {
-            0
+            plain_root_grads
         },
         // FSDP2 copies a unit's unsharded gradients into a reduce-dtype reduce-scatter input
         // and keeps it until the next unit's reduce-scatter: one unit's worth beyond the
@@ -742,7 +750,7 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         root_grads: if copies && !(fsdp_pp && grads_prior > 0) {
             p.root_unsharded * e
         } else {
-            0
+            plain_root_grads
         },
         root_rs: if copies && !fsdp_pp {
             p.root_unsharded * r
@@ -794,8 +802,20 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                 // high on single-block pipeline stages), the cast input and the new output,
                 // the earlier blocks' activations.
                 let outputs = 1 + u128::from(layers >= 2);
+                // Blocks gathered before the last and not resharded (reshard_after_forward
+                // off) are still unsharded then: found by the CLI fuzz target on an MoE plan.
+                let before = if held > 1 {
+                    layers.saturating_sub(1)
+                } else {
+                    0
+                };
+                let unsharded = if gathers {
+                    (outputs + before) * block_u + cast_in
+                } else {
+                    (before + 1) * block_u
+                };
                 let last_gather = (
-                    root_u + u128::from(gathers) * (outputs * block_u + cast_in),
+                    root_u + unsharded,
                     div(blocks_mb * layers.saturating_sub(1), layers.max(1)) + q.others_forward,
                     0,
                 );
