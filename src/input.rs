@@ -21,6 +21,12 @@ pub const QUOTE_CHARS: usize = 60;
 /// The text of a user file, at most [`MAX_INPUT_BYTES`], without a leading BOM. `what` names
 /// the file's role in errors ("plan", "model config", "gpu profile", ...).
 pub fn read_text(path: &Path, what: &str) -> Result<String> {
+    read_text_up_to(path, what, MAX_INPUT_BYTES)
+}
+
+/// [`read_text`] with another size limit, for inputs that are large by nature (a recorded
+/// allocation trace).
+pub fn read_text_up_to(path: &Path, what: &str, max_bytes: u64) -> Result<String> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     if file.metadata().is_ok_and(|m| m.is_dir()) {
         return Err(Error::input(format!(
@@ -29,14 +35,14 @@ pub fn read_text(path: &Path, what: &str) -> Result<String> {
         )));
     }
     let mut bytes = Vec::new();
-    file.take(MAX_INPUT_BYTES + 1)
+    file.take(max_bytes + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| Error::io(path, e))?;
-    if bytes.len() as u64 > MAX_INPUT_BYTES {
+    if bytes.len() as u64 > max_bytes {
         return Err(Error::input(format!(
             "{what} {}: larger than {} KiB; no {what} is that large (is this the right file?)",
             path.display(),
-            MAX_INPUT_BYTES >> 10
+            max_bytes >> 10
         )));
     }
     let text = String::from_utf8(bytes).map_err(|e| {

@@ -101,15 +101,18 @@ pub fn validation_of(
     mut report: TrainReport,
 ) -> Validation {
     let measured_trace = report.trace.take();
-    // A plan the estimator traced for its estimate traces again here; a failure leaves the
-    // pair out rather than the run.
-    let reserved = match (report.peak_reserved_bytes, reserved_on_one_stream(plan)) {
-        (Some(measured_bytes), Ok(Some(predicted_bytes))) => Some(PhasePair {
-            predicted_bytes,
-            measured_bytes,
-        }),
-        _ => None,
-    };
+    // Only a run that measured reserved bytes (CUDA) is traced and simulated; a failure
+    // leaves the pair out rather than the run.
+    let reserved =
+        report.peak_reserved_bytes.and_then(|measured_bytes| {
+            match reserved_on_one_stream(plan, e.per_gpu.stage) {
+                Ok(Some(predicted_bytes)) => Some(PhasePair {
+                    predicted_bytes,
+                    measured_bytes,
+                }),
+                _ => None,
+            }
+        });
     let predicted = predicted_phases(e);
     let predicted_first_oom = e.per_gpu.first_oom;
     let mut measured = [0u64; 6];

@@ -323,37 +323,11 @@ fn pipeline_stages_hold_a_receive_buffer_per_micro_batch() {
 /// the first four.
 #[test]
 fn every_pipeline_stage_matches_torch_2_11_pipelining_measured_on_cpu() {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/data/pipelining_torch_2.11.jsonl"
-    ))
-    .unwrap();
     let mut stages = 0;
-    for line in text.lines() {
-        let c: serde_json::Value = serde_json::from_str(line).unwrap();
-        let (pp, dp) = (c["pp"].as_u64().unwrap(), c["dp_shard"].as_u64().unwrap());
-        let plan = plan(&format!(
-            r#"{{"model":{},"gpu":"cpu","num_gpus":{},
-                "parallel":{{"pp":{pp},"dp_shard":{dp},"pp_schedule":{}}},
-                "batch":{{"micro_batch_size":{},"seq_len":{},"grad_accum_steps":{}}},
-                "precision":{{"param":"fp32","master":"fp32","reduce":"fp32"}},
-                "activation_checkpointing":{}}}"#,
-            c["model"],
-            pp * dp,
-            c["schedule"],
-            c["micro_batch_size"],
-            c["seq"],
-            c["micro_batches"],
-            c["ac"]
-        ));
+    for (line, c, measured) in measured_cases("pipelining_torch_2.11.jsonl") {
+        let plan = pipeline_plan(&c, r#"{"param":"fp32","master":"fp32","reduce":"fp32"}"#);
         assert!(!plan.reshard_after_forward, "torchtitan's default under PP");
-        let measured: Vec<u64> = c["measured"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap())
-            .collect();
-        assert_eq!(measured.len() as u64, pp);
+        assert_eq!(measured.len() as u64, plan.parallel.pp);
         for (stage, &m) in measured.iter().enumerate() {
             let e = memplan::estimate::estimate_stage(&plan, stage as u64).unwrap();
             let pred = e.per_gpu.peak_allocated_bytes.get() as f64;
@@ -371,6 +345,46 @@ fn every_pipeline_stage_matches_torch_2_11_pipelining_measured_on_cpu() {
     assert_eq!(stages, 50);
 }
 
+/// The lines of a file of torch measurements in tests/data (JSON lines, one case each), each
+/// parsed, with its `measured` peaks (per stage or per rank).
+fn measured_cases(file: &str) -> Vec<(String, serde_json::Value, Vec<u64>)> {
+    let path = format!("{}/tests/data/{file}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let c: serde_json::Value = serde_json::from_str(line).unwrap();
+            let measured = c["measured"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect();
+            (line.to_string(), c, measured)
+        })
+        .collect()
+}
+
+/// The plan of a case of src/trainer/pipelining_reference.py, whose model returns
+/// `.float()` logits, in `precision` (a plan file's precision object).
+fn pipeline_plan(c: &serde_json::Value, precision: &str) -> Plan {
+    let (pp, dp) = (c["pp"].as_u64().unwrap(), c["dp_shard"].as_u64().unwrap());
+    plan(&format!(
+        r#"{{"model":{},"gpu":"cpu","num_gpus":{},
+            "parallel":{{"pp":{pp},"dp_shard":{dp},"pp_schedule":{}}},
+            "batch":{{"micro_batch_size":{},"seq_len":{},"grad_accum_steps":{}}},
+            "precision":{precision},"implementation":{{"logits":"float-output"}},
+            "activation_checkpointing":{}}}"#,
+        c["model"],
+        pp * dp,
+        c["schedule"],
+        c["micro_batch_size"],
+        c["seq"],
+        c["micro_batches"],
+        c["ac"]
+    ))
+}
+
 /// torch 2.11's own tensor parallelism (DTensor `parallelize_module` as torchtitan's
 /// `apply_tp`, run by hand: src/trainer/tp_reference.py, TP 2 on CPU/Gloo, counted by the
 /// shim's allocator; each rank's lowest steady-step peak of three runs, as Gloo frees some
@@ -384,14 +398,8 @@ fn every_pipeline_stage_matches_torch_2_11_pipelining_measured_on_cpu() {
 /// docs/research/parallelism-torch-2.11.md).
 #[test]
 fn tensor_parallel_plans_match_torch_2_11_dtensor_measured_on_cpu() {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/data/tp_torch_2.11.jsonl"
-    ))
-    .unwrap();
     let mut held = 0;
-    for line in text.lines() {
-        let c: serde_json::Value = serde_json::from_str(line).unwrap();
+    for (line, c, measured) in measured_cases("tp_torch_2.11.jsonl") {
         let (tp, dp) = (c["tp"].as_u64().unwrap(), c["dp_shard"].as_u64().unwrap());
         let itemised = dp == 1;
         if !itemised {
@@ -412,13 +420,7 @@ fn tensor_parallel_plans_match_torch_2_11_dtensor_measured_on_cpu() {
             c["ac"],
             c["loss_parallel"]
         ));
-        let measured = c["measured"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap())
-            .max()
-            .unwrap();
+        let measured = *measured.iter().max().unwrap();
         let pred = estimate(&plan).unwrap().per_gpu.peak_allocated_bytes.get() as f64;
         assert!(
             within(pred, measured as f64, 0.005),
@@ -437,41 +439,14 @@ fn tensor_parallel_plans_match_torch_2_11_dtensor_measured_on_cpu() {
 /// under FSDP).
 #[test]
 fn bf16_pipelines_match_torch_2_11_on_their_most_loaded_stage() {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/data/pipelining_torch_2.11_bf16.jsonl"
-    ))
-    .unwrap();
     let mut n = 0;
-    for line in text.lines() {
-        let c: serde_json::Value = serde_json::from_str(line).unwrap();
-        let (pp, dp) = (c["pp"].as_u64().unwrap(), c["dp_shard"].as_u64().unwrap());
-        let precision = if dp == 1 {
+    for (line, c, measured) in measured_cases("pipelining_torch_2.11_bf16.jsonl") {
+        let precision = if c["dp_shard"] == 1 {
             r#"{"param":"bf16","master":"bf16","reduce":"bf16"}"#
         } else {
             r#"{"param":"bf16","master":"fp32","reduce":"fp32"}"#
         };
-        let plan = plan(&format!(
-            r#"{{"model":{},"gpu":"cpu","num_gpus":{},
-                "parallel":{{"pp":{pp},"dp_shard":{dp},"pp_schedule":{}}},
-                "batch":{{"micro_batch_size":{},"seq_len":{},"grad_accum_steps":{}}},
-                "precision":{precision},"implementation":{{"logits":"float-output"}},
-                "activation_checkpointing":{}}}"#,
-            c["model"],
-            pp * dp,
-            c["schedule"],
-            c["micro_batch_size"],
-            c["seq"],
-            c["micro_batches"],
-            c["ac"]
-        ));
-        let measured: Vec<u64> = c["measured"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap())
-            .collect();
-        let e = estimate(&plan).unwrap();
+        let e = estimate(&pipeline_plan(&c, precision)).unwrap();
         let most = e.per_gpu.stage as usize;
         assert_eq!(
             most,

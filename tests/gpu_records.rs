@@ -29,6 +29,33 @@ fn h200_trace_text() -> String {
 /// of the same plan printed 30.46 GiB).
 const H200_PEAK_RESERVED: u64 = 32_700_891_136;
 
+/// The H200 validate records, each beside its scripts/gpu-matrix.json entry (label, plan)
+/// and that plan resolved, in matrix order.
+fn h200_runs() -> Vec<(serde_json::Value, serde_json::Value, memplan::plan::Plan)> {
+    let read = |path: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let validated = read(&format!("{DATA}/h200-validate.json"));
+    let matrix = read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/gpu-matrix.json"
+    ));
+    let (runs, matrix) = (
+        validated["runs"].as_array().unwrap(),
+        matrix.as_array().unwrap(),
+    );
+    assert_eq!(runs.len(), matrix.len());
+    runs.iter()
+        .zip(matrix)
+        .map(|(run, entry)| {
+            let label = entry["label"].as_str().unwrap();
+            assert!(run["label"].as_str().unwrap().starts_with(label));
+            let plan: PlanFile = serde_json::from_value(entry["plan"].clone()).unwrap();
+            (run.clone(), entry.clone(), plan.resolve().unwrap())
+        })
+        .collect()
+}
+
 #[test]
 fn the_allocator_model_replays_a_measured_cuda_step_to_its_measured_reserved_peak() {
     let trace: Trace = serde_json::from_str(&h200_trace_text()).unwrap();
@@ -107,27 +134,10 @@ fn replay_reads_a_trace_file_and_compares_allocator_settings() {
 /// since, and the next GPU session re-measures. Those rows get the two workspaces back.
 #[test]
 fn the_estimator_predicts_every_measured_h200_plan_within_a_quarter_percent() {
-    let validated: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{DATA}/h200-validate.json")).unwrap(),
-    )
-    .unwrap();
-    let matrix: Vec<serde_json::Value> = serde_json::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/scripts/gpu-matrix.json"
-        ))
-        .unwrap(),
-    )
-    .unwrap();
-    let runs = validated["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), matrix.len());
     let mut worst = 0.0f64;
-    for (i, (run, entry)) in runs.iter().zip(&matrix).enumerate() {
+    for (i, (run, entry, plan)) in h200_runs().iter().enumerate() {
         let label = entry["label"].as_str().unwrap();
-        assert!(run["label"].as_str().unwrap().starts_with(label));
-        let plan: PlanFile = serde_json::from_value(entry["plan"].clone()).unwrap();
-        let plan = plan.resolve().unwrap();
-        let est = memplan::estimate::estimate(&plan).unwrap();
+        let est = memplan::estimate::estimate(plan).unwrap();
         let own_process = i == 0 || entry.get("nproc_per_node").is_some();
         let workspaces = if own_process {
             0
@@ -155,31 +165,14 @@ fn the_estimator_predicts_every_measured_h200_plan_within_a_quarter_percent() {
 /// average: the claim behind reporting it.
 #[test]
 fn simulated_reserved_beats_the_fitted_constant_on_the_measured_h200_plans() {
-    let validated: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{DATA}/h200-validate.json")).unwrap(),
-    )
-    .unwrap();
-    let matrix: Vec<serde_json::Value> = serde_json::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/scripts/gpu-matrix.json"
-        ))
-        .unwrap(),
-    )
-    .unwrap();
     let (mut sim_sum, mut fit_sum, mut n) = (0.0, 0.0, 0);
-    for (run, entry) in validated["runs"].as_array().unwrap().iter().zip(&matrix) {
-        let plan: PlanFile = serde_json::from_value(entry["plan"].clone()).unwrap();
-        let plan = plan.resolve().unwrap();
+    for (run, entry, plan) in h200_runs() {
         let measured = run["report"]["peak_reserved_bytes"].as_u64().unwrap() as f64;
-        let sim = memplan::estimate::simulate::reserved_on_one_stream(&plan)
+        let est = memplan::estimate::estimate(&plan).unwrap();
+        let sim = memplan::estimate::simulate::reserved_on_one_stream(&plan, est.per_gpu.stage)
             .unwrap()
             .unwrap() as f64;
-        let fit = memplan::estimate::estimate(&plan)
-            .unwrap()
-            .per_gpu
-            .peak_reserved_bytes
-            .get() as f64;
+        let fit = est.per_gpu.peak_reserved_bytes.get() as f64;
         let (se, fe) = (
             100.0 * (sim - measured) / measured,
             100.0 * (fit - measured) / measured,

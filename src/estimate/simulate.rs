@@ -167,18 +167,18 @@ pub fn replay(trace: &Trace, confs: &[String]) -> Result<Replay> {
     })
 }
 
-/// Peak reserved bytes of `plan` run on one CUDA stream, as memplan's trainer runs it: the
-/// estimator's step (the most loaded stage's trace at [`Detail::Groups`]) replayed with every
-/// event on the default stream, where FSDP2 puts its all-gather copies and reduce-scatter
-/// outputs on streams of their own. None for a device without a caching allocator (the CPU).
+/// Peak reserved bytes of `plan`'s pipeline stage `stage` (the estimate's most loaded one,
+/// `per_gpu.stage`) run on one CUDA stream, as memplan's trainer runs it: the estimator's step
+/// (the stage's trace at [`Detail::Groups`]) replayed with every event on the default stream,
+/// where FSDP2 puts its all-gather copies and reduce-scatter outputs on streams of their own.
+/// None for a device without a caching allocator (the CPU).
 ///
 /// [`Detail::Groups`]: super::trace::Detail::Groups
-pub fn reserved_on_one_stream(plan: &crate::plan::Plan) -> Result<Option<u64>> {
+pub fn reserved_on_one_stream(plan: &crate::plan::Plan, stage: u64) -> Result<Option<u64>> {
     use super::trace::{trace_with, Detail};
     if !plan.gpu.caching_allocator {
         return Ok(None);
     }
-    let stage = super::estimate(plan)?.per_gpu.stage;
     let mut trace = trace_with(plan, stage, Detail::Groups)?;
     for e in &mut trace.events {
         e.stream = 0;
