@@ -38,6 +38,7 @@ cfg = json.loads(sys.argv[2])
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from reference_llama import RMSNorm, TransformerBlock, precompute_freqs_cis
 import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.distributed.device_mesh import init_device_mesh
@@ -85,96 +86,12 @@ HD = H // NH
 dt = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps=1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def _norm(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-
-    def forward(self, x):
-        output = self._norm(x.float()).type_as(x)
-        return output * self.weight
-
-
-def precompute_freqs_cis(dim, end, theta=10000.0):
-    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))
-    t = torch.arange(end, device=freqs.device)
-    freqs = torch.outer(t, freqs).float()
-    return torch.polar(torch.ones_like(freqs), freqs)
-
-
-def apply_rotary_emb(xq, xk, freqs_cis):
-    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
-    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
-    f = freqs_cis.view(1, xq_.shape[1], 1, xq_.shape[-1])
-    xq_out = torch.view_as_real(xq_ * f).flatten(3)
-    xk_out = torch.view_as_real(xk_ * f).flatten(3)
-    return xq_out.type_as(xq), xk_out.type_as(xk)
-
-
-def repeat_kv(x, n_rep):
-    bs, slen, n_kv_heads, head_dim = x.shape
-    if n_rep == 1:
-        return x
-    return x[:, :, :, None, :].expand(bs, slen, n_kv_heads, n_rep, head_dim).reshape(bs, slen, n_kv_heads * n_rep, head_dim)
-
-
-class Attention(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.wq = nn.Linear(H, NH * HD, bias=False)
-        self.wk = nn.Linear(H, NKV * HD, bias=False)
-        self.wv = nn.Linear(H, NKV * HD, bias=False)
-        self.wo = nn.Linear(NH * HD, H, bias=False)
-
-    def forward(self, x, freqs_cis):
-        bs, seqlen, _ = x.shape
-        xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
-        xq = xq.view(bs, seqlen, -1, HD)
-        xk = xk.view(bs, seqlen, -1, HD)
-        xv = xv.view(bs, seqlen, -1, HD)
-        xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
-        keys = repeat_kv(xk, NH // NKV)
-        values = repeat_kv(xv, NH // NKV)
-        xq, xk, xv = xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
-        output = F.scaled_dot_product_attention(xq, xk, xv, is_causal=True)
-        output = output.transpose(1, 2).contiguous().view(bs, seqlen, -1)
-        return self.wo(output)
-
-
-class FeedForward(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w1 = nn.Linear(H, FF, bias=False)
-        self.w2 = nn.Linear(FF, H, bias=False)
-        self.w3 = nn.Linear(H, FF, bias=False)
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-class TransformerBlock(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.attention = Attention()
-        self.feed_forward = FeedForward()
-        self.attention_norm = RMSNorm(H)
-        self.ffn_norm = RMSNorm(H)
-
-    def forward(self, x, freqs_cis):
-        h = x + self.attention(self.attention_norm(x), freqs_cis)
-        return h + self.feed_forward(self.ffn_norm(h))
-
-
 class Transformer(nn.Module):
     def __init__(self):
         super().__init__()
         self.tok_embeddings = nn.Embedding(V, H)
         self.register_buffer("freqs_cis", precompute_freqs_cis(HD, S * 2), persistent=True)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock() for i in range(L)})
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(H, NH, NKV, FF) for i in range(L)})
         self.norm = RMSNorm(H)
         self.output = nn.Linear(H, V, bias=False)
 

@@ -1,6 +1,6 @@
 """PyTorch's own torch.distributed.pipelining, per stage on CPU/Gloo, for checking memplan's estimator.
 
-The tiny torchtitan Llama of src/trainer/fsdp2_reference.py (same model code), cut into pp=2 stages
+The tiny torchtitan Llama (its block from reference_llama.py, as fsdp2_reference.py), cut into pp=2 stages
 (stage 0: embedding + first half of the layers; stage 1: the rest + norm + output), one
 PipelineStage per rank (input_args/output_args given as meta tensors, so no shape inference and no
 numpy), ScheduleGPipe or Schedule1F1B with a cross-entropy loss_fn, torch.optim.AdamW(foreach=True),
@@ -30,6 +30,7 @@ cfg = json.loads(sys.argv[2])
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from reference_llama import RMSNorm, TransformerBlock, precompute_freqs_cis
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -54,90 +55,6 @@ HD = H // NH
 PP = cfg.get("pp", 2)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps=1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def _norm(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-
-    def forward(self, x):
-        output = self._norm(x.float()).type_as(x)
-        return output * self.weight
-
-
-def precompute_freqs_cis(dim, end, theta=10000.0):
-    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))
-    t = torch.arange(end, device=freqs.device)
-    freqs = torch.outer(t, freqs).float()
-    return torch.polar(torch.ones_like(freqs), freqs)
-
-
-def apply_rotary_emb(xq, xk, freqs_cis):
-    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
-    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
-    f = freqs_cis.view(1, xq_.shape[1], 1, xq_.shape[-1])
-    xq_out = torch.view_as_real(xq_ * f).flatten(3)
-    xk_out = torch.view_as_real(xk_ * f).flatten(3)
-    return xq_out.type_as(xq), xk_out.type_as(xk)
-
-
-def repeat_kv(x, n_rep):
-    bs, slen, n_kv_heads, head_dim = x.shape
-    if n_rep == 1:
-        return x
-    return x[:, :, :, None, :].expand(bs, slen, n_kv_heads, n_rep, head_dim).reshape(bs, slen, n_kv_heads * n_rep, head_dim)
-
-
-class Attention(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.wq = nn.Linear(H, NH * HD, bias=False)
-        self.wk = nn.Linear(H, NKV * HD, bias=False)
-        self.wv = nn.Linear(H, NKV * HD, bias=False)
-        self.wo = nn.Linear(NH * HD, H, bias=False)
-
-    def forward(self, x, freqs_cis):
-        bs, seqlen, _ = x.shape
-        xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
-        xq = xq.view(bs, seqlen, -1, HD)
-        xk = xk.view(bs, seqlen, -1, HD)
-        xv = xv.view(bs, seqlen, -1, HD)
-        xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
-        keys = repeat_kv(xk, NH // NKV)
-        values = repeat_kv(xv, NH // NKV)
-        xq, xk, xv = xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
-        output = F.scaled_dot_product_attention(xq, xk, xv, is_causal=True)
-        output = output.transpose(1, 2).contiguous().view(bs, seqlen, -1)
-        return self.wo(output)
-
-
-class FeedForward(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w1 = nn.Linear(H, FF, bias=False)
-        self.w2 = nn.Linear(FF, H, bias=False)
-        self.w3 = nn.Linear(H, FF, bias=False)
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-class TransformerBlock(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.attention = Attention()
-        self.feed_forward = FeedForward()
-        self.attention_norm = RMSNorm(H)
-        self.ffn_norm = RMSNorm(H)
-
-    def forward(self, x, freqs_cis):
-        h = x + self.attention(self.attention_norm(x), freqs_cis)
-        return h + self.feed_forward(self.ffn_norm(h))
-
-
 class StageModel(nn.Module):
     """torchtitan's pipeline split: every stage keeps freqs_cis; absent parts are None."""
 
@@ -149,7 +66,7 @@ class StageModel(nn.Module):
         self.register_buffer("freqs_cis", precompute_freqs_cis(HD, S * 2), persistent=True)
         # "ac": "full" wraps every block in torch's checkpoint_wrapper, as torchtitan does.
         wrap = (lambda b: checkpoint_wrapper(b, preserve_rng_state=False)) if cfg.get("ac") == "full" else (lambda b: b)
-        self.layers = nn.ModuleDict({str(i): wrap(TransformerBlock()) for i in range(stage * per, (stage + 1) * per)})
+        self.layers = nn.ModuleDict({str(i): wrap(TransformerBlock(H, NH, NKV, FF)) for i in range(stage * per, (stage + 1) * per)})
         self.norm = RMSNorm(H) if last else None
         self.output = nn.Linear(H, V, bias=False) if last else None
 
