@@ -65,13 +65,7 @@ fn the_allocator_model_replays_a_measured_cuda_step_to_its_measured_reserved_pea
     assert_eq!(r.runs[0].oom_event, None);
     // The validate run of the same plan (three steps) measured this peak allocated; the
     // trace has two steps, whose peak differs only by the optimizer's step scalars.
-    let validated: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{DATA}/h200-validate.json")).unwrap(),
-    )
-    .unwrap();
-    let measured = validated["runs"][0]["peak"]["measured_bytes"]
-        .as_u64()
-        .unwrap();
+    let measured = h200_runs()[0].0["peak"]["measured_bytes"].as_u64().unwrap();
     let diff = r.peak_allocated_bytes.get().abs_diff(measured);
     assert!(
         diff < 1 << 20,

@@ -36,9 +36,9 @@ CUDA = sys.argv[1] == "cuda"
 lib = None if CUDA else ctypes.CDLL(sys.argv[1])
 cfg = json.loads(sys.argv[2])
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from reference_llama import RMSNorm, TransformerBlock, precompute_freqs_cis
+from reference_llama import Transformer
+from reference_shim import install_counter
 import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.distributed.device_mesh import init_device_mesh
@@ -64,45 +64,19 @@ if CUDA:
         torch.cuda.synchronize()
         return torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
 else:
-    err = ctypes.c_char_p()
-    assert lib.mp_install_counting_allocator(ctypes.byref(err)) == 0
+    counter = install_counter(lib)
 
     def set_channel(ch):
         lib.mp_set_channel(ch)
 
     def reset_peak():
         lib.mp_reset_peak(0)
-
-    def counter():
-        c, p = ctypes.c_int64(), ctypes.c_int64()
-        lib.mp_counter(0, ctypes.byref(c), ctypes.byref(p))
-        return c.value, p.value
 set_channel(2)
 
 
 H, L, NH, NKV, FF, V = cfg["hidden"], cfg["layers"], cfg["heads"], cfg["kv_heads"], cfg["ffn"], cfg["vocab"]
 B, S, N = cfg["batch"], cfg["seq"], cfg["world"]
-HD = H // NH
 dt = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-class Transformer(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.tok_embeddings = nn.Embedding(V, H)
-        self.register_buffer("freqs_cis", precompute_freqs_cis(HD, S * 2), persistent=True)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(H, NH, NKV, FF) for i in range(L)})
-        self.norm = RMSNorm(H)
-        self.output = nn.Linear(H, V, bias=False)
-
-    def forward(self, tokens):
-        h = self.tok_embeddings(tokens)
-        freqs = self.freqs_cis[0 : tokens.shape[1]]
-        for layer in self.layers.values():
-            h = layer(h, freqs)
-        h = self.norm(h)
-        out = self.output(h)
-        return out.float() if cfg.get("logits", "float-output") == "float-output" else out
 
 
 dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=N)
@@ -111,7 +85,7 @@ set_channel(0)
 reset_peak()
 base = counter()[0]
 with torch.device(DEV):
-    model = Transformer()
+    model = Transformer(V, H, L, NH, NKV, FF, S, float_logits=cfg.get("logits", "float-output") == "float-output")
 mp = MixedPrecisionPolicy(param_dtype=dt[cfg["param"]], reduce_dtype=dt[cfg["reduce"]])
 for lid, block in list(model.layers.items()):
     ac = cfg["ac"]

@@ -31,21 +31,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from reference_llama import RMSNorm, TransformerBlock, precompute_freqs_cis
+from reference_shim import install_counter
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.pipelining import PipelineStage, ScheduleGPipe, Schedule1F1B
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-err = ctypes.c_char_p()
-assert lib.mp_install_counting_allocator(ctypes.byref(err)) == 0
-lib.mp_set_channel(2)
-
-
-def counter():
-    c, p = ctypes.c_int64(), ctypes.c_int64()
-    lib.mp_counter(0, ctypes.byref(c), ctypes.byref(p))
-    return c.value, p.value
+counter = install_counter(lib)
 
 
 H, L, NH, NKV, FF, V = cfg["hidden"], cfg["layers"], cfg["heads"], cfg["kv_heads"], cfg["ffn"], cfg["vocab"]

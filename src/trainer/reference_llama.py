@@ -94,3 +94,26 @@ class TransformerBlock(nn.Module):
     def forward(self, x, freqs_cis):
         h = x + self.attention(self.attention_norm(x), freqs_cis)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """The whole model: embedding, blocks, final norm, untied output; `float_logits` returns
+    `self.output(h).float()` as torchtitan's model of 2024 did."""
+
+    def __init__(self, vocab, dim, n_layers, n_heads, n_kv_heads, ffn, max_seq, float_logits=True):
+        super().__init__()
+        self.float_logits = float_logits
+        self.tok_embeddings = nn.Embedding(vocab, dim)
+        self.register_buffer("freqs_cis", precompute_freqs_cis(dim // n_heads, max_seq * 2), persistent=True)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(dim, n_heads, n_kv_heads, ffn) for i in range(n_layers)})
+        self.norm = RMSNorm(dim)
+        self.output = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, tokens):
+        h = self.tok_embeddings(tokens)
+        freqs = self.freqs_cis[0 : tokens.shape[1]]
+        for layer in self.layers.values():
+            h = layer(h, freqs)
+        h = self.norm(h)
+        out = self.output(h)
+        return out.float() if self.float_logits else out

@@ -37,9 +37,9 @@ from contextlib import nullcontext
 lib = ctypes.CDLL(sys.argv[1])
 cfg = json.loads(sys.argv[2])
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from reference_llama import RMSNorm, TransformerBlock, precompute_freqs_cis
+from reference_llama import Transformer
+from reference_shim import install_counter
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -48,40 +48,13 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, P
                                                SequenceParallel, loss_parallel, parallelize_module)
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-err = ctypes.c_char_p()
-assert lib.mp_install_counting_allocator(ctypes.byref(err)) == 0
-lib.mp_set_channel(2)
-
-
-def counter():
-    c, p = ctypes.c_int64(), ctypes.c_int64()
-    lib.mp_counter(0, ctypes.byref(c), ctypes.byref(p))
-    return c.value, p.value
+counter = install_counter(lib)
 
 
 H, L, NH, NKV, FF, V = cfg["hidden"], cfg["layers"], cfg["heads"], cfg["kv_heads"], cfg["ffn"], cfg["vocab"]
 B, S = cfg["batch"], cfg["seq"]
-HD = H // NH
 SP, LP = bool(cfg.get("sp", True)), bool(cfg.get("loss_parallel", True))
 DP = cfg.get("dp_shard", 1)
-
-
-class Transformer(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.tok_embeddings = nn.Embedding(V, H)
-        self.register_buffer("freqs_cis", precompute_freqs_cis(HD, S * 2), persistent=True)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(H, NH, NKV, FF) for i in range(L)})
-        self.norm = RMSNorm(H)
-        self.output = nn.Linear(H, V, bias=False)
-
-    def forward(self, tokens):
-        h = self.tok_embeddings(tokens)
-        freqs = self.freqs_cis[0 : tokens.shape[1]]
-        for layer in self.layers.values():
-            h = layer(h, freqs)
-        h = self.norm(h)
-        return self.output(h).float()
 
 
 class NoParallel(ParallelStyle):
@@ -146,7 +119,7 @@ torch.manual_seed(0)
 lib.mp_set_channel(0)
 lib.mp_reset_peak(0)
 base = counter()[0]
-model = Transformer()
+model = Transformer(V, H, L, NH, NKV, FF, S)
 apply_tp(model, tp_mesh)
 if cfg.get("ac", "none") == "full":
     for lid, block in list(model.layers.items()):
