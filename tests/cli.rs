@@ -452,19 +452,27 @@ fn timeline_json_to_a_file_says_so_in_one_json_document() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// The small profile's 4 blocks over 4 pipeline stages.
+const PP4_PLAN: [&str; 13] = [
+    "estimate",
+    "--model",
+    "small",
+    "--gpu",
+    "h100-80g",
+    "--num-gpus",
+    "8",
+    "--pp",
+    "4",
+    "--grad-accum-steps",
+    "8",
+    "--seq-len",
+    "256",
+];
+
 #[test]
 fn all_stages_lists_every_pipeline_stage_and_names_the_most_loaded() {
     let out = memplan()
-        .args([
-            "estimate",
-            "--model",
-            "small",
-            "--gpu",
-            "h100-80g",
-            "--num-gpus",
-            "8",
-        ])
-        .args(["--pp", "4", "--grad-accum-steps", "8", "--seq-len", "256"])
+        .args(PP4_PLAN)
         .args(["--all-stages", "--format", "json"])
         .output()
         .unwrap();
@@ -485,20 +493,8 @@ fn all_stages_lists_every_pipeline_stage_and_names_the_most_loaded() {
     for (i, s) in stages.iter().enumerate() {
         assert_eq!(s["stage"], i as u64);
     }
-    // Without --all-stages the document has no list; the table names the stage.
-    let out = memplan()
-        .args([
-            "estimate",
-            "--model",
-            "small",
-            "--gpu",
-            "h100-80g",
-            "--num-gpus",
-            "8",
-        ])
-        .args(["--pp", "4", "--grad-accum-steps", "8", "--seq-len", "256"])
-        .output()
-        .unwrap();
+    // Without --all-stages the table names the stage.
+    let out = memplan().args(PP4_PLAN).output().unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(
         text.contains(&format!("pipeline stage {most} of 4")),
