@@ -139,6 +139,17 @@ fn loss_parallel_extra(plan: &Plan, e: u128) -> u128 {
     }
 }
 
+/// Which tensor of [`script`] is the loss's input (the model's output): the fp32 copy when the
+/// model upcasts compute-dtype logits, else the projection's result.
+pub fn loss_input_slot(plan: &Plan) -> Slot {
+    match plan.implementation.logits {
+        Logits::FloatOutput | Logits::FloatOutputKept if plan.precision.param.bytes() < 4 => {
+            Slot::Upcast
+        }
+        _ => Slot::Pred,
+    }
+}
+
 /// Bytes per logit of the loss's input (what `del pred` frees: the model's output) and of
 /// log-softmax's saved output.
 #[inline]
@@ -316,6 +327,31 @@ mod tests {
                     assert_eq!(l.forward_peak, at[1] * v, "{what}");
                     assert_eq!(l.backward_peak, at[2] * v, "{what}");
                 }
+            }
+        }
+    }
+
+    /// [`loss_input_slot`] names the tensor the script frees as `del pred`.
+    #[test]
+    fn the_loss_input_is_what_del_pred_frees() {
+        for logits in ["float-output", "float-in-loss", "compute-dtype"] {
+            for dtype in ["bf16", "fp32"] {
+                let p = plan(&format!(
+                    r#"{{"model":"llama3-8b","precision":{{"param":"{dtype}","master":"fp32","reduce":"fp32"}},
+                        "implementation":{{"logits":"{logits}"}}}}"#
+                ));
+                let (steps, n) = script(&p);
+                // The last tensor freed after the loss (a loss that upcasts frees its own copy
+                // first).
+                let freed = steps[..n]
+                    .iter()
+                    .skip_while(|s| **s != Step::At(Moment::Loss))
+                    .filter_map(|s| match s {
+                        Step::Free(slot, _) => Some(*slot),
+                        _ => None,
+                    })
+                    .last();
+                assert_eq!(freed, Some(loss_input_slot(&p)), "{logits} {dtype}");
             }
         }
     }

@@ -692,15 +692,7 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
             // A pipeline schedule caches the last stage's output (the loss input) until the
             // micro-batch's backward is done.
             let held_output = if pipelined && p.last {
-                let input = match plan.implementation.logits {
-                    crate::plan::Logits::FloatOutput | crate::plan::Logits::FloatOutputKept
-                        if e < 4 =>
-                    {
-                        Slot::Upcast
-                    }
-                    _ => Slot::Pred,
-                };
-                slots[input as usize].take()
+                slots[logits::loss_input_slot(plan) as usize].take()
             } else {
                 None
             };
