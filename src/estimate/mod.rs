@@ -494,6 +494,18 @@ pub(crate) struct Quantities {
     pub opt_temporaries: u128,
 }
 
+/// The cuBLAS workspace the first step's forward does not hold yet: the autograd thread's,
+/// unless an earlier micro-batch's backward ran before the forward's peak (accumulation or
+/// pipelining). See [`Quantities::workspace`].
+#[inline]
+fn first_forward_lacks_workspace(plan: &Plan) -> u128 {
+    if plan.batch.grad_accum_steps > 1 || plan.parallel.pp > 1 {
+        0
+    } else {
+        plan.gpu.workspace_bytes.get() as u128
+    }
+}
+
 #[inline]
 pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     let p = &st.p;
@@ -659,7 +671,8 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         gathers,
         on_gpu_params,
         workspace: 2 * plan.gpu.workspace_bytes.get() as u128,
-        workspace_forward: plan.gpu.workspace_bytes.get() as u128 * if accum { 2 } else { 1 },
+        workspace_forward: 2 * plan.gpu.workspace_bytes.get() as u128
+            - first_forward_lacks_workspace(plan),
         inputs: st.inputs,
         rotary: st.rotary,
         p2p: st.p2p,
@@ -1039,12 +1052,7 @@ fn estimate_for(plan: &Plan, only: Option<u64>) -> Result<Estimate> {
     // A steady step's phases; the first step's are the same less the optimizer states,
     // which the first optimizer step creates.
     // Its forward may hold only the main thread's cuBLAS workspace (`Quantities::workspace`).
-    let accum = plan.batch.grad_accum_steps > 1 || plan.parallel.pp > 1;
-    let backward_workspace = if accum {
-        0
-    } else {
-        plan.gpu.workspace_bytes.get() as u128
-    };
+    let backward_workspace = first_forward_lacks_workspace(plan);
     let first_of = |w: &Wide, phase: Phase| {
         let mut f = *w;
         if phase != Phase::Optimizer {
