@@ -1023,7 +1023,7 @@ macro_rules! shipped {
 pub const MODELS: &[(&str, &str)] = shipped!("models":
     "llama2-7b", "llama2-13b", "llama3-8b", "llama3-70b", "llama3.1-405b", "llama3.2-1b",
     "mistral-7b", "qwen2.5-7b", "mixtral-8x7b", "deepseek-moe-16b", "qwen1.5-moe-a2.7b",
-    "tiny", "tiny-gqa", "tiny-tied", "tiny-moe", "small", "small-gqa",
+    "tiny", "tiny-gqa", "tiny-tied", "tiny-moe", "tiny-deep", "small", "small-gqa",
 );
 
 /// The shipped GPU profiles, name and text.

@@ -265,8 +265,9 @@ fn pipeline_schedules_hold_their_in_flight_micro_batches() {
     assert_eq!(in_flight_milli(&p("1f1b", 1), 0), 4000);
     assert_eq!(in_flight_milli(&p("1f1b", 1), 3), 1000);
     assert_eq!(in_flight_milli(&p("zb-h1", 1), 1), 3000);
-    // Interleaved with 2 chunks per rank, rank 0: 2 (pp - 1) + (v - 1) pp + 1 = 11 chunk
-    // forwards of half the rank's layers: 5.5 micro-batches' worth.
+    // Interleaved with 2 chunks per rank, rank 0: torch 2.11's warm-up of (v - 1) rounds of
+    // m / (m / pp) = 4 micro-batches and 2 (pp - 1) more, and one steady forward: 11 chunk
+    // forwards of half the rank's layers, 5.5 micro-batches' worth.
     assert_eq!(in_flight_milli(&p("interleaved-1f1b", 2), 0), 5500);
 }
 
@@ -371,13 +372,14 @@ fn pipeline_plan(c: &serde_json::Value, precision: &str) -> Plan {
     let (pp, dp) = (c["pp"].as_u64().unwrap(), c["dp_shard"].as_u64().unwrap());
     plan(&format!(
         r#"{{"model":{},"gpu":"cpu","num_gpus":{},
-            "parallel":{{"pp":{pp},"dp_shard":{dp},"pp_schedule":{}}},
+            "parallel":{{"pp":{pp},"dp_shard":{dp},"pp_schedule":{},"pp_virtual_stages":{}}},
             "batch":{{"micro_batch_size":{},"seq_len":{},"grad_accum_steps":{}}},
             "precision":{precision},"implementation":{{"logits":"float-output"}},
             "activation_checkpointing":{}}}"#,
         c["model"],
         pp * dp,
         c["schedule"],
+        c["v"].as_u64().unwrap_or(1),
         c["micro_batch_size"],
         c["seq"],
         c["micro_batches"],
@@ -429,6 +431,39 @@ fn tensor_parallel_plans_match_torch_2_11_dtensor_measured_on_cpu() {
         held += 1;
     }
     assert_eq!(held, 8);
+}
+
+/// Interleaved 1F1B, torch 2.11's `ScheduleInterleaved1F1B` with 2 or 4 stages per rank
+/// (src/trainer/pipelining_reference.py with "v"; tests/data/pipelining_interleaved_torch_2.11
+/// .jsonl: 14 plans, 38 rank peaks, the tiny shape with 8 layers (tiny-deep) so that every
+/// rank has two chunks or more; pp 2 and 4, dp_shard 1 and 2, 2 to 8 micro-batches, AC none
+/// and full). Before the estimator walked torch's op order (`interleaved_peak`: sends are
+/// waited only at the step's end, so every stage output and sent input gradient stays;
+/// warm-up in rounds of `m / max(1, m / pp)` micro-batches; one rotary table per model part;
+/// the root's gradients on the chunk that holds it) it erred by -9.9% to +11.3% per rank.
+/// Now 30 of the 38 are exact but for the AdamW step scalars (under 200 B). Two residuals,
+/// itemised in docs/research/parallelism-torch-2.11.md and not yet modelled: on ranks whose
+/// warm-up holds every forward, the backward walk spans the rank's blocks rather than the
+/// chunk's (+0.4% to +1.8%); and the last rank of a full-AC plan counts one logits tensor
+/// too many (+2.1%).
+#[test]
+fn interleaved_pipelines_match_torch_2_11_on_every_rank() {
+    let (mut ranks, mut exact) = (0, 0);
+    for (line, c, measured) in measured_cases("pipelining_interleaved_torch_2.11.jsonl") {
+        let plan = pipeline_plan(&c, r#"{"param":"fp32","master":"fp32","reduce":"fp32"}"#);
+        assert_eq!(measured.len() as u64, plan.parallel.pp);
+        for (s, &m) in measured.iter().enumerate() {
+            let e = memplan::estimate::estimate_stage(&plan, s as u64).unwrap();
+            let pred = e.per_gpu.peak_allocated_bytes.get();
+            assert!(
+                within(pred as f64, m as f64, 0.03),
+                "{line}: stage {s}: {pred} vs {m}"
+            );
+            exact += usize::from(pred.abs_diff(m) < 200);
+            ranks += 1;
+        }
+    }
+    assert_eq!((ranks, exact), (38, 30));
 }
 
 /// The same reference in bf16 (tests/data/pipelining_torch_2.11_bf16.jsonl, 8 plans): without

@@ -174,6 +174,8 @@ pub(crate) struct Stage {
     /// Micro-batches whose activations are alive at once, in thousandths (interleaved
     /// schedules hold fractions of a stage's layers per micro-batch).
     in_flight_milli: u128,
+    /// The pipeline rank (stage index without virtual stages).
+    rank: u64,
     /// Logits buffers of one micro-batch (zero off the last stage).
     logits: logits::LogitsBytes,
     /// Token ids, labels, loss and rotary table.
@@ -249,25 +251,141 @@ fn checkpointed_layers(ac: Checkpointing, layers: u64) -> (u64, u64, u64) {
 ///
 /// GPipe runs every forward before any backward: all `m` micro-batches. 1F1B (Narayanan et
 /// al. 2021, section 2.2; PipeDream-Flush) and ZB-H1 (Qi et al. 2023, "same peak memory as
-/// 1F1B") hold `min(pp - s, m)`. Interleaved 1F1B with `v` chunks per rank warms up with
-/// `2 (pp - s - 1) + (v - 1) pp` chunk forwards (Megatron-LM's schedule), each chunk 1/v of
-/// the rank's layers, so it holds `(that + 1) / v` micro-batches' worth, at most `m`.
+/// 1F1B") hold `min(pp - s, m)`. Interleaved 1F1B with `v` chunks per rank holds its warm-up
+/// forwards and one more ([`interleaved_warmup`]), each chunk 1/v of the rank's layers.
 pub fn in_flight_milli(plan: &Plan, s: u64) -> u128 {
     let par = &plan.parallel;
     let m = plan.batch.grad_accum_steps as u128;
     if par.pp == 1 {
         return 1000;
     }
-    let (pp, s) = (par.pp as u128, s as u128);
+    let (pp, s_) = (par.pp as u128, s as u128);
     match par.pp_schedule {
         PpSchedule::GPipe => 1000 * m,
-        PpSchedule::OneFOneB | PpSchedule::ZbH1 => 1000 * (pp - s).min(m),
+        PpSchedule::OneFOneB | PpSchedule::ZbH1 => 1000 * (pp - s_).min(m),
         PpSchedule::Interleaved1F1B => {
             let v = par.pp_virtual_stages as u128;
-            let chunks = 2 * (pp - s - 1) + (v - 1) * pp + 1;
-            (1000 * chunks / v).min(1000 * m)
+            let (warmup, _) = interleaved_warmup(plan, s);
+            (1000 * (warmup as u128 + 1) / v).min(1000 * m)
         }
     }
+}
+
+/// torch 2.11 `ScheduleInterleaved1F1B` on pipeline rank `rank`: (warm-up forwards,
+/// micro-batches per round). Rounds are `max(1, m / pp)`; the last rank warms up with
+/// `(v - 1)` rounds of forwards and each rank before it with 2 more
+/// (`schedules.py`, `_get_warmup_ops`), at most all `m v` forwards.
+fn interleaved_warmup(plan: &Plan, rank: u64) -> (u64, u64) {
+    let par = &plan.parallel;
+    let (pp, v, m) = (par.pp, par.pp_virtual_stages, plan.batch.grad_accum_steps);
+    let per_round = m / (m / pp).max(1);
+    let warmup = (v - 1) * per_round + 2 * (pp - 1 - rank);
+    (warmup.min(m * v), per_round)
+}
+
+/// What one chunk (virtual stage) of an interleaved rank holds per micro-batch in flight.
+struct Chunks {
+    /// A chunk's blocks' saved activations.
+    blocks: u128,
+    /// The last global stage's head (final norm) and, for micro-batches other than the one
+    /// in its backward, the logits and loss graph it keeps.
+    head: u128,
+    kept: u128,
+    /// The first block's saved input when it is the receive buffer (not global stage 0).
+    alias: u128,
+    /// One stage output or input gradient (b x s x h).
+    act: u128,
+    /// A chunk's blocks' gradients once its first backward has run, and the root's (the
+    /// embedding's on global stage 0, the final norm's and output's on the last), which
+    /// belong to the chunk that holds it.
+    grads: u128,
+    root_grads: u128,
+}
+
+/// The heaviest backward of an interleaved 1F1B rank, walked op by op as torch 2.11 orders
+/// them (`_get_1f1b_rank_ops`: the warm-up forwards, then a forward and a backward per step,
+/// then the remaining backwards; forwards go through the rank's chunks a round at a time,
+/// backwards through them in reverse). `_PipelineScheduleRuntime` waits on its sends only at
+/// the step's end, and a Gloo or NCCL send keeps its tensor: every stage output sent and
+/// every input gradient sent stays until then (measured with torch's own pipelining on CPU,
+/// `src/trainer/pipelining_reference.py`). Returns (the backward chunk's own activations,
+/// everything else in flight with the outputs and gradients held for sends, of which the
+/// sent gradients, the gradients of chunks already through a backward, whether the chunk in
+/// backward is the last global stage).
+fn interleaved_peak(plan: &Plan, rank: u64, c: &Chunks) -> (u128, u128, u128, u128, bool) {
+    let par = &plan.parallel;
+    let (pp, v, m) = (par.pp, par.pp_virtual_stages, plan.batch.grad_accum_steps);
+    let (warmup, per_round) = interleaved_warmup(plan, rank);
+    let total = m * v;
+    let global = |i: u64| i * pp + rank;
+    let last = pp * v - 1;
+    let grads_of = |i: u64| {
+        c.grads
+            + if global(i) == 0 || global(i) == last {
+                c.root_grads
+            } else {
+                0
+            }
+    };
+    let act = |i: u64| {
+        c.blocks + if global(i) == last { c.head } else { 0 }
+            - if global(i) == 0 {
+                0
+            } else {
+                c.alias.min(c.blocks)
+            }
+    };
+    let mut in_flight = vec![0u64; v as usize];
+    let mut backwarded = vec![false; v as usize];
+    let (mut fwd, mut outputs, mut sent) = (0u64, 0u128, 0u128);
+    let mut best = (0u128, (0u128, 0u128, 0u128, 0u128, false));
+    for k in 0..total {
+        // Forwards up to and including this step's.
+        while fwd < (warmup + k + 1).min(total) {
+            let i = (fwd / per_round) % v;
+            in_flight[i as usize] += 1;
+            if global(i) != last {
+                outputs += c.act;
+            }
+            fwd += 1;
+        }
+        let i = v - 1 - (k / per_round) % v;
+        let held: u128 = (0..v)
+            .map(|j| {
+                let n = in_flight[j as usize] as u128;
+                n * act(j)
+                    + if global(j) == last {
+                        n.saturating_sub(u128::from(j == i)) * c.kept
+                    } else {
+                        0
+                    }
+            })
+            .sum();
+        let grads: u128 = (0..v)
+            .filter(|&j| backwarded[j as usize])
+            .map(grads_of)
+            .sum();
+        let own = act(i);
+        let total_now = held + outputs + sent + grads;
+        if total_now > best.0 {
+            best = (
+                total_now,
+                (
+                    own,
+                    held - own + outputs + sent,
+                    sent,
+                    grads,
+                    global(i) == last,
+                ),
+            );
+        }
+        in_flight[i as usize] -= 1;
+        backwarded[i as usize] = true;
+        if global(i) != 0 {
+            sent += c.act;
+        }
+    }
+    best.1
 }
 
 #[inline]
@@ -293,7 +411,15 @@ fn stage(plan: &Plan, index: u64) -> Stage {
         1
     };
     let ids = 8 * tokens * whole_step * (p.first as u128 + p.last as u128) + 4 * p.last as u128;
-    let rotary = 8 * b.seq_len as u128 * m.head_dim as u128;
+    // Every model part of a pipeline rank carries its own rotary table (torchtitan splits the
+    // model by copying it whole and deleting what a stage lacks; measured: one 8 x seq x
+    // head_dim table per virtual stage).
+    let parts = if par.pp_schedule == PpSchedule::Interleaved1F1B {
+        par.pp_virtual_stages as u128
+    } else {
+        1
+    };
+    let rotary = parts * 8 * b.seq_len as u128 * m.head_dim as u128;
     // Pipeline receive buffers (torch 2.11 `PipelineStage`): every local stage keeps one
     // activation buffer per micro-batch to receive its input (not global stage 0) and one to
     // receive its output's gradient (not the last), allocated in the first step and kept.
@@ -332,6 +458,7 @@ fn stage(plan: &Plan, index: u64) -> Stage {
         p,
         tokens,
         in_flight_milli: in_flight_milli(plan, index),
+        rank: index,
     }
 }
 
@@ -635,6 +762,61 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     } else {
         0
     };
+    // Interleaved 1F1B: the rank's heaviest backward, walked op by op.
+    let head_bytes = st.tokens * head;
+    let interleaved =
+        (pipelined && par.pp_schedule == PpSchedule::Interleaved1F1B && par.pp_virtual_stages > 1)
+            .then(|| {
+                let v = par.pp_virtual_stages as u128;
+                let blocks_grads = if fsdp_pp {
+                    unsharded_grads - p.root_unsharded * if upcast_accumulation { r } else { e }
+                } else if on_gpu_params {
+                    p.blocks_shard() * m
+                } else {
+                    0
+                };
+                let chunks = Chunks {
+                    blocks: div(per_mb_saved - head_bytes, v),
+                    head: head_bytes,
+                    kept,
+                    alias: stage_act,
+                    act: stage_act,
+                    grads: div(blocks_grads, v),
+                    root_grads: grads_whole - blocks_grads,
+                };
+                interleaved_peak(plan, st.rank, &chunks)
+            });
+    let (
+        per_mb,
+        others_forward,
+        sent_forward,
+        sent,
+        grads_prior,
+        grads_forward,
+        dropped,
+        head_bytes,
+    ) = match interleaved {
+        Some((own, rest, sent_b, grads, on_last)) => (
+            own,
+            rest - sent_b,
+            sent_b,
+            sent_b,
+            grads,
+            grads,
+            0,
+            if on_last { head_bytes } else { 0 },
+        ),
+        None => (
+            per_mb,
+            others_forward,
+            sent_forward,
+            sent,
+            grads_prior,
+            grads_forward,
+            dropped,
+            head_bytes,
+        ),
+    };
     // Without FSDP the output projection's and final norm's gradients are made before any
     // block's backward and stay (measured with torch's DTensor TP, full AC: 33,024 B on tiny);
     // FSDP holds the output's unsharded gradient as `out_grad` below.
@@ -701,7 +883,7 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
             0
         },
         per_mb,
-        head: st.tokens * head,
+        head: head_bytes,
         acts,
         others,
         acts_forward: per_mb + others_forward,

@@ -20,7 +20,8 @@ bytes held at the step start and end. The line is printed before teardown. Confi
 model: "return_outputs" (default false: the last stage does not keep merged logits, as torchtitan
 passes), "steps" (default 2), "pp" (stages, default 2; --nproc_per_node = pp x dp_shard),
 "ac" ("full" wraps every block in torch's checkpoint_wrapper; default none), "param" ("bf16": see
-below; default fp32). Each rank's tokens/labels for the whole step (mbs * n_microbatches
+below; default fp32), "v" (stages per rank, default 1; rank r holds global stages r, r + pp, ... as
+torchtitan assigns them, for the schedules "interleaved-1f1b" and "interleaved-zb"). Each rank's tokens/labels for the whole step (mbs * n_microbatches
 rows) are made inside the counted region on the stage that consumes them.
 """
 import ctypes, json, math, os, sys
@@ -35,7 +36,8 @@ from reference_shim import install_counter
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.pipelining import PipelineStage, ScheduleGPipe, Schedule1F1B
+from torch.distributed.pipelining import (PipelineStage, ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B,
+                                          ScheduleInterleavedZeroBubble)
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 counter = install_counter(lib)
@@ -46,6 +48,10 @@ MB, NMB, S = cfg["mbs"], cfg["n_microbatches"], cfg["seq"]
 B = MB * NMB
 HD = H // NH
 PP = cfg.get("pp", 2)
+# "v": stages per rank (interleaved schedules); rank r holds global stages r, r + pp, ... as
+# torchtitan's "loop" stage assignment (distributed/pipeline_parallel.py, stage_ids_this_rank).
+VS = cfg.get("v", 1)
+NS = PP * VS
 
 
 class StageModel(nn.Module):
@@ -53,8 +59,8 @@ class StageModel(nn.Module):
 
     def __init__(self, stage):
         super().__init__()
-        first, last = stage == 0, stage == PP - 1
-        per = L // PP
+        first, last = stage == 0, stage == NS - 1
+        per = L // NS
         self.tok_embeddings = nn.Embedding(V, H) if first else None
         self.register_buffer("freqs_cis", precompute_freqs_cis(HD, S * 2), persistent=True)
         # "ac": "full" wraps every block in torch's checkpoint_wrapper, as torchtitan does.
@@ -85,30 +91,38 @@ torch.manual_seed(0)
 lib.mp_set_channel(0)
 lib.mp_reset_peak(0)
 base = counter()[0]
-model = StageModel(stage_idx)
+stage_ids = [stage_idx + k * PP for k in range(VS)]
+parts = [StageModel(s) for s in stage_ids]
 # "param": "bf16" computes in bf16: without FSDP the whole stage is cast (bf16 weights, gradients
 # and AdamW states), with FSDP a MixedPrecisionPolicy(bf16, reduce fp32) over fp32 shards.
 bf16 = cfg.get("param", "fp32") == "bf16"
 act = torch.bfloat16 if bf16 else torch.float32
-if bf16 and dp == 1:
-    model.to(torch.bfloat16)
-if dp > 1:
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    for block in model.layers.values():
-        fully_shard(block, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=mp)
-    fully_shard(model, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=mp)
+for model in parts:
+    if bf16 and dp == 1:
+        model.to(torch.bfloat16)
+    if dp > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        for block in model.layers.values():
+            fully_shard(block, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=mp)
+        fully_shard(model, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=mp)
 meta = torch.device("meta")
-in_meta = (torch.empty(MB, S, dtype=torch.long, device=meta) if stage_idx == 0
-           else torch.empty(MB, S, H, device=meta, dtype=act))
-out_meta = (torch.empty(MB, S, H, device=meta, dtype=act) if stage_idx < PP - 1 else torch.empty(MB, S, V, device=meta))
-stage = PipelineStage(model, stage_idx, PP, torch.device("cpu"), input_args=(in_meta,), output_args=(out_meta,),
-                      group=mesh.get_group("pp"))
-Sched = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[cfg["schedule"]]
-sched = Sched(stage, n_microbatches=NMB, loss_fn=loss_fn)
-opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+stages = []
+for s, model in zip(stage_ids, parts):
+    in_meta = (torch.empty(MB, S, dtype=torch.long, device=meta) if s == 0
+               else torch.empty(MB, S, H, device=meta, dtype=act))
+    out_meta = (torch.empty(MB, S, H, device=meta, dtype=act) if s < NS - 1 else torch.empty(MB, S, V, device=meta))
+    stages.append(PipelineStage(model, s, NS, torch.device("cpu"), input_args=(in_meta,), output_args=(out_meta,),
+                                group=mesh.get_group("pp")))
+Sched = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B,
+         "interleaved-zb": ScheduleInterleavedZeroBubble}[cfg["schedule"]]
+multi = Sched in (ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble)
+assert multi or VS == 1, "gpipe and 1f1b run one stage per rank"
+sched = Sched(stages if multi else stages[0], n_microbatches=NMB, loss_fn=loss_fn)
+opt = torch.optim.AdamW([p for m in parts for p in m.parameters()], lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1,
+                        foreach=True)
 setup = counter()[0] - base
-out = {"rank": rank, "stage": stage_idx, "dp": dp, "schedule": cfg["schedule"], "setup": setup, "steps": []}
+out = {"rank": rank, "stage": stage_idx, "stages": stage_ids, "dp": dp, "schedule": cfg["schedule"], "setup": setup, "steps": []}
 ret = bool(cfg.get("return_outputs", False))
 for step in range(cfg.get("steps", 2)):
     opt.zero_grad()
@@ -122,7 +136,7 @@ for step in range(cfg.get("steps", 2)):
     if stage_idx == 0:
         inp = toks[:, :-1].clone()
         sched.step(inp, return_outputs=ret)
-    elif stage_idx == PP - 1:
+    elif stage_idx == PP - 1:  # holds the last global stage (interleaved too)
         labels = toks[:, 1:].clone()
         losses = []
         sched.step(target=labels, losses=losses, return_outputs=ret)
