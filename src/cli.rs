@@ -311,6 +311,22 @@ pub struct PlanArgs {
     /// With TP, compute the loss on vocabulary-sharded logits (default: on, as torchtitan).
     #[arg(long)]
     pub loss_parallel: Option<bool>,
+    /// complex (torchtitan's freqs_cis), cos-sin (Hugging Face's per-forward cos and sin).
+    #[arg(long)]
+    pub rotary: Option<String>,
+    /// The framework whose implementation choices are the defaults: torchtitan-2024.12,
+    /// hf-transformers (`memplan profiles` lists them). Implementation flags still override.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// LoRA adapter rank on a frozen base (peft's `r`); turns LoRA on.
+    #[arg(long, allow_negative_numbers = true)]
+    pub lora_rank: Option<i64>,
+    /// Linears LoRA wraps: attention (q,k,v,o), all-linear, or a list such as q,v.
+    #[arg(long)]
+    pub lora_targets: Option<String>,
+    /// lora_dropout (only whether it is above zero changes memory).
+    #[arg(long, allow_negative_numbers = true)]
+    pub lora_dropout: Option<f64>,
 }
 
 impl PlanArgs {
@@ -387,7 +403,16 @@ impl PlanArgs {
             logits: self.logits.clone(),
             optimizer: self.optimizer_impl.clone(),
             loss_parallel: self.loss_parallel,
+            rotary: self.rotary.clone(),
         };
+        top.preset = self.preset.clone();
+        if self.lora_rank.is_some() || self.lora_targets.is_some() || self.lora_dropout.is_some() {
+            top.lora = Some(plan::LoraFile {
+                rank: self.lora_rank,
+                targets: self.lora_targets.clone(),
+                dropout: self.lora_dropout,
+            });
+        }
         // When the flags name the world size but not the FSDP degree, the degree follows the
         // world size rather than a plan file's value. A torchtitan config's explicit degree is
         // kept: it was checked against the world size above, as torchtitan checks it.
@@ -487,6 +512,22 @@ impl PlanArgs {
         if self.loss_parallel.is_some() {
             v.push(("implementation.loss_parallel", "--loss-parallel"));
         }
+        let more = [
+            (self.rotary.is_some(), "implementation.rotary", "--rotary"),
+            (self.preset.is_some(), "preset", "--preset"),
+            (self.lora_rank.is_some(), "lora.rank", "--lora-rank"),
+            (
+                self.lora_targets.is_some(),
+                "lora.targets",
+                "--lora-targets",
+            ),
+            (
+                self.lora_dropout.is_some(),
+                "lora.dropout",
+                "--lora-dropout",
+            ),
+        ];
+        v.extend(more.iter().filter(|m| m.0).map(|m| (m.1, m.2)));
         v
     }
 

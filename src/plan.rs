@@ -60,6 +60,22 @@ pub struct PlanFile {
     pub compile: Option<bool>,
     /// MoE capacity factor: routed token copies are padded to top_k x this per token.
     pub moe_capacity_factor: Option<f64>,
+    /// The framework whose implementation choices the plan takes by default
+    /// ([`Preset`]); any `implementation` field still overrides.
+    pub preset: Option<String>,
+    /// Low-rank adapters on a frozen base ([`Lora`]).
+    pub lora: Option<LoraFile>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoraFile {
+    pub rank: Option<i64>,
+    /// "attention" (q, k, v, o), "all-linear", or a comma-separated list of q, k, v, o,
+    /// gate, up, down.
+    pub targets: Option<String>,
+    /// lora_dropout: only whether it is above zero changes memory.
+    pub dropout: Option<f64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -109,6 +125,7 @@ pub struct ImplementationFile {
     pub logits: Option<String>,
     pub optimizer: Option<String>,
     pub loss_parallel: Option<bool>,
+    pub rotary: Option<String>,
 }
 
 /// A named choice parsed from text, with the list of accepted spellings for errors.
@@ -326,6 +343,18 @@ choice!(
 );
 
 choice!(
+    /// How the rotary embedding's table is held.
+    Rotary, "implementation.rotary" {
+        /// torchtitan's `freqs_cis`: complex64 for 2 x seq positions, a buffer of the model
+        /// (8 x seq x head_dim bytes).
+        Complex = "complex" | "freqs-cis",
+        /// Hugging Face's rotary module: `cos` and `sin` for the batch's positions in the
+        /// compute dtype, made by each forward (2 x seq x head_dim x e bytes).
+        CosSin = "cos-sin",
+    }
+);
+
+choice!(
     /// Pipeline schedule, which decides how many micro-batches' activations a stage holds.
     PpSchedule, "parallel.pp_schedule" {
         /// All forwards, then all backwards: every micro-batch in flight.
@@ -392,6 +421,7 @@ pub struct Implementation {
     pub gqa: Gqa,
     pub logits: Logits,
     pub optimizer: OptimizerImpl,
+    pub rotary: Rotary,
     /// With TP: the output projection keeps its vocabulary-sharded logits and the loss is
     /// computed on the shards (torchtitan's default, `disable_loss_parallel = false`); off,
     /// every rank gathers the whole vocabulary's logits. No effect without TP.
@@ -408,8 +438,108 @@ impl Default for Implementation {
             gqa: Gqa::RepeatKv,
             logits: Logits::FloatInLoss,
             optimizer: OptimizerImpl::Foreach,
+            rotary: Rotary::Complex,
             loss_parallel: true,
         }
+    }
+}
+
+choice! {
+    /// A framework release whose implementation choices a plan takes by default.
+    Preset, "preset" {
+        /// torchtitan as of December 2024 ([`Implementation::default`]).
+        Torchtitan2024 = "torchtitan-2024.12" | "torchtitan",
+        /// Hugging Face Transformers 5.x under its `Trainer` (measured with 5.24.0 on torch
+        /// 2.11): SDPA with native GQA (`enable_gqa`, no `repeat_kv` copies), eager RMSNorm,
+        /// the loss upcasting the logits (`ForCausalLMLoss`: `logits.float()`), and
+        /// `adamw_torch_fused`, Trainer's default optimizer on torch 2.8 and later.
+        HfTransformers = "hf-transformers" | "transformers" | "hf",
+    }
+}
+
+impl Preset {
+    /// Every preset, for `memplan profiles`.
+    pub const ALL: [Preset; 2] = [Preset::Torchtitan2024, Preset::HfTransformers];
+
+    /// The implementation choices of the preset.
+    pub fn implementation(self) -> Implementation {
+        match self {
+            Preset::Torchtitan2024 => Implementation::default(),
+            Preset::HfTransformers => Implementation {
+                attention: Attention::Flash,
+                rmsnorm: RmsNorm::Eager,
+                gqa: Gqa::Native,
+                logits: Logits::FloatInLoss,
+                optimizer: OptimizerImpl::Fused,
+                rotary: Rotary::CosSin,
+                loss_parallel: true,
+            },
+        }
+    }
+}
+
+/// The decoder's linear layers a LoRA adapter can wrap (peft's `target_modules`, by the
+/// Llama names).
+pub const LORA_MODULES: [&str; 7] = ["q", "k", "v", "o", "gate", "up", "down"];
+
+/// Low-rank adapters (peft 0.21 `LoraConfig`) on a frozen base: the base weights stay in
+/// `precision.param` with no gradients or optimizer states; each wrapped linear gets A (r x
+/// in) and B (out x r) in `precision.master` (peft casts adapters to fp32), which alone train.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Lora {
+    pub rank: u64,
+    /// Which of [`LORA_MODULES`] are wrapped, one bit each in that order (written out as
+    /// their names).
+    #[serde(serialize_with = "lora_target_names")]
+    pub targets: u8,
+    /// lora_dropout above zero: each wrapped linear saves a dropout mask and output.
+    pub dropout: bool,
+}
+
+/// The names of the modules set in `bits`, in [`LORA_MODULES`] order.
+fn lora_targets_in(bits: u8) -> impl Iterator<Item = &'static str> {
+    LORA_MODULES
+        .iter()
+        .enumerate()
+        .filter(move |&(i, _)| bits & (1 << i) != 0)
+        .map(|(_, m)| *m)
+}
+
+fn lora_target_names<S: serde::Serializer>(
+    bits: &u8,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_seq(lora_targets_in(*bits))
+}
+
+impl Lora {
+    /// The wrapped modules' names.
+    pub fn target_names(&self) -> Vec<&'static str> {
+        lora_targets_in(self.targets).collect()
+    }
+
+    /// Whether module `i` of [`LORA_MODULES`] is wrapped.
+    pub fn wraps(&self, i: usize) -> bool {
+        self.targets & (1 << i) != 0
+    }
+
+    fn parse_targets(s: &str) -> Result<u8> {
+        let accepted = "attention, all-linear, or a comma-separated list of q k v o gate up down";
+        match s.trim().to_ascii_lowercase().as_str() {
+            "attention" | "qkvo" => return Ok(0b1111),
+            "all-linear" | "all" => return Ok(0b111_1111),
+            _ => {}
+        }
+        let mut bits = 0u8;
+        for name in s.split(',').map(|n| n.trim().to_ascii_lowercase()) {
+            let name = name.trim_end_matches("_proj");
+            let i = LORA_MODULES
+                .iter()
+                .position(|m| *m == name)
+                .ok_or_else(|| Error::invalid("lora.targets", format!("{s:?}"), accepted))?;
+            bits |= 1 << i;
+        }
+        Ok(bits)
     }
 }
 
@@ -433,6 +563,9 @@ pub struct Plan {
     pub compile: bool,
     /// MoE capacity factor in thousandths (1000 = no padding).
     pub moe_capacity_milli: u64,
+    pub preset: Preset,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<Lora>,
     /// Settings that were accepted but are probably not what the user meant, one line each
     /// (the CLI prints them on stderr and carries them in JSON output).
     #[serde(skip)]
@@ -786,13 +919,15 @@ impl PlanFile {
             ));
         }
         let im = &self.implementation;
-        let d = Implementation::default();
+        let preset = parse_opt("preset", &self.preset, Preset::Torchtitan2024)?;
+        let d = preset.implementation();
         let implementation = Implementation {
             attention: parse_opt("implementation.attention", &im.attention, d.attention)?,
             rmsnorm: parse_opt("implementation.rmsnorm", &im.rmsnorm, d.rmsnorm)?,
             gqa: parse_opt("implementation.gqa", &im.gqa, d.gqa)?,
             logits: parse_opt("implementation.logits", &im.logits, d.logits)?,
             optimizer: parse_opt("implementation.optimizer", &im.optimizer, d.optimizer)?,
+            rotary: parse_opt("implementation.rotary", &im.rotary, d.rotary)?,
             loss_parallel: im.loss_parallel.unwrap_or(d.loss_parallel),
         };
         let host_ram = host_ram(self.host_ram.as_ref())?;
@@ -818,6 +953,18 @@ impl PlanFile {
             .activation_checkpointing
             .as_deref()
             .map_or(Ok(Checkpointing::None), Checkpointing::parse)?;
+
+        let lora = match &self.lora {
+            None => None,
+            Some(l) => Some(resolve_lora(
+                l,
+                &model,
+                [tp, pp, cp, dp_shard],
+                activation_checkpointing,
+                &self.offload,
+                self.float8.unwrap_or(false) || self.compile.unwrap_or(false),
+            )?),
+        };
 
         // Accepted, but probably not what was meant: said on stderr, not refused.
         let mut warnings = Vec::new();
@@ -899,9 +1046,75 @@ impl PlanFile {
             float8: self.float8.unwrap_or(false),
             compile: self.compile.unwrap_or(false),
             moe_capacity_milli,
+            preset,
+            lora,
             warnings,
         })
     }
+}
+
+/// A LoRA section checked against what the estimator models: a dense Llama-layout decoder
+/// (separate q/k/v, gated MLP) on one GPU per replica, without offload, float8 or compile, and
+/// with no checkpointing or full checkpointing (what Transformers' gradient checkpointing does).
+fn resolve_lora(
+    l: &LoraFile,
+    model: &ModelSpec,
+    [tp, pp, cp, dp_shard]: [u64; 4],
+    ac: Checkpointing,
+    offload: &Option<String>,
+    f8_or_compile: bool,
+) -> Result<Lora> {
+    let rank = bounded("lora.rank", l.rank.unwrap_or(8), 1)? as u64;
+    let targets = Lora::parse_targets(l.targets.as_deref().unwrap_or("attention"))?;
+    let dropout = match l.dropout {
+        None => false,
+        Some(p) if p.is_finite() && (0.0..1.0).contains(&p) => p > 0.0,
+        Some(p) => {
+            return Err(Error::invalid(
+                "lora.dropout",
+                p,
+                "a number from 0 to below 1",
+            ))
+        }
+    };
+    let layout = model.moe.is_none()
+        && !model.fused_qkv
+        && !model.fused_gate_up
+        && model.mlp == crate::profiles::MlpKind::Gated
+        && !model.parallel_residual;
+    if !layout {
+        return Err(Error::invalid(
+            "lora",
+            &model.name,
+            "a dense model with separate q/k/v and a gated MLP (Llama, Mistral, Qwen2 layout)",
+        ));
+    }
+    if [tp, pp, cp, dp_shard] != [1; 4] {
+        return Err(Error::invalid(
+            "lora",
+            format!("with tp {tp}, pp {pp}, cp {cp}, dp_shard {dp_shard}"),
+            "one GPU per model replica (tp, pp, cp and dp_shard 1; dp_replicate any)",
+        ));
+    }
+    if !matches!(ac, Checkpointing::None | Checkpointing::Full) {
+        return Err(Error::invalid(
+            "lora",
+            format!("with activation_checkpointing {ac}"),
+            "activation_checkpointing none or full",
+        ));
+    }
+    if offload.as_deref().is_some_and(|o| o != "none") || f8_or_compile {
+        return Err(Error::invalid(
+            "lora",
+            "with offload, float8 or compile",
+            "none of offload, float8 and compile",
+        ));
+    }
+    Ok(Lora {
+        rank,
+        targets,
+        dropout,
+    })
 }
 
 /// Built-in example plans (`--example NAME`), shipped in profiles/plans/.

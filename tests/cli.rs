@@ -501,3 +501,93 @@ fn all_stages_lists_every_pipeline_stage_and_names_the_most_loaded() {
         "{text}"
     );
 }
+
+#[test]
+fn lora_errors_name_the_flag_and_what_is_accepted() {
+    let base = [
+        "estimate",
+        "--model",
+        "llama3-8b",
+        "--gpu",
+        "rtx4090-24g",
+        "--num-gpus",
+        "1",
+    ];
+    let one_line = |s: &str| s.trim_end().lines().count() == 1;
+    memplan()
+        .args(base)
+        .args(["--lora-rank", "8", "--lora-targets", "q,lm_head"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--lora-targets"))
+        .stderr(predicate::str::contains("all-linear"))
+        .stderr(predicate::function(one_line));
+    memplan()
+        .args(base)
+        .args(["--lora-rank", "0"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--lora-rank"));
+    memplan()
+        .args(base)
+        .args(["--lora-dropout", "1.5"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--lora-dropout"));
+    // LoRA is modelled on one GPU per replica: tensor parallelism is refused, not ignored.
+    memplan()
+        .args([
+            "estimate",
+            "--model",
+            "llama3-8b",
+            "--num-gpus",
+            "2",
+            "--tp",
+            "2",
+            "--lora-rank",
+            "8",
+        ])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("lora"))
+        .stderr(predicate::str::contains("one GPU per model replica"));
+    memplan()
+        .args(base)
+        .args(["--preset", "megatron"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--preset"))
+        .stderr(predicate::str::contains("hf-transformers"));
+}
+
+#[test]
+fn a_lora_plan_has_no_base_gradients_or_states() {
+    // llama3-8b, rank 16 on q and v: 32 x 16 x ((4096 + 4096) + (4096 + 1024)) adapter
+    // elements, fp32, with AdamW's two states; the 8.03B-parameter base in bf16.
+    let adapters: u64 = 32 * 16 * ((4096 + 4096) + (4096 + 1024));
+    let e = json(&[
+        "estimate",
+        "--model",
+        "llama3-8b",
+        "--gpu",
+        "h100-80g",
+        "--num-gpus",
+        "1",
+        "--preset",
+        "hf-transformers",
+        "--param-dtype",
+        "bf16",
+        "--master-dtype",
+        "fp32",
+        "--lora-rank",
+        "16",
+        "--lora-targets",
+        "q,v",
+    ]);
+    let b = &e["per_gpu"]["breakdown"];
+    assert_eq!(b["optimizer_states_bytes"], 8 * adapters);
+    let base = 8_030_261_248u64;
+    assert_eq!(b["master_params_bytes"], 2 * base + 4 * adapters);
+    assert_eq!(e["plan"]["lora"]["rank"], 16);
+    assert_eq!(e["plan"]["lora"]["targets"], serde_json::json!(["q", "v"]));
+}

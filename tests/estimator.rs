@@ -498,3 +498,68 @@ fn bf16_pipelines_match_torch_2_11_on_their_most_loaded_stage() {
     }
     assert_eq!(n, 8);
 }
+
+/// Hugging Face Transformers 5.24.0 (with peft 0.21.2) training steps on torch 2.11, CPU,
+/// counted by the shim's allocator (src/trainer/hf_reference.py, both its hand-written copy of
+/// `Trainer`'s inner loop and the real `Trainer`): tests/data/hf_transformers_torch_2.11.jsonl.
+/// With the `hf-transformers` preset every full fine-tune (fp32 and bf16-loaded, Llama and
+/// Qwen2, MHA and GQA, with and without gradient checkpointing) and every LoRA plan (rank 8
+/// and 16, attention and all-linear targets, dropout 0 and 0.05, fp32 and bf16 base, with and
+/// without checkpointing) is within 0.41%: 27 configurations. The remainders are CPU-only
+/// (checkpointing's saved CPU RNG state, 5,056 B per block) or a few scalars. Trainer's
+/// `bf16=True` (autocast over fp32 weights) is not modelled and not held here.
+#[test]
+fn transformers_and_peft_steps_match_measured_on_cpu() {
+    let path = format!(
+        "{}/tests/data/hf_transformers_torch_2.11.jsonl",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let mut n = 0;
+    for line in std::fs::read_to_string(path).unwrap().lines() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        if r["amp"] != "none" || r["attn_mask"] == true || r["use_cache"] == true {
+            continue;
+        }
+        let model = match (r["arch"].as_str().unwrap(), r["profile"].as_str().unwrap()) {
+            ("llama", p) => format!("{p:?}"),
+            ("qwen2", "tiny") => "\"tests/data/hf/qwen2-tiny.json\"".to_string(),
+            ("qwen2", _) => "\"tests/data/hf/qwen2-tiny-gqa.json\"".to_string(),
+            other => panic!("{other:?}"),
+        };
+        let dt = r["dtype"].as_str().unwrap();
+        let lora = &r["lora"];
+        let (master, lora_section) = if lora.is_null() {
+            (dt.to_string(), String::new())
+        } else {
+            let targets = match lora["targets"].as_str().unwrap() {
+                "qkvo" => "attention",
+                t => t,
+            };
+            (
+                "fp32".to_string(),
+                format!(
+                    r#","lora":{{"rank":{},"targets":"{targets}","dropout":{}}}"#,
+                    lora["r"], lora["dropout"]
+                ),
+            )
+        };
+        let plan = plan(&format!(
+            r#"{{"model":{model},"gpu":"cpu","num_gpus":1,"preset":"hf-transformers",
+                "batch":{{"micro_batch_size":{},"seq_len":{}}},
+                "precision":{{"param":"{dt}","master":"{master}","reduce":"{dt}"}},
+                "activation_checkpointing":"{}"{lora_section}}}"#,
+            r["batch"],
+            r["seq"],
+            if r["gc"] == true { "full" } else { "none" },
+        ));
+        let measured = r["steady_peak"].as_u64().unwrap() as f64;
+        let pred = estimate(&plan).unwrap().per_gpu.peak_allocated_bytes.get() as f64;
+        assert!(
+            within(pred, measured, 0.005),
+            "{}: {pred} vs {measured}",
+            r["id"]
+        );
+        n += 1;
+    }
+    assert_eq!(n, 27);
+}

@@ -419,7 +419,16 @@ fn stage(plan: &Plan, index: u64) -> Stage {
     } else {
         1
     };
-    let rotary = parts * 8 * b.seq_len as u128 * m.head_dim as u128;
+    let rotary = match plan.implementation.rotary {
+        crate::plan::Rotary::Complex => parts * 8 * b.seq_len as u128 * m.head_dim as u128,
+        crate::plan::Rotary::CosSin => {
+            parts
+                * 2
+                * b.seq_len as u128
+                * m.head_dim as u128
+                * plan.precision.param.bytes() as u128
+        }
+    };
     // Pipeline receive buffers (torch 2.11 `PipelineStage`): every local stage keeps one
     // activation buffer per micro-batch to receive its input (not global stage 0) and one to
     // receive its output's gradient (not the last), allocated in the first step and kept.
@@ -503,6 +512,14 @@ fn block_backward(
         let during = re + t * a.mlp_transient + grads_elem_bytes * p.moe.unsharded;
         return [during, 0, during, 0];
     }
+    if plan.lora.is_some() {
+        // A frozen base has no weight gradients: the adapters' are the only new ones (made
+        // whole, upper bound, at either point), beside the input gradients' transients.
+        let g = grads_elem_bytes * params::lora_block_params(plan).0;
+        let during = (re + t * a.mlp_transient + g)
+            .max((re + t * a.attn_transient + g).saturating_sub(t * a.ffn_saved));
+        return [during, g + 2 * t * a.full_ac, during, 2 * t * a.full_ac];
+    }
     let w2 = div(grads_elem_bytes * h * f, tp);
     let mlp_point = re + t * a.mlp_transient + w2;
     // The feed-forward half's saved tensors are freed by then, whether they were recomputed
@@ -543,6 +560,10 @@ fn block_backward(
 pub(crate) struct Quantities {
     /// Bytes per element of the master dtype.
     pub m: u128,
+    /// Of `master`, the root's (embedding, final norm, output) bytes; and the root's
+    /// elements that train (none under LoRA), for its gradients and optimizer states.
+    pub root_master: u128,
+    pub root_trainable: u128,
     /// Blocks on the stage.
     pub layers: u128,
     /// All-gathers go through a flat buffer (FSDP over more than one rank, with copies).
@@ -646,7 +667,11 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     let layers = p.layers() as u128;
     let ac = plan.activation_checkpointing;
     // A separate compute-dtype copy exists when FSDP gathers or when it casts.
-    let copies = n > 1 || pr.param != pr.master;
+    // LoRA: the base is frozen in the compute dtype, never gathered or cast; only the
+    // adapters (master dtype) have gradients and optimizer states.
+    let lora = plan.lora.is_some();
+    let (lora_block, _) = params::lora_block_params(plan);
+    let copies = !lora && (n > 1 || pr.param != pr.master);
     let on_gpu_params = plan.offload != Offload::Full;
     let states_on_gpu = plan.offload == Offload::None;
     let shard = p.shard_total();
@@ -668,7 +693,12 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     } else {
         0
     };
-    let grads_all = if on_gpu_params { shard * m } else { 0 } + full_embedding_grad;
+    let trainable = if lora {
+        p.layers() as u128 * lora_block
+    } else {
+        shard
+    };
+    let grads_all = if on_gpu_params { trainable * m } else { 0 } + full_embedding_grad;
     // Under FSDP with pipelining every micro-batch's backward accumulates into full-size
     // unsharded gradients, reduce-scattered only at the schedule's end (torch 2.11
     // `PipelineStage` turns FSDP's reshard-after-backward and gradient sync off for every
@@ -691,10 +721,16 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     let grads_whole = if fsdp_pp { unsharded_grads } else { grads_all };
 
     let head = if p.last { st.dense.head } else { 0 };
+    let first_block_less = if p.first && p.dense_layers > 0 {
+        st.dense.first_block_less
+    } else {
+        0
+    };
     let per_mb_saved = st.tokens
         * (saved_per_token(ac, p.dense_layers, &st.dense)
             + saved_per_token(ac, p.moe_layers, &st.moe)
-            + head);
+            + head
+            - first_block_less);
     // A stage's input arrives in its receive buffer (counted with the inputs), which its
     // first block saves for backward as its own input: not a second copy (all but global
     // stage 0; interleaved ranks are left as they were).
@@ -820,7 +856,7 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     // Without FSDP the output projection's and final norm's gradients are made before any
     // block's backward and stay (measured with torch's DTensor TP, full AC: 33,024 B on tiny);
     // FSDP holds the output's unsharded gradient as `out_grad` below.
-    let plain_root_grads = if !copies && on_gpu_params && p.last && grads_prior == 0 {
+    let plain_root_grads = if !copies && !lora && on_gpu_params && p.last && grads_prior == 0 {
         (p.output_unsharded + plan.model.hidden as u128) * m
     } else {
         0
@@ -858,9 +894,19 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         inputs: st.inputs,
         rotary: st.rotary,
         p2p: st.p2p,
-        master: if on_gpu_params { shard * m } else { 0 },
+        master: match (on_gpu_params, lora) {
+            (false, _) => 0,
+            (true, false) => shard * m,
+            (true, true) => shard * e + trainable * m,
+        },
+        root_master: match (on_gpu_params, lora) {
+            (false, _) => 0,
+            (true, false) => p.root_shard * m,
+            (true, true) => p.root_shard * e,
+        },
+        root_trainable: if lora { 0 } else { p.root_shard },
         states: if states_on_gpu {
-            plan.optimizer.states_per_param() as u128 * shard * m
+            plan.optimizer.states_per_param() as u128 * trainable * m
         } else {
             0
         },
@@ -870,17 +916,21 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         fsdp_pp,
         blocks_grads: if fsdp_pp {
             unsharded_grads - p.root_unsharded * if upcast_accumulation { r } else { e }
-        } else if on_gpu_params {
-            p.blocks_shard() * m
-        } else {
+        } else if !on_gpu_params {
             0
+        } else if lora {
+            trainable * m
+        } else {
+            p.blocks_shard() * m
         },
         block_grad: if fsdp_pp {
             big.unsharded * if upcast_accumulation { r } else { e }
-        } else if on_gpu_params {
-            big.shard * m
-        } else {
+        } else if !on_gpu_params {
             0
+        } else if lora {
+            lora_block * m
+        } else {
+            big.shard * m
         },
         per_mb,
         head: head_bytes,
@@ -1137,10 +1187,14 @@ pub fn optimizer_temporaries(plan: &Plan, p: &StageParams) -> u128 {
     if plan.optimizer.states_per_param() < 2 {
         return 0;
     }
+    let (all, largest) = match params::lora_block_params(plan) {
+        (0, _) => (p.shard_total(), p.largest_shard()),
+        (block, big) => (p.layers() as u128 * block, big),
+    };
     match plan.implementation.optimizer {
-        OptimizerImpl::Foreach => p.shard_total() * m,
+        OptimizerImpl::Foreach => all * m,
         OptimizerImpl::Fused => 0,
-        OptimizerImpl::PerParam => 2 * p.largest_shard() * m,
+        OptimizerImpl::PerParam => 2 * largest * m,
     }
 }
 

@@ -40,6 +40,35 @@ impl BlockParams {
     }
 }
 
+/// (in, out) features of each linear a LoRA adapter can wrap, in
+/// [`crate::plan::LORA_MODULES`] order: q, k, v, o, gate, up, down.
+pub fn lora_module_dims(plan: &Plan) -> [(u128, u128); 7] {
+    let m = &plan.model;
+    let (h, q, kv, f) = (
+        m.hidden as u128,
+        m.q_dim() as u128,
+        m.kv_dim() as u128,
+        m.intermediate as u128,
+    );
+    [(h, q), (h, kv), (h, kv), (q, h), (h, f), (h, f), (f, h)]
+}
+
+/// LoRA adapter elements of one block: A (r x in) and B (out x r) per wrapped linear; and
+/// the largest single adapter matrix (per-parameter optimizer temporaries).
+pub fn lora_block_params(plan: &Plan) -> (u128, u128) {
+    let Some(l) = plan.lora else {
+        return (0, 0);
+    };
+    let r = l.rank as u128;
+    lora_module_dims(plan)
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| l.wraps(i))
+        .fold((0, 0), |(sum, big), (_, &(i, o))| {
+            (sum + r * (i + o), big.max(r * i.max(o)))
+        })
+}
+
 /// Parameter element counts of one pipeline stage on one rank.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StageParams {

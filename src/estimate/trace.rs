@@ -204,6 +204,7 @@ fn saved_tensors(plan: &Plan, ac: crate::plan::Checkpointing) -> Option<(Vec<u12
     use crate::profiles::{MlpKind, NormKind};
     let m = &plan.model;
     if m.moe.is_some()
+        || plan.lora.is_some()
         || m.norms_per_block != 2
         || m.fused_qkv
         || m.fused_gate_up
@@ -368,14 +369,10 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
         Owner::new(Module::Inputs, Part::Ids),
         0,
     )?;
-    let root_master = if q.on_gpu_params {
-        p.root_shard * q.m
-    } else {
-        0
-    };
+    let root_master = q.root_master;
     // Per-parameter tensors of a dense block: the unsharded parameters after the copy-out
     // and the optimizer's states (the master shards of FSDP2 are per parameter too).
-    let dense_tensors = if fine && p.moe_layers == 0 && !plan.float8 {
+    let dense_tensors = if fine && p.moe_layers == 0 && !plan.float8 && plan.lora.is_none() {
         super::params::dense_block_tensors(plan)
     } else {
         Vec::new()
@@ -825,7 +822,7 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                 w.free_all(&mut block_grads);
                 w.free_all(&mut grads);
                 let root_shard = if q.on_gpu_params {
-                    p.root_shard * q.m
+                    q.root_trainable * q.m
                 } else {
                     0
                 };
@@ -856,7 +853,7 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
         if first {
             // The root's share: its shards' states, when the states are on the device.
             let root_states = if q.states > 0 {
-                plan.optimizer.states_per_param() as u128 * p.root_shard * q.m
+                plan.optimizer.states_per_param() as u128 * q.root_trainable * q.m
             } else {
                 0
             };
@@ -921,6 +918,8 @@ mod tests {
         r#"{"model":"mixtral-8x7b","gpu":"h100-80g","num_gpus":16,"parallel":{"ep":8},"batch":{"micro_batch_size":1,"seq_len":4096},"activation_checkpointing":"full"}"#,
         r#"{"model":"llama3-8b","gpu":"h100-80g","num_gpus":8,"reshard_after_forward":false,"batch":{"micro_batch_size":1,"seq_len":4096},"activation_checkpointing":"selective-op"}"#,
         r#"{"model":"llama3-8b","gpu":"h100-80g","num_gpus":8,"offload":"optimizer","batch":{"micro_batch_size":1,"seq_len":4096},"implementation":{"optimizer":"per-param","logits":"compute-dtype"}}"#,
+        r#"{"model":"llama3-8b","gpu":"rtx4090-24g","num_gpus":1,"preset":"hf-transformers","precision":{"param":"bf16","master":"fp32","reduce":"bf16"},"batch":{"micro_batch_size":2,"seq_len":2048},"lora":{"rank":16,"targets":"all-linear","dropout":0.05}}"#,
+        r#"{"model":"tiny","gpu":"cpu","num_gpus":1,"preset":"hf-transformers","precision":{"param":"fp32","master":"fp32","reduce":"fp32"},"batch":{"micro_batch_size":2,"seq_len":128},"activation_checkpointing":"full","lora":{"rank":8,"targets":"q,v","dropout":0.0}}"#,
     ];
 
     #[test]

@@ -176,6 +176,12 @@ impl Render for Json {
             schema: &'static str,
             models: Vec<ModelRow<'a>>,
             gpus: &'a [GpuSpec],
+            presets: Vec<PresetRow>,
+        }
+        #[derive(Serialize)]
+        struct PresetRow {
+            name: crate::plan::Preset,
+            implementation: crate::plan::Implementation,
         }
         to_string(&Profiles {
             schema: "memplan.profiles/1",
@@ -187,6 +193,13 @@ impl Render for Json {
                 })
                 .collect(),
             gpus,
+            presets: crate::plan::Preset::ALL
+                .into_iter()
+                .map(|name| PresetRow {
+                    name,
+                    implementation: name.implementation(),
+                })
+                .collect(),
         })
     }
 

@@ -124,6 +124,14 @@ impl Render for Markdown {
         for g in gpus {
             s += &format!("| {} | {} |\n", cell(&g.name), gib(g.memory_bytes));
         }
+        s += "\n| preset | attention | rmsnorm | gqa | logits | optimizer | rotary |\n|---|---|---|---|---|---|---|\n";
+        for p in crate::plan::Preset::ALL {
+            let i = p.implementation();
+            s += &format!(
+                "| {p} | {} | {} | {} | {} | {} | {} |\n",
+                i.attention, i.rmsnorm, i.gqa, i.logits, i.optimizer, i.rotary
+            );
+        }
         s
     }
 

@@ -166,6 +166,17 @@ pub fn plan_summary(p: &Plan) -> String {
         p.activation_checkpointing,
         p.offload
     );
+    if let Some(l) = p.lora {
+        s += &format!(
+            ", LoRA rank {} on {}{}",
+            l.rank,
+            l.target_names().join(","),
+            if l.dropout { " with dropout" } else { "" }
+        );
+    }
+    if p.preset != crate::plan::Preset::Torchtitan2024 {
+        s += &format!(", preset {}", p.preset);
+    }
     s
 }
 

@@ -254,7 +254,32 @@ impl Render for Table {
                 right(x.bf16_tflops),
             ]);
         }
-        format!("{t}\n{g}\n")
+        let mut pr = new_table(
+            [
+                "preset",
+                "attention",
+                "rmsnorm",
+                "gqa",
+                "logits",
+                "optimizer",
+                "rotary",
+            ]
+            .map(String::from)
+            .to_vec(),
+        );
+        for preset in crate::plan::Preset::ALL {
+            let i = preset.implementation();
+            pr.add_row(vec![
+                Cell::new(preset),
+                Cell::new(i.attention),
+                Cell::new(i.rmsnorm),
+                Cell::new(i.gqa),
+                Cell::new(i.logits),
+                Cell::new(i.optimizer),
+                Cell::new(i.rotary),
+            ]);
+        }
+        format!("{t}\n{g}\n{pr}\n")
     }
 
     fn search(&self, r: &SearchResult, top: usize) -> String {
