@@ -75,8 +75,9 @@ pub struct BlockActivations {
     pub mlp_transient: u128,
     /// Gradient temporaries alive at attention's backward, beyond the saved tensors.
     pub attn_transient: u128,
-    /// Saved bytes of the feed-forward half (ffn norm, its input to w1/w3, the MLP), freed
-    /// by the time the block's backward reaches attention.
+    /// Saved bytes of the feed-forward half (ffn norm, its input to w1/w3, the MLP) and wo's
+    /// copy of the attention output where it has one, freed by the time the block's backward
+    /// reaches attention.
     pub ffn_saved: u128,
     /// What the final norm and the output projection save (last stage only, never
     /// checkpointed by torchtitan): the norm's tensors and the output layer's input.
@@ -189,10 +190,14 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
                                                                                           // (batch, seq, heads, head_dim) buffer, so `.contiguous()` is a no-op and wo saves the
                                                                                           // attention output itself (already counted); the math backend's output is
                                                                                           // (batch, heads, seq, head_dim) and the copy is real. Float8 casts it to fp8 regardless.
+                                                                                          // Ring attention (context parallelism) merges the partial outputs with `torch.cat` into a
+                                                                                          // contiguous (batch, heads, seq, head_dim) tensor on every rank but the last (torch 2.11
+                                                                                          // `_context_parallel/_attention.py`, `_partial_update`), so the copy is real there too
+                                                                                          // (measured with torch's own `context_parallel` on CPU, rank 0).
     let o_input = match (f8, imp.attention) {
         (true, _) => div(q, tp),
-        (false, Attention::Math) => div(e * q, tp),
-        (false, Attention::Flash | Attention::Efficient) => 0,
+        (false, _) if attention_output_copied(plan) => div(e * q, tp),
+        (false, _) => 0,
     };
     // Norm outputs into q/k/v (one linear when fused) and w1/w3 (or router and experts):
     // full size (replicated, or all-gathered under SP).
@@ -295,10 +300,8 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
     // Attention backward (flash): grad of out, dq, dk, dv, FlashAttention-2's fp32 dq
     // accumulator, plus the block-output gradient.
     let attn_bwd = block_input + div(e * (2 * q + 2 * kv_seen) + 4 * q, tp);
-    // Ring attention (context parallelism): K/V chunks in flight (current and next) and the
-    // fp32 output and log-sum-exp merge buffers, forward and backward (dK/dV travel too).
     let ring = if par.cp > 1 {
-        div(2 * 2 * e * kv_seen + 4 * q, tp)
+        div(ring_backward(par.cp as u128, e, q, kv_seen, heads), tp)
     } else {
         0
     };
@@ -307,12 +310,45 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
         full_ac: block_input,
         selective_op,
         selective_op_overlap: overlap,
-        mlp_transient: ffn_bwd + ring,
+        // Ring buffers exist only inside attention's forward and backward.
+        mlp_transient: ffn_bwd,
         attn_transient: attn_bwd + ring,
-        ffn_saved: ffn_norms + ffn,
+        ffn_saved: ffn_norms + ffn + if f8 { 0 } else { o_input },
         head: norm + e * h,
         input_alias: shared,
         first_block_less: 0,
+    }
+}
+
+/// Whether the attention output reaches wo as a copy that wo saves: the math backend's
+/// (batch, heads, seq, head_dim) output, and ring attention's merged output under context
+/// parallelism, are made contiguous by `transpose(1, 2).contiguous()`; flash and efficient
+/// kernels return a transposed view of a (batch, seq, heads, head_dim) buffer, for which the
+/// call is a no-op.
+pub(crate) fn attention_output_copied(plan: &Plan) -> bool {
+    plan.implementation.attention == Attention::Math || plan.parallel.cp > 1
+}
+
+/// What ring attention's backward (torch 2.11 `_templated_ring_attention_backward`, all-gather
+/// rotation, torchtitan's default) holds beyond the plain attention backward, per local
+/// token, on rank 0 at its peak. Measured with torch's own `context_parallel` on CPU/Gloo (the
+/// CPU flash op routed through torch's ring templates; docs/research/parallelism-torch-2.11.md):
+/// - fp32 dq, dk, dv accumulators (`zeros_like`): 4(q + 2K);
+/// - K and V concatenated for the rotation, and the all-gather of every rank's: (cp + 1) 2eK;
+/// - the previous ring step's kernel gradients, bound while the next runs: e(q + 2K);
+/// - fp32 dK and dV concatenated and the all-to-all that rotates them: 16K;
+/// - the kernel outputs of a step on half of q are smaller by eq/2, and that half's
+///   log-sum-exp is made contiguous (2 per head).
+///
+/// With more than two ranks the peak can come earlier, at step 1's concatenation: two
+/// concatenations and step 0's contiguous k and v, no kernel outputs yet.
+fn ring_backward(cp: u128, e: u128, q: u128, k: u128, heads: u128) -> u128 {
+    let common = 4 * (q + 2 * k) + (cp + 1) * 2 * e * k + e * (q + 2 * k) + 16 * k;
+    let at_kernel = common - e * q / 2 + 2 * heads;
+    if cp > 2 {
+        at_kernel.max(common + 2 * 2 * e * k - (e * (q + 2 * k) + 4 * q))
+    } else {
+        at_kernel
     }
 }
 

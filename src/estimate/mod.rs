@@ -410,7 +410,25 @@ fn stage(plan: &Plan, index: u64) -> Stage {
     } else {
         1
     };
-    let ids = 8 * tokens * whole_step * (p.first as u128 + p.last as u128) + 4 * p.last as u128;
+    // Context parallelism: `context_parallel` shards its buffers with `resize_` to the
+    // shard's shape, which keeps each storage whole (ids and labels stay b x seq), and until
+    // the context exits its frame holds the rotary table's clone kept for restoring it, the
+    // table shard's copy and the input and label shards (torch 2.11
+    // `_context_parallel/_attention.py`, `context_parallel`; measured on CPU).
+    let (ids_tokens, cp_frame) = if par.cp > 1 {
+        let table = 8 * b.seq_len as u128 * m.head_dim as u128;
+        let cp = par.cp as u128;
+        let shards = div(8 * b.micro_batch_size as u128 * b.seq_len as u128, cp);
+        (
+            b.micro_batch_size as u128 * b.seq_len as u128,
+            table + div(table, cp) + shards * (p.first as u128 + p.last as u128),
+        )
+    } else {
+        (tokens, 0)
+    };
+    let ids = 8 * ids_tokens * whole_step * (p.first as u128 + p.last as u128)
+        + 4 * p.last as u128
+        + cp_frame;
     // Every model part of a pipeline rank carries its own rotary table (torchtitan splits the
     // model by copying it whole and deleting what a stage lacks; measured: one 8 x seq x
     // head_dim table per virtual stage).

@@ -270,9 +270,13 @@ fn saved_tensors(plan: &Plan, ac: crate::plan::Checkpointing) -> Option<(Vec<u12
     ]);
     if math {
         v.push(div(e * heads * plan.batch.seq_len as u128, tp));
+    }
+    // wo's saved copy of the attention output is freed by wo's backward, before attention's:
+    // it goes with the feed-forward half.
+    let attn = v.len();
+    if super::activations::attention_output_copied(plan) {
         v.push(div(e * q, tp));
     }
-    let attn = v.len();
     v.extend(norm.iter().copied());
     v.push(e * h);
     v.extend([div(e * f, tp); 4]);
