@@ -58,7 +58,9 @@ pub struct PlanFile {
     pub float8: Option<bool>,
     /// torch.compile of each block.
     pub compile: Option<bool>,
-    /// MoE capacity factor: routed token copies are padded to top_k x this per token.
+    /// MoE routing imbalance: the rows the most loaded rank's experts receive, over top_k
+    /// per token (1 for a balanced router; torchtitan's token-choice routing is dropless, so
+    /// this is what a capacity factor bounds elsewhere).
     pub moe_capacity_factor: Option<f64>,
     /// The framework whose implementation choices the plan takes by default
     /// ([`Preset`]); any `implementation` field still overrides.
@@ -561,7 +563,7 @@ pub struct Plan {
     pub implementation: Implementation,
     pub float8: bool,
     pub compile: bool,
-    /// MoE capacity factor in thousandths (1000 = no padding).
+    /// MoE routing imbalance in thousandths (1000 = balanced).
     pub moe_capacity_milli: u64,
     pub preset: Preset,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -87,6 +87,9 @@ pub struct BlockActivations {
     /// fp32 tensor is the same tensor). A checkpointed block keeps its input anyway, so its
     /// recomputation does not allocate these again.
     pub input_alias: u128,
+    /// Bytes a block saves per micro-batch whatever its tokens (an MoE block's bf16 expert
+    /// weight copies and padding rows), without checkpointing or when recomputed.
+    pub per_block: u128,
     /// Bytes the first block saves less than the others when its input needs no gradient
     /// (LoRA: the embedding is frozen, so nothing before the first adapter needs one).
     pub first_block_less: u128,
@@ -209,8 +212,11 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
     };
     let block_input = div(e * h, sp_div);
 
+    let mut per_block = 0;
     let (ffn, ffn_sac, ffn_overlap, ffn_bwd) = if moe {
-        moe_ffn(plan, e, h, tp, f8)
+        let (per_token, block) = moe_ffn(plan, e, h, tp, f8);
+        per_block = block;
+        per_token
     } else {
         let f_tp = div(e * f, tp);
         let linears_in = match (m.mlp, m.fused_gate_up) {
@@ -316,6 +322,7 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
         ffn_saved: ffn_norms + ffn + if f8 { 0 } else { o_input },
         head: norm + e * h,
         input_alias: shared,
+        per_block,
         first_block_less: 0,
     }
 }
@@ -455,6 +462,7 @@ fn lora_block(plan: &Plan, lora: crate::plan::Lora) -> BlockActivations {
         // The final norm; the frozen output projection saves nothing.
         head: norm,
         input_alias: norm_input_saved(m.norm, fused_norm, e, h),
+        per_block: 0,
         first_block_less: if checkpointed {
             0
         } else {
@@ -502,37 +510,56 @@ pub fn norm_input_saved(kind: NormKind, fused: bool, e: u128, w: u128) -> u128 {
 }
 
 /// The MoE feed-forward of a block, per token: (saved without AC, kept by selective-op,
-/// overlap of the two, backward transient).
+/// overlap of the two, backward transient), and what it saves per block whatever the tokens.
 ///
-/// torchtitan's MoE: the router (`gate`, h x E) saves its input (the norm output, shared with
-/// the shared expert) and its fp32 scores (4E) and top-k indices (8k); tokens are gathered
-/// into a routed copy per chosen expert, padded to the capacity (k x capacity factor copies
-/// per token), which the grouped w1/w3 matmuls save (eh each); each expert's SwiGLU saves as a
-/// dense MLP does (4ef per copy, 2ef compiled); the expert output is scaled by its score
-/// (saves the output, eh per copy) and scattered back. A shared expert is a dense SwiGLU.
-/// Dispatch and combine (all-to-all under EP) hold a send and a receive buffer of the routed
-/// copies in backward.
-fn moe_ffn(plan: &Plan, e: u128, h: u128, tp: u128, f8: bool) -> (u128, u128, u128, u128) {
+/// torchtitan 0.2.2's MoE (`models/moe/moe.py`), measured with its own `MoE` and
+/// `ExpertParallel` on CPU/Gloo (docs/research/parallelism-torch-2.11.md). Routing is dropless
+/// token choice: there is no capacity. A rank's experts receive R rows (N k at EP 1; under EP
+/// what the routing sends, read from the plan's `moe_capacity_factor` as R / (N k), 1 for a
+/// balanced router), padded per local expert to a multiple of 8 with at least 8
+/// (`_permute`: P = R + 8 E/ep rows). Saved for backward:
+/// - the router (`TokenChoiceTopKRouter`): fp32 scores (4E), int64 top-k indices (8k), the
+///   gathered top scores and their normalised, scaled copy (4k each), the normaliser (4);
+/// - the reorder: argsort indices and `idx // k` (16k, int64);
+/// - `_permute`'s int32 indices (4 per row) and the offsets (4 per local expert);
+/// - the grouped matmuls run in bf16 whatever the training dtype (`_run_experts_grouped_mm`):
+///   the input cast twice, once for w1 and once for w3 (2 x 2h per row; in bf16 the permuted
+///   input itself, 2h), the three weights cast to bf16 (per block, fp32 training only), and the
+///   SwiGLU's w1 and w3 outputs, silu output and product (4 x 2f per row);
+/// - the fp32 `routed_output_unsorted` the combining bmm saves (4h per routed copy).
+///
+/// A shared expert is a dense SwiGLU. The backward at the experts' w2 holds dY and dH in bf16
+/// (2h + 2f per row) beside the block-output gradient.
+fn moe_ffn(plan: &Plan, e: u128, h: u128, tp: u128, f8: bool) -> ((u128, u128, u128, u128), u128) {
     let moe = plan
         .model
         .moe
         .expect("moe_ffn is called for MoE models only");
+    let _ = f8;
     let etp = plan.parallel.etp as u128;
-    let cf = plan.moe_capacity_milli as u128;
-    let copies = |x: u128| div(x * moe.top_k as u128 * cf, 1000);
-    let fe = div(e * moe.expert_intermediate as u128, etp);
+    let (k, experts) = (moe.top_k as u128, moe.experts as u128);
+    let local = div(experts, plan.parallel.ep as u128);
+    let rho = plan.moe_capacity_milli as u128;
+    // Rows this rank's experts receive, per token (R / N), in thousandths.
+    let rows = |x: u128| div(x * k * rho, 1000);
+    let f = div(moe.expert_intermediate as u128, etp);
     let fs = div(e * moe.shared_intermediate as u128, tp);
-    let per_copy_mlp = if plan.compile { 2 * fe } else { 4 * fe };
-    let routed_input = if f8 { h } else { e * h };
-    let router = 4 * moe.experts as u128 + 8 * moe.top_k as u128;
+    let x_casts = if e == 2 { 2 * h } else { 2 * 2 * h };
+    let swiglu = if plan.compile { 2 * 2 * f } else { 4 * 2 * f };
+    let per_row = 4 + x_casts + swiglu;
+    let router = 4 * experts + 16 * k + 4;
     let shared = if plan.compile { 2 * fs } else { 4 * fs };
-    let saved = e * h + router + copies(routed_input + per_copy_mlp + e * h) + shared;
-    // selective-op: the mm outputs kept are the router's scores and, per copy, the first
+    let saved = e * h + router + 16 * k + rows(per_row) + 4 * h * k + shared;
+    // Per block: the padding rows (8 per local expert), the offsets, and in fp32 training the
+    // bf16 copies of the three expert weights.
+    let weights = if e == 2 { 0 } else { 3 * local * f * h * 2 };
+    let per_block = 8 * local * per_row + 4 * local + weights;
+    // selective-op: the mm outputs kept are the router's scores and, per row, the first
     // grouped matmul and the second (w1 and w2 outputs), and the shared expert's w1 and w2.
-    let sac = router + copies(fe + e * h) + fs + e * h;
-    let overlap = router + copies(fe) + fs;
-    let bwd = e * h + copies(2 * e * h + 2 * fe) + 2 * fs;
-    (saved, sac, overlap, bwd)
+    let sac = 4 * experts + rows(2 * f + 2 * h) + fs + e * h;
+    let overlap = 4 * experts + rows(2 * f) + fs;
+    let bwd = e * h + rows(2 * h + 2 * f) + 2 * fs;
+    ((saved, sac, overlap, bwd), per_block)
 }
 
 #[cfg(test)]
@@ -603,14 +630,29 @@ mod tests {
     }
 
     #[test]
-    fn moe_block_counts_routed_copies() {
-        // tiny-moe: h 64, 4 experts of 128, top-2, bf16, eager norms, capacity factor 1.
+    fn moe_block_counts_routed_rows() {
+        // tiny-moe: h 64, 4 experts of 128, top-2, bf16, eager norms, balanced routing.
         let p = plan(r#"{"model":"tiny-moe"}"#);
         let a = block_activations(&p, true);
         let d = block_activations(&p, false);
         let dense_ffn = 2 * 64 + 4 * 2 * 128;
-        let moe_ffn = 2 * 64 + (4 * 4 + 8 * 2) + 2 * (2 * 64 + 4 * 2 * 128 + 2 * 64);
+        // Per token: the router's input (2h), scores (4E), indices (8k), top scores and
+        // their scaled copy (4k each), normaliser (4); argsort and idx // k (16k); per routed
+        // row (k of them) the int32 index, the bf16 input (2h) and four bf16 SwiGLU tensors
+        // (4 x 2f); the fp32 routed output (4h per row).
+        let row = 4 + 2 * 64 + 4 * 2 * 128;
+        let moe_ffn = 2 * 64 + (4 * 4 + 8 * 2 + 4 * 2 + 4 * 2 + 4) + 16 * 2 + 2 * row + 4 * 64 * 2;
         assert_eq!(a.no_ac - d.no_ac, moe_ffn - dense_ffn);
+        // Per block: 8 padding rows per local expert and the 4 offsets; no weight copies in
+        // bf16 training.
+        assert_eq!(a.per_block, 8 * 4 * row + 4 * 4);
+        let fp32 = block_activations(
+            &plan(r#"{"model":"tiny-moe","precision":{"param":"fp32"}}"#),
+            true,
+        );
+        // fp32 training casts the input twice (2 x 2h per row) and the three expert weights.
+        let row32 = 4 + 2 * 2 * 64 + 4 * 2 * 128;
+        assert_eq!(fp32.per_block, 8 * 4 * row32 + 4 * 4 + 3 * 4 * 128 * 64 * 2);
     }
 
     #[test]

@@ -523,11 +523,36 @@ fn block_backward(
     let moe = p.moe_layers > 0;
     let a = if moe { moe_act } else { dense };
     let re = t * recompute_per_token(ac, a);
+    let re = if re > 0 { re + a.per_block } else { 0 };
     let m = &plan.model;
     let tp = plan.parallel.tp as u128;
     let (h, f, q) = (m.hidden as u128, m.intermediate as u128, m.q_dim() as u128);
     if moe {
-        let during = re + t * a.mlp_transient + grads_elem_bytes * p.moe.unsharded;
+        // torchtitan 0.2.2's MoE (measured with its own code on CPU; activations::moe_ffn):
+        // its backward at the experts' w2 holds dY and dH in bf16 (the transient), w2's
+        // gradient in bf16 and its master-dtype copy (ToCopyBackward; the weight gradients
+        // come one matrix at a time). Recomputed under checkpointing, the block's forward
+        // peaks at the combine, before any of its backward: the routed copies, the permuted
+        // input, the experts' output and `_unpermute`'s buffer (and under EP the combine's
+        // all-to-all output) beside what is recomputed so far and the incoming gradient.
+        let spec = m.moe.expect("an MoE stage has an MoE layout");
+        let ep = plan.parallel.ep as u128;
+        let local = div(spec.experts as u128, ep);
+        let f_e = div(spec.expert_intermediate as u128, plan.parallel.etp as u128);
+        let k = spec.top_k as u128;
+        let rows = div(t * k * plan.moe_capacity_milli as u128, 1000) + 8 * local;
+        let e_act = plan.precision.param.bytes() as u128;
+        let w2 = local * f_e * h;
+        let at_w2 = re + t * a.mlp_transient + w2 * (2 + grads_elem_bytes);
+        let at_combine = if re > 0 {
+            let combine_out = if ep > 1 { t * k } else { 0 };
+            // (The combining bmm's fp32 copy of the routed output, part of the recomputed
+            // set, comes after the combine.)
+            re - t * 4 * h * k + e_act * h * (t * k + 3 * rows + combine_out) + t * e_act * h
+        } else {
+            0
+        };
+        let during = at_w2.max(at_combine);
         return [during, 0, during, 0];
     }
     if plan.lora.is_some() {
@@ -748,7 +773,8 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         * (saved_per_token(ac, p.dense_layers, &st.dense)
             + saved_per_token(ac, p.moe_layers, &st.moe)
             + head
-            - first_block_less);
+            - first_block_less)
+        + checkpointed_layers(ac, p.moe_layers).0 as u128 * st.moe.per_block;
     // A stage's input arrives in its receive buffer (counted with the inputs), which its
     // first block saves for backward as its own input: not a second copy (all but global
     // stage 0; interleaved ranks are left as they were).
