@@ -66,6 +66,10 @@ pub enum Command {
         /// Largest micro-batch tried.
         #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
         max_micro_batch: i64,
+        /// LoRA ranks to try, e.g. 8,16,32,64 (turns LoRA on; --lora-targets and
+        /// --lora-dropout still apply).
+        #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+        lora_ranks: Vec<i64>,
         /// Fraction of GPU memory to keep free, 0 to 0.5.
         #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
         headroom: f64,
@@ -570,6 +574,7 @@ impl PlanArgs {
                 .map(<plan::Offload as plan::Choice>::parse)
                 .transpose()
                 .map_err(|e| e.rename_field("offload", "--offload"))?,
+            lora_ranks: Vec::new(),
             max_micro_batch,
             headroom_milli,
             rank_by,
@@ -801,6 +806,7 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
             plan,
             max_batch,
             max_micro_batch,
+            lora_ranks,
             headroom,
             rank_by,
             top,
@@ -839,7 +845,23 @@ pub fn run_to(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> 
                 print(out, &renderer(format).max_batch(&result))?;
                 return Ok(fit_code(fits));
             }
-            let constraints = plan.search_constraints(max_micro_batch, headroom_milli, rank_by)?;
+            let mut constraints =
+                plan.search_constraints(max_micro_batch, headroom_milli, rank_by)?;
+            constraints.lora_ranks = lora_ranks
+                .iter()
+                .map(|&r| {
+                    u64::try_from(r)
+                        .ok()
+                        .filter(|r| (1..=plan::MAX_DIM).contains(r))
+                        .ok_or_else(|| {
+                            Error::invalid(
+                                "--lora-ranks",
+                                r,
+                                format!("integers from 1 to {}", plan::MAX_DIM),
+                            )
+                        })
+                })
+                .collect::<Result<_>>()?;
             // Resolving first checks every flag and names it in errors.
             let base = plan.resolve()?;
             warn(err, &base.warnings);

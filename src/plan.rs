@@ -1105,11 +1105,18 @@ fn resolve_lora(
             "activation_checkpointing none or full",
         ));
     }
-    if offload.as_deref().is_some_and(|o| o != "none") || f8_or_compile {
+    if let Some(o) = offload.as_deref().filter(|o| *o != "none") {
         return Err(Error::invalid(
             "lora",
-            "with offload, float8 or compile",
-            "none of offload, float8 and compile",
+            format!("with offload {o}"),
+            "offload none (LoRA's optimizer states are small)",
+        ));
+    }
+    if f8_or_compile {
+        return Err(Error::invalid(
+            "lora",
+            "with float8 or compile",
+            "neither float8 nor compile (not modelled with adapters)",
         ));
     }
     Ok(Lora {

@@ -28,6 +28,9 @@ pub struct Constraints {
     pub ep: Option<u64>,
     pub ac: Option<Checkpointing>,
     pub offload: Option<Offload>,
+    /// LoRA ranks to try (LoRA on, with the plan's targets and dropout, or peft's q/k/v/o
+    /// without dropout when the plan has none); empty: the plan's own.
+    pub lora_ranks: Vec<u64>,
     /// Largest micro-batch tried.
     pub max_micro_batch: u64,
     /// Fraction of GPU memory (thousandths) that must stay free.
@@ -189,10 +192,18 @@ pub fn search(base: &PlanFile, c: &Constraints) -> Result<SearchResult> {
             Checkpointing::Full,
         ],
     };
+    // LoRA is modelled without offload and with no or full checkpointing (what resolving a
+    // LoRA plan accepts).
+    let lora = resolved.lora.is_some() || !c.lora_ranks.is_empty();
     let offloads: Vec<Offload> = match c.offload {
         Some(o) => vec![o],
+        None if lora => vec![Offload::None],
         None => vec![Offload::None, Offload::Optimizer, Offload::Full],
     };
+    let acs: Vec<Checkpointing> = acs
+        .into_iter()
+        .filter(|ac| !lora || matches!(ac, Checkpointing::None | Checkpointing::Full))
+        .collect();
     let mut layouts = 0u64;
     let mut estimates = 0u64;
     let mut out = Vec::new();
@@ -215,8 +226,20 @@ pub fn search(base: &PlanFile, c: &Constraints) -> Result<SearchResult> {
                     } else {
                         vec![1]
                     };
-                    for ep in eps {
+                    for (ep, rank) in eps.iter().flat_map(|&e| {
+                        let ranks: Vec<Option<u64>> = if c.lora_ranks.is_empty() {
+                            vec![None]
+                        } else {
+                            c.lora_ranks.iter().map(|&r| Some(r)).collect()
+                        };
+                        ranks.into_iter().map(move |r| (e, r))
+                    }) {
                         let mut file = base.clone();
+                        if let Some(r) = rank {
+                            let mut l = file.lora.take().unwrap_or_default();
+                            l.rank = Some(r as i64);
+                            file.lora = Some(l);
+                        }
                         file.num_gpus = Some(n as i64);
                         file.parallel.tp = Some(tp as i64);
                         file.parallel.pp = Some(pp as i64);

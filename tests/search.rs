@@ -136,3 +136,45 @@ fn tokens_per_micro_step_do_not_wrap_at_the_largest_world_and_sequence() {
         assert!(c.cost.tokens_per_step > 0 && c.cost.tokens_per_s.is_finite());
     }
 }
+
+/// "The largest LoRA rank and batch that fit on one 24 GB GPU for llama3-8b": the search over
+/// ranks answers with every rank that fits (at its largest micro-batch), and the largest rank
+/// it lists is the largest of those tried whose plan fits at micro-batch 1 with full
+/// checkpointing, checked plan by plan with the estimator.
+#[test]
+fn search_finds_the_largest_lora_rank_that_fits() {
+    let base = file(
+        r#"{"model":"llama3-8b","gpu":"rtx4090-24g","num_gpus":1,"preset":"hf-transformers",
+            "precision":{"param":"bf16","master":"fp32","reduce":"bf16"},
+            "batch":{"seq_len":2048},"lora":{"targets":"all-linear"}}"#,
+    );
+    let ranks = [8, 16, 32, 64, 128, 256];
+    let c = Constraints {
+        lora_ranks: ranks.to_vec(),
+        ..constraints()
+    };
+    let r = search(&base, &c).unwrap();
+    assert!(!r.candidates.is_empty());
+    // Only what a LoRA plan allows was tried: no offload, no selective checkpointing.
+    assert!(r.candidates.iter().all(|c| c.plan.offload == Offload::None
+        && matches!(
+            c.plan.activation_checkpointing,
+            Checkpointing::None | Checkpointing::Full
+        )));
+    let found = r
+        .candidates
+        .iter()
+        .map(|c| c.plan.lora.unwrap().rank)
+        .max()
+        .unwrap();
+    let fits_at = |rank: u64| {
+        let mut f = base.clone();
+        f.lora.as_mut().unwrap().rank = Some(rank as i64);
+        f.activation_checkpointing = Some("full".into());
+        f.batch.micro_batch_size = Some(1);
+        fits_with_headroom(&f.resolve().unwrap(), 50)
+    };
+    let want = ranks.iter().copied().filter(|&r| fits_at(r)).max().unwrap();
+    assert_eq!(found, want);
+    assert!(want < 256, "a 24 GB GPU does not fit every rank tried");
+}

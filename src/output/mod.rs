@@ -237,5 +237,8 @@ pub fn layout(c: &Candidate) -> String {
             parts.push(format!("{name} {v}"));
         }
     }
+    if let Some(l) = c.plan.lora {
+        parts.push(format!("lora r{}", l.rank));
+    }
     parts.join(", ")
 }
