@@ -260,6 +260,9 @@ pub struct PlanArgs {
     /// Virtual pipeline stages per rank (interleaved schedules).
     #[arg(long, allow_negative_numbers = true)]
     pub pp_virtual_stages: Option<i64>,
+    /// How ring attention passes K and V under CP: allgather (torchtitan's default), alltoall.
+    #[arg(long)]
+    pub cp_rotate: Option<String>,
     /// Allow seq_len beyond the model's max_position_embeddings.
     #[arg(long)]
     pub ignore_max_position: bool,
@@ -386,6 +389,7 @@ impl PlanArgs {
             etp: self.etp,
             pp_schedule: self.pp_schedule.clone(),
             pp_virtual_stages: self.pp_virtual_stages,
+            cp_rotate: self.cp_rotate.clone(),
         };
         top.batch = plan::BatchFile {
             micro_batch_size: self.micro_batch_size,
@@ -518,6 +522,11 @@ impl PlanArgs {
         }
         let more = [
             (self.rotary.is_some(), "implementation.rotary", "--rotary"),
+            (
+                self.cp_rotate.is_some(),
+                "parallel.cp_rotate",
+                "--cp-rotate",
+            ),
             (self.preset.is_some(), "preset", "--preset"),
             (self.lora_rank.is_some(), "lora.rank", "--lora-rank"),
             (

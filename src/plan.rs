@@ -97,6 +97,8 @@ pub struct ParallelFile {
     pub pp_schedule: Option<String>,
     /// Virtual stages per rank for interleaved schedules.
     pub pp_virtual_stages: Option<i64>,
+    /// How ring attention passes K and V: allgather (torchtitan's default) or alltoall.
+    pub cp_rotate: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -345,6 +347,17 @@ choice!(
 );
 
 choice!(
+    /// How context parallelism's ring attention passes K and V between ranks (torch 2.11
+    /// `set_rotate_method`).
+    CpRotate, "parallel.cp_rotate" {
+        /// One all-gather of every rank's K and V (`_AllGatherRotater`).
+        AllGather = "allgather" | "all-gather",
+        /// One rank's K and V per ring step (`_AllToAllRotater`).
+        AllToAll = "alltoall" | "all-to-all",
+    }
+);
+
+choice!(
     /// How the rotary embedding's table is held.
     Rotary, "implementation.rotary" {
         /// torchtitan's `freqs_cis`: complex64 for 2 x seq positions, a buffer of the model
@@ -389,6 +402,7 @@ pub struct Parallel {
     pub pp_schedule: PpSchedule,
     /// Virtual stages per rank (1 unless interleaved).
     pub pp_virtual_stages: u64,
+    pub cp_rotate: CpRotate,
 }
 
 impl Parallel {
@@ -894,6 +908,7 @@ impl PlanFile {
         }
         let pp_schedule = parse_opt("parallel.pp_schedule", &p.pp_schedule, PpSchedule::OneFOneB)?;
         let pp_virtual_stages = positive("parallel.pp_virtual_stages", p.pp_virtual_stages, 1)?;
+        let cp_rotate = parse_opt("parallel.cp_rotate", &p.cp_rotate, CpRotate::AllGather)?;
         if pp_virtual_stages > 1 && pp_schedule != PpSchedule::Interleaved1F1B {
             return Err(Error::invalid(
                 "parallel.pp_virtual_stages",
@@ -1027,6 +1042,7 @@ impl PlanFile {
                 etp,
                 pp_schedule,
                 pp_virtual_stages,
+                cp_rotate,
             },
             batch: Batch {
                 micro_batch_size,

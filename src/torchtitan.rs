@@ -55,6 +55,7 @@
 //! | `optimizer.name` AdamW, Adam | `optimizer` adamw, adam |
 //! | `optimizer.implementation` fused, foreach, for-loop; `optimizer.fused` true / false | `implementation.optimizer` fused, foreach, per-param |
 //! | `disable_loss_parallel` under `[parallelism]` or (to March 2025) `[training]` | `implementation.loss_parallel` (negated) |
+//! | `context_parallel_rotate_method` under `[parallelism]` or (to March 2025) `[experimental]`: allgather, alltoall | `parallel.cp_rotate` |
 //!
 //! Where torchtitan's default differs from memplan's and was the same in both layouts (batch 8,
 //! selective AC every second block, no resharding under PP), the default is written into the
@@ -206,6 +207,7 @@ struct Parallelism {
     module_fqns_per_model_part: Option<Vec<Vec<String>>>,
     fsdp_reshard_after_forward: Option<String>,
     disable_loss_parallel: Option<bool>,
+    context_parallel_rotate_method: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1235,6 +1237,22 @@ impl Reader<'_> {
             self.set("implementation.optimizer", "optimizer.implementation");
         } else if o.fused.is_some() {
             self.set("implementation.optimizer", "optimizer.fused");
+        }
+        // Ring attention's rotation: [parallelism] from March 2025, [experimental] before.
+        for (key, v) in [
+            (
+                "parallelism.context_parallel_rotate_method",
+                &cfg.parallelism.context_parallel_rotate_method,
+            ),
+            (
+                "experimental.context_parallel_rotate_method",
+                &cfg.experimental.context_parallel_rotate_method,
+            ),
+        ] {
+            if let (Some(m), None) = (v, &plan.parallel.cp_rotate) {
+                plan.parallel.cp_rotate = Some(m.clone());
+                self.set("parallel.cp_rotate", key);
+            }
         }
         // torchtitan computes the loss on vocabulary-sharded logits unless told not to.
         for (key, v) in [

@@ -1212,3 +1212,27 @@ fn disable_loss_parallel_turns_loss_parallelism_off() {
             .loss_parallel
     );
 }
+
+#[test]
+fn ring_attention_rotation_is_read_from_either_section() {
+    for (section, method, want) in [
+        ("parallelism", "alltoall", memplan::plan::CpRotate::AllToAll),
+        (
+            "experimental",
+            "allgather",
+            memplan::plan::CpRotate::AllGather,
+        ),
+    ] {
+        let j = from_toml_str(
+            &format!(
+                "{LLAMA3_8B}[{section}]\ncontext_parallel_degree = 2\n\
+                 context_parallel_rotate_method = \"{method}\"\n"
+            ),
+            "train.toml",
+        )
+        .unwrap();
+        let plan = with_gpus(j.plan, 8).resolve().unwrap();
+        assert_eq!(plan.parallel.cp, 2);
+        assert_eq!(plan.parallel.cp_rotate, want, "{section}");
+    }
+}

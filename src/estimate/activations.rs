@@ -307,7 +307,11 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
     // accumulator, plus the block-output gradient.
     let attn_bwd = block_input + div(e * (2 * q + 2 * kv_seen) + 4 * q, tp);
     let ring = if par.cp > 1 {
-        div(ring_backward(par.cp as u128, e, q, kv_seen, heads), tp)
+        let all_gather = par.cp_rotate == crate::plan::CpRotate::AllGather;
+        div(
+            ring_backward(par.cp as u128, all_gather, e, q, kv_seen, heads),
+            tp,
+        )
     } else {
         0
     };
@@ -336,12 +340,13 @@ pub(crate) fn attention_output_copied(plan: &Plan) -> bool {
     plan.implementation.attention == Attention::Math || plan.parallel.cp > 1
 }
 
-/// What ring attention's backward (torch 2.11 `_templated_ring_attention_backward`, all-gather
-/// rotation, torchtitan's default) holds beyond the plain attention backward, per local
-/// token, on rank 0 at its peak. Measured with torch's own `context_parallel` on CPU/Gloo (the
+/// What ring attention's backward (torch 2.11 `_templated_ring_attention_backward`) holds
+/// beyond the plain attention backward, per local token, on rank 0 at its peak. Measured with torch's own `context_parallel` on CPU/Gloo (the
 /// CPU flash op routed through torch's ring templates; docs/research/parallelism-torch-2.11.md):
 /// - fp32 dq, dk, dv accumulators (`zeros_like`): 4(q + 2K);
-/// - K and V concatenated for the rotation, and the all-gather of every rank's: (cp + 1) 2eK;
+/// - K and V concatenated for the rotation, and the all-gather of every rank's: (cp + 1) 2eK
+///   (all-gather rotation, torchtitan's default); with the all-to-all rotation one receive
+///   buffer instead of the all-gather, 2 x 2eK (measured at cp 2);
 /// - the previous ring step's kernel gradients, bound while the next runs: e(q + 2K);
 /// - fp32 dK and dV concatenated and the all-to-all that rotates them: 16K;
 /// - the kernel outputs of a step on half of q are smaller by eq/2, and that half's
@@ -349,8 +354,9 @@ pub(crate) fn attention_output_copied(plan: &Plan) -> bool {
 ///
 /// With more than two ranks the peak can come earlier, at step 1's concatenation: two
 /// concatenations and step 0's contiguous k and v, no kernel outputs yet.
-fn ring_backward(cp: u128, e: u128, q: u128, k: u128, heads: u128) -> u128 {
-    let common = 4 * (q + 2 * k) + (cp + 1) * 2 * e * k + e * (q + 2 * k) + 16 * k;
+fn ring_backward(cp: u128, all_gather: bool, e: u128, q: u128, k: u128, heads: u128) -> u128 {
+    let kv = if all_gather { cp + 1 } else { 2 } * 2 * e * k;
+    let common = 4 * (q + 2 * k) + kv + e * (q + 2 * k) + 16 * k;
     let at_kernel = common - e * q / 2 + 2 * heads;
     if cp > 2 {
         at_kernel.max(common + 2 * 2 * e * k - (e * (q + 2 * k) + 4 * q))
