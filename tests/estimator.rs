@@ -441,11 +441,11 @@ fn tensor_parallel_plans_match_torch_2_11_dtensor_measured_on_cpu() {
 /// waited only at the step's end, so every stage output and sent input gradient stays;
 /// warm-up in rounds of `m / max(1, m / pp)` micro-batches; one rotary table per model part;
 /// the root's gradients on the chunk that holds it) it erred by -9.9% to +11.3% per rank.
-/// Now 30 of the 38 are exact but for the AdamW step scalars (under 200 B). Two residuals,
-/// itemised in docs/research/parallelism-torch-2.11.md and not yet modelled: on ranks whose
-/// warm-up holds every forward, the backward walk spans the rank's blocks rather than the
-/// chunk's (+0.4% to +1.8%); and the last rank of a full-AC plan counts one logits tensor
-/// too many (+2.1%).
+/// Now 30 of the 38 are exact but for the AdamW step scalars (under 200 B), and a backward
+/// walks one chunk's blocks, not the rank's (it was up to +1.8% on ranks whose warm-up holds
+/// every forward). Two residuals, itemised in docs/research/parallelism-torch-2.11.md and not
+/// yet modelled: those ranks still count one stage activation too many (+0.36% to +0.57%),
+/// and the last rank of a full-AC plan one logits tensor (+2.1%).
 #[test]
 fn interleaved_pipelines_match_torch_2_11_on_every_rank() {
     let (mut ranks, mut exact) = (0, 0);

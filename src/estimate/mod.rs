@@ -609,6 +609,9 @@ pub(crate) struct Quantities {
     pub root_trainable: u128,
     /// Blocks on the stage.
     pub layers: u128,
+    /// Blocks whose activations `per_mb` holds and one backward walks: the stage's, or on an
+    /// interleaved rank one chunk's (layers / v).
+    pub walk: u128,
     /// All-gathers go through a flat buffer (FSDP over more than one rank, with copies).
     pub gathers: bool,
     pub on_gpu_params: bool,
@@ -930,6 +933,11 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     Quantities {
         m,
         layers,
+        walk: if interleaved.is_some() {
+            div(layers, par.pp_virtual_stages as u128).max(1)
+        } else {
+            layers
+        },
         gathers,
         on_gpu_params,
         workspace: 2 * plan.gpu.workspace_bytes.get() as u128,
@@ -1105,7 +1113,7 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                 };
                 let last_gather = (
                     root_u + unsharded,
-                    div(blocks_mb * layers.saturating_sub(1), layers.max(1)) + q.others_forward,
+                    div(blocks_mb * q.walk.saturating_sub(1), q.walk.max(1)) + q.others_forward,
                     0,
                 );
                 let (u, a_, l) = [loss, projection, last_gather]
@@ -1137,8 +1145,9 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                 // j blocks' sharded gradients exist; the blocks not yet done keep their saved
                 // activations (the head's were freed by the output layer's backward). The sum is
                 // linear in j between its ends, so the peak is at j = 0, 1, L - 2 or L - 1.
+                // An interleaved rank's backward walks one chunk's blocks ([`Quantities::walk`]).
                 let shard_bytes = q.block_grad;
-                let l = layers.max(1);
+                let (all, l) = (layers.max(1), q.walk.max(1));
                 let mut best = (0u128, [0u128; 5]);
                 for j in [0, 1, l.saturating_sub(2), l - 1] {
                     if j >= l {
@@ -1146,7 +1155,7 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                     }
                     // Under pipelining nothing is resharded after backward either.
                     let gathered = if q.fsdp_pp && !plan.reshard_after_forward {
-                        l
+                        all
                     } else if plan.reshard_after_forward {
                         2.min(l - j)
                     } else {

@@ -337,6 +337,9 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
         .map(|s| super::params::stage_layers(plan.model.layers, plan.parallel.pp, s))
         .sum::<u64>() as u32;
     let l = q.layers.max(1);
+    // The blocks whose activations one micro-batch's backward walks: the last `lw` of the
+    // stage (all of them but on an interleaved rank, where they stand for one chunk's).
+    let lw = q.walk.max(1).min(l);
     let mut w = Walk {
         events: Vec::with_capacity(64 + 40 * l as usize),
         marks: Vec::new(),
@@ -550,7 +553,11 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                         last_gather = w.now();
                     }
                 }
-                let a = share(blocks_mb, l, i);
+                let a = if i >= l - lw {
+                    share(blocks_mb, lw, i - (l - lw))
+                } else {
+                    0
+                };
                 let mut mine = Vec::new();
                 match &saved {
                     Some((list, attn)) if list.iter().sum::<u128>() * st.tokens == a => {
@@ -713,7 +720,7 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
             let mut block_grads: Vec<Option<T>> = Vec::new();
             let mut rs_prev: Option<T> = None;
             let mut best = (0usize, 0u128, false);
-            for j in 0..l {
+            for j in 0..lw {
                 let i = l - 1 - j;
                 // Prefetch the next block to run (the one before).
                 if i > 0 && params[i as usize - 1].is_empty() {
@@ -790,6 +797,18 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
             }
             if marked {
                 w.point(PHASES[2].name(), best.0);
+            }
+            // The blocks the walk did not reach (an interleaved rank's other chunks): their
+            // gradients, at the step's backward end.
+            if !grads_exist {
+                for j in lw..l {
+                    block_grads.push(w.alloc(
+                        share(q.blocks_grads, l, j),
+                        Category::Gradients,
+                        layer(l - 1 - j, Part::Grad),
+                        grad_stream,
+                    )?);
+                }
             }
             // The root's post-backward.
             w.free(rs_prev.take());
