@@ -117,6 +117,42 @@ proptest! {
         prop_assert_eq!(t.peak().unwrap().0, e.per_gpu.peak_allocated_bytes.get());
     }
 
+    /// LoRA plans: the event trace reproduces every phase, and bytes never fall as the rank,
+    /// the batch or the targets grow.
+    #[test]
+    fn lora_plans_trace_their_phases_and_grow_with_rank_and_batch(
+        k in knobs(),
+        rank in 1u64..128,
+        targets in prop::sample::select(&["attention", "q,v", "all-linear", "gate,up,down"][..]),
+        dropout in prop::sample::select(&[0.0f64, 0.1][..]),
+        gc in any::<bool>(),
+        base_bf16 in any::<bool>(),
+    ) {
+        let lora = |rank: u64, batch: u64, targets: &str| {
+            serde_json::from_str::<PlanFile>(&format!(
+                r#"{{"model":"{}","num_gpus":1,"preset":"hf-transformers",
+                    "batch":{{"micro_batch_size":{batch},"seq_len":{},"grad_accum_steps":{}}},
+                    "precision":{{"param":"{}","master":"fp32","reduce":"fp32"}},
+                    "activation_checkpointing":"{}",
+                    "lora":{{"rank":{rank},"targets":"{targets}","dropout":{dropout}}}}}"#,
+                k.model, k.seq, k.accum,
+                if base_bf16 { "bf16" } else { "fp32" },
+                if gc { "full" } else { "none" },
+            )).unwrap().resolve().unwrap()
+        };
+        let p = lora(rank, k.batch, targets);
+        let e = estimate(&p).unwrap();
+        let t = memplan::estimate::trace::trace(&p, 0).unwrap();
+        for ((_, sum), want) in t.points().unwrap().iter().zip(e.per_gpu.timeline.iter()) {
+            prop_assert_eq!(*sum, want.allocated_bytes.get(), "{:?}", want);
+        }
+        prop_assert_eq!(t.peak().unwrap().0, e.per_gpu.peak_allocated_bytes.get());
+        let at = |p: &Plan| estimate(p).unwrap().per_gpu.peak_allocated_bytes;
+        prop_assert!(at(&lora(rank + 1, k.batch, targets)) >= at(&p));
+        prop_assert!(at(&lora(rank, k.batch + 1, targets)) >= at(&p));
+        prop_assert!(at(&lora(rank, k.batch, "all-linear")) >= at(&p));
+    }
+
     /// `estimate` reports the most loaded pipeline stage having looked at the first and the
     /// last only ("they bound every stage"); `estimate_stage` estimates each stage alone, and
     /// each stage's own event trace, walked independently, peaks at that stage's figure.
