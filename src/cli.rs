@@ -334,6 +334,10 @@ pub struct PlanArgs {
     /// lora_dropout (only whether it is above zero changes memory).
     #[arg(long, allow_negative_numbers = true)]
     pub lora_dropout: Option<f64>,
+    /// QLoRA: the frozen base's linears in bitsandbytes 4-bit, nf4 or nf4-dq (double
+    /// quantisation); none by default.
+    #[arg(long)]
+    pub lora_quant: Option<String>,
 }
 
 impl PlanArgs {
@@ -414,11 +418,16 @@ impl PlanArgs {
             rotary: self.rotary.clone(),
         };
         top.preset = self.preset.clone();
-        if self.lora_rank.is_some() || self.lora_targets.is_some() || self.lora_dropout.is_some() {
+        if self.lora_rank.is_some()
+            || self.lora_targets.is_some()
+            || self.lora_dropout.is_some()
+            || self.lora_quant.is_some()
+        {
             top.lora = Some(plan::LoraFile {
                 rank: self.lora_rank,
                 targets: self.lora_targets.clone(),
                 dropout: self.lora_dropout,
+                quant: self.lora_quant.clone(),
             });
         }
         // When the flags name the world size but not the FSDP degree, the degree follows the
@@ -539,6 +548,7 @@ impl PlanArgs {
                 "lora.dropout",
                 "--lora-dropout",
             ),
+            (self.lora_quant.is_some(), "lora.quant", "--lora-quant"),
         ];
         v.extend(more.iter().filter(|m| m.0).map(|m| (m.1, m.2)));
         v

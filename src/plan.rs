@@ -78,6 +78,9 @@ pub struct LoraFile {
     pub targets: Option<String>,
     /// lora_dropout: only whether it is above zero changes memory.
     pub dropout: Option<f64>,
+    /// The frozen base's decoder linears quantised as bitsandbytes stores them (QLoRA):
+    /// "none", "nf4", or "nf4-dq" (with double quantisation).
+    pub quant: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -510,6 +513,38 @@ pub struct Lora {
     pub targets: u8,
     /// lora_dropout above zero: each wrapped linear saves a dropout mask and output.
     pub dropout: bool,
+    pub quant: BaseQuant,
+}
+
+choice! {
+    /// How LoRA's frozen base stores its decoder linears.
+    BaseQuant, "lora.quant" {
+        /// In `precision.param`.
+        None = "none",
+        /// bitsandbytes 4-bit NF4 (`Linear4bit`, QLoRA): packed 4-bit weights and an fp32
+        /// absmax per 64 elements.
+        Nf4 = "nf4",
+        /// NF4 with double quantisation: the absmax quantised to 8 bits per 64 elements, with
+        /// an fp32 absmax per 256 of those.
+        Nf4Dq = "nf4-dq" | "nf4-double-quant",
+    }
+}
+
+impl BaseQuant {
+    /// Bytes bitsandbytes 0.50 keeps for one quantised linear of `n` weights (measured on
+    /// CPU with peft 0.21.2 and transformers 5.24; docs/research/hf-lora-measured.md): half a
+    /// byte per weight packed in uint8, the absmax per 64-element block (fp32; with double
+    /// quantisation uint8, plus an fp32 absmax per 256 blocks), and the quantisation state's
+    /// small tensors (a private copy of the 256-entry code per linear with double
+    /// quantisation).
+    pub fn linear_bytes(self, n: u128) -> Option<u128> {
+        let blocks = n.div_ceil(64);
+        match self {
+            BaseQuant::None => None,
+            BaseQuant::Nf4 => Some(n.div_ceil(2) + 4 * blocks + 64),
+            BaseQuant::Nf4Dq => Some(n.div_ceil(2) + blocks + 4 * blocks.div_ceil(256) + 1_092),
+        }
+    }
 }
 
 /// The names of the modules set in `bits`, in [`LORA_MODULES`] order.
@@ -1135,10 +1170,12 @@ fn resolve_lora(
             "neither float8 nor compile (not modelled with adapters)",
         ));
     }
+    let quant = parse_opt("lora.quant", &l.quant, BaseQuant::None)?;
     Ok(Lora {
         rank,
         targets,
         dropout,
+        quant,
     })
 }
 
@@ -1182,6 +1219,26 @@ mod tests {
 
     fn file(json: &str) -> PlanFile {
         serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn bitsandbytes_4bit_bytes_per_linear() {
+        // llama3-8b's q projection, 4096 x 4096 = 16,777,216 weights: 8,388,608 B packed,
+        // 262,144 blocks of 64. Without double quantisation an fp32 absmax each (1 MiB) and
+        // 64 B of state; with it a uint8 absmax each, an fp32 absmax per 256 blocks (1,024 x
+        // 4 B) and the state's 1,092 B (its private 256-entry code among them).
+        let n = 4096 * 4096;
+        assert_eq!(
+            BaseQuant::Nf4.linear_bytes(n),
+            Some(8_388_608 + 1_048_576 + 64)
+        );
+        assert_eq!(
+            BaseQuant::Nf4Dq.linear_bytes(n),
+            Some(8_388_608 + 262_144 + 4_096 + 1_092)
+        );
+        assert_eq!(BaseQuant::None.linear_bytes(n), None);
+        // Odd sizes round up: 65 weights are 33 packed bytes and two blocks.
+        assert_eq!(BaseQuant::Nf4.linear_bytes(65), Some(33 + 8 + 64));
     }
 
     #[test]

@@ -553,12 +553,18 @@ fn block_backward(
             0
         };
         let during = at_w2.max(at_combine);
-        return [during, 0, during, 0];
+        // At the block's end every weight gradient exists, as for a dense block.
+        let end_point = grads_elem_bytes * p.moe.unsharded + 2 * t * a.full_ac;
+        return [during, end_point, during, 2 * t * a.full_ac];
     }
     if plan.lora.is_some() {
         // A frozen base has no weight gradients: the adapters' are the only new ones (made
         // whole, upper bound, at either point), beside the input gradients' transients.
         let g = grads_elem_bytes * params::lora_block_params(plan).0;
+        // (QLoRA: each quantised linear dequantises its weight in forward and again in
+        // backward and frees it inside the op, before the `silu * up` product's backward
+        // where this point is; measured on CPU, it is the step's peak only for layers far wider
+        // than their tokens. Not modelled.)
         let during = (re + t * a.mlp_transient + g)
             .max((re + t * a.attn_transient + g).saturating_sub(t * a.ffn_saved));
         return [during, g + 2 * t * a.full_ac, during, 2 * t * a.full_ac];
@@ -949,7 +955,18 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         master: match (on_gpu_params, lora) {
             (false, _) => 0,
             (true, false) => shard * m,
-            (true, true) => shard * e + trainable * m,
+            (true, true) => {
+                // QLoRA: the block linears in bitsandbytes' 4-bit layout, the rest (embedding,
+                // norms, output, biases) in the compute dtype.
+                let base = match params::quantised_block(plan) {
+                    Some((elems, bytes, _)) => {
+                        let l = p.layers() as u128;
+                        (shard - l * elems) * e + l * bytes
+                    }
+                    None => shard * e,
+                };
+                base + trainable * m
+            }
         },
         root_master: match (on_gpu_params, lora) {
             (false, _) => 0,

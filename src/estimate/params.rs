@@ -53,6 +53,20 @@ pub fn lora_module_dims(plan: &Plan) -> [(u128, u128); 7] {
     [(h, q), (h, kv), (h, kv), (q, h), (h, f), (h, f), (f, h)]
 }
 
+/// A QLoRA block's decoder linears: (their weight elements, the bytes bitsandbytes stores
+/// them in, the largest one's elements); None when the base is not quantised.
+pub fn quantised_block(plan: &Plan) -> Option<(u128, u128, u128)> {
+    let quant = plan.lora?.quant;
+    let dims = lora_module_dims(plan);
+    let bytes = dims
+        .iter()
+        .map(|&(i, o)| quant.linear_bytes(i * o))
+        .sum::<Option<u128>>()?;
+    let elems = dims.iter().map(|&(i, o)| i * o).sum();
+    let largest = dims.iter().map(|&(i, o)| i * o).max().unwrap_or(0);
+    Some((elems, bytes, largest))
+}
+
 /// LoRA adapter elements of one block: A (r x in) and B (out x r) per wrapped linear; and
 /// the largest single adapter matrix (per-parameter optimizer temporaries).
 pub fn lora_block_params(plan: &Plan) -> (u128, u128) {

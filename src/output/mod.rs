@@ -168,10 +168,14 @@ pub fn plan_summary(p: &Plan) -> String {
     );
     if let Some(l) = p.lora {
         s += &format!(
-            ", LoRA rank {} on {}{}",
+            ", LoRA rank {} on {}{}{}",
             l.rank,
             l.target_names().join(","),
-            if l.dropout { " with dropout" } else { "" }
+            if l.dropout { " with dropout" } else { "" },
+            match l.quant {
+                crate::plan::BaseQuant::None => String::new(),
+                q => format!(", base {q} (QLoRA)"),
+            }
         );
     }
     if p.preset != crate::plan::Preset::Torchtitan2024 {

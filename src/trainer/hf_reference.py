@@ -1,18 +1,44 @@
-"""Hugging Face Transformers (5.24.0) training steps on CPU under memplan's counting allocator.
+"""Hugging Face Transformers (5.24.0) training steps on CPU under memplan's counting allocator: full fine-tunes,
+peft LoRA, QLoRA (bitsandbytes 4-bit base + peft LoRA) and other optimizers.
 
-    python src/trainer/hf_reference.py /tmp/shim.so '{"arch":"llama","profile":"tiny","batch":2,"seq":64,
-        "dtype":"fp32","amp":"none","gc":false,"lora":null,"mode":"manual","steps":3}'
+    HF_HUB_OFFLINE=1 python src/trainer/hf_reference.py /tmp/shim.so '{"profile":"small","batch":2,"seq":64,
+        "qlora":{"dq":true},"lora":{"r":16,"targets":"all-linear","dropout":0},"optim":"paged_adamw_8bit",
+        "gc":false,"steps":3,"peak_trace":true}'
 
-(the shim built as fsdp2_reference.py's docstring says; transformers 5.24.0, accelerate 1.15.0 and
-peft 0.21.2 installed beside torch 2.11.0; "profile" names a file of profiles/models/). The measured
-configurations are in tests/data/hf_transformers_torch_2.11.jsonl, checked by tests/estimator.rs.
+Versions: torch 2.11.0, transformers 5.24.0, accelerate 1.15.0, peft 0.21.2, bitsandbytes 0.50.2 (CPU backend).
+Profiles are read from $MEMPLAN_PROFILES (default the repository's profiles/models). The measured
+configurations are in tests/data/qlora_torch_2.11.jsonl, checked by tests/estimator.rs.
 
-Builds LlamaForCausalLM / Qwen2ForCausalLM from a memplan model profile (HF config format) with random
-weights (no download), attn_implementation "sdpa", and runs `steps` optimizer steps the way
-transformers' Trainer does, printing one JSON line: per step the device bytes at each phase's start, peak
-and end, relative to the counter before the model was built.
+Keys beside those of the plain steps (documented below, after the QLoRA ones):
+- "qlora": {"dq": bool (bnb_4bit_use_double_quant), "quant_type": "nf4", "compute": "bf16" (bnb_4bit_compute_dtype),
+  "load_dtype": "bf16" (the checkpoint's and from_pretrained's dtype), "prepare": true}. A checkpoint with random
+  weights is built from the profile (uncounted) and saved once under $TMPDIR/memplan-hf-models/; it is then loaded,
+  counted, with
+  from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...), device_map="cpu"): transformers'
+  bnb quantizer (quantizers/quantizer_bnb_4bit.py) swaps every nn.Linear but lm_head for bnb.nn.Linear4bit and
+  quantises each weight as it is loaded (nn/modules.py:Params4bit._quantize -> functional.py:quantize_4bit).
+  Tensors left as views of the checkpoint's mmap (uncounted on CPU; copied to the device on a GPU) are copied into
+  counted memory (static.mmap_materialised). Then, unless "prepare" is false,
+  peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(gc), gradient_checkpointing_kwargs=
+  {"use_reentrant": False} if gc is true else None): "gc": "reentrant" gives peft's default, which reaches
+  torch.utils.checkpoint without use_reentrant (torch 2.11: reentrant, with a warning).
+- "lora": {"targets": "all-linear"} as well as "qkvo" or a list.
+- "optim": adamw_torch_fused | adamw_torch (+ "foreach") | adamw_8bit | paged_adamw_8bit | adamw_bnb_32bit (bnb
+  AdamW as Trainer builds it, trainer_optimizer.py:_get_bitsandbytes_optimizer, with Trainer.create_optimizer's
+  32-bit override for nn.Embedding weights; "embed_32bit": false drops it) | adafactor (torch.optim.Adafactor,
+  + "foreach") | sgd (+ "momentum", "foreach") | muon (torch.optim.Muon on 2-D parameters, "muon_scope": "hidden"
+  = the decoder blocks' matrices or "all2d", fused AdamW for the rest).
+- "gc": "reentrant" (see above); for a plain model it asks activation_checkpointing_enable for use_reentrant=True.
 
-What the manual loop mirrors (transformers 5.24.0, accelerate 1.15.0, peft 0.21.2, torch 2.11.0):
+Output (one JSON line): the plain steps' (below), plus "static" (bytes after load / prepare / LoRA, each itemised by
+kind: packed 4-bit weights, absmax, quant maps, double-quant state, parameters by dtype, buffers), "opt_state"
+(optimizer state by key and dtype, distinct storages, and per parameter), "opt_state_after_step1", per step a
+"step_peak" (the optimizer.step() alone, after clipping). With "peak_trace": "peak_trace" (the step's peak),
+"phase_traces" (the peaks within fwd, bwd and optimizer.step(), each itemised by phase, module, op and block sizes)
+and "lifetimes" (every allocation made inside bitsandbytes' gemm_4bit / dequantize_4bit / dequantize_blockwise:
+its size and the op that freed it).
+
+The plain steps. What the manual loop mirrors (transformers 5.24.0, accelerate 1.15.0, peft 0.21.2, torch 2.11.0):
 - use_cache False (Trainer.__init__ sets model.config.use_cache = args.use_cache, default False).
 - batch: `input_ids` and `labels` (= input_ids, the model shifts) as the default collator would hand them,
   no attention_mask; `num_items_in_batch` = count of labels[..., 1:] != -100, a device tensor
@@ -48,7 +74,7 @@ Extra config keys: "attn_mask": true passes an all-ones attention_mask (as a tok
 tensors autograd saves (saved_tensors_hooks) per module and op, and lists them at the end of the forward;
 "peak_trace": true records every counted allocation of the last step with the shim's event recorder
 (mp_trace_start/take), names each by the aten op and module that made it (a TorchDispatchMode), replays the
-events and lists what is alive at the step's peak ("peak_trace" in the output; show_peak.py prints it).
+events and lists what is alive at the step's peak ("peak_trace" in the output).
 With MEMPLAN_ALLOC_TRACE=N set, phase markers are printed into the shim's allocation trace on stderr.
 """
 import ctypes, json, math, os, sys, contextlib
@@ -91,7 +117,8 @@ MODE = cfg.get("mode", "manual")
 CLIP = cfg.get("clip", 1.0)
 OPTIM = cfg.get("optim", "adamw_torch_fused")
 
-prof = json.load(open(os.path.join(HERE, "..", "..", "profiles", "models", f"{cfg.get('profile', 'tiny')}.json")))
+PROFILES = os.environ.get("MEMPLAN_PROFILES", os.path.join(HERE, "..", "..", "profiles", "models"))
+prof = json.load(open(os.path.join(PROFILES, f"{cfg.get('profile', 'tiny')}.json")))
 keys = ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
         "vocab_size", "tie_word_embeddings", "max_position_embeddings", "hidden_act", "rms_norm_eps", "rope_theta"]
 kw = {k: prof[k] for k in keys if k in prof}
@@ -105,25 +132,155 @@ hf_cfg = AutoConfig.for_model("llama" if ARCH == "llama" else "qwen2", **kw)
 hf_cfg.use_cache = cfg.get("use_cache", False)
 V = hf_cfg.vocab_size
 
+def _dt(t):
+    return str(t.dtype).replace("torch.", "")
+
+
+def static_items(m):
+    """Every distinct storage the model holds (parameters, buffers, bitsandbytes quant states), by kind."""
+    seen, rows = set(), {}
+
+    def add(kind, t):
+        if t is None or not torch.is_tensor(t):
+            return
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        if key == 0 or key in seen:
+            return
+        seen.add(key)
+        r = rows.setdefault(kind, [0, 0, 0])
+        r[0] += st.nbytes()
+        r[1] += 1
+        r[2] += t.numel()
+
+    for n, p in m.named_parameters():
+        if type(p).__name__ == "Params4bit":
+            add("4bit.packed_weight." + _dt(p), p)
+            qs = p.quant_state
+            if qs is None:
+                continue
+            add("4bit.absmax." + _dt(qs.absmax), qs.absmax)
+            add("4bit.code", qs.code)
+            add("4bit.offset", qs.offset)
+            if qs.state2 is not None:
+                add("4bit.state2.absmax." + _dt(qs.state2.absmax), qs.state2.absmax)
+                add("4bit.state2.code", qs.state2.code)
+        else:
+            kind = "lora" if "lora_" in n else "base"
+            add(f"param.{kind}.{_dt(p)}.{'trainable' if p.requires_grad else 'frozen'}", p)
+    for n, b in m.named_buffers():
+        add("buffer." + _dt(b), b)
+    out = {k: {"bytes": v[0], "tensors": v[1], "numel": v[2]} for k, v in sorted(rows.items())}
+    out["_total"] = sum(v[0] for v in rows.values())
+    return out
+
+
+
+def _mmap_ranges(path_part):
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if path_part in line:
+                lo, hi = line.split()[0].split("-")
+                out.append((int(lo, 16), int(hi, 16)))
+    return out
+
+
+def materialise_mmapped(m, ckpt_dir):
+    """Replaces every parameter or buffer whose storage lies in a mapping of ckpt_dir's files by a counted copy."""
+    ranges = _mmap_ranges(ckpt_dir)
+    moved = {"bytes": 0, "tensors": 0, "names": []}
+    if not ranges:
+        return moved
+    with torch.no_grad():
+        for mod_name, mod in m.named_modules():
+            for coll in (mod._parameters, mod._buffers):
+                for k, t in list(coll.items()):
+                    if t is None:
+                        continue
+                    ptr = t.untyped_storage().data_ptr()
+                    if any(lo <= ptr < hi for lo, hi in ranges):
+                        t.data = t.data.clone()
+                        moved["bytes"] += t.untyped_storage().nbytes()
+                        moved["tensors"] += 1
+                        moved["names"].append(f"{mod_name}.{k}")
+    return moved
+
+
+
 # Everything from here is counted (channel 0) unless switched off around non-training work.
-chan(0)
-reset_peak()
-base = counter()[0]
-model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa", dtype=DT)
+QL = cfg.get("qlora")  # {"dq": bool, "quant_type": "nf4", "compute": "bf16", "load_dtype": "bf16", "prepare": true}
+static = {}
+if QL:
+    # A checkpoint on disk to quantise at load, as a QLoRA recipe does (from_pretrained of a bf16 checkpoint with
+    # a BitsAndBytesConfig): built with random weights, uncounted (channel 2), saved once under
+    # $TMPDIR/memplan-hf-models/.
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+    LDT = {"fp32": torch.float32, "bf16": torch.bfloat16}[QL.get("load_dtype", "bf16")]
+    CDT = {"fp32": torch.float32, "bf16": torch.bfloat16}[QL.get("compute", "bf16")]
+    ckpt = os.path.join(os.environ.get("TMPDIR", "/tmp"), "memplan-hf-models",
+                        f"{cfg.get('profile', 'tiny')}-{QL.get('load_dtype', 'bf16')}")
+    chan(2)
+    if not os.path.exists(os.path.join(ckpt, "config.json")):
+        m0 = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa", dtype=LDT)
+        m0.save_pretrained(ckpt)
+        del m0
+    qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=QL.get("quant_type", "nf4"),
+                              bnb_4bit_compute_dtype=CDT, bnb_4bit_use_double_quant=QL.get("dq", True))
+    chan(0)
+    reset_peak()
+    base = counter()[0]
+    model = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=qcfg, device_map="cpu", dtype=LDT,
+                                                 attn_implementation="sdpa", use_cache=False)
+    c, p = counter()
+    static["after_load_counted"], static["load_peak"] = c - base, p - base
+    static["load_items"] = static_items(model)
+    # On CPU, tensors that from_pretrained leaves as they are in the checkpoint (here the bf16 embedding, norms and
+    # lm_head) are views of the safetensors file's mmap, which no allocator counts; on a GPU they are copied to the
+    # device. Copy them into counted memory so the counter holds what a GPU would.
+    static["mmap_materialised"] = materialise_mmapped(model, ckpt)
+    static["after_load"] = counter()[0] - base
+else:
+    chan(0)
+    reset_peak()
+    base = counter()[0]
+    model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa", dtype=DT)
+    static["after_load"] = counter()[0] - base
+    static["load_items"] = static_items(model)
 model.train()
 n_params = sum(p.numel() for p in model.parameters())
+n_params_logical = sum((math.prod(p.quant_state.shape) if hasattr(p, "quant_state") and p.quant_state is not None
+                        else p.numel()) for p in model.parameters())
+if QL and QL.get("prepare", True):
+    # peft/utils/other.py:prepare_model_for_kbit_training: freezes every parameter, casts fp16/bf16 parameters that
+    # are not Params4bit to fp32 (embedding, norms, lm_head), and with use_gradient_checkpointing (its default True)
+    # hooks the embedding output to require grad (only when the kwargs lack use_reentrant or set it True) and calls
+    # gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or {}): an empty dict reaches
+    # torch.utils.checkpoint without use_reentrant, which torch 2.11 still treats as use_reentrant=True (warning).
+    from peft import prepare_model_for_kbit_training
+    gck = {"use_reentrant": False} if GC is True else None
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(GC),
+                                            gradient_checkpointing_kwargs=gck)
+    static["after_prepare"] = counter()[0] - base
+    static["prepare_items"] = static_items(model)
 if LORA:
     from peft import LoraConfig, get_peft_model
     tm = LORA.get("targets", "qkvo")
-    target = ["q_proj", "k_proj", "v_proj", "o_proj"] if tm == "qkvo" else tm
+    target = (["q_proj", "k_proj", "v_proj", "o_proj"] if tm == "qkvo" else
+              "all-linear" if tm == "all-linear" else tm)
     lcfg = LoraConfig(r=LORA["r"], lora_alpha=LORA.get("alpha", 16), target_modules=target,
                       lora_dropout=LORA.get("dropout", 0.05), task_type="CAUSAL_LM")
     model = get_peft_model(model, lcfg)
     model.train()
 n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-if GC and MODE == "manual":
+if GC and MODE == "manual" and not QL:
+    model.activation_checkpointing_enable({"use_reentrant": True} if GC == "reentrant" else None)
+if QL and GC and not QL.get("prepare", True):
     model.activation_checkpointing_enable()
 after_model = counter()[0] - base
+static["after_model"] = after_model
+static["model_items"] = static_items(model)
 
 
 def make_batch():
@@ -245,15 +402,15 @@ if PT:
         got = lib.mp_trace_take(buf, n)
         return [tuple(buf[4 * i:4 * i + 4]) for i in range(got)]
 
-    def peak_report(start_current, events, top=60):
-        """Replays the events; at the peak lists what is alive that was allocated during the step."""
-        # which op made each allocation: events are numbered in order; oplog ranges index them
+    def peak_report(start_current, events, lo=0, hi=None):
+        """Replays the events; at the highest point within events [lo, hi) lists what is alive that was allocated
+        during the step, grouped by (phase, module, op, first output), with each group's distinct block sizes."""
         who = {}
         for (n0, n1, op, mod, ph, outs) in oplog:
             for i in range(n0, n1):
                 who[i] = (ph, mod, op, outs)
-        live, cur, best, best_i = {}, start_current, -1, -1
-        snaps = {}
+        hi = len(events) if hi is None else hi
+        live, cur, best, best_i, snaps = {}, start_current, -1, -1, {}
         for i, (kind, aid, nb, tag) in enumerate(events):
             if kind == 0:
                 live[aid] = (nb, who.get(i, ("?", "-", "?", [])))
@@ -261,25 +418,127 @@ if PT:
             else:
                 if aid in live:
                     cur -= live.pop(aid)[0]
-            if cur > best:
+            if lo <= i < hi and cur > best:
                 best, best_i, snaps = cur, i, dict(live)
         rows = {}
         for aid, (nb, (ph, mod, op, outs)) in snaps.items():
-            k = (ph, mod, op, str(outs[:1])) if not os.environ.get("PT_RAW") else (ph, mod, op, str(outs) + f"#{aid}")
-            r = rows.setdefault(k, [0, 0])
+            k = (ph, mod, op, str(outs[:1]))
+            r = rows.setdefault(k, [0, 0, set()])
             r[0] += nb
             r[1] += 1
+            r[2].add(nb)
         return {"peak": best, "event": best_i, "alive_before_step": start_current,
-                "alive_from_step": sorted(([v[0], v[1], *k] for k, v in rows.items()), key=lambda r: (r[2], r[3]))}
+                "alive_from_step": sorted(([v[0], v[1], *k, sorted(v[2])] for k, v in rows.items()),
+                                          key=lambda r: (r[2], r[3]))}
+
+
+def lifetimes(events, ops=("gemm_4bit", "dequantize_4bit", "dequantize_blockwise")):
+    """For every allocation made inside one of `ops` (by the op log's event ranges): its size, and the op during
+    which (or after which) it was freed, grouped by (phase, op, module, size, freed by)."""
+    idx_op = {}
+    for (n0, n1, op, mod, ph, outs) in oplog:
+        for i in range(n0, n1):
+            idx_op[i] = (ph, op, mod)
+    alloc_at, freed_by = {}, {}
+    for i, (kind, aid, nb, tag) in enumerate(events):
+        if kind == 0:
+            alloc_at[aid] = (i, nb)
+        else:
+            freed_by[aid] = i
+    rows = {}
+    for aid, (i, nb) in alloc_at.items():
+        o = idx_op.get(i)
+        if not o or o[1] not in ops:
+            continue
+        j = freed_by.get(aid)
+        if j is None:
+            fb = "alive at step end"
+        else:
+            # the op whose range holds the free, else the last op that ran before it
+            fo = idx_op.get(j)
+            if fo is None:
+                prev = max((n1, op, ph) for (n0, n1, op, mod, ph, outs) in oplog if n1 <= j) if j > 0 else (0, "-", "-")
+                fb = f"after {prev[2]}:{prev[1]}"
+            else:
+                fb = f"in {fo[0]}:{fo[1]}" + (" (same op)" if (j >= i and all(idx_op.get(k) == o for k in (i, j))) else "")
+            fb += f" +{j - i} events"
+        k = (o[0], o[1], o[2].split(".")[-1] if o[2] != "-" else "-", nb, fb.split(" +")[0])
+        rows[k] = rows.get(k, 0) + 1
+    return sorted([list(k) + [v] for k, v in rows.items()])
+
+
+def make_optimizers():
+    """The optimizer(s) for OPTIM, built over the trainable parameters as Trainer.create_optimizer groups them.
+    Returns a list (Muon needs a second optimizer for what it cannot take)."""
+    groups = decay_groups(model)
+    if OPTIM == "adamw_torch_fused":
+        return [torch.optim.AdamW(groups, lr=5e-5, betas=(0.9, 0.999), eps=1e-8, fused=True)]
+    if OPTIM == "adamw_torch":
+        # foreach None (Trainer's adamw_torch) means the for-loop implementation on CPU (torch/optim/optimizer.py:
+        # _default_to_fused_or_foreach picks foreach only for CUDA-like devices); "foreach": true forces it.
+        return [torch.optim.AdamW(groups, lr=5e-5, betas=(0.9, 0.999), eps=1e-8, foreach=cfg.get("foreach"))]
+    if OPTIM in ("adamw_8bit", "paged_adamw_8bit", "adamw_bnb_32bit"):
+        # trainer_optimizer.py:_get_bitsandbytes_optimizer: bnb.optim.AdamW(optim_bits=8 for "8bit" names,
+        # is_paged for "paged" names) with Trainer's Adam kwargs; then trainer.py:Trainer.create_optimizer registers
+        # every nn.Embedding weight for 32-bit states (GlobalOptimManager.register_module_override).
+        import bitsandbytes as bnb
+        bits = 32 if OPTIM == "adamw_bnb_32bit" else 8
+        o = bnb.optim.AdamW(groups, lr=5e-5, betas=(0.9, 0.999), eps=1e-8, optim_bits=bits,
+                            is_paged=OPTIM.startswith("paged"))
+        if bits == 8 and cfg.get("embed_32bit", True):
+            mng = bnb.optim.GlobalOptimManager.get_instance()
+            for mod in model.modules():
+                if isinstance(mod, torch.nn.Embedding):
+                    mng.register_module_override(mod, "weight", {"optim_bits": 32})
+        return [o]
+    if OPTIM == "adafactor":
+        return [torch.optim.Adafactor(groups, lr=1e-2, foreach=cfg.get("foreach", False))]
+    if OPTIM == "sgd":
+        return [torch.optim.SGD(groups, lr=1e-3, momentum=cfg.get("momentum", 0.9),
+                                foreach=cfg.get("foreach", False))]
+    if OPTIM == "muon":
+        # torch.optim.Muon takes 2-D parameters only. scope "hidden": the decoder blocks' matrices (Keller Jordan's
+        # and torchtitan's split: embeddings, lm_head, norms to AdamW); scope "all2d": every 2-D parameter.
+        scope = cfg.get("muon_scope", "hidden")
+        mu, rest = [], []
+        for n, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            is_mu = p.ndim == 2 and (scope == "all2d" or ("layers." in n))
+            (mu if is_mu else rest).append(p)
+        return [torch.optim.Muon(mu, lr=2e-2, weight_decay=0.0, momentum=0.95, nesterov=True),
+                torch.optim.AdamW(rest, lr=5e-5, betas=(0.9, 0.999), eps=1e-8, fused=True)]
+    raise ValueError(OPTIM)
+
+
+def optimizer_state_items(opts):
+    """Optimizer state by key and dtype (distinct storages: bnb's qmaps are shared), and per parameter."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen, rows, per = set(), {}, []
+    for o in opts:
+        for p, st in o.state.items():
+            ent = {"name": names.get(id(p), "?"), "numel": p.numel(), "dtype": _dt(p), "state": {}}
+            for k, v in st.items():
+                if not torch.is_tensor(v):
+                    continue
+                s = v.untyped_storage()
+                shared = s.data_ptr() in seen
+                seen.add(s.data_ptr())
+                ent["state"][k] = [_dt(v), list(v.shape), s.nbytes(), "shared" if shared else ""]
+                if not shared:
+                    r = rows.setdefault(f"{k}.{_dt(v)}", [0, 0])
+                    r[0] += s.nbytes()
+                    r[1] += 1
+            per.append(ent)
+    by = {k: {"bytes": v[0], "tensors": v[1]} for k, v in sorted(rows.items())}
+    by["_total"] = sum(v[0] for v in rows.values())
+    return {"by_key": by, "per_param": per}
 
 
 def run_manual():
-    global opt
-    if OPTIM == "adamw_torch_fused":
-        opt = torch.optim.AdamW(decay_groups(model), lr=5e-5, betas=(0.9, 0.999), eps=1e-8, fused=True)
-    elif OPTIM == "adamw_torch":
-        opt = torch.optim.AdamW(decay_groups(model), lr=5e-5, betas=(0.9, 0.999), eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / STEPS))
+    global opts
+    opts = make_optimizers()
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: max(0.0, 1 - s / STEPS)) for o in opts]
     model.zero_grad()
     setup = counter()[0] - base
     out = {"setup": setup, "after_model": after_model, "steps": []}
@@ -303,6 +562,7 @@ def run_manual():
         reset_peak()
         loss = loss * 1  # Trainer: loss *= num_processes // tp (in place on the graph's output)
         phase[0] = "bwd"
+        ev_bwd = lib.mp_trace_pending() if tracing else 0
         loss.backward()
         tr = loss.detach()
         del loss, batch, num_items
@@ -310,20 +570,34 @@ def run_manual():
         reset_peak()
         o0 = counter()[0]
         phase[0] = "opt"
+        ev_opt = lib.mp_trace_pending() if tracing else 0
         if CLIP and CLIP > 0:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], CLIP)
         c_end, c_peak = counter()
-        opt.step()
-        sched.step()
+        ev_step = lib.mp_trace_pending() if tracing else 0
+        reset_peak()
+        for o in opts:
+            o.step()
+        s_end, s_peak = counter()
+        for s in scheds:
+            s.step()
         model.zero_grad()
         o_end, o_peak = counter()
+        o_peak = max(o_peak, s_peak, c_peak)
         if tracing:
             mode.__exit__(None, None, None)
             lib.mp_trace_stop()
-            out["peak_trace"] = peak_report(s0 - base, take_events())
+            ev = take_events()
+            out["peak_trace"] = peak_report(s0 - base, ev)
+            out["phase_traces"] = {"fwd": peak_report(s0 - base, ev, 0, ev_bwd),
+                                   "bwd": peak_report(s0 - base, ev, ev_bwd, ev_opt),
+                                   "opt_step": peak_report(s0 - base, ev, ev_step, len(ev))}
+            out["lifetimes"] = lifetimes(ev)
         out["steps"].append({k: v - base for k, v in dict(
             fwd_start=s0, fwd_peak=f_peak, fwd_end=f_end, bwd_peak=b_peak, bwd_end=b_end, opt_start=o0,
-            clip_peak=c_peak, opt_peak=o_peak, opt_end=o_end).items()})
+            clip_peak=c_peak, step_peak=s_peak, opt_peak=o_peak, opt_end=o_end).items()})
+        if step == 0:
+            out["opt_state_after_step1"] = optimizer_state_items(opts)
         out["info"] = info
     return out
 
@@ -403,11 +677,23 @@ def run_trainer():
 
 res = run_manual() if MODE == "manual" else run_trainer()
 res["cfg"] = cfg
+res["static"] = static
+res["params_logical"] = n_params_logical
+if MODE == "manual":
+    res["opt_state"] = optimizer_state_items(opts)
+    res["optimizers"] = [type(o).__name__ for o in opts]
 res["params"] = n_params
 res["trainable"] = n_train
 last = res["steps"][-1]
 res["steady_peak"] = max(last.get("fwd_peak", 0), last.get("bwd_peak", 0), last.get("opt_peak", 0),
-                         last.get("clip_peak", 0))
+                         last.get("clip_peak", 0), last.get("step_peak", 0))
 res["torch"] = torch.__version__
 res["transformers"] = transformers.__version__
+import peft as _peft
+res["peft"] = _peft.__version__
+try:
+    import bitsandbytes as _bnb
+    res["bitsandbytes"] = _bnb.__version__
+except Exception:
+    pass
 print(json.dumps(res))
