@@ -621,7 +621,8 @@ impl PlanArgs {
         };
         let mut plan = resolved.map_err(|e| self.explain(job.as_ref(), e))?;
         if let Some(job) = job {
-            plan.warnings.splice(0..0, job.warnings);
+            plan.warnings
+                .splice(0..0, job.warnings.into_iter().chain(job.note));
         }
         Ok(plan)
     }

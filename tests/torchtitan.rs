@@ -1236,3 +1236,17 @@ fn ring_attention_rotation_is_read_from_either_section() {
         assert_eq!(plan.parallel.cp_rotate, want, "{section}");
     }
 }
+
+#[test]
+fn a_2025_layout_says_which_torchtitan_the_estimate_models() {
+    let new = read(&fixture("llama3_70b_2025.toml")).unwrap();
+    let note = new.note.expect("a 2025-layout file gets a note");
+    assert!(
+        note.contains("torchtitan-2024.12") && note.contains("0.2.2"),
+        "{note}"
+    );
+    assert!(read(&fixture("llama3_8b_2024.toml"))
+        .unwrap()
+        .note
+        .is_none());
+}
