@@ -799,7 +799,8 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                 w.point(PHASES[2].name(), best.0);
             }
             // The blocks the walk did not reach (an interleaved rank's other chunks): their
-            // gradients, at the step's backward end.
+            // gradients, at the step's backward end; or, when earlier backwards had made some
+            // (an interleaved rank's chunks already through one), the rest.
             if !grads_exist {
                 for j in lw..l {
                     block_grads.push(w.alloc(
@@ -809,6 +810,13 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                         grad_stream,
                     )?);
                 }
+            } else if q.blocks_grads > q.grads_prior {
+                grads.push(w.alloc(
+                    q.blocks_grads - q.grads_prior,
+                    Category::Gradients,
+                    Owner::new(Module::Pipeline, Part::Grad),
+                    grad_stream,
+                )?);
             }
             // The root's post-backward.
             w.free(rs_prev.take());
