@@ -288,6 +288,10 @@ pub struct PlanArgs {
     /// Master weights, gradients and optimizer states dtype.
     #[arg(long)]
     pub master_dtype: Option<String>,
+    /// Reach --param-dtype by torch.autocast over the master weights (Transformers'
+    /// Trainer bf16=True; torchtitan on one GPU) instead of FSDP's cast copies.
+    #[arg(long)]
+    pub autocast: bool,
     /// adamw, adam, sgd-momentum, sgd.
     #[arg(long)]
     pub optimizer: Option<String>,
@@ -407,6 +411,7 @@ impl PlanArgs {
             param: self.param_dtype.clone(),
             reduce: self.reduce_dtype.clone(),
             master: self.master_dtype.clone(),
+            autocast: self.autocast.then_some(true),
         };
         top.implementation = plan::ImplementationFile {
             attention: self.attention.clone(),
@@ -549,6 +554,7 @@ impl PlanArgs {
                 "--lora-dropout",
             ),
             (self.lora_quant.is_some(), "lora.quant", "--lora-quant"),
+            (self.autocast, "precision.autocast", "--autocast"),
         ];
         v.extend(more.iter().filter(|m| m.0).map(|m| (m.1, m.2)));
         v

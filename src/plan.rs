@@ -121,6 +121,9 @@ pub struct PrecisionFile {
     pub param: Option<String>,
     pub reduce: Option<String>,
     pub master: Option<String>,
+    /// Mixed precision by `torch.autocast` to `param` over `master` weights (Transformers'
+    /// `Trainer(bf16=True)`, torchtitan without FSDP) instead of FSDP's cast copies.
+    pub autocast: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -431,6 +434,9 @@ pub struct Precision {
     pub reduce: DType,
     /// dtype of the sharded master parameters, their gradients and the optimizer states.
     pub master: DType,
+    /// `param` is reached by `torch.autocast` (weights stay `master`; each linear casts its
+    /// input, and autocast caches a cast of each weight) rather than by FSDP's copies.
+    pub autocast: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -1006,6 +1012,18 @@ impl PlanFile {
             .as_deref()
             .map_or(Ok(Checkpointing::None), Checkpointing::parse)?;
 
+        let autocast = pr.autocast.unwrap_or(false);
+        if autocast {
+            check_autocast(
+                &model,
+                [tp, pp, cp, dp_shard],
+                (param, master),
+                activation_checkpointing,
+                self.float8.unwrap_or(false)
+                    || self.compile.unwrap_or(false)
+                    || self.lora.is_some(),
+            )?;
+        }
         let lora = match &self.lora {
             None => None,
             Some(l) => Some(resolve_lora(
@@ -1088,13 +1106,21 @@ impl PlanFile {
                 param,
                 reduce,
                 master,
+                autocast,
             },
             optimizer: parse_opt("optimizer", &self.optimizer, Optimizer::AdamW)?,
             activation_checkpointing,
             offload: parse_opt("offload", &self.offload, Offload::None)?,
             // torchtitan's "default" policy: reshard after forward unless pipelining (its
             // schedules run every micro-batch's forward and backward between two steps).
-            reshard_after_forward: self.reshard_after_forward.unwrap_or(pp == 1),
+            // Under autocast the cached weight casts that backward needs play the gathered
+            // copies' part: every block's lives from forward to its backward, unless the
+            // blocks are checkpointed (their forward saves nothing).
+            reshard_after_forward: if autocast {
+                activation_checkpointing != Checkpointing::None
+            } else {
+                self.reshard_after_forward.unwrap_or(pp == 1)
+            },
             implementation,
             float8: self.float8.unwrap_or(false),
             compile: self.compile.unwrap_or(false),
@@ -1104,6 +1130,54 @@ impl PlanFile {
             warnings,
         })
     }
+}
+
+/// Autocast checked against what the estimator models: a dense Llama-layout decoder on one
+/// GPU per replica, a 16-bit `param` over fp32 `master` weights, with no or full checkpointing,
+/// without float8, compile or LoRA.
+fn check_autocast(
+    model: &ModelSpec,
+    [tp, pp, cp, dp_shard]: [u64; 4],
+    (param, master): (DType, DType),
+    ac: Checkpointing,
+    others: bool,
+) -> Result<()> {
+    let field = "precision.autocast";
+    let layout = model.moe.is_none()
+        && !model.fused_qkv
+        && !model.fused_gate_up
+        && model.mlp == crate::profiles::MlpKind::Gated
+        && model.norms_per_block == 2
+        && !model.parallel_residual;
+    if !layout {
+        return Err(Error::invalid(
+            field,
+            &model.name,
+            "a dense model with separate q/k/v, a gated MLP and two norms per block",
+        ));
+    }
+    if [tp, pp, cp, dp_shard] != [1; 4] {
+        return Err(Error::invalid(
+            field,
+            format!("with tp {tp}, pp {pp}, cp {cp}, dp_shard {dp_shard}"),
+            "one GPU per model replica (FSDP casts with its own mixed precision instead)",
+        ));
+    }
+    if param.bytes() != 2 || master != DType::Fp32 {
+        return Err(Error::invalid(
+            field,
+            format!("with param {param} over master {master}"),
+            "param bf16 or fp16 over master fp32",
+        ));
+    }
+    if !matches!(ac, Checkpointing::None | Checkpointing::Full) || others {
+        return Err(Error::invalid(
+            field,
+            "with selective checkpointing, float8, compile or LoRA",
+            "activation_checkpointing none or full, without float8, compile and LoRA",
+        ));
+    }
+    Ok(())
 }
 
 /// A LoRA section checked against what the estimator models: a dense Llama-layout decoder

@@ -1290,9 +1290,9 @@ impl Reader<'_> {
             self.note = Some(format!(
                 "torchtitan config {}: a 2025-layout config (torchtitan 0.1 to 0.2.x): estimated as torchtitan of \
                  Dec 2024 (preset torchtitan-2024.12); torchtitan 0.2.2 differs in its FSDP units \
-                 ([norm, output] kept unsharded, every block resharded), native GQA, fused \
-                 RMSNorm and bf16 autocast on one GPU: -3.3% to +11.9% measured on CPU, see \
-                 docs/research/torchtitan-0.2.2-measured.md",
+                 ([norm, output] kept unsharded, every block resharded), native GQA and fused \
+                 RMSNorm, and on one GPU it autocasts to bf16 (--autocast): -3.3% to +11.9% \
+                 measured on CPU, see docs/research/torchtitan-0.2.2-measured.md",
                 self.origin
             ));
         }

@@ -591,3 +591,20 @@ fn a_lora_plan_has_no_base_gradients_or_states() {
     assert_eq!(e["plan"]["lora"]["rank"], 16);
     assert_eq!(e["plan"]["lora"]["targets"], serde_json::json!(["q", "v"]));
 }
+
+#[test]
+fn autocast_is_refused_where_fsdp_casts_instead() {
+    memplan()
+        .args([
+            "estimate",
+            "--model",
+            "llama3-8b",
+            "--num-gpus",
+            "8",
+            "--autocast",
+        ])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--autocast"))
+        .stderr(predicate::str::contains("one GPU per model replica"));
+}

@@ -110,6 +110,9 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
     if let (Some(lora), false) = (plan.lora, moe) {
         return lora_block(plan, lora);
     }
+    if plan.precision.autocast {
+        return autocast_block(plan);
+    }
     let m = &plan.model;
     let par = &plan.parallel;
     let imp = &plan.implementation;
@@ -362,6 +365,63 @@ fn ring_backward(cp: u128, all_gather: bool, e: u128, q: u128, k: u128, heads: u
         at_kernel.max(common + 2 * 2 * e * k - (e * (q + 2 * k) + 4 * q))
     } else {
         at_kernel
+    }
+}
+
+/// A block under `torch.autocast` to the 16-bit `param` dtype over fp32 weights, per token
+/// (Transformers' `Trainer(bf16=True)`; torchtitan without FSDP). Measured with Transformers
+/// 5.24 and torchtitan 0.2.2 on CPU (docs/research/hf-lora-measured.md,
+/// docs/research/torchtitan-0.2.2-measured.md): the residual stream stays fp32, so the norms
+/// compute in fp32 (eager: the input, rsqrt and the fp32 normalised tensor, which the fp32
+/// weight's gradient needs; fused: the input and rstd); each of q, k, v, gate and up casts its
+/// own input to 16 bits and saves that cast (autocast caches casts of weights, not of
+/// activations); attention, the MLP and wo's input are 16-bit as in plain bf16 training. The
+/// block's input, kept under checkpointing, is fp32.
+fn autocast_block(plan: &Plan) -> BlockActivations {
+    let m = &plan.model;
+    let imp = &plan.implementation;
+    let e = plan.precision.param.bytes() as u128;
+    let (h, q, kv, f) = (
+        m.hidden as u128,
+        m.q_dim() as u128,
+        m.kv_dim() as u128,
+        m.intermediate as u128,
+    );
+    let heads = m.heads as u128;
+    let fused_norm = imp.rmsnorm == RmsNorm::Fused;
+    let norm = norm_saved(m.norm, fused_norm, 4, h, 1);
+    let kv_seen = match imp.gqa {
+        Gqa::RepeatKv if m.kv_heads > 1 => q,
+        Gqa::RepeatKv | Gqa::Native => kv,
+    };
+    let seq = plan.batch.seq_len as u128;
+    let quadratic = match imp.attention {
+        Attention::Math => e * heads * seq,
+        Attention::Flash | Attention::Efficient => 0,
+    };
+    let attention = e * (2 * q + 2 * kv_seen) + 4 * heads + quadratic;
+    let o_input = if attention_output_copied(plan) {
+        e * q
+    } else {
+        0
+    };
+    let casts = 5 * e * h;
+    let mlp = 4 * e * f;
+    let no_ac = 2 * norm + casts + attention + o_input + mlp;
+    let block_input = 4 * h;
+    BlockActivations {
+        no_ac,
+        full_ac: block_input,
+        selective_op: no_ac,
+        selective_op_overlap: 0,
+        mlp_transient: block_input + 2 * e * f,
+        attn_transient: block_input + e * (2 * q + 2 * kv_seen) + 4 * q,
+        ffn_saved: norm + 2 * e * h + mlp + o_input,
+        // The final norm and the output projection's own cast of its input.
+        head: norm + e * h,
+        input_alias: norm_input_saved(m.norm, fused_norm, 4, h),
+        per_block: 0,
+        first_block_less: 0,
     }
 }
 

@@ -439,12 +439,15 @@ fn stage(plan: &Plan, index: u64) -> Stage {
     };
     let rotary = match plan.implementation.rotary {
         crate::plan::Rotary::Complex => parts * 8 * b.seq_len as u128 * m.head_dim as u128,
+        // Hugging Face's cos and sin take the hidden states' dtype: the compute dtype, or
+        // under autocast the fp32 of the residual stream.
         crate::plan::Rotary::CosSin => {
-            parts
-                * 2
-                * b.seq_len as u128
-                * m.head_dim as u128
-                * plan.precision.param.bytes() as u128
+            let e = if plan.precision.autocast {
+                4
+            } else {
+                plan.precision.param.bytes() as u128
+            };
+            parts * 2 * b.seq_len as u128 * m.head_dim as u128 * e
         }
     };
     // Pipeline receive buffers (torch 2.11 `PipelineStage`): every local stage keeps one
@@ -723,7 +726,9 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     // adapters (master dtype) have gradients and optimizer states.
     let lora = plan.lora.is_some();
     let (lora_block, _) = params::lora_block_params(plan);
-    let copies = !lora && (n > 1 || pr.param != pr.master);
+    // Under autocast the weights stay in the master dtype and are cast op by op (the casts
+    // are `block_u` below), so there are no FSDP-style compute copies or their buffers.
+    let copies = !lora && !pr.autocast && (n > 1 || pr.param != pr.master);
     let on_gpu_params = plan.offload != Offload::Full;
     let states_on_gpu = plan.offload == Offload::None;
     let shard = p.shard_total();
@@ -924,7 +929,12 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     let [working, at_end, working_acc, at_end_acc] = st.working[usize::from(!copies)];
     let big = p.biggest_block();
     // Gathered parameters of a block: float8 all-gathers the linear weights in one byte.
-    let block_u = if !copies {
+    // Under autocast the weight casts it caches and backward keeps: the linears' weights in
+    // the 16-bit dtype, held as FSDP's gathered copies would be.
+    let autocast = pr.autocast;
+    let block_u = if autocast {
+        big.unsharded_linear * e
+    } else if !copies {
         0
     } else if plan.float8 {
         big.unsharded_linear + (big.unsharded - big.unsharded_linear) * e
@@ -1027,7 +1037,13 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
             at_end
         },
         block_u,
-        root_u: if copies { p.root_unsharded * e } else { 0 },
+        root_u: if copies {
+            p.root_unsharded * e
+        } else if autocast {
+            p.output_unsharded * e
+        } else {
+            0
+        },
         // Blocks whose gathered parameters are alive between forward and backward:
         // torchtitan does not reshard the last block after forward; with
         // reshard_after_forward off, none is resharded.

@@ -951,6 +951,8 @@ mod tests {
         r#"{"model":"llama3-8b","gpu":"h100-80g","num_gpus":8,"offload":"optimizer","batch":{"micro_batch_size":1,"seq_len":4096},"implementation":{"optimizer":"per-param","logits":"compute-dtype"}}"#,
         r#"{"model":"llama3-8b","gpu":"rtx4090-24g","num_gpus":1,"preset":"hf-transformers","precision":{"param":"bf16","master":"fp32","reduce":"bf16"},"batch":{"micro_batch_size":2,"seq_len":2048},"lora":{"rank":16,"targets":"all-linear","dropout":0.05}}"#,
         r#"{"model":"tiny","gpu":"cpu","num_gpus":1,"preset":"hf-transformers","precision":{"param":"fp32","master":"fp32","reduce":"fp32"},"batch":{"micro_batch_size":2,"seq_len":128},"activation_checkpointing":"full","lora":{"rank":8,"targets":"q,v","dropout":0.0}}"#,
+        r#"{"model":"llama3-8b","gpu":"h100-80g","num_gpus":1,"preset":"hf-transformers","precision":{"param":"bf16","master":"fp32","reduce":"fp32","autocast":true},"batch":{"micro_batch_size":1,"seq_len":2048}}"#,
+        r#"{"model":"tiny","gpu":"cpu","num_gpus":1,"precision":{"param":"bf16","master":"fp32","reduce":"fp32","autocast":true},"batch":{"micro_batch_size":2,"seq_len":128,"grad_accum_steps":2},"activation_checkpointing":"full"}"#,
     ];
 
     #[test]
