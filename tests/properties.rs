@@ -153,6 +153,33 @@ proptest! {
         prop_assert!(at(&lora(rank, k.batch, "all-linear")) >= at(&p));
     }
 
+    /// Autocast plans: the event trace reproduces every phase, and bytes never fall as the
+    /// batch grows.
+    #[test]
+    fn autocast_plans_trace_their_phases(k in knobs(), gc in any::<bool>(), hf in any::<bool>()) {
+        let autocast = |batch: u64| {
+            serde_json::from_str::<PlanFile>(&format!(
+                r#"{{"model":"{}","num_gpus":1,"preset":"{}",
+                    "batch":{{"micro_batch_size":{batch},"seq_len":{},"grad_accum_steps":{}}},
+                    "precision":{{"param":"bf16","master":"fp32","reduce":"fp32","autocast":true}},
+                    "activation_checkpointing":"{}"}}"#,
+                k.model,
+                if hf { "hf-transformers" } else { "torchtitan-2024.12" },
+                k.seq, k.accum,
+                if gc { "full" } else { "none" },
+            )).unwrap().resolve().unwrap()
+        };
+        let p = autocast(k.batch);
+        let e = estimate(&p).unwrap();
+        let t = memplan::estimate::trace::trace(&p, 0).unwrap();
+        for ((_, sum), want) in t.points().unwrap().iter().zip(e.per_gpu.timeline.iter()) {
+            prop_assert_eq!(*sum, want.allocated_bytes.get(), "{:?}", want);
+        }
+        prop_assert_eq!(t.peak().unwrap().0, e.per_gpu.peak_allocated_bytes.get());
+        let bigger = estimate(&autocast(k.batch + 1)).unwrap().per_gpu.peak_allocated_bytes;
+        prop_assert!(bigger >= e.per_gpu.peak_allocated_bytes);
+    }
+
     /// `estimate` reports the most loaded pipeline stage having looked at the first and the
     /// last only ("they bound every stage"); `estimate_stage` estimates each stage alone, and
     /// each stage's own event trace, walked independently, peaks at that stage's figure.
