@@ -616,6 +616,9 @@ pub(crate) struct Quantities {
     /// elements that train (none under LoRA), for its gradients and optimizer states.
     pub root_master: u128,
     pub root_trainable: u128,
+    /// What the first walked block's backward does not allocate for its incoming gradient
+    /// (a pipeline stage's receive buffer holds it).
+    pub recv_incoming: u128,
     /// Blocks on the stage.
     pub layers: u128,
     /// Blocks whose activations `per_mb` holds and one backward walks: the stage's, or on an
@@ -880,6 +883,10 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
                 };
                 interleaved_peak(plan, st.rank, &chunks)
             });
+    let walk_on_last = match interleaved {
+        Some((.., on_last)) => on_last,
+        None => p.last,
+    };
     let (
         per_mb,
         others_forward,
@@ -1022,6 +1029,15 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         projection_backward: if pipelined && p.last && grads_prior > 0 {
             let grad_elem = if copies { e } else { m };
             p.output_unsharded * grad_elem + st.tokens * plan.model.hidden as u128 * e
+        } else {
+            0
+        },
+        // The first block a stage walks in backward gets its output's gradient in the
+        // pipeline's receive buffer (counted with the inputs), not in a tensor of its own,
+        // unless its stage (chunk) is the last, where the final norm's backward makes it. The
+        // accumulating working set already leaves it out.
+        recv_incoming: if pipelined && !walk_on_last && !(grads_prior > 0 && !upcast_accumulation) {
+            stage_act
         } else {
             0
         },
@@ -1202,7 +1218,11 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                     // Measured on the CPU (tiny and small at 64 tokens): at the block's end its
                     // own saved tensors are already freed; counting them there put the
                     // backward peak one block's activations too high (+3.7% on tiny).
-                    for (acts_blocks, w_) in [(l - j, working), (l - j - 1, at_end)] {
+                    let first = if j == 0 { q.recv_incoming } else { 0 };
+                    for (acts_blocks, w_) in [
+                        (l - j, working.saturating_sub(first)),
+                        (l - j - 1, at_end.saturating_sub(first)),
+                    ] {
                         let c = [
                             fixed[0],
                             fixed[1],

@@ -749,8 +749,11 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                     layer(i, Part::Recompute),
                     0,
                 )?;
+                // The first block's incoming gradient is the receive buffer on a pipeline
+                // stage (`Quantities::recv_incoming`).
+                let first = if j == 0 { q.recv_incoming } else { 0 };
                 working.push(w.alloc(
-                    q.working - recompute,
+                    (q.working - recompute).saturating_sub(first),
                     Category::BackwardWorkingSet,
                     layer(i, Part::Grad),
                     0,
@@ -765,7 +768,7 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                 working.reverse();
                 w.free_all(&mut working);
                 let end = w.alloc(
-                    q.at_end,
+                    q.at_end.saturating_sub(first),
                     Category::BackwardWorkingSet,
                     layer(i, Part::Grad),
                     0,
