@@ -1036,7 +1036,7 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         // pipeline's receive buffer (counted with the inputs), not in a tensor of its own,
         // unless its stage (chunk) is the last, where the final norm's backward makes it. The
         // accumulating working set already leaves it out.
-        recv_incoming: if pipelined && !walk_on_last && !(grads_prior > 0 && !upcast_accumulation) {
+        recv_incoming: if pipelined && !walk_on_last && (grads_prior == 0 || upcast_accumulation) {
             stage_act
         } else {
             0
