@@ -619,6 +619,9 @@ pub(crate) struct Quantities {
     /// What the first walked block's backward does not allocate for its incoming gradient
     /// (a pipeline stage's receive buffer holds it).
     pub recv_incoming: u128,
+    /// Whether the backward walked is the last stage's (on an interleaved rank, whether its
+    /// chunk is the last global stage): only then is that micro-batch's loss input still held.
+    pub walk_on_last: bool,
     /// Blocks on the stage.
     pub layers: u128,
     /// Blocks whose activations `per_mb` holds and one backward walks: the stage's, or on an
@@ -1036,6 +1039,7 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         // pipeline's receive buffer (counted with the inputs), not in a tensor of its own,
         // unless its stage (chunk) is the last, where the final norm's backward makes it. The
         // accumulating working set already leaves it out.
+        walk_on_last,
         recv_incoming: if pipelined && !walk_on_last && (grads_prior == 0 || upcast_accumulation) {
             stage_act
         } else {
@@ -1238,7 +1242,11 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                 }
                 let c = best.1;
                 (w.0[1], w.0[2], w.0[3], w.0[6], w.0[7]) = (c[0], c[1], c[2], c[3], c[4]);
-                w.0[8] = lg.held_in_backward;
+                w.0[8] = if q.walk_on_last {
+                    lg.held_in_backward
+                } else {
+                    0
+                };
             }
             Phase::BackwardEnd => {
                 // The root's post-backward, after every block: FSDP2 reshards the root's
@@ -1248,7 +1256,11 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                 w.0[2] = grads_prior.max(q.blocks_grads);
                 w.0[3] = q.root_grads + q.root_rs;
                 w.0[6] = others;
-                w.0[8] = lg.held_in_backward;
+                w.0[8] = if q.walk_on_last {
+                    lg.held_in_backward
+                } else {
+                    0
+                };
                 if q.fsdp_pp && !plan.reshard_after_forward {
                     // Still unsharded: under pipelining the root's post-backward neither
                     // reshards nor reduces. (The schedule's end, REDUCE_GRAD, reshards each

@@ -699,7 +699,7 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
             }
             // A pipeline schedule caches the last stage's output (the loss input) until the
             // micro-batch's backward is done.
-            let held_output = if pipelined && p.last {
+            let held_output = if pipelined && p.last && q.walk_on_last {
                 slots[logits::loss_input_slot(plan) as usize].take()
             } else {
                 None
