@@ -346,22 +346,42 @@ fn every_pipeline_stage_matches_torch_2_11_pipelining_measured_on_cpu() {
     assert_eq!(stages, 50);
 }
 
-/// The lines of a file of torch measurements in tests/data (JSON lines, one case each), each
-/// parsed, with its `measured` peaks (per stage or per rank).
-fn measured_cases(file: &str) -> Vec<(String, serde_json::Value, Vec<u64>)> {
+/// The records of a file of measurements in tests/data (JSON lines, one case each), parsed.
+fn records(file: &str) -> Vec<serde_json::Value> {
     let path = format!("{}/tests/data/{file}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read_to_string(path)
         .unwrap()
         .lines()
-        .map(|line| {
-            let c: serde_json::Value = serde_json::from_str(line).unwrap();
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+/// The `"lora"` member of a plan for a record of src/trainer/hf_reference.py (its "qkvo"
+/// targets are the plan's "attention"), with `extra` members appended (e.g. the quantisation).
+fn lora_member(lora: &serde_json::Value, extra: &str) -> String {
+    let targets = match lora["targets"].as_str().unwrap() {
+        "qkvo" => "attention",
+        t => t,
+    };
+    format!(
+        r#""lora":{{"rank":{},"targets":"{targets}","dropout":{}{extra}}}"#,
+        lora["r"], lora["dropout"]
+    )
+}
+
+/// The lines of a file of torch measurements in tests/data (JSON lines, one case each), each
+/// parsed, with its `measured` peaks (per stage or per rank).
+fn measured_cases(file: &str) -> Vec<(String, serde_json::Value, Vec<u64>)> {
+    records(file)
+        .into_iter()
+        .map(|c| {
             let measured = c["measured"]
                 .as_array()
                 .unwrap()
                 .iter()
                 .map(|v| v.as_u64().unwrap())
                 .collect();
-            (line.to_string(), c, measured)
+            (c.to_string(), c, measured)
         })
         .collect()
 }
@@ -508,16 +528,11 @@ fn bf16_pipelines_match_torch_2_11_on_their_most_loaded_stage() {
 /// and 16, attention and all-linear targets, dropout 0 and 0.05, fp32 and bf16 base, with and
 /// without checkpointing) is within 0.41%: 27 configurations. The remainders are CPU-only
 /// (checkpointing's saved CPU RNG state, 5,056 B per block) or a few scalars. Trainer's
-/// `bf16=True` (autocast over fp32 weights) is not modelled and not held here.
+/// `bf16=True` (autocast over fp32 weights) is held by the autocast test below.
 #[test]
 fn transformers_and_peft_steps_match_measured_on_cpu() {
-    let path = format!(
-        "{}/tests/data/hf_transformers_torch_2.11.jsonl",
-        env!("CARGO_MANIFEST_DIR")
-    );
     let mut n = 0;
-    for line in std::fs::read_to_string(path).unwrap().lines() {
-        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+    for r in records("hf_transformers_torch_2.11.jsonl") {
         if r["amp"] != "none" || r["attn_mask"] == true || r["use_cache"] == true {
             continue;
         }
@@ -528,21 +543,10 @@ fn transformers_and_peft_steps_match_measured_on_cpu() {
             other => panic!("{other:?}"),
         };
         let dt = r["dtype"].as_str().unwrap();
-        let lora = &r["lora"];
-        let (master, lora_section) = if lora.is_null() {
-            (dt.to_string(), String::new())
+        let (master, lora_section) = if r["lora"].is_null() {
+            (dt, String::new())
         } else {
-            let targets = match lora["targets"].as_str().unwrap() {
-                "qkvo" => "attention",
-                t => t,
-            };
-            (
-                "fp32".to_string(),
-                format!(
-                    r#","lora":{{"rank":{},"targets":"{targets}","dropout":{}}}"#,
-                    lora["r"], lora["dropout"]
-                ),
-            )
+            ("fp32", format!(",{}", lora_member(&r["lora"], "")))
         };
         let plan = plan(&format!(
             r#"{{"model":{model},"gpu":"cpu","num_gpus":1,"preset":"hf-transformers",
@@ -654,13 +658,8 @@ fn expert_parallel_moe_plans_match_torchtitan_0_2_2_measured_on_cpu() {
 /// and a layer so wide for its tokens that its dequantised weight is the peak.
 #[test]
 fn qlora_steps_match_bitsandbytes_measured_on_cpu() {
-    let path = format!(
-        "{}/tests/data/qlora_torch_2.11.jsonl",
-        env!("CARGO_MANIFEST_DIR")
-    );
     let mut n = 0;
-    for line in std::fs::read_to_string(path).unwrap().lines() {
-        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+    for r in records("qlora_torch_2.11.jsonl") {
         let q = &r["qlora"];
         if q.is_null()
             || r["optim"] != "adamw_torch_fused"
@@ -676,24 +675,17 @@ fn qlora_steps_match_bitsandbytes_measured_on_cpu() {
         } else {
             "bf16"
         };
-        let lora = &r["lora"];
-        let targets = match lora["targets"].as_str().unwrap() {
-            "qkvo" => "attention",
-            t => t,
-        };
+        let quant = if q["dq"] == true { "nf4-dq" } else { "nf4" };
         let plan = plan(&format!(
             r#"{{"model":{},"gpu":"cpu","num_gpus":1,"preset":"hf-transformers",
                 "batch":{{"micro_batch_size":{},"seq_len":{}}},
                 "precision":{{"param":"{dt}","master":"fp32","reduce":"{dt}"}},
-                "activation_checkpointing":"{}",
-                "lora":{{"rank":{},"targets":"{targets}","dropout":{},"quant":"{}"}}}}"#,
+                "activation_checkpointing":"{}",{}}}"#,
             r["profile"],
             r["batch"],
             r["seq"],
             if r["gc"] == true { "full" } else { "none" },
-            lora["r"],
-            lora["dropout"],
-            if q["dq"] == true { "nf4-dq" } else { "nf4" },
+            lora_member(&r["lora"], &format!(r#","quant":"{quant}""#)),
         ));
         let measured = r["steady_peak"].as_u64().unwrap() as f64;
         let pred = estimate(&plan).unwrap().per_gpu.peak_allocated_bytes.get() as f64;
@@ -724,13 +716,8 @@ fn autocast_steps_match_transformers_and_torchtitan_measured_on_cpu() {
             .peak_allocated_bytes
             .get() as f64
     };
-    let path = format!(
-        "{}/tests/data/hf_transformers_torch_2.11.jsonl",
-        env!("CARGO_MANIFEST_DIR")
-    );
     let mut n = 0;
-    for line in std::fs::read_to_string(path).unwrap().lines() {
-        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+    for r in records("hf_transformers_torch_2.11.jsonl") {
         if r["amp"] != "bf16" || r["use_cache"] == true || !r["lora"].is_null() {
             continue;
         }
@@ -755,14 +742,8 @@ fn autocast_steps_match_transformers_and_torchtitan_measured_on_cpu() {
     }
     assert_eq!(n, 3);
     // torchtitan 0.2.2 on one device: autocast to bf16 by default.
-    let tt = std::fs::read_to_string(format!(
-        "{}/tests/data/torchtitan_0.2.2_torch_2.11.jsonl",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap();
-    let a1: serde_json::Value = tt
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let a1 = records("torchtitan_0.2.2_torch_2.11.jsonl")
+        .into_iter()
         .find(|r| r["name"] == "A1-amp")
         .unwrap();
     let pred = at(r#"{"model":"tiny","gpu":"cpu","num_gpus":1,
