@@ -95,6 +95,45 @@ pub struct BlockActivations {
     pub first_block_less: u128,
 }
 
+/// (hidden, q width, k/v width, intermediate) of a block: h, heads x head_dim, kv_heads x
+/// head_dim, f.
+pub(crate) fn block_dims(m: &crate::profiles::ModelSpec) -> (u128, u128, u128, u128) {
+    (
+        m.hidden as u128,
+        m.q_dim() as u128,
+        m.kv_dim() as u128,
+        m.intermediate as u128,
+    )
+}
+
+/// Width of K and V as the attention kernel sees them: `repeat_kv` expands and reshapes them
+/// to q's width; with one KV head the merged dims are (1, n_rep), which a reshape can view (a
+/// size-1 dim's stride is free), so nothing is copied; native GQA passes them as they are.
+pub(crate) fn kv_seen(plan: &Plan) -> u128 {
+    let m = &plan.model;
+    match plan.implementation.gqa {
+        Gqa::RepeatKv if m.kv_heads > 1 => m.q_dim() as u128,
+        Gqa::RepeatKv | Gqa::Native => m.kv_dim() as u128,
+    }
+}
+
+/// The softmax probabilities the math attention backend saves, per token: heads x (causal row
+/// of the full sequence) in the compute dtype; none with flash or efficient attention.
+fn probabilities(plan: &Plan, e: u128) -> u128 {
+    match plan.implementation.attention {
+        Attention::Math => e * plan.model.heads as u128 * plan.batch.seq_len as u128,
+        Attention::Flash | Attention::Efficient => 0,
+    }
+}
+
+/// What attention saves per token in a Llama-layout block without tensor parallelism: q, k,
+/// v as the kernel sees them, its output, the fp32 log-sum-exp, and the math backend's
+/// probabilities.
+fn attention_saved(plan: &Plan, e: u128) -> u128 {
+    let q = plan.model.q_dim() as u128;
+    e * (2 * q + 2 * kv_seen(plan)) + 4 * plan.model.heads as u128 + probabilities(plan, e)
+}
+
 /// Per-token saved bytes of one block for `plan`: a dense block, or an MoE block when
 /// `moe` is set (the model must have an MoE layout).
 ///
@@ -117,12 +156,7 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
     let par = &plan.parallel;
     let imp = &plan.implementation;
     let e = plan.precision.param.bytes() as u128;
-    let (h, q, kv, f) = (
-        m.hidden as u128,
-        m.q_dim() as u128,
-        m.kv_dim() as u128,
-        m.intermediate as u128,
-    );
+    let (h, q, kv, f) = block_dims(m);
     let heads = m.heads as u128;
     let tp = par.tp as u128;
     let sp_div = if par.sp { tp } else { 1 };
@@ -157,13 +191,7 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
     } else {
         0
     };
-    // K and V as the attention kernel sees them.
-    // `repeat_kv` expands and reshapes; with one KV head the merged dims are (1, n_rep), which
-    // a reshape can view (a size-1 dim's stride is free), so nothing is copied.
-    let kv_seen = match imp.gqa {
-        Gqa::RepeatKv if m.kv_heads > 1 => q,
-        Gqa::RepeatKv | Gqa::Native => kv,
-    };
+    let kv_seen = kv_seen(plan);
     // A fused q/k/v projection (Phi-3, GPT-NeoX): q and k pass through rotary (new
     // tensors), but V reaches the kernel as a view of the fused output unless `repeat_kv`
     // copies it (n_rep > 1), and a saved view keeps its whole base alive: e(q + 2kv).
@@ -176,11 +204,7 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
     };
     let lse = div(4 * heads, tp);
     let seq = plan.batch.seq_len as u128;
-    let quadratic = match imp.attention {
-        // softmax output, heads x (causal row of the full sequence) per token
-        Attention::Math => div(e * heads * seq, tp),
-        Attention::Flash | Attention::Efficient => 0,
-    };
+    let quadratic = div(probabilities(plan, e), tp);
     // Gemma 2's soft-capped scores: with `math`, taken as Hugging Face's eager attention,
     // which saves the tanh output (e) and the fp32 softmax output (4) beside the e-byte
     // probabilities. Flash-attention (2.6 and later) caps inside the kernel and saves what it
@@ -381,25 +405,11 @@ fn autocast_block(plan: &Plan) -> BlockActivations {
     let m = &plan.model;
     let imp = &plan.implementation;
     let e = plan.precision.param.bytes() as u128;
-    let (h, q, kv, f) = (
-        m.hidden as u128,
-        m.q_dim() as u128,
-        m.kv_dim() as u128,
-        m.intermediate as u128,
-    );
-    let heads = m.heads as u128;
+    let (h, q, _, f) = block_dims(m);
     let fused_norm = imp.rmsnorm == RmsNorm::Fused;
     let norm = norm_saved(m.norm, fused_norm, 4, h, 1);
-    let kv_seen = match imp.gqa {
-        Gqa::RepeatKv if m.kv_heads > 1 => q,
-        Gqa::RepeatKv | Gqa::Native => kv,
-    };
-    let seq = plan.batch.seq_len as u128;
-    let quadratic = match imp.attention {
-        Attention::Math => e * heads * seq,
-        Attention::Flash | Attention::Efficient => 0,
-    };
-    let attention = e * (2 * q + 2 * kv_seen) + 4 * heads + quadratic;
+    let kv_seen = kv_seen(plan);
+    let attention = attention_saved(plan, e);
     let o_input = if attention_output_copied(plan) {
         e * q
     } else {
@@ -450,13 +460,7 @@ fn lora_block(plan: &Plan, lora: crate::plan::Lora) -> BlockActivations {
     let imp = &plan.implementation;
     let e = plan.precision.param.bytes() as u128;
     let a = plan.precision.master.bytes() as u128;
-    let (h, q, kv, f) = (
-        m.hidden as u128,
-        m.q_dim() as u128,
-        m.kv_dim() as u128,
-        m.intermediate as u128,
-    );
-    let heads = m.heads as u128;
+    let (h, q, _, f) = block_dims(m);
     let fused_norm = imp.rmsnorm == RmsNorm::Fused;
     // A frozen norm saves what normalising needs, not the tensor its weight multiplies.
     let norm = norm_saved(m.norm, fused_norm, e, h, 1)
@@ -465,16 +469,8 @@ fn lora_block(plan: &Plan, lora: crate::plan::Lora) -> BlockActivations {
             (NormKind::RmsOnePlus, false) => 4 * h,
             _ => 0,
         };
-    let kv_seen = match imp.gqa {
-        Gqa::RepeatKv if m.kv_heads > 1 => q,
-        Gqa::RepeatKv | Gqa::Native => kv,
-    };
-    let seq = plan.batch.seq_len as u128;
-    let quadratic = match imp.attention {
-        Attention::Math => e * heads * seq,
-        Attention::Flash | Attention::Efficient => 0,
-    };
-    let attention = e * (2 * q + 2 * kv_seen) + 4 * heads + quadratic;
+    let kv_seen = kv_seen(plan);
+    let attention = attention_saved(plan, e);
     // silu's input and the product's two operands; the product itself when down is wrapped.
     let mlp = 3 * e * f;
     let r = lora.rank as u128;

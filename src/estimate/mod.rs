@@ -1075,7 +1075,16 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         // Under CPU offload each block's fp32 shard is copied to the device for its
         // all-gather and freed at the copy-in, before the block computes: never alive at
         // these peaks.
-        logits: st.logits,
+        // The loss input a pipeline caches is held only while its micro-batch's backward on
+        // the last stage (chunk) is the one walked.
+        logits: logits::LogitsBytes {
+            held_in_backward: if walk_on_last {
+                st.logits.held_in_backward
+            } else {
+                0
+            },
+            ..st.logits
+        },
         // The output weight's unsharded gradient is produced first in backward and, on the
         // root FSDP unit, reduce-scattered only at the root's post-backward after every
         // block.
@@ -1242,11 +1251,7 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                 }
                 let c = best.1;
                 (w.0[1], w.0[2], w.0[3], w.0[6], w.0[7]) = (c[0], c[1], c[2], c[3], c[4]);
-                w.0[8] = if q.walk_on_last {
-                    lg.held_in_backward
-                } else {
-                    0
-                };
+                w.0[8] = lg.held_in_backward;
             }
             Phase::BackwardEnd => {
                 // The root's post-backward, after every block: FSDP2 reshards the root's
@@ -1256,11 +1261,7 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                 w.0[2] = grads_prior.max(q.blocks_grads);
                 w.0[3] = q.root_grads + q.root_rs;
                 w.0[6] = others;
-                w.0[8] = if q.walk_on_last {
-                    lg.held_in_backward
-                } else {
-                    0
-                };
+                w.0[8] = lg.held_in_backward;
                 if q.fsdp_pp && !plan.reshard_after_forward {
                     // Still unsharded: under pipelining the root's post-backward neither
                     // reshards nor reduces. (The schedule's end, REDUCE_GRAD, reshards each

@@ -43,13 +43,7 @@ impl BlockParams {
 /// (in, out) features of each linear a LoRA adapter can wrap, in
 /// [`crate::plan::LORA_MODULES`] order: q, k, v, o, gate, up, down.
 pub fn lora_module_dims(plan: &Plan) -> [(u128, u128); 7] {
-    let m = &plan.model;
-    let (h, q, kv, f) = (
-        m.hidden as u128,
-        m.q_dim() as u128,
-        m.kv_dim() as u128,
-        m.intermediate as u128,
-    );
+    let (h, q, kv, f) = super::activations::block_dims(&plan.model);
     [(h, q), (h, kv), (h, kv), (q, h), (h, f), (h, f), (f, h)]
 }
 

@@ -200,7 +200,7 @@ fn per_module(
 /// block layouts, float8, compile and selective-layer checkpointing, whose blocks the trace
 /// keeps as one tensor per half.
 fn saved_tensors(plan: &Plan, ac: crate::plan::Checkpointing) -> Option<(Vec<u128>, usize)> {
-    use crate::plan::{Attention, Checkpointing, Gqa, RmsNorm};
+    use crate::plan::{Attention, Checkpointing, RmsNorm};
     use crate::profiles::{MlpKind, NormKind};
     let m = &plan.model;
     if m.moe.is_some()
@@ -218,12 +218,7 @@ fn saved_tensors(plan: &Plan, ac: crate::plan::Checkpointing) -> Option<(Vec<u12
         return None;
     }
     let e = plan.precision.param.bytes() as u128;
-    let (h, q, kv, f) = (
-        m.hidden as u128,
-        m.q_dim() as u128,
-        m.kv_dim() as u128,
-        m.intermediate as u128,
-    );
+    let (h, q, kv, f) = super::activations::block_dims(m);
     let (heads, tp) = (m.heads as u128, plan.parallel.tp as u128);
     let sp = if plan.parallel.sp { tp } else { 1 };
     let fused = plan.implementation.rmsnorm == RmsNorm::Fused;
@@ -234,10 +229,7 @@ fn saved_tensors(plan: &Plan, ac: crate::plan::Checkpointing) -> Option<(Vec<u12
         (NormKind::RmsOnePlus, false) => vec![4 * h, 4, 4 * h],
     };
     let norm: Vec<u128> = norm.into_iter().map(|b| div(b, sp)).collect();
-    let kv_seen = match plan.implementation.gqa {
-        Gqa::RepeatKv if m.kv_heads > 1 => q,
-        _ => kv,
-    };
+    let kv_seen = super::activations::kv_seen(plan);
     let math = plan.implementation.attention == Attention::Math;
     let mut v = Vec::with_capacity(24);
     match ac {
