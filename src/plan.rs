@@ -1132,9 +1132,9 @@ impl PlanFile {
     }
 }
 
-/// Autocast checked against what the estimator models: a dense Llama-layout decoder on one
-/// GPU per replica, a 16-bit `param` over fp32 `master` weights, with no or full checkpointing,
-/// without float8, compile or LoRA.
+/// Autocast checked against what the estimator models: a dense Llama-block decoder
+/// ([`ModelSpec::is_llama_block`]) on one GPU per replica, a 16-bit `param` over fp32
+/// `master` weights, with no or full checkpointing, without float8, compile or LoRA.
 fn check_autocast(
     model: &ModelSpec,
     [tp, pp, cp, dp_shard]: [u64; 4],
@@ -1143,17 +1143,11 @@ fn check_autocast(
     others: bool,
 ) -> Result<()> {
     let field = "precision.autocast";
-    let layout = model.moe.is_none()
-        && !model.fused_qkv
-        && !model.fused_gate_up
-        && model.mlp == crate::profiles::MlpKind::Gated
-        && model.norms_per_block == 2
-        && !model.parallel_residual;
-    if !layout {
+    if model.moe.is_some() || !model.is_llama_block() {
         return Err(Error::invalid(
             field,
             &model.name,
-            "a dense model with separate q/k/v, a gated MLP and two norms per block",
+            "a dense model of the Llama block layout (Llama, Mistral, Qwen2)",
         ));
     }
     if [tp, pp, cp, dp_shard] != [1; 4] {
@@ -1180,9 +1174,10 @@ fn check_autocast(
     Ok(())
 }
 
-/// A LoRA section checked against what the estimator models: a dense Llama-layout decoder
-/// (separate q/k/v, gated MLP) on one GPU per replica, without offload, float8 or compile, and
-/// with no checkpointing or full checkpointing (what Transformers' gradient checkpointing does).
+/// A LoRA section checked against what the estimator models: a dense Llama-block decoder
+/// ([`ModelSpec::is_llama_block`]: no q/k norms, soft-caps, extra norms or fusions) on one GPU
+/// per replica, without offload, float8 or compile, and with no checkpointing or full
+/// checkpointing (what Transformers' gradient checkpointing does).
 fn resolve_lora(
     l: &LoraFile,
     model: &ModelSpec,
@@ -1204,16 +1199,11 @@ fn resolve_lora(
             ))
         }
     };
-    let layout = model.moe.is_none()
-        && !model.fused_qkv
-        && !model.fused_gate_up
-        && model.mlp == crate::profiles::MlpKind::Gated
-        && !model.parallel_residual;
-    if !layout {
+    if model.moe.is_some() || !model.is_llama_block() {
         return Err(Error::invalid(
             "lora",
             &model.name,
-            "a dense model with separate q/k/v and a gated MLP (Llama, Mistral, Qwen2 layout)",
+            "a dense model of the Llama block layout (Llama, Mistral, Qwen2)",
         ));
     }
     if [tp, pp, cp, dp_shard] != [1; 4] {

@@ -551,6 +551,21 @@ fn lora_errors_name_the_flag_and_what_is_accepted() {
         .code(2)
         .stderr(predicate::str::contains("lora"))
         .stderr(predicate::str::contains("one GPU per model replica"));
+    // A block the LoRA model does not describe (Gemma 2: four norms, soft-capped scores) is
+    // refused, not estimated as a Llama block.
+    memplan()
+        .args([
+            "estimate",
+            "--model",
+            "tests/data/hf/gemma-2-2b.json",
+            "--num-gpus",
+            "1",
+            "--lora-rank",
+            "8",
+        ])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("Llama block layout"));
     memplan()
         .args(base)
         .args(["--preset", "megatron"])
