@@ -204,6 +204,12 @@ pub fn search(base: &PlanFile, c: &Constraints) -> Result<SearchResult> {
         .into_iter()
         .filter(|ac| !lora || matches!(ac, Checkpointing::None | Checkpointing::Full))
         .collect();
+    // The LoRA ranks tried: the plan's own (None) unless the constraints name some.
+    let lora_ranks: Vec<Option<u64>> = if c.lora_ranks.is_empty() {
+        vec![None]
+    } else {
+        c.lora_ranks.iter().map(|&r| Some(r)).collect()
+    };
     let mut layouts = 0u64;
     let mut estimates = 0u64;
     let mut out = Vec::new();
@@ -226,14 +232,10 @@ pub fn search(base: &PlanFile, c: &Constraints) -> Result<SearchResult> {
                     } else {
                         vec![1]
                     };
-                    for (ep, rank) in eps.iter().flat_map(|&e| {
-                        let ranks: Vec<Option<u64>> = if c.lora_ranks.is_empty() {
-                            vec![None]
-                        } else {
-                            c.lora_ranks.iter().map(|&r| Some(r)).collect()
-                        };
-                        ranks.into_iter().map(move |r| (e, r))
-                    }) {
+                    for (ep, rank) in eps
+                        .iter()
+                        .flat_map(|&e| lora_ranks.iter().map(move |&r| (e, r)))
+                    {
                         let mut file = base.clone();
                         if let Some(r) = rank {
                             let mut l = file.lora.take().unwrap_or_default();
