@@ -370,56 +370,16 @@ def forward_loss(batch, num_items):
 PT = cfg.get("peak_trace")
 oplog = []  # (first event index, last event index, op, module, phase, outputs)
 phase = ["-"]
-n_events = [0]
 if PT:
-    from torch.utils._python_dispatch import TorchDispatchMode
-    lib.mp_trace_pending.restype = ctypes.c_int64
-    lib.mp_trace_take.restype = ctypes.c_int64
-    _names = {id(m): n for n, m in model.named_modules()}
-    _stack = []
-    torch.nn.modules.module.register_module_forward_pre_hook(lambda m, a: _stack.append(_names.get(id(m), "?")))
+    from reference_shim import OpTrace
 
-    def _post(m, a, o):
-        if _stack:
-            _stack.pop()
-
-    torch.nn.modules.module.register_module_forward_hook(_post)
-
-    class OpLog(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            n0 = lib.mp_trace_pending()
-            out = func(*args, **(kwargs or {}))
-            n1 = lib.mp_trace_pending()
-            if n1 > n0:
-                outs = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if torch.is_tensor(o)]
-                oplog.append((n0, n1, str(func.overloadpacket.__name__), _stack[-1] if _stack else "-", phase[0],
-                              [(str(o.dtype).replace("torch.", ""), list(o.shape)) for o in outs]))
-            return out
-
-    def take_events():
-        n = lib.mp_trace_pending()
-        buf = (ctypes.c_int64 * (4 * n))()
-        got = lib.mp_trace_take(buf, n)
-        return [tuple(buf[4 * i:4 * i + 4]) for i in range(got)]
+    tracer = OpTrace(lib, model, phase, oplog)
+    OpLog, take_events = tracer.mode, tracer.take_events
 
     def peak_report(start_current, events, lo=0, hi=None):
-        """Replays the events; at the highest point within events [lo, hi) lists what is alive that was allocated
-        during the step, grouped by (phase, module, op, first output), with each group's distinct block sizes."""
-        who = {}
-        for (n0, n1, op, mod, ph, outs) in oplog:
-            for i in range(n0, n1):
-                who[i] = (ph, mod, op, outs)
-        hi = len(events) if hi is None else hi
-        live, cur, best, best_i, snaps = {}, start_current, -1, -1, {}
-        for i, (kind, aid, nb, tag) in enumerate(events):
-            if kind == 0:
-                live[aid] = (nb, who.get(i, ("?", "-", "?", [])))
-                cur += nb
-            else:
-                if aid in live:
-                    cur -= live.pop(aid)[0]
-            if lo <= i < hi and cur > best:
-                best, best_i, snaps = cur, i, dict(live)
+        """At the highest point within events [lo, hi), what is alive that was allocated during the step,
+        grouped by (phase, module, op, first output), with each group's distinct block sizes."""
+        best, best_i, snaps = tracer.alive_at_peak(start_current, events, lo, hi)
         rows = {}
         for aid, (nb, (ph, mod, op, outs)) in snaps.items():
             k = (ph, mod, op, str(outs[:1]))

@@ -129,61 +129,28 @@ setup = counter()[0] - base
 PT = cfg.get("peak_trace")
 oplog, phase = [], ["-"]
 if PT:
-    from torch.utils._python_dispatch import TorchDispatchMode
-    lib.mp_trace_pending.restype = ctypes.c_int64
-    lib.mp_trace_take.restype = ctypes.c_int64
-    names = {id(m): n for n, m in model.named_modules()}
-    stack = []
-    torch.nn.modules.module.register_module_forward_pre_hook(lambda m, a: stack.append(names.get(id(m), "?")))
+    from reference_shim import OpTrace
 
-    def _post(m, a, o):  # must return None (a forward hook's return value replaces the output)
-        if stack:
-            stack.pop()
-
-    torch.nn.modules.module.register_module_forward_hook(_post)
-
-    class OpLog(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            n0 = lib.mp_trace_pending()
-            out = func(*args, **(kwargs or {}))
-            n1 = lib.mp_trace_pending()
-            if n1 > n0:
-                outs = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if torch.is_tensor(o)]
-                oplog.append((n0, n1, func.overloadpacket.__name__, stack[-1] if stack else "-", phase[0],
-                              [(str(o.dtype).replace("torch.", ""), list(o.shape)) for o in outs[:1]]))
-            return out
-
-    def take_events():
-        n = lib.mp_trace_pending()
-        buf = (ctypes.c_int64 * (4 * n))()
-        got = lib.mp_trace_take(buf, n)
-        return [tuple(buf[4 * i:4 * i + 4]) for i in range(got)]
+    tracer = OpTrace(lib, model, phase, oplog)
+    OpLog, take_events = tracer.mode, tracer.take_events
 
     def peak_report(start, events):
-        who = {}
-        for n0, n1, op, mod, ph, outs in oplog:
-            for i in range(n0, n1):
-                who[i] = (ph, mod, op, outs)
-        live, cur, best, snap, best_i = {}, start, -1, {}, -1
-        for i, (kind, aid, nb, tag) in enumerate(events):
-            if kind == 0:
-                live[aid] = (nb, who.get(i, ("?", "-", "?", [])))
-                cur += nb
-            elif aid in live:
-                cur -= live.pop(aid)[0]
-            if cur > best:
-                best, best_i, snap = cur, i, dict(live)
+        best, best_i, snap = tracer.alive_at_peak(start, events)
+        # Groups and the full listing name each allocation by its op's first output.
+        first = lambda w: (*w[:3], w[3][:1])
         rows = {}
-        for aid, (nb, (ph, mod, op, outs)) in snap.items():
+        for aid, (nb, w) in snap.items():
+            ph, mod, op, outs = first(w)
             r = rows.setdefault((ph, mod, op, str(outs)), [0, 0])
             r[0] += nb
             r[1] += 1
         seq = None
         if PT == "full":  # every event in order: [alloc/free, id, bytes, phase, module, op, outs, current]
+            who = tracer.owners()
             seq, cur2, ids = [], start, {}
             for i, (kind, aid, nb, tag) in enumerate(events):
                 if kind == 0:
-                    ids[aid] = (nb, who.get(i, ("?", "-", "?", [])))
+                    ids[aid] = (nb, first(who.get(i, ("?", "-", "?", []))))
                     cur2 += nb
                     seq.append(["A", aid, nb, *ids[aid][1], cur2])
                 elif aid in ids:
