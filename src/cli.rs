@@ -307,7 +307,7 @@ pub struct PlanArgs {
     /// flash, efficient, math.
     #[arg(long)]
     pub attention: Option<String>,
-    /// eager, fused.
+    /// eager, fused, composite.
     #[arg(long)]
     pub rmsnorm: Option<String>,
     /// repeat-kv, native.
@@ -322,11 +322,16 @@ pub struct PlanArgs {
     /// With TP, compute the loss on vocabulary-sharded logits (default: on, as torchtitan).
     #[arg(long)]
     pub loss_parallel: Option<bool>,
-    /// complex (torchtitan's freqs_cis), cos-sin (Hugging Face's per-forward cos and sin).
+    /// complex (torchtitan's freqs_cis for 2 x seq), complex-seq (for seq, torchtitan of 2025
+    /// on), cos-sin (Hugging Face's per-forward cos and sin).
     #[arg(long)]
     pub rotary: Option<String>,
+    /// FSDP units and what stays gathered after forward: root-keep-last, root, split,
+    /// split-always.
+    #[arg(long)]
+    pub fsdp_units: Option<String>,
     /// The framework whose implementation choices are the defaults: torchtitan-2024.12,
-    /// hf-transformers (`memplan profiles` lists them). Implementation flags still override.
+    /// torchtitan-0.2, hf-transformers (`memplan profiles` lists them). Implementation flags still override.
     #[arg(long)]
     pub preset: Option<String>,
     /// LoRA adapter rank on a frozen base (peft's `r`); turns LoRA on.
@@ -421,6 +426,7 @@ impl PlanArgs {
             optimizer: self.optimizer_impl.clone(),
             loss_parallel: self.loss_parallel,
             rotary: self.rotary.clone(),
+            fsdp_units: self.fsdp_units.clone(),
         };
         top.preset = self.preset.clone();
         if self.lora_rank.is_some()

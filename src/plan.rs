@@ -136,6 +136,7 @@ pub struct ImplementationFile {
     pub optimizer: Option<String>,
     pub loss_parallel: Option<bool>,
     pub rotary: Option<String>,
+    pub fsdp_units: Option<String>,
 }
 
 /// A named choice parsed from text, with the list of accepted spellings for errors.
@@ -309,6 +310,10 @@ choice!(
         /// One fused kernel (torch.compile, `torch.nn.RMSNorm` fused path): saves the input and
         /// the per-row reciprocal RMS.
         Fused = "fused",
+        /// `torch.nn.RMSNorm` where no fused kernel runs (on the CPU in torch 2.11, where
+        /// `F.rms_norm` decomposes): the fp32 copy, rsqrt and the normalised tensor kept in
+        /// fp32 (measured with torchtitan 0.2.2 on CPU; a GPU runs the fused kernel).
+        Composite = "composite",
     }
 );
 
@@ -334,6 +339,10 @@ choice!(
         FloatOutputKept = "float-output-kept",
         /// The model returns bf16 logits; the loss upcasts them.
         FloatInLoss = "float-in-loss",
+        /// As float-in-loss, and the training loop keeps the model's logits alive through
+        /// backward (`logits = model(x); loss = F.cross_entropy(logits.float()...)` with no
+        /// `del`: the loop of PyTorch's tutorials, measured on torch 2.11).
+        FloatInLossKept = "float-in-loss-kept",
         /// Cross-entropy in the compute dtype, no upcast.
         ComputeDtype = "compute-dtype",
     }
@@ -372,6 +381,30 @@ choice!(
         /// Hugging Face's rotary module: `cos` and `sin` for the batch's positions in the
         /// compute dtype, made by each forward (2 x seq x head_dim x e bytes).
         CosSin = "cos-sin",
+        /// torchtitan of 2025 on: complex64 `freqs_cis` for the run's `seq_len` positions only
+        /// (`update_from_config` sets `max_seq_len = training.seq_len`; 4 x seq x head_dim
+        /// bytes).
+        ComplexSeq = "complex-seq",
+    }
+);
+
+choice!(
+    /// FSDP's units, and which of them stay unsharded from forward to backward
+    /// (`reshard_after_forward: false` keeps every one).
+    FsdpUnits, "implementation.fsdp_units" {
+        /// torchtitan of December 2024: one unit per block and the root holding the embedding,
+        /// final norm and output; the root and the last block stay unsharded after forward.
+        RootKeepLast = "root-keep-last",
+        /// `fully_shard` per block and on the model with its defaults (plain PyTorch,
+        /// accelerate): every block resharded after forward, the root (embedding, final norm,
+        /// output) not.
+        Root = "root",
+        /// torchtitan of 2025 on (0.1 to 0.2.x, `fsdp_reshard_after_forward = "default"`): the
+        /// embedding, each block, and [final norm, output] are units, the root holds no
+        /// parameter; all but [norm, output] are resharded after forward.
+        Split = "split",
+        /// As split, every unit resharded (`fsdp_reshard_after_forward = "always"`).
+        SplitAlways = "split-always",
     }
 );
 
@@ -447,6 +480,7 @@ pub struct Implementation {
     pub logits: Logits,
     pub optimizer: OptimizerImpl,
     pub rotary: Rotary,
+    pub fsdp_units: FsdpUnits,
     /// With TP: the output projection keeps its vocabulary-sharded logits and the loss is
     /// computed on the shards (torchtitan's default, `disable_loss_parallel = false`); off,
     /// every rank gathers the whole vocabulary's logits. No effect without TP.
@@ -464,6 +498,7 @@ impl Default for Implementation {
             logits: Logits::FloatInLoss,
             optimizer: OptimizerImpl::Foreach,
             rotary: Rotary::Complex,
+            fsdp_units: FsdpUnits::RootKeepLast,
             loss_parallel: true,
         }
     }
@@ -479,12 +514,29 @@ choice! {
         /// the loss upcasting the logits (`ForCausalLMLoss`: `logits.float()`), and
         /// `adamw_torch_fused`, Trainer's default optimizer on torch 2.8 and later.
         HfTransformers = "hf-transformers" | "transformers" | "hf",
+        /// torchtitan 0.1 to 0.2.x (2025 to February 2026; measured with 0.2.2's own Llama3
+        /// model, `parallelize_llama`, loss and optimizers on torch 2.11): SDPA with native GQA,
+        /// `torch.nn.RMSNorm` (fused on a GPU), bf16 logits upcast in the loss, fused AdamW,
+        /// a rotary table for `seq_len` positions, and the FSDP units embedding, blocks and
+        /// [norm, output].
+        Torchtitan02 = "torchtitan-0.2" | "torchtitan-0.2.2" | "torchtitan-2025",
+        /// A training loop written by hand on torch 2.11 as its tutorials write it (measured):
+        /// `nn.RMSNorm`, SDPA with `enable_gqa`, a rotary table for `seq_len`, the loss
+        /// `F.cross_entropy(logits.float(), ...)` with the logits kept through backward,
+        /// `torch.optim.AdamW` (foreach), `fully_shard` on every block and on the model with
+        /// its defaults.
+        PlainPytorch = "plain-pytorch" | "pytorch",
     }
 }
 
 impl Preset {
     /// Every preset, for `memplan profiles`.
-    pub const ALL: [Preset; 2] = [Preset::Torchtitan2024, Preset::HfTransformers];
+    pub const ALL: [Preset; 4] = [
+        Preset::Torchtitan2024,
+        Preset::Torchtitan02,
+        Preset::HfTransformers,
+        Preset::PlainPytorch,
+    ];
 
     /// The implementation choices of the preset.
     pub fn implementation(self) -> Implementation {
@@ -497,6 +549,27 @@ impl Preset {
                 logits: Logits::FloatInLoss,
                 optimizer: OptimizerImpl::Fused,
                 rotary: Rotary::CosSin,
+                fsdp_units: FsdpUnits::Split,
+                loss_parallel: true,
+            },
+            Preset::Torchtitan02 => Implementation {
+                attention: Attention::Flash,
+                rmsnorm: RmsNorm::Fused,
+                gqa: Gqa::Native,
+                logits: Logits::FloatInLoss,
+                optimizer: OptimizerImpl::Fused,
+                rotary: Rotary::ComplexSeq,
+                fsdp_units: FsdpUnits::Split,
+                loss_parallel: true,
+            },
+            Preset::PlainPytorch => Implementation {
+                attention: Attention::Flash,
+                rmsnorm: RmsNorm::Fused,
+                gqa: Gqa::Native,
+                logits: Logits::FloatInLossKept,
+                optimizer: OptimizerImpl::Foreach,
+                rotary: Rotary::ComplexSeq,
+                fsdp_units: FsdpUnits::Root,
                 loss_parallel: true,
             },
         }
@@ -986,6 +1059,7 @@ impl PlanFile {
             logits: parse_opt("implementation.logits", &im.logits, d.logits)?,
             optimizer: parse_opt("implementation.optimizer", &im.optimizer, d.optimizer)?,
             rotary: parse_opt("implementation.rotary", &im.rotary, d.rotary)?,
+            fsdp_units: parse_opt("implementation.fsdp_units", &im.fsdp_units, d.fsdp_units)?,
             loss_parallel: im.loss_parallel.unwrap_or(d.loss_parallel),
         };
         let host_ram = host_ram(self.host_ram.as_ref())?;
@@ -1012,8 +1086,7 @@ impl PlanFile {
             .as_deref()
             .map_or(Ok(Checkpointing::None), Checkpointing::parse)?;
 
-        let autocast = pr.autocast.unwrap_or(false);
-        if autocast {
+        let autocast_check = || {
             check_autocast(
                 &model,
                 [tp, pp, cp, dp_shard],
@@ -1022,8 +1095,22 @@ impl PlanFile {
                 self.float8.unwrap_or(false)
                     || self.compile.unwrap_or(false)
                     || self.lora.is_some(),
-            )?;
-        }
+            )
+        };
+        // torchtitan 0.2.x without FSDP, TP or PP (one GPU, or replicas) mixes precision by
+        // `torch.autocast` (`distributed/utils.py`, `maybe_enable_amp`), its preset's default
+        // where the estimator models autocast.
+        let tt02_single =
+            preset == Preset::Torchtitan02 && param != master && [tp, pp, cp, dp_shard] == [1; 4];
+        let autocast = match pr.autocast {
+            Some(true) => {
+                autocast_check()?;
+                true
+            }
+            Some(false) => false,
+            None => tt02_single && autocast_check().is_ok(),
+        };
+        let autocast_unmodelled = tt02_single && pr.autocast.is_none() && !autocast;
         let lora = match &self.lora {
             None => None,
             Some(l) => Some(resolve_lora(
@@ -1038,6 +1125,13 @@ impl PlanFile {
 
         // Accepted, but probably not what was meant: said on stderr, not refused.
         let mut warnings = Vec::new();
+        if autocast_unmodelled {
+            warnings.push(
+                "torchtitan 0.2 on one GPU runs torch.autocast, not modelled with this plan's \
+                 checkpointing, float8, compile or LoRA: estimated with FSDP-style compute copies"
+                    .to_string(),
+            );
+        }
         if model.moe.is_none() && self.moe_capacity_factor.is_some() {
             warnings.push(format!(
                 "moe_capacity_factor is ignored: {} is a dense model",

@@ -1129,6 +1129,15 @@ impl Reader<'_> {
                 r
             }
         };
+        // "always" reshards [norm, output] too, a unit of its own from 2025 on.
+        let always = [
+            &cfg.parallelism.fsdp_reshard_after_forward,
+            &t.fsdp_reshard_after_forward,
+        ]
+        .into_iter()
+        .flatten()
+        .next()
+        .is_some_and(|s| s.trim().eq_ignore_ascii_case("always"));
 
         // Precision and offload.
         plan.precision.param = dtype("training.mixed_precision_param", &t.mixed_precision_param)?;
@@ -1286,13 +1295,14 @@ impl Reader<'_> {
                 || k.starts_with("compile.")
                 || k == "training.local_batch_size"
         });
-        if layout_2025 {
+        if layout_2025 && plan.preset.is_none() {
+            plan.preset = Some("torchtitan-0.2".to_string());
+            if always && plan.implementation.fsdp_units.is_none() {
+                plan.implementation.fsdp_units = Some("split-always".to_string());
+            }
             self.note = Some(format!(
-                "torchtitan config {}: a 2025-layout config (torchtitan 0.1 to 0.2.x): estimated as torchtitan of \
-                 Dec 2024 (preset torchtitan-2024.12); torchtitan 0.2.2 differs in its FSDP units \
-                 ([norm, output] kept unsharded, every block resharded), native GQA and fused \
-                 RMSNorm, and on one GPU it autocasts to bf16 (--autocast): -3.3% to +11.9% \
-                 measured on CPU, see docs/research/torchtitan-0.2.2-measured.md",
+                "torchtitan config {}: a 2025-layout config (torchtitan 0.1 to 0.2.x): preset \
+                 torchtitan-0.2 (measured against torchtitan 0.2.2's own step)",
                 self.origin
             ));
         }

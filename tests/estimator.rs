@@ -757,3 +757,196 @@ fn autocast_steps_match_transformers_and_torchtitan_measured_on_cpu() {
         "the rotary table's extra seq positions, less the step scalars"
     );
 }
+
+/// The measured peak a torchtitan 0.2.2 record holds: rank 0 without Gloo's collective
+/// temporaries where the reference separated them (NCCL allocates none), else the highest
+/// rank.
+fn torchtitan_0_2_measured(r: &serde_json::Value) -> u64 {
+    r["measured_gloo_free_rank0"].as_u64().unwrap_or_else(|| {
+        r["measured"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .max()
+            .unwrap()
+    })
+}
+
+/// The `torchtitan-0.2` preset against torchtitan 0.2.2's own Llama3 step (its model,
+/// `parallelize_llama`, loss, optimizers and AMP on torch 2.11, 1 and 2 ranks on CPU/Gloo:
+/// src/trainer/torchtitan_reference.py, tests/data/torchtitan_0.2.2_torch_2.11.jsonl; 19
+/// configurations: fp32, bf16 FSDP mixed precision, `training.dtype = "bfloat16"`, one-device
+/// autocast; AC none, full, op and every 2nd layer; reshard default, always and never; foreach
+/// and fused AdamW; MHA and GQA). The CPU runs `nn.RMSNorm` as a composite (`rmsnorm:
+/// composite`; a GPU runs the fused kernel the preset names). With the December 2024 model they
+/// erred by -3.3% to +11.9%; what changed is the FSDP units (embedding and [norm, output] of
+/// their own, the last block resharded), the rotary table's length, native GQA, fused AdamW,
+/// and selective-op checkpointing's cache popping the outputs backward does not save. 18 are
+/// exact but for the AdamW step scalars (CPU tensors here, host memory on a GPU: under 200 B);
+/// on one, op SAC without FSDP, the CPU's attention op is not on torchtitan's save list (its
+/// output and log-sum-exp are recomputed: +34,816 B, +1.22%), which a GPU's flash op is.
+#[test]
+fn torchtitan_0_2_preset_matches_torchtitan_0_2_2_measured_on_cpu() {
+    let dtype = |s: &serde_json::Value| match s.as_str().unwrap() {
+        "float32" => "fp32",
+        "bfloat16" => "bf16",
+        other => panic!("{other}"),
+    };
+    let mut n = 0;
+    for r in records("torchtitan_0.2.2_torch_2.11.jsonl") {
+        let k = &r["knobs"];
+        let model = if r["model"]["dim"] == 64 {
+            "\"tiny\""
+        } else {
+            "\"tests/data/hf/torchtitan-b.json\""
+        };
+        let precision = if k["fsdp"] == true {
+            format!(
+                r#"{{"param":"{}","master":"{}","reduce":"{}"}}"#,
+                dtype(&k["mixed_precision_param"]),
+                dtype(&k["training_dtype"]),
+                dtype(&k["mixed_precision_reduce"])
+            )
+        } else if k["amp"].as_str().unwrap().contains("bfloat16") {
+            r#"{"param":"bf16","master":"fp32","reduce":"fp32","autocast":true}"#.to_string()
+        } else {
+            let d = dtype(&k["training_dtype"]);
+            format!(r#"{{"param":"{d}","master":"{d}","reduce":"{d}"}}"#)
+        };
+        let ac = match k["ac"].as_str().unwrap() {
+            "op" => "selective-op",
+            "2" => "selective-layer:2",
+            other => other,
+        };
+        let (units, reshard) = match k["fsdp_reshard_after_forward"].as_str().unwrap() {
+            "always" => ("split-always", true),
+            "never" => ("split", false),
+            _ => ("split", true),
+        };
+        let plan = plan(&format!(
+            r#"{{"model":{model},"gpu":"cpu","num_gpus":{},"preset":"torchtitan-0.2",
+                "batch":{{"micro_batch_size":{},"seq_len":{}}},"precision":{precision},
+                "activation_checkpointing":"{ac}","reshard_after_forward":{reshard},
+                "implementation":{{"rmsnorm":"composite","optimizer":{},"fsdp_units":"{units}"}}}}"#,
+            r["world"], r["batch"], r["seq"], k["implementation"]
+        ));
+        let measured = torchtitan_0_2_measured(&r) as i64;
+        let pred = estimate(&plan).unwrap().per_gpu.peak_allocated_bytes.get() as i64;
+        let name = r["name"].as_str().unwrap();
+        if name == "A1-fp32-op" {
+            assert_eq!(pred - measured, 34_816 - 97, "{name}");
+        } else {
+            assert!(
+                (-200..=0).contains(&(pred - measured)),
+                "{name}: {pred} vs {measured}"
+            );
+        }
+        n += 1;
+    }
+    assert_eq!(n, 19);
+}
+
+/// The `plain-pytorch` preset against a training loop written as PyTorch's tutorials write it
+/// (src/trainer/plain_reference.py: `nn.RMSNorm`, SDPA with `enable_gqa`, `F.cross_entropy(
+/// logits.float())` with the loop's names living on, foreach AdamW, `checkpoint` per block,
+/// `fully_shard` on every block and the model with their defaults; 1 rank fp32 and autocast, 2
+/// FSDP2 ranks fp32 and bf16 mixed precision, with and without resharding, MHA and GQA, tiny
+/// and small; tests/data/plain_torch_2.11.jsonl, 16 plans). With the December 2024 torchtitan
+/// model it erred by -1.2% to -5.9%: the loop keeps the logits bound through backward, the
+/// optimizer step and the next forward; the rotary table covers `seq_len`; every block is
+/// resharded after forward. What is left is CPU-only and itemised by the reference from the
+/// allocator's own events: checkpoint's saved CPU RNG state (5,056 B per checkpointed block,
+/// host memory on a GPU), AdamW's step scalars, and the composite norm's fp32 weight-gradient
+/// partial; past those, every plan is within 200 B.
+#[test]
+fn plain_pytorch_preset_matches_a_tutorial_loop_measured_on_cpu() {
+    let mut n = 0;
+    for r in records("plain_torch_2.11.jsonl") {
+        let k = &r["knobs"];
+        let precision = if k["amp"] == "bf16" {
+            r#"{"param":"bf16","master":"fp32","reduce":"fp32","autocast":true}"#
+        } else if k["mp"] == "bf16" {
+            r#"{"param":"bf16","master":"fp32","reduce":"fp32"}"#
+        } else {
+            r#"{"param":"fp32","master":"fp32","reduce":"fp32"}"#
+        };
+        let plan = plan(&format!(
+            r#"{{"model":{},"gpu":"cpu","num_gpus":{},"preset":"plain-pytorch",
+                "batch":{{"micro_batch_size":{},"seq_len":{}}},"precision":{precision},
+                "activation_checkpointing":{},"reshard_after_forward":{},
+                "implementation":{{"rmsnorm":"composite"}}}}"#,
+            r["model"]["profile"],
+            r["world"],
+            r["batch"],
+            r["seq"],
+            k["ac"],
+            k["reshard_after_forward"] != false
+        ));
+        let cpu_only: i64 = r["deltas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| ["C1", "C2", "C4"].contains(&d["id"].as_str().unwrap()))
+            .map(|d| d["bytes"].as_i64().unwrap())
+            .sum();
+        let measured = r["measured"].as_i64().unwrap();
+        let pred = estimate(&plan).unwrap().per_gpu.peak_allocated_bytes.get() as i64;
+        let residual = measured - cpu_only - pred;
+        assert!(
+            (0..200).contains(&residual),
+            "{}: {pred} + {cpu_only} vs {measured}",
+            r["name"]
+        );
+        n += 1;
+    }
+    assert_eq!(n, 16);
+}
+
+/// The `hf-transformers` preset under accelerate's FSDP2 (Transformers 5.24, accelerate 1.15,
+/// 2 ranks on CPU/Gloo; src/trainer/accel_reference.py, tests/data/accelerate_fsdp2_torch_2.11
+/// .jsonl, 15 plans: no and bf16 mixed precision, fp32 and bf16 loaded, checkpointing on and
+/// off, resharding on and off, MHA and GQA, 2 and 4 layers). accelerate's `fsdp2_prepare_model`
+/// makes the embedding, each decoder layer and [norm, lm_head] units and keeps only the last
+/// gathered (`fsdp_units: split`), and its bf16 policy reduces in bf16. Against the December
+/// 2024 torchtitan layout the estimate erred by up to +8.0%; with the split units every plan is
+/// within 20 B once the reference's itemised scalars are added: AdamW's step counters (4 B per
+/// parameter tensor, host memory on a GPU), the rotary `inv_freq` buffers and FSDP's scalars,
+/// 4 (9L + 3) + 4 head_dim + 8L + 17, and under checkpointing the `position_ids` the
+/// checkpointed layers keep (8 seq).
+#[test]
+fn hf_transformers_preset_matches_accelerate_fsdp2_measured_on_cpu() {
+    let mut n = 0;
+    for r in records("accelerate_fsdp2_torch_2.11.jsonl") {
+        let p = &r["memplan"]["plan"];
+        let layers = r["model"]["L"].as_u64().unwrap();
+        let model = match (r["model"]["profile"].as_str().unwrap(), layers) {
+            ("tiny", 4) => "\"tests/data/hf/llama-tiny-l4.json\"".to_string(),
+            (name, _) => format!("{name:?}"),
+        };
+        let plan = plan(&format!(
+            r#"{{"model":{model},"gpu":"cpu","num_gpus":2,"preset":"hf-transformers",
+                "batch":{},"precision":{},"activation_checkpointing":{},
+                "reshard_after_forward":{}}}"#,
+            p["batch"], p["precision"], p["activation_checkpointing"], p["reshard_after_forward"]
+        ));
+        let hd = r["model"]["hd"].as_u64().unwrap();
+        let seq = p["batch"]["seq_len"].as_u64().unwrap();
+        let scalars = 4 * (9 * layers + 3) + 4 * hd + 8 * layers + 17;
+        let position_ids = if p["activation_checkpointing"] == "full" {
+            8 * seq
+        } else {
+            0
+        };
+        let measured = r["measured"].as_i64().unwrap();
+        let pred = estimate(&plan).unwrap().per_gpu.peak_allocated_bytes.get();
+        let residual = measured - (pred + scalars + position_ids) as i64;
+        assert!(
+            (0..=20).contains(&residual),
+            "{}: {pred} vs {measured}",
+            r["name"]
+        );
+        n += 1;
+    }
+    assert_eq!(n, 15);
+}

@@ -1238,15 +1238,51 @@ fn ring_attention_rotation_is_read_from_either_section() {
 }
 
 #[test]
-fn a_2025_layout_says_which_torchtitan_the_estimate_models() {
+fn a_2025_layout_picks_the_torchtitan_0_2_preset_and_says_so() {
     let new = read(&fixture("llama3_70b_2025.toml")).unwrap();
-    let note = new.note.expect("a 2025-layout file gets a note");
+    let note = new.note.clone().expect("a 2025-layout file gets a note");
     assert!(
-        note.contains("torchtitan-2024.12") && note.contains("0.2.2"),
+        note.contains("torchtitan-0.2") && note.contains("0.2.2"),
         "{note}"
     );
-    assert!(read(&fixture("llama3_8b_2024.toml"))
-        .unwrap()
-        .note
-        .is_none());
+    assert_eq!(new.plan.preset.as_deref(), Some("torchtitan-0.2"));
+    let plan = new.plan.resolve().unwrap();
+    assert_eq!(plan.preset, memplan::plan::Preset::Torchtitan02);
+    assert_eq!(
+        plan.implementation.fsdp_units,
+        memplan::plan::FsdpUnits::Split
+    );
+    // A December 2024 file keeps its preset, and says nothing.
+    let old = read(&fixture("llama3_8b_2024.toml")).unwrap();
+    assert!(old.note.is_none());
+    assert_eq!(old.plan.preset, None);
+    assert_eq!(
+        old.plan.resolve().unwrap().preset,
+        memplan::plan::Preset::Torchtitan2024
+    );
+}
+
+/// `fsdp_reshard_after_forward = "always"` in a 2025-layout file reshards [norm, output] too
+/// (torchtitan 0.2.2's `apply_fsdp`); "never" keeps every unit gathered.
+#[test]
+fn a_2025_reshard_policy_sets_the_fsdp_units() {
+    let text = std::fs::read_to_string(fixture("llama3_70b_2025.toml")).unwrap();
+    for (policy, units, reshard) in [
+        ("always", memplan::plan::FsdpUnits::SplitAlways, true),
+        ("never", memplan::plan::FsdpUnits::Split, false),
+        ("default", memplan::plan::FsdpUnits::Split, true),
+    ] {
+        let edited = text.replace(
+            "\n[parallelism]\n",
+            &format!("\n[parallelism]\nfsdp_reshard_after_forward = \"{policy}\"\n"),
+        );
+        assert_ne!(edited, text);
+        let plan = from_toml_str(&edited, "train.toml")
+            .unwrap()
+            .plan
+            .resolve()
+            .unwrap();
+        assert_eq!(plan.implementation.fsdp_units, units, "{policy}");
+        assert_eq!(plan.reshard_after_forward, reshard, "{policy}");
+    }
 }

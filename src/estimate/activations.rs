@@ -162,7 +162,8 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
     let sp_div = if par.sp { tp } else { 1 };
     // torch.compile fuses each norm into one kernel and lets the partitioner recompute
     // pointwise ops (silu, the SwiGLU product) from the matmul outputs it keeps.
-    let fused_norm = plan.compile || imp.rmsnorm == RmsNorm::Fused;
+    let (norm_kind, fused) = norm_style(plan);
+    let fused_norm = plan.compile || fused;
     // Float8 linears (torchao Float8Linear) save their input cast to fp8 (1 byte) instead
     // of the e-byte input; eager, each linear casts (and saves) its own copy; compiled, the
     // casts of a shared input are one.
@@ -171,8 +172,8 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
 
     // One norm's saved tensors ([`norm_saved`]); `shared` is the part that is the norm's
     // input itself (the block input for the first norm).
-    let norm = div(norm_saved(m.norm, fused_norm, e, h, 1), sp_div);
-    let shared = div(norm_input_saved(m.norm, fused_norm, e, h), sp_div);
+    let norm = div(norm_saved(norm_kind, fused_norm, e, h, 1), sp_div);
+    let shared = div(norm_input_saved(norm_kind, fused_norm, e, h), sp_div);
     // Parallel residual (GPT-NeoX): both norms read the block input, saved once.
     let (norms, ffn_norms) = if m.parallel_residual {
         (2 * norm - shared, norm - shared)
@@ -184,8 +185,8 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
     // outputs, split over TP with the heads.
     let qk_norm = if m.qk_norm {
         div(
-            norm_saved(m.norm, fused_norm, e, q, heads)
-                + norm_saved(m.norm, fused_norm, e, kv, m.kv_heads as u128),
+            norm_saved(norm_kind, fused_norm, e, q, heads)
+                + norm_saved(norm_kind, fused_norm, e, kv, m.kv_heads as u128),
             tp,
         )
     } else {
@@ -320,7 +321,7 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
         (false, Gqa::RepeatKv) => 0,
     };
     let q_norm_overlap = if m.qk_norm {
-        div(norm_input_saved(m.norm, fused_norm, e, q), tp)
+        div(norm_input_saved(norm_kind, fused_norm, e, q), tp)
     } else {
         0
     };
@@ -568,6 +569,20 @@ pub fn norm_input_saved(kind: NormKind, fused: bool, e: u128, w: u128) -> u128 {
         (NormKind::LayerNorm, _) | (_, true) => e * w,
         (_, false) if e == 4 => 4 * w,
         _ => 0,
+    }
+}
+
+/// The norm as its saved tensors go: its kind, and whether one fused kernel runs. A composite
+/// `torch.nn.RMSNorm` (no fused kernel: torch 2.11 on the CPU) keeps the normalised tensor in
+/// fp32, as Gemma's eager norm does: the fp32 copy, rsqrt, the fp32 product with rsqrt
+/// (`F.rms_norm`'s decomposition multiplies by the weight in fp32 too; measured with
+/// torchtitan 0.2.2 on CPU, docs/research/torchtitan-0.2.2-measured.md finding 5).
+pub(crate) fn norm_style(plan: &Plan) -> (NormKind, bool) {
+    let kind = plan.model.norm;
+    match plan.implementation.rmsnorm {
+        RmsNorm::Fused => (kind, true),
+        RmsNorm::Composite if kind == NormKind::Rms => (NormKind::RmsOnePlus, false),
+        _ => (kind, false),
     }
 }
 

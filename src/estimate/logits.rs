@@ -54,6 +54,11 @@ pub struct LogitsBytes {
     /// soft-cap output).
     pub held_in_backward: u128,
     pub kept_per_micro_batch: u128,
+    /// float-in-loss-kept, without pipelining: the loop's `logits` name holds the model's
+    /// output through the blocks' backward and the optimizer step, and the previous step's
+    /// through the next forward until the name is bound again (measured with a tutorial-style
+    /// loop on torch 2.11; counted from the first step's forward on, an upper bound there).
+    pub kept_in_step: u128,
     /// nll_loss backward's gradient (as large as log-softmax's saved output), both freed
     /// once log-softmax's backward has run.
     pub loss_grad: u128,
@@ -85,18 +90,25 @@ pub fn logits_bytes(plan: &Plan, tokens: u128) -> LogitsBytes {
     let (input, log_softmax) = loss_input_and_log_softmax(plan.implementation.logits, e);
     // Held like float-output-kept's fp32 logits, which already count it.
     let held = if plan.parallel.pp > 1 { input } else { 0 };
-    let held_extra = if plan.implementation.logits == Logits::FloatOutputKept {
+    let held_extra = if kept(plan.implementation.logits) {
         0
     } else {
         held
     };
     let lp = loss_parallel_extra(plan, e);
+    let kept_in_step =
+        if plan.implementation.logits == Logits::FloatInLossKept && plan.parallel.pp == 1 {
+            input * tv
+        } else {
+            0
+        };
     LogitsBytes {
+        kept_in_step,
         at_projection: (projection + cap) * tv,
         forward_peak: (fwd + cap) * tv,
         backward_peak: (bwd + cap + held_extra + lp) * tv,
         freed_segment: freed,
-        held_in_backward: held * tv,
+        held_in_backward: held * tv + kept_in_step,
         kept_per_micro_batch: if plan.parallel.pp > 1 {
             (input + log_softmax + cap) * tv
         } else {
@@ -109,6 +121,11 @@ pub fn logits_bytes(plan: &Plan, tokens: u128) -> LogitsBytes {
             4 * tv
         },
     }
+}
+
+/// Whether the training loop keeps the model's output through backward (no `del pred`).
+fn kept(mode: Logits) -> bool {
+    matches!(mode, Logits::FloatOutputKept | Logits::FloatInLossKept)
 }
 
 /// Vocabulary entries whose logits a rank holds: a TP shard under loss parallelism, else all
@@ -156,7 +173,7 @@ pub fn loss_input_slot(plan: &Plan) -> Slot {
 fn loss_input_and_log_softmax(mode: Logits, e: u128) -> (u128, u128) {
     match mode {
         Logits::ComputeDtype => (e, e),
-        Logits::FloatInLoss => (e, 4),
+        Logits::FloatInLoss | Logits::FloatInLossKept => (e, 4),
         Logits::FloatOutput | Logits::FloatOutputKept => (4, 4),
     }
 }
@@ -172,6 +189,8 @@ fn per_logit(mode: Logits, e: u128) -> (u128, u128, u128) {
         // `.float()` of fp32 logits is the same tensor: no copy.
         Logits::FloatInLoss if e == 4 => (e, 8, 12),
         Logits::FloatInLoss => (e, e + 8, 12),
+        Logits::FloatInLossKept if e == 4 => (e, 8, 16),
+        Logits::FloatInLossKept => (e, e + 8, 12 + e),
         Logits::ComputeDtype => (e, 2 * e, 3 * e),
     }
 }
@@ -241,14 +260,19 @@ pub fn script(plan: &Plan) -> ([Step; 12], usize) {
                 push(Alloc(LogSoftmax, 4));
                 Some((Upcast, 4))
             }
-            Logits::FloatOutput | Logits::FloatOutputKept | Logits::FloatInLoss if e == 4 => {
+            Logits::FloatOutput
+            | Logits::FloatOutputKept
+            | Logits::FloatInLoss
+            | Logits::FloatInLossKept
+                if e == 4 =>
+            {
                 push(At(Moment::Projection));
                 push(Alloc(LogSoftmax, 4));
                 Some((Pred, 4))
             }
             // The loss upcasts: `log_softmax` saves its fp32 output, not its input, so the copy
             // is freed as the loss returns.
-            Logits::FloatInLoss => {
+            Logits::FloatInLoss | Logits::FloatInLossKept => {
                 push(At(Moment::Projection));
                 push(Alloc(Upcast, 4));
                 push(Alloc(LogSoftmax, 4));
@@ -261,12 +285,16 @@ pub fn script(plan: &Plan) -> ([Step; 12], usize) {
             }
         };
         push(At(Moment::Loss));
-        if plan.implementation.logits == Logits::FloatInLoss && e < 4 {
+        if matches!(
+            plan.implementation.logits,
+            Logits::FloatInLoss | Logits::FloatInLossKept
+        ) && e < 4
+        {
             push(Free(Upcast, 4));
         }
-        // `del pred` since June 2024 (PR #391), unless the plan keeps the fp32 logits or a
+        // `del pred` since June 2024 (PR #391), unless the plan keeps the logits or a
         // pipeline schedule caches the stage output.
-        if plan.implementation.logits != Logits::FloatOutputKept && plan.parallel.pp == 1 {
+        if !kept(plan.implementation.logits) && plan.parallel.pp == 1 {
             if let Some((slot, b)) = input {
                 push(Free(slot, b));
             }
@@ -298,6 +326,7 @@ mod tests {
             "float-output",
             "float-output-kept",
             "float-in-loss",
+            "float-in-loss-kept",
             "compute-dtype",
         ] {
             for dtype in ["bf16", "fp32"] {

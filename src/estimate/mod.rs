@@ -37,7 +37,7 @@ pub mod trace;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::plan::{Checkpointing, Offload, OptimizerImpl, Plan, PpSchedule};
+use crate::plan::{Checkpointing, FsdpUnits, Offload, OptimizerImpl, Plan, PpSchedule};
 use crate::units::Bytes;
 
 use activations::{block_activations, BlockActivations};
@@ -439,6 +439,7 @@ fn stage(plan: &Plan, index: u64) -> Stage {
     };
     let rotary = match plan.implementation.rotary {
         crate::plan::Rotary::Complex => parts * 8 * b.seq_len as u128 * m.head_dim as u128,
+        crate::plan::Rotary::ComplexSeq => parts * 4 * b.seq_len as u128 * m.head_dim as u128,
         // Hugging Face's cos and sin take the hidden states' dtype: the compute dtype, or
         // under autocast the fp32 of the residual stream.
         crate::plan::Rotary::CosSin => {
@@ -498,12 +499,24 @@ fn saved_per_token(ac: Checkpointing, layers: u64, a: &BlockActivations) -> u128
     plain as u128 * a.no_ac + full as u128 * a.full_ac + sac as u128 * a.selective_op
 }
 
-/// Recomputed activations of one block's backward, per token.
+/// Recomputed activations of one block's backward, per token, net of what the recompute
+/// frees.
+///
+/// Selective-op checkpointing hands each kept op output back to the recompute by popping it
+/// from its cache (torch 2.11 `torch/utils/checkpoint.py`, `_CachedTorchDispatchMode`:
+/// `storage[func].pop(0)`), so a kept output that backward does not save (the wq and w2
+/// outputs of a Llama block: rotary saves only `freqs_cis`, the residual add nothing) is freed
+/// as the recompute passes it. Measured with torchtitan 0.2.2's op SAC on CPU:
+/// -(e q + e h) per token against counting them through the block's backward
+/// (docs/research/torchtitan-0.2.2-measured.md, finding 7).
 pub(crate) fn recompute_per_token(ac: Checkpointing, a: &BlockActivations) -> u128 {
     match ac {
         Checkpointing::None => 0,
         Checkpointing::Full | Checkpointing::SelectiveLayer(_) => a.no_ac - a.input_alias,
-        Checkpointing::SelectiveOp => a.no_ac - a.selective_op_overlap - a.input_alias,
+        Checkpointing::SelectiveOp => {
+            let popped = (a.selective_op - a.full_ac).saturating_sub(a.selective_op_overlap);
+            (a.no_ac - a.selective_op_overlap - a.input_alias).saturating_sub(popped)
+        }
     }
 }
 
@@ -685,11 +698,25 @@ pub(crate) struct Quantities {
     /// at its end.
     pub working: u128,
     pub at_end: u128,
-    /// Gathered (compute-dtype) parameters of one block and of the root.
+    /// Gathered (compute-dtype) parameters of one block, and of the root kept from forward
+    /// through the loss's backward and, `_blocks`, while the blocks compute (none under the
+    /// split units, whose embedding and [norm, output] are gathered only for their own work).
     pub block_u: u128,
     pub root_u: u128,
+    pub root_u_blocks: u128,
+    /// The root's gathered parameters while the final norm and output projection compute.
+    pub head_u: u128,
     /// Blocks whose gathered parameters are kept from forward to backward.
     pub held: u128,
+    /// The last all-gather output of forward, kept until the root's post-forward: a block's,
+    /// or under the split units [norm, output]'s.
+    pub retained_u: u128,
+    /// Split units: the embedding, gathered in advance during the first block's backward; the
+    /// [norm, output] unit's sharded gradients through the blocks' backward, and its
+    /// reduce-scatter input through the last block's.
+    pub prefetch_first: u128,
+    pub tail_grads: u128,
+    pub tail_rs: u128,
     pub logits: logits::LogitsBytes,
     /// The output weight's unsharded gradient, kept until the root's post-backward.
     pub out_grad: u128,
@@ -956,6 +983,33 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     // Under pipelining FSDP2 gathers each block once and keeps it unsharded (nothing is
     // resharded until the step's end), so a steady step has no all-gather buffers.
     let gathers = copies && n > 1 && (!pipelined || plan.reshard_after_forward);
+    // FSDP's units ([`crate::plan::FsdpUnits`]). torchtitan of December 2024 keeps the root
+    // (embedding, final norm, output) and the last block gathered after forward; plain
+    // `fully_shard` reshards every block; torchtitan of 2025 on makes the embedding and
+    // [norm, output] units of their own (models/llama3/infra/parallelize.py `apply_fsdp` in
+    // 0.2.2): the embedding and every block are resharded after forward, [norm, output] only
+    // under "always", and the root holds no parameter. Measured with torchtitan 0.2.2's own
+    // step on CPU/Gloo (docs/research/torchtitan-0.2.2-measured.md, finding 2): at the last
+    // block's backward [norm, output] is resharded with its gradients reduced, its
+    // reduce-scatter input held until the block's; the first block's backward gathers the
+    // embedding in advance; the embedding's post-backward copies only its own gradient.
+    // Without resharding (`reshard_after_forward: false`) every unit stays gathered from
+    // forward to its backward, and under the split units [norm, output] is still resharded
+    // by its post-backward before the blocks' (measured with accelerate's FSDP2, whose units
+    // are these). Under pipelining every unit stays gathered (see `fsdp_pp`).
+    let units = plan.implementation.fsdp_units;
+    let reshard = plan.reshard_after_forward;
+    let own_units = copies && !pipelined && reshard;
+    let split = copies && !pipelined && matches!(units, FsdpUnits::Split | FsdpUnits::SplitAlways);
+    let (emb_shard, emb_u) = (p.embedding_shard, p.embedding_unsharded);
+    let tail_u = (p.root_unsharded - emb_u) * e;
+    let root_u = if copies {
+        p.root_unsharded * e
+    } else if autocast {
+        p.output_unsharded * e
+    } else {
+        0
+    };
     Quantities {
         m,
         layers,
@@ -1057,21 +1111,36 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
             at_end
         },
         block_u,
-        root_u: if copies {
-            p.root_unsharded * e
-        } else if autocast {
-            p.output_unsharded * e
+        root_u: match (split && reshard, units) {
+            (true, FsdpUnits::SplitAlways) => 0,
+            (true, _) => tail_u,
+            (false, _) => root_u,
+        },
+        root_u_blocks: match (split, reshard) {
+            (true, true) => 0,
+            (true, false) => emb_u * e,
+            (false, _) => root_u,
+        },
+        head_u: if split && reshard { tail_u } else { root_u },
+        // Blocks whose gathered parameters are alive between forward and backward:
+        // torchtitan of 2024 does not reshard the last block after forward; with
+        // reshard_after_forward off, none is resharded.
+        held: if !plan.reshard_after_forward {
+            layers
+        } else if own_units && units != FsdpUnits::RootKeepLast {
+            0
+        } else {
+            1
+        },
+        retained_u: if split { tail_u } else { block_u },
+        prefetch_first: if split && reshard { emb_u * e } else { 0 },
+        // (Accumulating into earlier micro-batches' shards, they exist already: `grads_prior`.)
+        tail_grads: if split && on_gpu_params && grads_prior == 0 {
+            (p.root_shard - emb_shard) * m
         } else {
             0
         },
-        // Blocks whose gathered parameters are alive between forward and backward:
-        // torchtitan does not reshard the last block after forward; with
-        // reshard_after_forward off, none is resharded.
-        held: if plan.reshard_after_forward {
-            1
-        } else {
-            layers
-        },
+        tail_rs: if split { div(tail_u, e) * r } else { 0 },
         // Under CPU offload each block's fp32 shard is copied to the device for its
         // all-gather and freed at the copy-in, before the block computes: never alive at
         // these peaks.
@@ -1088,7 +1157,9 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         // The output weight's unsharded gradient is produced first in backward and, on the
         // root FSDP unit, reduce-scattered only at the root's post-backward after every
         // block.
-        out_grad: if copies && !(fsdp_pp && grads_prior > 0) {
+        out_grad: if split {
+            0
+        } else if copies && !(fsdp_pp && grads_prior > 0) {
             p.output_unsharded * e
         } else {
             plain_root_grads
@@ -1106,12 +1177,16 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         } else {
             0
         },
-        root_grads: if copies && !(fsdp_pp && grads_prior > 0) {
+        root_grads: if split {
+            emb_u * e
+        } else if copies && !(fsdp_pp && grads_prior > 0) {
             p.root_unsharded * e
         } else {
             plain_root_grads
         },
-        root_rs: if copies && !fsdp_pp {
+        root_rs: if split {
+            emb_u * r
+        } else if copies && !fsdp_pp {
             p.root_unsharded * r
         } else {
             0
@@ -1148,13 +1223,13 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                 let acts = q.acts_forward;
                 w.0[2] = q.grads_forward;
                 // At the loss: the logits buffers at their forward peak.
-                let loss = (root_u + held.max(1) * block_u, acts, lg.forward_peak);
+                let loss = (root_u + held * block_u, acts, lg.forward_peak);
                 // At the output projection: FSDP2 keeps the last block's all-gather output
                 // until the root's post-forward, after the model returns its logits.
                 let projection = (
-                    root_u + (held.max(1) + u128::from(gathers)) * block_u,
+                    q.head_u + held * block_u + u128::from(gathers) * q.retained_u,
                     acts,
-                    lg.at_projection,
+                    lg.at_projection + lg.kept_in_step,
                 );
                 // At the last block's all-gather: the previous block's output retained (when
                 // there is a previous block: the event trace found this moment one block too
@@ -1174,9 +1249,9 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                     (before + 1) * block_u
                 };
                 let last_gather = (
-                    root_u + unsharded,
+                    q.root_u_blocks + unsharded,
                     div(blocks_mb * q.walk.saturating_sub(1), q.walk.max(1)) + q.others_forward,
-                    0,
+                    lg.kept_in_step,
                 );
                 let (u, a_, l) = [loss, projection, last_gather]
                     .into_iter()
@@ -1224,9 +1299,11 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                         l - j
                     };
                     let fixed = [
-                        root_u + gathered * block_u,
-                        grads_prior.max(j * shard_bytes),
-                        out_grad + if j >= 1 { rs } else { 0 },
+                        q.root_u_blocks
+                            + gathered * block_u
+                            + if j + 1 == l { q.prefetch_first } else { 0 },
+                        grads_prior.max(j * shard_bytes) + q.tail_grads,
+                        out_grad + if j >= 1 { rs } else { q.tail_rs },
                     ];
                     // Measured on the CPU (tiny and small at 64 tokens): at the block's end its
                     // own saved tensors are already freed; counting them there put the
@@ -1258,7 +1335,7 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                 // parameters, then copies its unsharded gradients (output weight, embedding)
                 // into the reduce-scatter input while they are still alive, beside every
                 // block's sharded gradients; large for large vocabularies.
-                w.0[2] = grads_prior.max(q.blocks_grads);
+                w.0[2] = grads_prior.max(q.blocks_grads) + q.tail_grads;
                 w.0[3] = q.root_grads + q.root_rs;
                 w.0[6] = others;
                 w.0[8] = lg.held_in_backward;
@@ -1274,6 +1351,7 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                 w.0[2] = grads_all;
                 w.0[4] = q.states;
                 w.0[5] = q.opt_temporaries;
+                w.0[8] = lg.kept_in_step;
             }
         }
         if plan.gpu.caching_allocator {

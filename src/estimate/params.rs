@@ -93,6 +93,10 @@ pub struct StageParams {
     /// Output-projection weight (or the tied embedding) unsharded, when this stage computes
     /// the logits: its gradient is held unsharded until the root's post-backward.
     pub output_unsharded: u128,
+    /// The untied embedding alone, shard and unsharded (first stage; 0 when tied): FSDP unit
+    /// of its own in torchtitan of 2025 on ([`crate::plan::FsdpUnits::Split`]).
+    pub embedding_shard: u128,
+    pub embedding_unsharded: u128,
     /// Whether this stage holds the embedding (first stage) and the output (last stage).
     pub first: bool,
     pub last: bool,
@@ -318,6 +322,20 @@ pub fn stage_params(plan: &Plan, stage: u64) -> StageParams {
     }
     let (root_shard, root_unsharded, root_largest_shard) =
         shard_sizes(root_list.iter().copied(), n);
+    let (embedding_shard, embedding_unsharded) = match root.iter().next() {
+        Some(&e) if first && !m.tied_embeddings => {
+            let (s, u, _) = shard_sizes(
+                [ParamShape {
+                    rows: vocab_rows,
+                    cols: e.cols,
+                }]
+                .into_iter(),
+                n,
+            );
+            (s, u)
+        }
+        _ => (0, 0),
+    };
     let root_pinned_extra = if offload {
         pinned_extra(root_list.iter().copied(), n, mb)
     } else {
@@ -333,6 +351,8 @@ pub fn stage_params(plan: &Plan, stage: u64) -> StageParams {
         root_largest_shard,
         root_pinned_extra,
         output_unsharded,
+        embedding_shard,
+        embedding_unsharded,
         first,
         last,
     }

@@ -200,7 +200,7 @@ fn per_module(
 /// block layouts, float8, compile and selective-layer checkpointing, whose blocks the trace
 /// keeps as one tensor per half.
 fn saved_tensors(plan: &Plan, ac: crate::plan::Checkpointing) -> Option<(Vec<u128>, usize)> {
-    use crate::plan::{Attention, Checkpointing, RmsNorm};
+    use crate::plan::{Attention, Checkpointing};
     use crate::profiles::{MlpKind, NormKind};
     let m = &plan.model;
     if m.moe.is_some()
@@ -221,8 +221,7 @@ fn saved_tensors(plan: &Plan, ac: crate::plan::Checkpointing) -> Option<(Vec<u12
     let (h, q, kv, f) = super::activations::block_dims(m);
     let (heads, tp) = (m.heads as u128, plan.parallel.tp as u128);
     let sp = if plan.parallel.sp { tp } else { 1 };
-    let fused = plan.implementation.rmsnorm == RmsNorm::Fused;
-    let norm: Vec<u128> = match (m.norm, fused) {
+    let norm: Vec<u128> = match super::activations::norm_style(plan) {
         (NormKind::LayerNorm, _) => vec![e * h, 8],
         (_, true) => vec![e * h, 4],
         (NormKind::Rms, false) => vec![4 * h, 4, e * h],
@@ -444,6 +443,8 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
     let keep_unsharded = q.fsdp_pp && !plan.reshard_after_forward;
     let grad_stream = if q.fsdp_pp { 0 } else { REDUCE_SCATTER_STREAM };
     let mut grads: Vec<Option<T>> = Vec::new();
+    // float-in-loss-kept: the logits the loop's name holds (`LogitsBytes::kept_in_step`).
+    let mut kept_logits: Option<T> = None;
     let mut backward_workspace = false;
     for first in [true, false] {
         w.first = first;
@@ -492,9 +493,18 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
             if k > 0 {
                 w.begin(Section::Forward, micro);
             }
-            // Forward.
+            // Forward, the previous logits still bound (the first step's counted alike).
+            let mut old_logits = match kept_logits.take() {
+                Some(t) => Some(t),
+                None => w.alloc(
+                    q.logits.kept_in_step,
+                    Category::Logits,
+                    Owner::new(Module::Output, Part::Logits),
+                    0,
+                )?,
+            };
             let mut root = w.alloc(
-                q.root_u,
+                q.root_u_blocks,
                 Category::UnshardedParams,
                 Owner::new(Module::Root, Part::AllGather),
                 0,
@@ -531,7 +541,7 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                         0,
                     )?;
                 } else {
-                    if q.held == 1 && i > 0 {
+                    if q.held <= 1 && i > 0 {
                         w.free_all(&mut params[i as usize - 1]);
                     }
                     params[i as usize] = w.alloc_split(
@@ -584,10 +594,30 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                     }
                 }
                 acts.push(mine);
-                // Post-forward: reshard, but for the last block (torchtitan).
-                if q.held == 1 && i + 1 < l && q.gathers {
+                // Post-forward: reshard, but for the last block (torchtitan of 2024), or every
+                // block ([`crate::plan::FsdpUnits`]).
+                if q.gathers && (q.held == 0 || (q.held == 1 && i + 1 < l)) {
                     w.free_all(&mut params[i as usize]);
                 }
+            }
+            if !q.gathers && q.held == 0 {
+                w.free_all(&mut params[l as usize - 1]);
+            }
+            // The split units' [norm, output] all-gather: its output is the one retained.
+            let mut tail = w.alloc(
+                q.head_u - q.root_u_blocks,
+                Category::UnshardedParams,
+                Owner::new(Module::Output, Part::Whole),
+                0,
+            )?;
+            if q.retained_u != q.block_u {
+                w.free(retained.take());
+                retained = w.alloc(
+                    q.retained_u,
+                    Category::UnshardedParams,
+                    Owner::new(Module::Output, Part::AllGather),
+                    ALL_GATHER_STREAM,
+                )?;
             }
             let head = w.alloc(
                 q.head,
@@ -622,6 +652,11 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                     Step::At(Moment::Projection) => {
                         projection = w.now();
                         w.free(retained.take());
+                        w.free(old_logits.take());
+                        // "always": [norm, output] reshards after forward.
+                        if q.root_u < q.head_u {
+                            w.free(tail.take());
+                        }
                     }
                     Step::At(Moment::Loss) => {
                         loss = w.now();
@@ -699,6 +734,12 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
             for t in slots {
                 w.free(t);
             }
+            kept_logits = w.alloc(
+                q.logits.kept_in_step,
+                Category::Logits,
+                Owner::new(Module::Output, Part::Logits),
+                0,
+            )?;
             let _ = loss;
             let out_grad = w.alloc(
                 q.out_grad,
@@ -707,10 +748,25 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                 0,
             )?;
             w.free(head);
-            // The blocks, from the last.
+            // The split units' [norm, output] post-backward: resharded, its gradients reduced
+            // into their shards, its reduce-scatter input kept until the next unit's.
+            w.free(tail.take());
             let grads_exist = !grads.is_empty();
             let mut block_grads: Vec<Option<T>> = Vec::new();
-            let mut rs_prev: Option<T> = None;
+            let tail_grads = w.alloc(
+                q.tail_grads,
+                Category::Gradients,
+                Owner::new(Module::Output, Part::Grad),
+                REDUCE_SCATTER_STREAM,
+            )?;
+            let mut rs_prev = w.alloc(
+                q.tail_rs,
+                Category::GradientBuffers,
+                Owner::new(Module::Output, Part::ReduceScatter),
+                0,
+            )?;
+            let mut prefetched = None;
+            // The blocks, from the last.
             let mut best = (0usize, 0u128, false);
             for j in 0..lw {
                 let i = l - 1 - j;
@@ -730,6 +786,15 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                         unsharded_sizes,
                         Category::UnshardedParams,
                         layer(i, Part::Whole),
+                        0,
+                    )?;
+                }
+                // The split units gather the embedding ahead of the first block's backward.
+                if j + 1 == lw {
+                    prefetched = w.alloc(
+                        q.prefetch_first,
+                        Category::UnshardedParams,
+                        Owner::new(Module::TokEmbeddings, Part::Whole),
                         0,
                     )?;
                 }
@@ -815,6 +880,7 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
             }
             // The root's post-backward.
             w.free(rs_prev.take());
+            w.free(prefetched);
             if !keep_unsharded {
                 w.free(root.take());
             }
@@ -863,8 +929,9 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                     )?;
                 }
             } else if !grads_exist {
+                block_grads.push(tail_grads);
                 block_grads.push(w.alloc(
-                    root_grad_shard,
+                    root_grad_shard - q.tail_grads,
                     Category::Gradients,
                     Owner::new(Module::Root, Part::Grad),
                     REDUCE_SCATTER_STREAM,
@@ -948,6 +1015,14 @@ mod tests {
         r#"{"model":"tiny","gpu":"cpu","num_gpus":1,"preset":"hf-transformers","precision":{"param":"fp32","master":"fp32","reduce":"fp32"},"batch":{"micro_batch_size":2,"seq_len":128},"activation_checkpointing":"full","lora":{"rank":8,"targets":"q,v","dropout":0.0}}"#,
         r#"{"model":"llama3-8b","gpu":"h100-80g","num_gpus":1,"preset":"hf-transformers","precision":{"param":"bf16","master":"fp32","reduce":"fp32","autocast":true},"batch":{"micro_batch_size":1,"seq_len":2048}}"#,
         r#"{"model":"tiny","gpu":"cpu","num_gpus":1,"precision":{"param":"bf16","master":"fp32","reduce":"fp32","autocast":true},"batch":{"micro_batch_size":2,"seq_len":128,"grad_accum_steps":2},"activation_checkpointing":"full"}"#,
+        r#"{"model":"tiny","gpu":"cpu","num_gpus":2,"preset":"torchtitan-0.2","batch":{"micro_batch_size":2,"seq_len":64}}"#,
+        r#"{"model":"small","gpu":"cpu","num_gpus":4,"preset":"torchtitan-0.2","implementation":{"fsdp_units":"split-always"},"batch":{"micro_batch_size":2,"seq_len":128},"activation_checkpointing":"selective-op"}"#,
+        r#"{"model":"llama3-8b","gpu":"h100-80g","num_gpus":8,"preset":"torchtitan-0.2","batch":{"micro_batch_size":2,"seq_len":8192,"grad_accum_steps":2},"activation_checkpointing":"full"}"#,
+        r#"{"model":"llama3-8b","gpu":"h100-80g","num_gpus":8,"implementation":{"fsdp_units":"root"},"batch":{"micro_batch_size":1,"seq_len":4096}}"#,
+        r#"{"model":"tiny","gpu":"cpu","num_gpus":1,"implementation":{"fsdp_units":"root"},"batch":{"micro_batch_size":1,"seq_len":64}}"#,
+        r#"{"model":"small","gpu":"cpu","num_gpus":2,"preset":"hf-transformers","reshard_after_forward":false,"precision":{"param":"bf16","master":"fp32","reduce":"bf16"},"batch":{"micro_batch_size":2,"seq_len":64},"activation_checkpointing":"full"}"#,
+        r#"{"model":"tiny","gpu":"cpu","num_gpus":1,"preset":"plain-pytorch","precision":{"param":"fp32","master":"fp32","reduce":"fp32"},"batch":{"micro_batch_size":2,"seq_len":64,"grad_accum_steps":2},"activation_checkpointing":"full"}"#,
+        r#"{"model":"llama3-8b","gpu":"h100-80g","num_gpus":8,"preset":"plain-pytorch","batch":{"micro_batch_size":1,"seq_len":4096}}"#,
     ];
 
     #[test]
