@@ -227,6 +227,14 @@ pub fn cpu_matrix() -> Vec<Entry> {
             2,
             r#""implementation":{"optimizer":"foreach","logits":"float-output-kept"}"#,
         ),
+        // A hand-written loop's choices (plain-pytorch, but torchtitan's eager RMSNorm, which
+        // is what the trainer runs): every block resharded after forward, the rotary table
+        // for seq_len, the logits kept by the loop's name.
+        base(
+            "small",
+            2,
+            r#""preset":"plain-pytorch","implementation":{"rmsnorm":"eager","optimizer":"per-param"}"#,
+        ),
         // Parameters dominate: the peaks move to all-gathers and the block's last gradients.
         base("small", 2, r#""batch":{"micro_batch_size":1,"seq_len":64}"#),
         ranks(2, ""),

@@ -289,6 +289,28 @@ fn refuses_what_it_cannot_emulate() {
     );
     let e = train(&plan(&tiny(r#""num_gpus":2,"parallel":{"tp":2}"#)), &opts).unwrap_err();
     assert!(e.to_string().contains("parallel.tp"), "{e}");
+    // What it would otherwise run as something else: each refused by the field that asks.
+    for (extra, field) in [
+        (r#""lora":{"rank":8}"#, "lora"),
+        (r#""compile":true"#, "compile"),
+        (
+            r#""implementation":{"rmsnorm":"fused"}"#,
+            "implementation.rmsnorm",
+        ),
+        (
+            r#""implementation":{"rotary":"cos-sin"}"#,
+            "implementation.rotary",
+        ),
+        (
+            r#""num_gpus":2,"implementation":{"fsdp_units":"split"}"#,
+            "implementation.fsdp_units",
+        ),
+        (r#""preset":"torchtitan-0.2""#, "implementation.rmsnorm"),
+    ] {
+        let e = train(&plan(&tiny(extra)), &opts).unwrap_err();
+        assert_eq!(e.kind(), memplan::error::Kind::Input, "{extra}: {e}");
+        assert!(e.to_string().contains(field), "{extra}: {e}");
+    }
 }
 
 #[test]

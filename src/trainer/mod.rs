@@ -273,6 +273,55 @@ fn check_supported(plan: &Plan, distributed: bool) -> Result<()> {
             "none, full or selective-layer:K: per-op policies need saved-tensor hooks tch lacks",
         ));
     }
+    // What the trainer does not execute is refused, never run as something else.
+    let imp = &plan.implementation;
+    let refused: [(bool, &str, String, &str); 8] = [
+        (
+            plan.lora.is_some(),
+            "lora",
+            "adapters".into(),
+            "none: the trainer trains every parameter",
+        ),
+        (
+            plan.precision.autocast,
+            "precision.autocast",
+            "true".into(),
+            "false: the trainer casts as FSDP's mixed precision does",
+        ),
+        (plan.compile, "compile", "true".into(), "false (eager ops)"),
+        (plan.float8, "float8", "true".into(), "false"),
+        (
+            imp.rmsnorm != crate::plan::RmsNorm::Eager,
+            "implementation.rmsnorm",
+            format!("\"{}\"", imp.rmsnorm),
+            "eager: the trainer runs torchtitan's op-by-op RMSNorm",
+        ),
+        (
+            imp.attention != crate::plan::Attention::Flash,
+            "implementation.attention",
+            format!("\"{}\"", imp.attention),
+            "flash: the trainer calls SDPA's flash kernel",
+        ),
+        (
+            imp.rotary == crate::plan::Rotary::CosSin,
+            "implementation.rotary",
+            "\"cos-sin\"".into(),
+            "complex or complex-seq: the trainer builds torchtitan's freqs_cis",
+        ),
+        (
+            matches!(
+                imp.fsdp_units,
+                crate::plan::FsdpUnits::Split | crate::plan::FsdpUnits::SplitAlways
+            ),
+            "implementation.fsdp_units",
+            format!("\"{}\"", imp.fsdp_units),
+            "root-keep-last or root: the trainer's root unit holds the embedding, final norm \
+             and output",
+        ),
+    ];
+    if let Some((_, name, got, accepted)) = refused.into_iter().find(|r| r.0) {
+        return Err(unsupported(name, got, accepted));
+    }
     for (name, d) in [
         ("precision.param", plan.precision.param),
         ("precision.reduce", plan.precision.reduce),
@@ -418,11 +467,14 @@ impl Hooks {
     /// One micro-batch's forward and loss, FSDP2 hooks and checkpointing included.
     /// Returns the loss, and the fp32 logits when the plan keeps them through backward
     /// (`float-output-kept`, torchtitan before `del pred`).
+    /// `previous`: the logits a loop that keeps them (float-in-loss-kept) still holds from the
+    /// previous forward, dropped as the new ones are bound.
     fn forward(
         &self,
         plan: &Plan,
         tokens: &Tensor,
         labels: &Tensor,
+        previous: &mut Option<Tensor>,
     ) -> TResult<(Tensor, Option<Tensor>)> {
         let layers = plan.model.layers as usize;
         let root = layers;
@@ -467,6 +519,8 @@ impl Hooks {
         }
         let pred = model::head(h, &rw, st.flavor)?;
         st.fsdp.root_post_forward();
+        // `logits = model(x)` rebinds the loop's name: the previous logits go.
+        drop(previous.take());
         let loss = {
             let _ctx = recorder::scope(Context::of(Category::Logits, Module::Loss, Part::Whole));
             model::loss(&pred, labels, st.flavor)?
@@ -476,7 +530,10 @@ impl Hooks {
             &loss,
             Context::of(Category::Inputs, Module::Inputs, Part::Whole),
         );
-        if plan.implementation.logits == Logits::FloatOutputKept {
+        if matches!(
+            plan.implementation.logits,
+            Logits::FloatOutputKept | Logits::FloatInLossKept
+        ) {
             return Ok((loss, Some(pred)));
         }
         drop(pred); // torchtitan: `del pred` before backward
@@ -546,8 +603,10 @@ fn build_groups(plan: &Plan, env: &Env) -> TResult<Vec<Group>> {
             .iter()
             .map(|t| FsdpParam::new(t, env, module))
             .collect::<TResult<Vec<_>>>()?;
-        // torchtitan: the last block is not resharded after forward (backward needs it first).
-        let reshard = plan.reshard_after_forward && i + 1 < layers;
+        // torchtitan of 2024: the last block is not resharded after forward (backward needs
+        // it first); `fully_shard`'s defaults reshard it too.
+        let reshard = plan.reshard_after_forward
+            && (i + 1 < layers || plan.implementation.fsdp_units == crate::plan::FsdpUnits::Root);
         groups.push(Group::new(params, reshard, module));
     }
     let root_shapes: Vec<(u64, u64)> = m.root_params().iter().map(|p| (p.rows, p.cols)).collect();
@@ -760,13 +819,14 @@ fn train_on(
     let setup_start = meter.start()?;
     let (groups, freqs) = (|| -> TResult<_> {
         let groups = build_groups(plan, &env)?;
-        // torchtitan's rotary table: a buffer of 2 x seq_len rows, replicated on every rank.
+        // torchtitan's rotary table: a buffer of 2 x seq_len rows (seq_len from 2025 on),
+        // replicated on every rank.
         let _ctx = recorder::scope(Context::of(Category::Inputs, Module::Inputs, Part::Rotary));
-        let freqs = model::precompute_freqs_cis(
-            plan.model.head_dim as i64,
-            2 * plan.batch.seq_len as i64,
-            device,
-        )?;
+        let rows = match plan.implementation.rotary {
+            crate::plan::Rotary::ComplexSeq => plan.batch.seq_len,
+            _ => 2 * plan.batch.seq_len,
+        };
+        let freqs = model::precompute_freqs_cis(plan.model.head_dim as i64, rows as i64, device)?;
         Ok((groups, freqs))
     })()
     .map_err(rt)?;
@@ -818,6 +878,7 @@ fn train_on(
     // Setup, step 1 and the last step are recorded; the steps between are not (see recorder).
     let between = |step: u64| step > 1 && step < opts.steps;
     let mut last_step = 0;
+    let mut kept_logits: Option<Tensor> = None;
     'steps: for step in 1..=opts.steps {
         last_step = step;
         if step == opts.steps {
@@ -848,7 +909,7 @@ fn train_on(
                     batch_on_device(&env, plan, opts.seed, (step - 1) * accum + micro, dp)?;
                 // torchtitan rebinds `input_ids, labels` here: the previous ones are freed.
                 live = None;
-                let (loss, kept_pred) = hooks.forward(plan, &input, &labels)?;
+                let (loss, kept_pred) = hooks.forward(plan, &input, &labels, &mut kept_logits)?;
                 Ok((input, labels, loss, kept_pred))
             })();
             Meter::merge(&mut fwd, meter.finish(start)?);
@@ -873,7 +934,13 @@ fn train_on(
             let start = meter.start()?;
             recorder::mark(Section::Backward, micro, step == 1);
             let r = hooks.backward(plan, &loss);
-            drop(kept_pred);
+            // A loop's `logits` name holds them until its next forward rebinds it
+            // (float-in-loss-kept); torchtitan's old loop's `pred` went with the backward.
+            if plan.implementation.logits == Logits::FloatInLossKept {
+                kept_logits = kept_pred;
+            } else {
+                drop(kept_pred);
+            }
             // The training loop's `input_ids`, `labels` and `loss` live until the next batch.
             live = Some((input, labels, loss));
             Meter::merge(&mut bwd, meter.finish(start)?);

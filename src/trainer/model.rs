@@ -305,7 +305,7 @@ pub fn head(h: Tensor, r: &RootWeights, f: Flavor) -> TResult<Tensor> {
     let logits = n.f_linear(r.output, None::<&Tensor>)?;
     let out = match f.logits {
         Logits::FloatOutput | Logits::FloatOutputKept => logits.f_to_kind(Kind::Float)?,
-        Logits::FloatInLoss | Logits::ComputeDtype => logits,
+        Logits::FloatInLoss | Logits::FloatInLossKept | Logits::ComputeDtype => logits,
     };
     drop(n);
     Ok(out)
@@ -316,7 +316,7 @@ pub fn head(h: Tensor, r: &RootWeights, f: Flavor) -> TResult<Tensor> {
 pub fn loss(pred: &Tensor, labels: &Tensor, f: Flavor) -> TResult<Tensor> {
     let flat = pred.f_flatten(0, 1)?;
     let flat = match f.logits {
-        Logits::FloatInLoss => flat.f_to_kind(Kind::Float)?,
+        Logits::FloatInLoss | Logits::FloatInLossKept => flat.f_to_kind(Kind::Float)?,
         _ => flat,
     };
     let l = labels.f_flatten(0, 1)?;
