@@ -89,6 +89,9 @@ def estimate(
     gqa: Optional[str] = None,
     logits: Optional[str] = None,
     optimizer_impl: Optional[str] = None,
+    rotary: Optional[str] = None,
+    fsdp_units: Optional[str] = None,
+    preset: Optional[str] = None,
 ) -> Estimate:
     """Estimate one plan.
 

@@ -210,6 +210,9 @@ const FIELDS: &[&str] = &[
     "gqa",
     "logits",
     "optimizer_impl",
+    "rotary",
+    "fsdp_units",
+    "preset",
 ];
 
 fn int_arg(key: &str, v: &Bound<'_, PyAny>) -> Result<i64, Error> {
@@ -353,6 +356,9 @@ fn source(
             "gqa" => a.gqa = Some(str_arg(key, &v)?),
             "logits" => a.logits = Some(str_arg(key, &v)?),
             "optimizer_impl" => a.optimizer_impl = Some(str_arg(key, &v)?),
+            "rotary" => a.rotary = Some(str_arg(key, &v)?),
+            "fsdp_units" => a.fsdp_units = Some(str_arg(key, &v)?),
+            "preset" => a.preset = Some(str_arg(key, &v)?),
             _ => {
                 return Err(Error::invalid(
                     key,

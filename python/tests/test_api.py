@@ -48,6 +48,10 @@ KEYWORD_CASES = [
          reduce_dtype="bf16", no_reshard_after_forward=True, host_ram="64GB", offload="optimizer"),
     dict(model="tiny", gpu="cpu", num_gpus=2, seq_len=128, attention="math", rmsnorm="fused", gqa="native",
          logits="float-output-kept", optimizer_impl="fused", optimizer="sgd-momentum"),
+    dict(model="llama3-8b", gpu="h100-80g", num_gpus=8, preset="torchtitan-0.2", micro_batch_size=2, seq_len=8192,
+         ac="full", fsdp_units="split-always", rotary="complex"),
+    dict(model="llama3-8b", gpu="rtx4090-24g", num_gpus=2, preset="plain-pytorch", micro_batch_size=1, seq_len=2048,
+         ac="full", offload="full"),
 ]
 
 
