@@ -512,7 +512,9 @@ choice! {
         /// Hugging Face Transformers 5.x under its `Trainer` (measured with 5.24.0 on torch
         /// 2.11): SDPA with native GQA (`enable_gqa`, no `repeat_kv` copies), eager RMSNorm,
         /// the loss upcasting the logits (`ForCausalLMLoss`: `logits.float()`), and
-        /// `adamw_torch_fused`, Trainer's default optimizer on torch 2.8 and later.
+        /// `adamw_torch_fused`, Trainer's default optimizer on torch 2.8 and later; under FSDP
+        /// accelerate 1.15's units (`fsdp2_prepare_model`: embedding, each decoder layer,
+        /// [norm, lm_head]; measured with 2 ranks on CPU).
         HfTransformers = "hf-transformers" | "transformers" | "hf",
         /// torchtitan 0.1 to 0.2.x (2025 to February 2026; measured with 0.2.2's own Llama3
         /// model, `parallelize_llama`, loss and optimizers on torch 2.11): SDPA with native GQA,

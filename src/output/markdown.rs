@@ -124,12 +124,12 @@ impl Render for Markdown {
         for g in gpus {
             s += &format!("| {} | {} |\n", cell(&g.name), gib(g.memory_bytes));
         }
-        s += "\n| preset | attention | rmsnorm | gqa | logits | optimizer | rotary |\n|---|---|---|---|---|---|---|\n";
+        s += "\n| preset | attention | rmsnorm | gqa | logits | optimizer | rotary | fsdp units |\n|---|---|---|---|---|---|---|---|\n";
         for p in crate::plan::Preset::ALL {
             let i = p.implementation();
             s += &format!(
-                "| {p} | {} | {} | {} | {} | {} | {} |\n",
-                i.attention, i.rmsnorm, i.gqa, i.logits, i.optimizer, i.rotary
+                "| {p} | {} | {} | {} | {} | {} | {} | {} |\n",
+                i.attention, i.rmsnorm, i.gqa, i.logits, i.optimizer, i.rotary, i.fsdp_units
             );
         }
         s

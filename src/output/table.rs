@@ -263,6 +263,7 @@ impl Render for Table {
                 "logits",
                 "optimizer",
                 "rotary",
+                "fsdp units",
             ]
             .map(String::from)
             .to_vec(),
@@ -277,6 +278,7 @@ impl Render for Table {
                 Cell::new(i.logits),
                 Cell::new(i.optimizer),
                 Cell::new(i.rotary),
+                Cell::new(i.fsdp_units),
             ]);
         }
         format!("{t}\n{g}\n{pr}\n")
