@@ -203,6 +203,12 @@ choice!(
         AdamW = "adamw",
         /// Adam: as AdamW for memory.
         Adam = "adam",
+        /// bitsandbytes' 8-bit AdamW (`AdamW8bit`, `PagedAdamW8bit`; Transformers'
+        /// `adamw_bnb_8bit`, `paged_adamw_8bit`): blockwise-quantised uint8 states, 32-bit
+        /// ones for small tensors and embeddings (`crate::estimate::optimizer`).
+        AdamW8bit = "adamw-8bit" | "adamw8bit" | "paged-adamw-8bit" | "adam-8bit",
+        /// `torch.optim.Adafactor`: factored second moments, no first moment.
+        Adafactor = "adafactor",
         /// SGD with momentum: one momentum buffer per parameter.
         SgdMomentum = "sgd-momentum" | "sgdm",
         /// Plain SGD: no state.
@@ -211,13 +217,20 @@ choice!(
 );
 
 impl Optimizer {
-    /// Optimizer state tensors per parameter, each in the master dtype.
+    /// Optimizer state tensors per parameter, each in the master dtype; 0 for the optimizers
+    /// whose states are shaped otherwise (8-bit AdamW, Adafactor:
+    /// `crate::estimate::optimizer::states`).
     pub const fn states_per_param(self) -> u64 {
         match self {
             Optimizer::AdamW | Optimizer::Adam => 2,
             Optimizer::SgdMomentum => 1,
-            Optimizer::Sgd => 0,
+            Optimizer::Sgd | Optimizer::AdamW8bit | Optimizer::Adafactor => 0,
         }
+    }
+
+    /// Whether the states are counted tensor by tensor (not parameter-shaped).
+    pub const fn factored(self) -> bool {
+        matches!(self, Optimizer::AdamW8bit | Optimizer::Adafactor)
     }
 }
 
@@ -1126,6 +1139,20 @@ impl PlanFile {
         };
 
         // Accepted, but probably not what was meant: said on stderr, not refused.
+        let optimizer = parse_opt("optimizer", &self.optimizer, Optimizer::AdamW)?;
+        let offload = parse_opt("offload", &self.offload, Offload::None)?;
+        if optimizer.factored() {
+            let sharded = [dp_shard, tp, cp, ep].iter().any(|&d| d > 1);
+            if sharded || offload != Offload::None || model.moe.is_some() {
+                return Err(Error::invalid(
+                    "optimizer",
+                    format!("\"{optimizer}\""),
+                    "adamw, adam, sgd or sgd-momentum: 8-bit AdamW and Adafactor are modelled on a \
+                     dense model with unsharded parameters (dp_shard, tp, cp and ep 1) and no \
+                     offload",
+                ));
+            }
+        }
         let mut warnings = Vec::new();
         if autocast_unmodelled {
             warnings.push(
@@ -1204,9 +1231,9 @@ impl PlanFile {
                 master,
                 autocast,
             },
-            optimizer: parse_opt("optimizer", &self.optimizer, Optimizer::AdamW)?,
+            optimizer,
             activation_checkpointing,
-            offload: parse_opt("offload", &self.offload, Offload::None)?,
+            offload,
             // torchtitan's "default" policy: reshard after forward unless pipelining (its
             // schedules run every micro-batch's forward and backward between two steps).
             // Under autocast the cached weight casts that backward needs play the gathered

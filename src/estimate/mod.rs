@@ -29,6 +29,7 @@ pub mod activations;
 pub mod cost;
 pub mod host;
 pub mod logits;
+pub mod optimizer;
 pub mod overhead;
 pub mod params;
 pub mod simulate;
@@ -660,6 +661,8 @@ pub(crate) struct Quantities {
     /// Sharded master parameters, optimizer states, every sharded gradient, on the device.
     pub master: u128,
     pub states: u128,
+    /// Of the states, the root parameters' (embedding, final norm, output).
+    pub root_states: u128,
     pub grads_all: u128,
     /// Gradients alive when the representative micro-batch's backward begins (sharded ones
     /// from earlier micro-batches; under FSDP with pipelining, every unsharded one), and
@@ -997,6 +1000,9 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     // forward to its backward, and under the split units [norm, output] is still resharded
     // by its post-backward before the blocks' (measured with accelerate's FSDP2, whose units
     // are these). Under pipelining every unit stays gathered (see `fsdp_pp`).
+    let k = plan.optimizer.states_per_param() as u128;
+    let root_trainable = if lora { 0 } else { p.root_shard };
+    let states = optimizer::states(plan, p, (k * trainable * m, k * root_trainable * m));
     let units = plan.implementation.fsdp_units;
     let reshard = plan.reshard_after_forward;
     let own_units = copies && !pipelined && reshard;
@@ -1047,12 +1053,9 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
             (true, false) => p.root_shard * m,
             (true, true) => p.root_shard * e,
         },
-        root_trainable: if lora { 0 } else { p.root_shard },
-        states: if states_on_gpu {
-            plan.optimizer.states_per_param() as u128 * trainable * m
-        } else {
-            0
-        },
+        root_trainable,
+        states: if states_on_gpu { states.0 } else { 0 },
+        root_states: if states_on_gpu { states.1 } else { 0 },
         grads_all,
         grads_prior,
         grads_forward,
@@ -1380,6 +1383,9 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
 /// optimizers): `denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)` holds two
 /// tensors of the largest parameter for a moment. SGD momentum: in-place, none.
 pub fn optimizer_temporaries(plan: &Plan, p: &StageParams) -> u128 {
+    if let Some(t) = optimizer::temporaries(plan, p) {
+        return t;
+    }
     let m = plan.precision.master.bytes() as u128;
     if plan.optimizer.states_per_param() < 2 {
         return 0;

@@ -945,14 +945,9 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
         w.free(sent.take());
         if first {
             // The root's share: its shards' states, when the states are on the device.
-            let root_states = if q.states > 0 {
-                plan.optimizer.states_per_param() as u128 * q.root_trainable * q.m
-            } else {
-                0
-            };
             per_module(
                 &mut w,
-                (q.states, root_states),
+                (q.states, q.root_states),
                 (q.layers, first_layer),
                 Category::OptimizerStates,
                 Part::State,

@@ -275,7 +275,7 @@ fn check_supported(plan: &Plan, distributed: bool) -> Result<()> {
     }
     // What the trainer does not execute is refused, never run as something else.
     let imp = &plan.implementation;
-    let refused: [(bool, &str, String, &str); 8] = [
+    let refused: [(bool, &str, String, &str); 9] = [
         (
             plan.lora.is_some(),
             "lora",
@@ -289,6 +289,12 @@ fn check_supported(plan: &Plan, distributed: bool) -> Result<()> {
             "false: the trainer casts as FSDP's mixed precision does",
         ),
         (plan.compile, "compile", "true".into(), "false (eager ops)"),
+        (
+            plan.optimizer.factored(),
+            "optimizer",
+            format!("\"{}\"", plan.optimizer),
+            "adamw, adam, sgd or sgd-momentum: libtorch has no 8-bit AdamW or Adafactor",
+        ),
         (plan.float8, "float8", "true".into(), "false"),
         (
             imp.rmsnorm != crate::plan::RmsNorm::Eager,

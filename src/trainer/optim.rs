@@ -174,6 +174,9 @@ pub fn step(cfg: &OptConfig, env: &Env, shards: &mut [&mut Shard], peers: bool) 
         Optimizer::Sgd => {
             ffi::sgd_step(&pr, &gr, None, cfg.lr, 0.0, first).map_err(shim)?;
         }
+        Optimizer::AdamW8bit | Optimizer::Adafactor => {
+            unreachable!("refused by check_supported: {}", cfg.kind)
+        }
     }
     if host_step {
         for (s, p) in shards.iter().zip(&params) {

@@ -1,0 +1,169 @@
+//! Optimizer states and step temporaries of the optimizers whose states are not one tensor per
+//! parameter: bitsandbytes' 8-bit AdamW and torch's Adafactor, counted tensor by tensor.
+//!
+//! Measured on CPU with torch 2.11, Transformers 5.24 and bitsandbytes 0.50.2 (the states as
+//! the optimizers hold them after a step, read from their `state` dicts;
+//! docs/research/hf-lora-measured.md, tests/data/qlora_torch_2.11.jsonl):
+//!
+//! | optimizer | per trainable tensor of k elements | once |
+//! |---|---|---|
+//! | `AdamW8bit`, `PagedAdamW8bit` (bitsandbytes) | k >= 4096 and not an embedding: `state1`, `state2` uint8 (2k) and an fp32 `absmax` per 256-element block of each (8 ceil(k / 256)); else fp32 `state1`, `state2` (8k) | `qmap1`, `qmap2`: 256 fp32 each (2,048), with the first 8-bit state |
+//! | `torch.optim.Adafactor` | 2-D (r x c): `row_var` (r, 1) and `col_var` (1, c) in the parameter's dtype; 1-D: a full `variance` | the `step` scalars, CPU tensors (host memory) |
+//!
+//! bitsandbytes keeps tensors under 4,096 elements (`min_8bit_size`) in 32 bits, and
+//! Transformers' `Trainer` registers every `nn.Embedding` for 32-bit states
+//! (`GlobalOptimManager.register_module_override(module, "weight", {"optim_bits": 32})`).
+//!
+//! Step temporaries: bitsandbytes updates in fused CUDA kernels, none; its CPU fallback (the
+//! measurement) makes 20 bytes per element of the largest 8-bit tensor, not modelled.
+//! Adafactor's `var_estimate = row_var @ col_var` is as large as the parameter: one list of
+//! them for every 2-D parameter in foreach mode (torch's default on a GPU; measured to 132 B),
+//! the largest one in the single-tensor loop (measured on CPU: 1.34 times that, its
+//! `torch.norm` over dimension -2 copying; not modelled).
+
+use super::params::{lora_module_dims, StageParams};
+use crate::plan::{OptimizerImpl, Plan};
+use crate::profiles::ParamShape;
+
+/// bitsandbytes' `min_8bit_size`: smaller tensors keep 32-bit states.
+const MIN_8BIT: u128 = 4096;
+/// bitsandbytes' blockwise quantisation block.
+const BLOCK: u128 = 256;
+
+/// The stage's trainable tensors: (rows, cols) of each, and whether it is the embedding.
+fn trainable_tensors(plan: &Plan, p: &StageParams) -> Vec<(u128, u128, bool)> {
+    let m = &plan.model;
+    let layers = p.layers() as usize;
+    let mut out = Vec::new();
+    if let Some(l) = plan.lora {
+        let r = l.rank as u128;
+        for _ in 0..layers {
+            for (i, &(fan_in, fan_out)) in lora_module_dims(plan).iter().enumerate() {
+                if l.wraps(i) {
+                    out.push((r, fan_in, false));
+                    out.push((fan_out, r, false));
+                }
+            }
+        }
+        return out;
+    }
+    let shape = |s: ParamShape| (s.rows as u128, s.cols as u128);
+    let block: Vec<(u128, u128)> = m.block_params().iter().copied().map(shape).collect();
+    for _ in 0..layers {
+        out.extend(block.iter().map(|&(r, c)| (r, c, false)));
+    }
+    for (i, s) in m.root_params().iter().copied().enumerate() {
+        let embedding = i == 0;
+        let keep = if embedding {
+            p.first || (p.last && m.tied_embeddings)
+        } else {
+            p.last
+        };
+        if keep {
+            let (r, c) = shape(s);
+            out.push((r, c, embedding));
+        }
+    }
+    out
+}
+
+/// Device bytes of the optimizer's states on the stage, and of them the root's (embedding,
+/// final norm, output); `per_tensor` is what an optimizer with one state tensor per parameter
+/// holds, in the master dtype.
+pub fn states(plan: &Plan, p: &StageParams, per_tensor: (u128, u128)) -> (u128, u128) {
+    use crate::plan::Optimizer;
+    let m = plan.precision.master.bytes() as u128;
+    let each: fn(u128, u128, bool, u128) -> u128 = match plan.optimizer {
+        Optimizer::AdamW8bit => |r, c, embedding, _| {
+            let k = r * c;
+            if k >= MIN_8BIT && !embedding {
+                2 * k + 2 * 4 * k.div_ceil(BLOCK)
+            } else {
+                2 * 4 * k
+            }
+        },
+        Optimizer::Adafactor => |r, c, _, m| if c > 1 { m * (r + c) } else { m * r },
+        _ => return per_tensor,
+    };
+    let tensors = trainable_tensors(plan, p);
+    let blocks = p.layers() as usize * tensors_per_block(plan);
+    let mut total = 0;
+    let mut root = 0;
+    for (k, &(r, c, embedding)) in tensors.iter().enumerate() {
+        let b = each(r, c, embedding, m);
+        total += b;
+        if k >= blocks {
+            root += b;
+        }
+    }
+    // The two 256-entry quantisation maps, made with the first 8-bit state.
+    let any_8bit = tensors
+        .iter()
+        .any(|&(r, c, embedding)| r * c >= MIN_8BIT && !embedding);
+    let qmaps = if plan.optimizer == Optimizer::AdamW8bit && any_8bit {
+        2 * 256 * 4
+    } else {
+        0
+    };
+    (total + qmaps, root + qmaps)
+}
+
+fn tensors_per_block(plan: &Plan) -> usize {
+    match plan.lora {
+        Some(l) => 2 * (0..7).filter(|&i| l.wraps(i)).count(),
+        None => plan.model.block_params().iter().count(),
+    }
+}
+
+/// Step temporaries of Adafactor (see the module doc); None for other optimizers.
+pub fn temporaries(plan: &Plan, p: &StageParams) -> Option<u128> {
+    if plan.optimizer != crate::plan::Optimizer::Adafactor {
+        return None;
+    }
+    let m = plan.precision.master.bytes() as u128;
+    let matrices = trainable_tensors(plan, p)
+        .into_iter()
+        .filter(|&(_, c, _)| c > 1)
+        .map(|(r, c, _)| r * c);
+    Some(match plan.implementation.optimizer {
+        OptimizerImpl::PerParam => m * matrices.max().unwrap_or(0),
+        // torch's Adafactor has no fused kernel; its GPU default is foreach.
+        OptimizerImpl::Foreach | OptimizerImpl::Fused => m * matrices.sum::<u128>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::estimate::estimate;
+    use crate::plan::test_plan as plan;
+
+    fn states(optimizer: &str) -> u64 {
+        let p = plan(&format!(
+            r#"{{"model":"tiny","gpu":"cpu","num_gpus":1,"optimizer":"{optimizer}",
+                "precision":{{"param":"fp32","master":"fp32","reduce":"fp32"}},
+                "batch":{{"micro_batch_size":2,"seq_len":64}}}}"#
+        ));
+        estimate(&p)
+            .unwrap()
+            .per_gpu
+            .breakdown
+            .optimizer_states_bytes
+            .get()
+    }
+
+    /// tiny (h 64, ffn 176, vocab 256, 2 blocks) by hand.
+    #[test]
+    fn tiny_states_are_counted_by_hand() {
+        // 8-bit: q/k/v/o (4,096 elements each: 8,192 + 8 x 16 absmax), w1/w3/w2 (11,264:
+        // 22,528 + 8 x 44), two norms in 32 bits (8 x 64); the embedding in 32 bits
+        // (8 x 16,384), the final norm (8 x 64), the output 8-bit (32,768 + 8 x 64); two maps.
+        let block = 4 * (8_192 + 128) + 3 * (22_528 + 352) + 2 * 512;
+        assert_eq!(
+            states("adamw-8bit"),
+            2 * block + 131_072 + 512 + 33_280 + 2_048
+        );
+        // Adafactor: rows + cols of each matrix, the norms whole, fp32.
+        let block = 4 * (4 * (64 + 64) + 2 * (176 + 64) + (64 + 176) + 2 * 64);
+        assert_eq!(states("adafactor"), 2 * block + 4 * (256 + 64) * 2 + 4 * 64);
+    }
+}
