@@ -209,6 +209,12 @@ choice!(
         AdamW8bit = "adamw-8bit" | "adamw8bit" | "paged-adamw-8bit" | "adam-8bit",
         /// `torch.optim.Adafactor`: factored second moments, no first moment.
         Adafactor = "adafactor",
+        /// `torch.optim.Muon` on the decoder blocks' matrices (a momentum buffer each), AdamW on
+        /// the embedding, norms and output, as Muon is meant to be used.
+        Muon = "muon",
+        /// `torch.optim.Muon` on every matrix, the embedding and output included; AdamW on the
+        /// 1-D parameters.
+        MuonAll2d = "muon-all-2d" | "muon-all2d",
         /// SGD with momentum: one momentum buffer per parameter.
         SgdMomentum = "sgd-momentum" | "sgdm",
         /// Plain SGD: no state.
@@ -224,13 +230,20 @@ impl Optimizer {
         match self {
             Optimizer::AdamW | Optimizer::Adam => 2,
             Optimizer::SgdMomentum => 1,
-            Optimizer::Sgd | Optimizer::AdamW8bit | Optimizer::Adafactor => 0,
+            Optimizer::Sgd
+            | Optimizer::AdamW8bit
+            | Optimizer::Adafactor
+            | Optimizer::Muon
+            | Optimizer::MuonAll2d => 0,
         }
     }
 
     /// Whether the states are counted tensor by tensor (not parameter-shaped).
     pub const fn factored(self) -> bool {
-        matches!(self, Optimizer::AdamW8bit | Optimizer::Adafactor)
+        matches!(
+            self,
+            Optimizer::AdamW8bit | Optimizer::Adafactor | Optimizer::Muon | Optimizer::MuonAll2d
+        )
     }
 }
 
@@ -1147,7 +1160,7 @@ impl PlanFile {
                 return Err(Error::invalid(
                     "optimizer",
                     format!("\"{optimizer}\""),
-                    "adamw, adam, sgd or sgd-momentum: 8-bit AdamW and Adafactor are modelled on a \
+                    "adamw, adam, sgd or sgd-momentum: 8-bit AdamW, Adafactor and Muon are modelled on a \
                      dense model with unsharded parameters (dp_shard, tp, cp and ep 1) and no \
                      offload",
                 ));

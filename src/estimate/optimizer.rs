@@ -9,6 +9,7 @@
 //! |---|---|---|
 //! | `AdamW8bit`, `PagedAdamW8bit` (bitsandbytes) | k >= 4096 and not an embedding: `state1`, `state2` uint8 (2k) and an fp32 `absmax` per 256-element block of each (8 ceil(k / 256)); else fp32 `state1`, `state2` (8k) | `qmap1`, `qmap2`: 256 fp32 each (2,048), with the first 8-bit state |
 //! | `torch.optim.Adafactor` | 2-D (r x c): `row_var` (r, 1) and `col_var` (1, c) in the parameter's dtype; 1-D: a full `variance` | the `step` scalars, CPU tensors (host memory) |
+//! | `torch.optim.Muon` (+ AdamW for the rest) | a Muon matrix: `momentum_buffer` as the parameter; any other: AdamW's two | the `step` scalars |
 //!
 //! bitsandbytes keeps tensors under 4,096 elements (`min_8bit_size`) in 32 bits, and
 //! Transformers' `Trainer` registers every `nn.Embedding` for 32-bit states
@@ -20,6 +21,13 @@
 //! them for every 2-D parameter in foreach mode (torch's default on a GPU; measured to 132 B),
 //! the largest one in the single-tensor loop (measured on CPU: 1.34 times that, its
 //! `torch.norm` over dimension -2 copying; not modelled).
+//! Muon steps one matrix at a time (torch 2.11 `_muon.py`, `_single_tensor_muon`,
+//! `_zeropower_via_newtonschulz`): for a p x q matrix of N elements, m = min(p, q), the
+//! Nesterov update `grad.lerp(buf)` (N in the parameter's dtype) and its bf16 copy X (2N) live
+//! through five Newton-Schulz iterations, each making G = X X^T and its polynomial (2m^2 each)
+//! and a new X (2N) while the old ones are alive: max(U + 4N + 4m^2, U + 2N + 6m^2 + 4) bytes at
+//! the largest matrix, measured to the byte on CPU once oneDNN's per-matmul scratch (which
+//! depends on the thread count) is set aside. The AdamW group steps after it, fused.
 
 use super::params::{lora_module_dims, StageParams};
 use crate::plan::{OptimizerImpl, Plan};
@@ -83,6 +91,25 @@ pub fn states(plan: &Plan, p: &StageParams, per_tensor: (u128, u128)) -> (u128, 
             }
         },
         Optimizer::Adafactor => |r, c, _, m| if c > 1 { m * (r + c) } else { m * r },
+        Optimizer::Muon | Optimizer::MuonAll2d => {
+            let muon_root = plan.optimizer == Optimizer::MuonAll2d;
+            let tensors = trainable_tensors(plan, p);
+            let blocks = p.layers() as usize * tensors_per_block(plan);
+            let (mut total, mut root) = (0, 0);
+            for (k, &(r, c, _)) in tensors.iter().enumerate() {
+                let is_root = k >= blocks;
+                let b = if c > 1 && (!is_root || muon_root) {
+                    m * r * c
+                } else {
+                    2 * m * r * c
+                };
+                total += b;
+                if is_root {
+                    root += b;
+                }
+            }
+            return (total, root);
+        }
         _ => return per_tensor,
     };
     let tensors = trainable_tensors(plan, p);
@@ -115,12 +142,37 @@ fn tensors_per_block(plan: &Plan) -> usize {
     }
 }
 
-/// Step temporaries of Adafactor (see the module doc); None for other optimizers.
+/// Step temporaries of Adafactor and Muon (see the module doc); None for other optimizers.
 pub fn temporaries(plan: &Plan, p: &StageParams) -> Option<u128> {
-    if plan.optimizer != crate::plan::Optimizer::Adafactor {
+    use crate::plan::Optimizer;
+    let m = plan.precision.master.bytes() as u128;
+    if matches!(plan.optimizer, Optimizer::Muon | Optimizer::MuonAll2d) {
+        let muon_root = plan.optimizer == Optimizer::MuonAll2d;
+        let blocks = p.layers() as usize * tensors_per_block(plan);
+        let mut muon = 0u128;
+        let mut adamw = Vec::new();
+        for (k, (r, c, _)) in trainable_tensors(plan, p).into_iter().enumerate() {
+            let n = r * c;
+            if c > 1 && (k < blocks || muon_root) {
+                let small = r.min(c);
+                let w =
+                    (m * n + 4 * n + 4 * small * small).max(m * n + 2 * n + 6 * small * small + 4);
+                muon = muon.max(w);
+            } else {
+                adamw.push(n);
+            }
+        }
+        // The AdamW group's step comes after Muon's, with its own temporaries.
+        let adamw = match plan.implementation.optimizer {
+            OptimizerImpl::Fused => 0,
+            OptimizerImpl::Foreach => m * adamw.iter().sum::<u128>(),
+            OptimizerImpl::PerParam => 2 * m * adamw.iter().copied().max().unwrap_or(0),
+        };
+        return Some(muon.max(adamw));
+    }
+    if plan.optimizer != Optimizer::Adafactor {
         return None;
     }
-    let m = plan.precision.master.bytes() as u128;
     let matrices = trainable_tensors(plan, p)
         .into_iter()
         .filter(|&(_, c, _)| c > 1)
@@ -165,5 +217,14 @@ mod tests {
         // Adafactor: rows + cols of each matrix, the norms whole, fp32.
         let block = 4 * (4 * (64 + 64) + 2 * (176 + 64) + (64 + 176) + 2 * 64);
         assert_eq!(states("adafactor"), 2 * block + 4 * (256 + 64) * 2 + 4 * 64);
+        // Muon: a momentum buffer per block matrix (4 x 4,096 + 3 x 11,264 elements), AdamW's
+        // two for the norms, the embedding and the output; or Muon for those matrices too.
+        let matrices = 4 * 4_096 + 3 * 11_264;
+        let others = 2 * 2 * 64 + 64 + 2 * 16_384;
+        assert_eq!(states("muon"), 4 * 2 * matrices + 8 * others);
+        assert_eq!(
+            states("muon-all-2d"),
+            4 * (2 * matrices + 2 * 16_384) + 8 * (2 * 2 * 64 + 64)
+        );
     }
 }

@@ -293,7 +293,7 @@ fn check_supported(plan: &Plan, distributed: bool) -> Result<()> {
             plan.optimizer.factored(),
             "optimizer",
             format!("\"{}\"", plan.optimizer),
-            "adamw, adam, sgd or sgd-momentum: libtorch has no 8-bit AdamW or Adafactor",
+            "adamw, adam, sgd or sgd-momentum: libtorch has no 8-bit AdamW, Adafactor or Muon",
         ),
         (plan.float8, "float8", "true".into(), "false"),
         (

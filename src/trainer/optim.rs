@@ -174,7 +174,7 @@ pub fn step(cfg: &OptConfig, env: &Env, shards: &mut [&mut Shard], peers: bool) 
         Optimizer::Sgd => {
             ffi::sgd_step(&pr, &gr, None, cfg.lr, 0.0, first).map_err(shim)?;
         }
-        Optimizer::AdamW8bit | Optimizer::Adafactor => {
+        Optimizer::AdamW8bit | Optimizer::Adafactor | Optimizer::Muon | Optimizer::MuonAll2d => {
             unreachable!("refused by check_supported: {}", cfg.kind)
         }
     }
