@@ -896,10 +896,18 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                 Owner::new(Module::Root, Part::ReduceScatter),
                 0,
             )?;
+            // Without FSDP: the embedding's backward, its whole gradient made last.
+            let embedding_grad = w.alloc(
+                q.embedding_grad,
+                Category::GradientBuffers,
+                Owner::new(Module::TokEmbeddings, Part::Grad),
+                0,
+            )?;
             if marked {
                 let at = w.now().0;
                 w.point(PHASES[3].name(), at);
             }
+            w.free(embedding_grad);
             w.free(root_rs);
             w.free(root_grads);
             w.free(out_grad);
