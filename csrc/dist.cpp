@@ -4,7 +4,7 @@
 //   group, as torch.distributed.init_process_group and new_group build them;
 // - c10d::ProcessGroupGloo over a store: the CPU backend;
 // - the collectives the trainer needs, each waited for: all_reduce (sum, max), broadcast,
-//   barrier, send, recv, and the library's own all_gather_into_tensor / reduce_scatter_tensor
+//   barrier, send, recv (blocking, and isend / irecv returning a Work), and the library's own all_gather_into_tensor / reduce_scatter_tensor
 //   (`_allgather_base`, `_reduce_scatter_base`).
 //
 // ProcessGroupGloo.hpp includes gloo's headers, which the torch wheel does not ship: they are
@@ -219,6 +219,34 @@ int mp_pg_recv(void *pg, at::Tensor *t, int src, int tag, char **err) {
   wait(pg_of(pg), pg_of(pg)->recv(ts, src, tag));
   DIST_CATCH
 }
+
+// Non-blocking point to point, as torch.distributed.isend / irecv (what
+// torch.distributed.pipelining's batch_isend_irecv issues): *work gets a heap Work handle
+// (wait it with mp_work_wait, free it with mp_work_free). Gloo's SendWork / RecvWork hold the
+// tensor until the handle is freed, as the Python Work object does.
+using WorkPtr = c10::intrusive_ptr<c10d::Work>;
+
+int mp_pg_isend(void *pg, at::Tensor *t, int dst, int tag, void **work, char **err) {
+  DIST_TRY
+  std::vector<at::Tensor> ts{*t};
+  *work = new WorkPtr(pg_of(pg)->send(ts, dst, tag));
+  DIST_CATCH
+}
+
+int mp_pg_irecv(void *pg, at::Tensor *t, int src, int tag, void **work, char **err) {
+  DIST_TRY
+  std::vector<at::Tensor> ts{*t};
+  *work = new WorkPtr(pg_of(pg)->recv(ts, src, tag));
+  DIST_CATCH
+}
+
+int mp_work_wait(void *work, char **err) {
+  DIST_TRY
+  (*static_cast<WorkPtr *>(work))->wait();
+  DIST_CATCH
+}
+
+void mp_work_free(void *work) { delete static_cast<WorkPtr *>(work); }
 
 // Gloo's own all_gather_into_tensor (`_allgather_base`): `out` gets every rank's `in`.
 int mp_pg_all_gather_base(void *pg, at::Tensor *out, at::Tensor *in, char **err) {

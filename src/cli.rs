@@ -180,8 +180,9 @@ pub enum Command {
 /// How `train` runs: processes on this node, the job's rendezvous.
 #[derive(Args, Debug, Default, Clone)]
 pub struct DistArgs {
-    /// Start this many rank processes on this node (as torchrun does): a real FSDP2/HSDP job
-    /// over c10d Gloo, world size = nnodes x nproc-per-node = dp_replicate x dp_shard.
+    /// Start this many rank processes on this node (as torchrun does): a real FSDP2/HSDP or
+    /// pipeline job over c10d Gloo, world size = nnodes x nproc-per-node = pp x dp_replicate x
+    /// dp_shard.
     #[arg(long, allow_negative_numbers = true)]
     pub nproc_per_node: Option<i64>,
     /// Nodes in the job.
@@ -1154,14 +1155,15 @@ fn launch_ranks(
     let port = bounded("--master-port", dist.master_port, 0, 65535)? as u16;
     let timeout_s = bounded("--dist-timeout", dist.dist_timeout, 1, 86_400)?;
     let world = nproc * nnodes;
-    let dp = plan.parallel.dp_replicate * plan.parallel.dp_shard;
-    if world != dp {
+    let p = &plan.parallel;
+    let ranks = p.pp * p.dp_replicate * p.dp_shard;
+    if world != ranks {
         return Err(Error::invalid(
             "--nproc-per-node",
             nproc,
             format!(
-                "nnodes x nproc-per-node = the plan's dp_replicate x dp_shard ({} x {} = {dp}); set --num-gpus {world} or --dp-shard",
-                plan.parallel.dp_replicate, plan.parallel.dp_shard
+                "nnodes x nproc-per-node = the plan's pp x dp_replicate x dp_shard ({} x {} x {} = {ranks}); set --num-gpus {world} or --dp-shard",
+                p.pp, p.dp_replicate, p.dp_shard
             ),
         ));
     }
@@ -1177,12 +1179,11 @@ fn launch_ranks(
         exe: None,
     };
     let outcome = crate::trainer::launch::launch(&launch, &rank_args())?;
-    let e = crate::estimate::estimate(plan)?;
-    let rows: Vec<_> = outcome
+    let rows = outcome
         .reports
         .into_iter()
-        .map(|r| crate::validate::validation_of(&format!("rank {}", r.rank), plan, &e, r))
-        .collect();
+        .map(|r| rank_validation(plan, r))
+        .collect::<Result<Vec<_>>>()?;
     // Rank 0's trace (on a node without rank 0, its first rank's).
     if let (Some(path), Some(first)) = (trace, rows.first()) {
         write_trace(path, plan, first.measured_trace.as_ref(), &first.report)?;
@@ -1268,6 +1269,7 @@ fn run_rank(
     }
     let mesh = std::rc::Rc::new(Mesh::join(
         env,
+        plan.parallel.pp,
         plan.parallel.dp_replicate,
         plan.parallel.dp_shard,
         std::time::Duration::from_secs(timeout_s),
@@ -1279,16 +1281,17 @@ fn run_rank(
     if log {
         let m = &mesh;
         eprintln!(
-            "rank {rank}: joined {} ranks at {}:{} (replica {} x shard {} of {})",
+            "rank {rank}: joined {} ranks at {}:{} (stage {} of {}, replica {} x shard {} of {})",
             m.env.world,
             m.env.master_addr,
             m.env.master_port,
-            rank / plan.parallel.dp_shard,
+            m.stage(),
+            m.pp_size(),
+            m.dp_rank() / plan.parallel.dp_shard,
             m.shard.rank(),
             m.shard.size()
         );
     }
-    let e = crate::estimate::estimate(plan)?;
     // Fault injection for the fault tests: MEMPLAN_FAULT_ABORT_RANK=R and
     // MEMPLAN_FAULT_ABORT_STEP=S make rank R abort at the start of step S.
     let fault = |key: &str| std::env::var(key).ok().and_then(|v| v.parse::<u64>().ok());
@@ -1343,7 +1346,7 @@ fn run_rank(
     }
     // Under torchrun: a rank out of memory cannot meet its peers again; it reports alone.
     if oom.is_some() {
-        let v = crate::validate::validation_of(&format!("rank {rank}"), plan, &e, report);
+        let v = rank_validation(plan, report)?;
         print(
             out,
             &crate::output::validation::ranks(std::slice::from_ref(&v), format),
@@ -1360,17 +1363,30 @@ fn run_rank(
             .map(|t| {
                 let r: crate::trainer::TrainReport = serde_json::from_str(t)
                     .map_err(|e| Error::runtime(format!("a rank's report does not parse: {e}")))?;
-                Ok(crate::validate::validation_of(
-                    &format!("rank {}", r.rank),
-                    plan,
-                    &e,
-                    r,
-                ))
+                rank_validation(plan, r)
             })
             .collect::<Result<Vec<_>>>()?;
         print(out, &crate::output::validation::ranks(&rows, format))?;
     }
     Ok(EXIT_FITS)
+}
+
+/// A rank's report beside the prediction for what it holds: its own pipeline stage's under
+/// pipelining, else the most loaded rank's.
+#[cfg(feature = "trainer")]
+fn rank_validation(
+    plan: &Plan,
+    report: crate::trainer::TrainReport,
+) -> Result<crate::validate::Validation> {
+    let e = match report.pp_stage {
+        Some(stage) => crate::estimate::estimate_stage(plan, stage)?,
+        None => crate::estimate::estimate(plan)?,
+    };
+    let label = match report.pp_stage {
+        Some(stage) => format!("rank {} (stage {stage})", report.rank),
+        None => format!("rank {}", report.rank),
+    };
+    Ok(crate::validate::validation_of(&label, plan, &e, report))
 }
 
 #[cfg(feature = "trainer")]

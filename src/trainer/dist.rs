@@ -100,6 +100,24 @@ extern "C" {
         tag: c_int,
         err: *mut *mut c_char,
     ) -> c_int;
+    fn mp_pg_isend(
+        pg: *mut c_void,
+        t: *mut C_tensor,
+        dst: c_int,
+        tag: c_int,
+        work: *mut *mut c_void,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn mp_pg_irecv(
+        pg: *mut c_void,
+        t: *mut C_tensor,
+        src: c_int,
+        tag: c_int,
+        work: *mut *mut c_void,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn mp_work_wait(work: *mut c_void, err: *mut *mut c_char) -> c_int;
+    fn mp_work_free(work: *mut c_void);
 }
 
 /// A c10d call through the shim; a failure is its message's first line (c10 appends a C++
@@ -385,6 +403,46 @@ impl ProcessGroup {
             call(|e| unsafe { mp_pg_recv(self.handle, ptr(t), src as c_int, tag as c_int, e) }),
         )
     }
+    /// Non-blocking send (`torch.distributed.isend`): the returned [`Work`] holds `t` until it
+    /// is dropped, as torch's Work object does.
+    pub fn isend(&self, t: &Tensor, dst: i64, tag: i64) -> TResult<Work> {
+        let mut w = std::ptr::null_mut();
+        self.check(
+            "isend",
+            call(|e| unsafe {
+                mp_pg_isend(self.handle, ptr(t), dst as c_int, tag as c_int, &mut w, e)
+            }),
+        )?;
+        Ok(Work(w))
+    }
+    /// Non-blocking receive into `t` (`torch.distributed.irecv`).
+    pub fn irecv(&self, t: &Tensor, src: i64, tag: i64) -> TResult<Work> {
+        let mut w = std::ptr::null_mut();
+        self.check(
+            "irecv",
+            call(|e| unsafe {
+                mp_pg_irecv(self.handle, ptr(t), src as c_int, tag as c_int, &mut w, e)
+            }),
+        )?;
+        Ok(Work(w))
+    }
+}
+
+/// An issued point-to-point operation (c10d's `Work`); it holds its tensor until dropped.
+pub struct Work(*mut c_void);
+
+impl Work {
+    /// Blocks until the operation completed (`Work.wait()`); the tensor stays held.
+    pub fn wait(&self) -> TResult<()> {
+        call(|e| unsafe { mp_work_wait(self.0, e) })
+            .map_err(|m| tch::TchError::Torch(format!("waiting for a point-to-point op: {m}")))
+    }
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        unsafe { mp_work_free(self.0) }
+    }
 }
 
 impl Drop for ProcessGroup {
@@ -393,7 +451,8 @@ impl Drop for ProcessGroup {
     }
 }
 
-/// The data-parallel mesh of one rank: its shard group and, under HSDP, its replicate group.
+/// The mesh of one rank: its pipeline group (when pp > 1), its shard group and, under HSDP,
+/// its replicate group.
 pub struct Mesh {
     pub env: RankEnv,
     /// Kept alive for the groups' lifetime.
@@ -402,24 +461,30 @@ pub struct Mesh {
     pub world: ProcessGroup,
     pub shard: ProcessGroup,
     pub replicate: Option<ProcessGroup>,
+    /// The ranks holding the other pipeline stages of this rank's data-parallel position, in
+    /// stage order (torchtitan's "pp" mesh dimension, outermost); None without pipelining.
+    pub pp: Option<ProcessGroup>,
 }
 
 impl Mesh {
-    /// Joins the job: connects to the store and builds the `(dp_replicate, dp_shard)` groups,
-    /// on NCCL over this rank's GPU when `cuda` names it, else on Gloo. The world group, for
+    /// Joins the job: connects to the store and builds the `(pp, dp_replicate, dp_shard)`
+    /// groups (rank = stage x dp_replicate x dp_shard + replica x dp_shard + shard, as
+    /// torchtitan's mesh with pp outermost), the data-parallel ones on NCCL over this rank's
+    /// GPU when `cuda` names it, else on Gloo. The pipeline group is Gloo. The world group, for
     /// the job's loss, gradient norm and reports, is always Gloo over CPU tensors.
     pub fn join(
         env: RankEnv,
+        pp: u64,
         dp_replicate: u64,
         dp_shard: u64,
         timeout: Duration,
         cuda: Option<usize>,
     ) -> Result<Mesh> {
-        if env.world != dp_replicate * dp_shard {
+        if env.world != pp * dp_replicate * dp_shard {
             return Err(Error::input(format!(
-                "world size {} does not match the plan: dp_replicate x dp_shard = {dp_replicate} x {dp_shard} = {} (tp, pp and cp are 1 in the multi-process trainer)",
+                "world size {} does not match the plan: pp x dp_replicate x dp_shard = {pp} x {dp_replicate} x {dp_shard} = {} (tp and cp are 1 in the multi-process trainer)",
                 env.world,
-                dp_replicate * dp_shard
+                pp * dp_replicate * dp_shard
             )));
         }
         let store = Store::connect(&env, timeout)?;
@@ -440,10 +505,18 @@ impl Mesh {
             iface,
         )?;
         let backend = cuda.map_or(Backend::Gloo, Backend::Nccl);
-        let (replica, shard_rank) = (env.rank / dp_shard, env.rank % dp_shard);
+        let dp = dp_replicate * dp_shard;
+        let (stage, dp_rank) = (env.rank / dp, env.rank % dp);
+        let (replica, shard_rank) = (dp_rank / dp_shard, dp_rank % dp_shard);
+        // Without pipelining the names are those of a data-parallel job.
+        let at = if pp > 1 {
+            format!("stage{stage}.")
+        } else {
+            String::new()
+        };
         let shard = ProcessGroup::new(
             &store,
-            &format!("shard{replica}/"),
+            &format!("{at}shard{replica}/"),
             shard_rank as i64,
             dp_shard as i64,
             timeout,
@@ -453,11 +526,24 @@ impl Mesh {
         let replicate = if dp_replicate > 1 {
             Some(ProcessGroup::new(
                 &store,
-                &format!("replicate{shard_rank}/"),
+                &format!("{at}replicate{shard_rank}/"),
                 replica as i64,
                 dp_replicate as i64,
                 timeout,
                 backend,
+                iface,
+            )?)
+        } else {
+            None
+        };
+        let pp = if pp > 1 {
+            Some(ProcessGroup::new(
+                &store,
+                &format!("pp{dp_rank}/"),
+                stage as i64,
+                pp as i64,
+                timeout,
+                Backend::Gloo,
                 iface,
             )?)
         } else {
@@ -469,6 +555,7 @@ impl Mesh {
             world,
             shard,
             replicate,
+            pp,
         })
     }
 
@@ -494,13 +581,21 @@ impl Mesh {
         Ok(out)
     }
 
+    /// Pipeline stages (1 without pipelining).
+    pub fn pp_size(&self) -> u64 {
+        self.pp.as_ref().map_or(1, |g| g.size() as u64)
+    }
+    /// This rank's pipeline stage (0 without pipelining).
+    pub fn stage(&self) -> u64 {
+        self.pp.as_ref().map_or(0, |g| g.rank() as u64)
+    }
     /// This rank's index among the data-parallel ranks (which rows of the global batch it
-    /// reads): its global rank.
+    /// reads): its global rank without pipelining.
     pub fn dp_rank(&self) -> u64 {
-        self.env.rank
+        self.env.rank % self.dp_world()
     }
     pub fn dp_world(&self) -> u64 {
-        self.env.world
+        self.env.world / self.pp_size()
     }
 
     /// In-place sum of a CPU tensor over every rank of the job.

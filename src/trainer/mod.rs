@@ -54,6 +54,7 @@ pub mod launch;
 pub mod memory;
 pub mod model;
 pub mod optim;
+pub mod pipeline;
 pub mod recorder;
 
 use std::cell::RefCell;
@@ -183,6 +184,9 @@ pub struct TrainReport {
     pub rank: u64,
     /// Processes in the job (1 for the single-device emulation).
     pub processes: u64,
+    /// The pipeline stage this rank ran (pipelined jobs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pp_stage: Option<u64>,
     pub steps_requested: u64,
     /// Steps that completed.
     pub steps_completed: u64,
@@ -246,11 +250,7 @@ fn check_supported(plan: &Plan, distributed: bool) -> Result<()> {
         ));
     }
     let p = &plan.parallel;
-    for (name, v) in [
-        ("parallel.tp", p.tp),
-        ("parallel.pp", p.pp),
-        ("parallel.cp", p.cp),
-    ] {
+    for (name, v) in [("parallel.tp", p.tp), ("parallel.cp", p.cp)] {
         if v != 1 {
             return Err(unsupported(
                 name,
@@ -258,6 +258,17 @@ fn check_supported(plan: &Plan, distributed: bool) -> Result<()> {
                 "1: the trainer emulates FSDP rank 0 only",
             ));
         }
+    }
+    if p.pp != 1 {
+        if !distributed {
+            return Err(unsupported(
+                "parallel.pp",
+                p.pp,
+                "1 in the single-device emulation (a multi-process run, --nproc-per-node pp, \
+                 runs a stage per rank)",
+            ));
+        }
+        pipeline::check(plan)?;
     }
     if p.dp_replicate != 1 && !distributed {
         return Err(unsupported(
@@ -769,6 +780,9 @@ fn train_on(
     let rt = |e: tch::TchError| Error::runtime(format!("trainer: {e}"));
     ffi::install_counting_allocator()
         .map_err(|e| Error::runtime(format!("installing the counting allocator: {e}")))?;
+    if let (Some(m), true) = (&mesh, plan.parallel.pp > 1) {
+        return pipeline::train_stage(plan, opts, m);
+    }
     let (device, cuda) = match opts.device {
         TrainDevice::Cpu => (Device::Cpu, None),
         TrainDevice::Cuda(i) => {
@@ -1156,6 +1170,7 @@ fn train_on(
         dp_shard: env.world as u64,
         rank: mesh.as_ref().map_or(0, |m| m.env.rank),
         processes: mesh.as_ref().map_or(1, |m| m.env.world),
+        pp_stage: None,
         steps_requested: opts.steps,
         steps_completed: steps.len() as u64,
         setup_allocated_bytes: setup.end_allocated_bytes,

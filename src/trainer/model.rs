@@ -284,12 +284,23 @@ pub fn block_forward(
 
 /// torchtitan `Transformer.forward` up to the first block: `tok_embeddings(tokens)`.
 pub fn embed(tokens: &Tensor, r: &RootWeights) -> TResult<Tensor> {
-    Tensor::f_embedding(r.embedding, tokens, -1, false, false)
+    embed_with(tokens, r.embedding)
+}
+
+/// [`embed`] with the embedding table alone (a first pipeline stage holds no head).
+pub fn embed_with(tokens: &Tensor, embedding: &Tensor) -> TResult<Tensor> {
+    Tensor::f_embedding(embedding, tokens, -1, false, false)
 }
 
 /// The model's output per `implementation.logits`: final norm, output projection, and
 /// `.float()` when the model upcasts (`float-output`).
 pub fn head(h: Tensor, r: &RootWeights, f: Flavor) -> TResult<Tensor> {
+    head_with(h, r.norm, r.output, f)
+}
+
+/// [`head`] with the final norm's and the output projection's weights alone (a last pipeline
+/// stage holds no embedding).
+pub fn head_with(h: Tensor, norm: &Tensor, output: &Tensor, f: Flavor) -> TResult<Tensor> {
     // `h = self.norm(h)` rebinds: the last block's output is freed once normalised; the
     // normalised h stays bound until the model returns.
     let n = {
@@ -298,11 +309,11 @@ pub fn head(h: Tensor, r: &RootWeights, f: Flavor) -> TResult<Tensor> {
             Module::Norm,
             Part::Whole,
         ));
-        rms_norm(&h, r.norm)?
+        rms_norm(&h, norm)?
     };
     drop(h);
     let _ctx = recorder::scope(Context::of(Category::Logits, Module::Output, Part::Logits));
-    let logits = n.f_linear(r.output, None::<&Tensor>)?;
+    let logits = n.f_linear(output, None::<&Tensor>)?;
     let out = match f.logits {
         Logits::FloatOutput | Logits::FloatOutputKept => logits.f_to_kind(Kind::Float)?,
         Logits::FloatInLoss | Logits::FloatInLossKept | Logits::ComputeDtype => logits,

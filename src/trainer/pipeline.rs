@@ -1,0 +1,966 @@
+//! Pipeline parallelism across processes: rank r of a `pp`-rank job runs pipeline stage r, as
+//! `torch.distributed.pipelining` (torch 2.11) runs `PipelineStage` under `ScheduleGPipe` and
+//! `Schedule1F1B`, without FSDP inside the stages (dp_shard = 1).
+//!
+//! # What a stage holds
+//! torchtitan's split (`pipelining_reference.py` next to this file): stage s takes the layers
+//! `stage_layers` gives it (as even as possible, earlier stages taking the remainder), the
+//! first stage the token embedding, the last the final norm and output projection; every stage
+//! its own rotary table. Parameters are plain fp32 leaves (no FSDP: one copy, no unsharded
+//! buffer), their gradients accumulate over the micro-batches in `.grad` as autograd's
+//! AccumulateGrad does, and are divided by the number of micro-batches after the schedule
+//! (`scale_grads=True`, torch's default, the reference's; in place). The optimizer then steps
+//! them as torch.optim does.
+//!
+//! # What the schedules keep (torch/distributed/pipelining/stage.py and schedules.py)
+//! - A receive buffer per micro-batch, allocated at the first step and kept: the stage input
+//!   (leaves that require grad) on every stage but the first, the output gradient on every
+//!   stage but the last (`_prepare_forward_infra`, `_prepare_backward_infra`).
+//! - `fwd_cache[mb] = (output, input)` from a micro-batch's forward to its backward; on the
+//!   last stage each micro-batch's loss (`_internal_losses`) to the step's end, and its logits
+//!   detached after its backward.
+//! - The input gradient sent back is the receive buffer's `.grad`, taken (set to None) after
+//!   the backward (`stage_backward`).
+//! - What the schedule's own variables hold, mirrored name for name below: GPipe keeps every
+//!   send's Work (and with it the tensor) to the step's end; 1F1B keeps the last fired
+//!   warm-up send in `send_work` until the cool-down, and the pending `fwd_sends` /
+//!   `bwd_sends` lists until they are rebound; `output` and `loss` until rebound or return.
+//! - The whole step's token ids (first stage) and labels (last stage) are one tensor each, the
+//!   micro-batches views of it, rebound at the next step (the new one is allocated first); the
+//!   last stage's `losses` list lives until the next step rebinds it.
+//!
+//! Point-to-point is c10d's own isend / irecv on a Gloo group, batched and waited as torch's
+//! `batch_isend_irecv` calls are; Gloo's send and receive allocate nothing.
+//!
+//! # Known differences from torch, kept
+//! - torch.optim's `state["step"]` scalars (4 bytes per parameter tensor) are CPU tensors: the
+//!   reference, on CPU, counts them as device bytes; this trainer counts them as host bytes,
+//!   as on a GPU they are (`optim.rs`).
+//! - Python objects that own no tensor bytes (P2POp lists, Work objects of receives into the
+//!   persistent buffers) are not mirrored: they hold nothing the counter sees.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::{c_int, c_void};
+use std::panic::AssertUnwindSafe;
+use std::time::Instant;
+
+use tch::{Device, Kind, Tensor};
+use torch_sys::C_tensor;
+
+use super::dist::{Mesh, ProcessGroup, Work};
+use super::ffi::{self, Channel};
+use super::fsdp::{shim, Env, Place, Shard};
+use super::memory::{Meter, PhaseMemory};
+use super::model::{self, BlockWeights, Dims, Flavor, TResult};
+use super::optim::{self, OptConfig};
+use super::{
+    checkpointed, default_lr, first_line, init_weights, is_oom, kind, synthetic_tokens,
+    unsupported, OomReport, Phase, StepReport, TrainOptions, TrainReport,
+};
+use crate::error::{Error, Result};
+use crate::plan::{Checkpointing, Logits, Offload, Plan, PpSchedule};
+use crate::profiles::ModelSpec;
+
+/// The layers of `layers` that stage `stage` of `stages` holds: torchtitan splits as evenly as
+/// it can, earlier stages taking the remainder. Returns (first layer, count).
+///
+/// ```
+/// use memplan::trainer::pipeline::stage_layers;
+/// assert_eq!(stage_layers(2, 2, 1), (1, 1));
+/// assert_eq!(stage_layers(5, 2, 0), (0, 3));
+/// assert_eq!(stage_layers(5, 2, 1), (3, 2));
+/// ```
+pub fn stage_layers(layers: u64, stages: u64, stage: u64) -> (u64, u64) {
+    let count = |s: u64| layers / stages + u64::from(s < layers % stages);
+    ((0..stage).map(count).sum(), count(stage))
+}
+
+/// Refuses what the pipeline trainer does not run, with the reason (the caller has refused
+/// what no trainer runs).
+pub fn check(plan: &Plan) -> Result<()> {
+    let p = &plan.parallel;
+    if p.dp_shard != 1 || p.dp_replicate != 1 {
+        return Err(unsupported(
+            "parallel.dp_shard x dp_replicate",
+            p.dp_shard * p.dp_replicate,
+            "1 under pipelining: FSDP inside pipeline stages is not run yet",
+        ));
+    }
+    if !matches!(p.pp_schedule, PpSchedule::GPipe | PpSchedule::OneFOneB) {
+        return Err(unsupported(
+            "parallel.pp_schedule",
+            format!("\"{}\"", p.pp_schedule),
+            "gpipe or 1f1b",
+        ));
+    }
+    if p.pp_virtual_stages != 1 {
+        return Err(unsupported(
+            "parallel.pp_virtual_stages",
+            p.pp_virtual_stages,
+            "1 (one stage per rank)",
+        ));
+    }
+    if p.pp > plan.model.layers {
+        return Err(unsupported(
+            "parallel.pp",
+            p.pp,
+            &format!("at most the model's {} layers", plan.model.layers),
+        ));
+    }
+    if p.pp_schedule == PpSchedule::OneFOneB && plan.batch.grad_accum_steps < p.pp {
+        return Err(unsupported(
+            "batch.grad_accum_steps",
+            plan.batch.grad_accum_steps,
+            &format!(
+                "at least pp = {} micro-batches per step under 1f1b (torch's Schedule1F1B \
+                 requires it)",
+                p.pp
+            ),
+        ));
+    }
+    let m = &plan.model;
+    if m.tied_embeddings {
+        return Err(unsupported(
+            "model",
+            format!("{} (tied embeddings)", m.name),
+            "untied embeddings under pipelining: the embedding and the output projection live \
+             on different stages",
+        ));
+    }
+    if !matches!(
+        plan.activation_checkpointing,
+        Checkpointing::None | Checkpointing::Full
+    ) {
+        return Err(unsupported(
+            "activation_checkpointing",
+            format!("\"{}\"", plan.activation_checkpointing),
+            "none or full under pipelining",
+        ));
+    }
+    if plan.offload != Offload::None {
+        return Err(unsupported(
+            "offload",
+            format!("\"{}\"", plan.offload),
+            "none under pipelining",
+        ));
+    }
+    if matches!(
+        plan.implementation.logits,
+        Logits::FloatOutputKept | Logits::FloatInLossKept
+    ) {
+        return Err(unsupported(
+            "implementation.logits",
+            format!("\"{}\"", plan.implementation.logits),
+            "a loop that does not keep its logits: a pipeline schedule keeps them itself",
+        ));
+    }
+    let pr = &plan.precision;
+    if pr.param != pr.master {
+        return Err(unsupported(
+            "precision",
+            format!("param {} with master {}", pr.param, pr.master),
+            "one dtype for parameters and master weights under pipelining without FSDP (the \
+             stage is cast, as model.to(dtype))",
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The stage's model: weights, forward and the checkpoint recompute.
+
+/// Tag of a checkpointed block's recompute: micro-batch x TAG + local block.
+const TAG: i64 = 1 << 32;
+
+/// What the forward and the checkpoint hooks share.
+struct StageModel {
+    spec: ModelSpec,
+    dims: Dims,
+    flavor: Flavor,
+    freqs: Tensor,
+    /// The parameters as the model uses them (leaves that require grad), in the order of
+    /// `shards`: the local blocks', then the embedding (first stage), then the final norm and
+    /// the output projection (last stage).
+    leaves: Vec<Tensor>,
+    per_block: usize,
+    blocks: usize,
+    first: bool,
+    last: bool,
+    /// Inputs kept by checkpointed blocks, by tag.
+    ckpt: HashMap<i64, Tensor>,
+    error: Option<tch::TchError>,
+}
+
+impl StageModel {
+    fn block(&self, j: usize, x: &Tensor) -> TResult<Tensor> {
+        let w = BlockWeights::from_list(
+            &self.spec,
+            &self.leaves[j * self.per_block..(j + 1) * self.per_block],
+        );
+        let f = self.freqs.f_narrow(0, 0, x.size()[1])?;
+        model::block_forward(x, &w, &f, self.dims, self.flavor)
+    }
+
+    fn root(&self, k: usize) -> &Tensor {
+        &self.leaves[self.blocks * self.per_block + k]
+    }
+
+    /// The checkpoint hook: recompute block `j` of micro-batch `mb` from its kept input and
+    /// run its backward (as `mod.rs`'s hook does for one micro-batch).
+    fn recompute(&mut self, tag: i64, grad: Tensor) -> TResult<Option<Tensor>> {
+        let x = self
+            .ckpt
+            .remove(&tag)
+            .expect("checkpointed block kept its input");
+        let xd = x.f_detach()?.f_set_requires_grad(true)?;
+        drop(x);
+        let y = tch::with_grad(|| self.block((tag % TAG) as usize, &xd))?;
+        ffi::storage_resize(&y, 0).map_err(shim)?;
+        ffi::backward(&[&y], &[Some(&grad)]).map_err(shim)?;
+        drop((y, grad));
+        ffi::take_grad(&xd).map_err(shim)
+    }
+}
+
+struct Hooks(RefCell<StageModel>);
+
+unsafe extern "C" fn hook(
+    user: *mut c_void,
+    tag: i64,
+    grad_in: *mut C_tensor,
+    grad_out: *mut *mut C_tensor,
+) -> c_int {
+    // SAFETY: `user` is the Hooks box that outlives every graph of the run (see `Stage`).
+    let hooks = &*(user as *const Hooks);
+    let grad = Tensor::from_ptr(grad_in);
+    let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let mut st = hooks
+            .0
+            .try_borrow_mut()
+            .map_err(|_| tch::TchError::Torch("stage state busy in a hook".into()))?;
+        st.recompute(tag, grad)
+    }));
+    let err = match r {
+        Ok(Ok(Some(mut t))) => {
+            *grad_out = t.as_mut_ptr();
+            std::mem::forget(t);
+            return 0;
+        }
+        Ok(Ok(None)) => return 0,
+        Ok(Err(e)) => e,
+        Err(_) => tch::TchError::Torch("panic in a checkpoint hook".into()),
+    };
+    if let Ok(mut st) = hooks.0.try_borrow_mut() {
+        st.error.get_or_insert(err);
+    }
+    1
+}
+
+// ---------------------------------------------------------------------------------------------
+// One stage of the pipeline, as torch's PipelineStage.
+
+struct Stage<'a> {
+    hooks: Box<Hooks>,
+    pg: &'a ProcessGroup,
+    stage: i64,
+    n: usize,
+    mbs: i64,
+    ac: Checkpointing,
+    /// Activation receive buffers (not on the first stage), one per micro-batch.
+    act_bufs: Vec<Tensor>,
+    /// Output-gradient receive buffers (not on the last stage), one per micro-batch.
+    grad_bufs: Vec<Tensor>,
+    /// `fwd_cache`: (output, input) from forward to backward.
+    fwd_cache: Vec<Option<(Tensor, Tensor)>>,
+    /// `_internal_losses`.
+    internal_losses: Vec<Tensor>,
+    /// The step's token ids (first stage) and labels (last stage): `inp`, `labels`.
+    tokens: Option<Tensor>,
+    labels: Option<Tensor>,
+    /// The caller's `losses` list, filled at the step's end (`_update_losses`).
+    losses: Vec<Tensor>,
+}
+
+const ACT: i64 = 0;
+const GRAD: i64 = 1;
+
+fn wait_all(works: &[Work]) -> TResult<()> {
+    works.iter().try_for_each(Work::wait)
+}
+
+impl Stage<'_> {
+    fn first(&self) -> bool {
+        self.hooks.0.borrow().first
+    }
+    fn last(&self) -> bool {
+        self.hooks.0.borrow().last
+    }
+
+    /// `_prepare_forward_infra` / `_prepare_backward_infra`: the receive buffers, made at the
+    /// first step (`torch.empty`, with requires_grad for the activations).
+    fn make_buffers(&mut self, kind: Kind, hidden: i64, seq: i64) -> TResult<()> {
+        let shape = [self.mbs, seq, hidden];
+        if !self.first() && self.act_bufs.is_empty() {
+            for _ in 0..self.n {
+                let t = Tensor::f_empty(shape, (kind, Device::Cpu))?.f_set_requires_grad(true)?;
+                self.act_bufs.push(t);
+            }
+        }
+        if !self.last() && self.grad_bufs.is_empty() {
+            for _ in 0..self.n {
+                self.grad_bufs
+                    .push(Tensor::f_empty(shape, (kind, Device::Cpu))?);
+            }
+        }
+        Ok(())
+    }
+
+    fn recv_fwd(&self, k: usize) -> TResult<Vec<Work>> {
+        if self.first() {
+            return Ok(Vec::new());
+        }
+        Ok(vec![self.pg.irecv(
+            &self.act_bufs[k],
+            self.stage - 1,
+            ACT,
+        )?])
+    }
+    fn recv_bwd(&self, k: usize) -> TResult<Vec<Work>> {
+        if self.last() {
+            return Ok(Vec::new());
+        }
+        Ok(vec![self.pg.irecv(
+            &self.grad_bufs[k],
+            self.stage + 1,
+            GRAD,
+        )?])
+    }
+    /// `get_fwd_send_ops`: the tensors a forward send holds (none on the last stage).
+    fn fwd_sends(&self, output: &Tensor) -> Vec<Tensor> {
+        if self.last() {
+            Vec::new()
+        } else {
+            vec![output.shallow_clone()]
+        }
+    }
+    /// `_batch_p2p` of sends: each Work holds its tensor until dropped.
+    fn fire(&self, sends: &[Tensor], to: i64, tag: i64) -> TResult<Vec<Work>> {
+        sends.iter().map(|t| self.pg.isend(t, to, tag)).collect()
+    }
+    fn fire_fwd(&self, sends: &[Tensor]) -> TResult<Vec<Work>> {
+        self.fire(sends, self.stage + 1, ACT)
+    }
+    fn fire_bwd(&self, sends: &[Tensor]) -> TResult<Vec<Work>> {
+        self.fire(sends, self.stage - 1, GRAD)
+    }
+
+    /// `forward_one_chunk`: the stage module's forward of micro-batch `k`, cached.
+    fn forward(&mut self, k: usize) -> TResult<Tensor> {
+        let input = if self.first() {
+            self.tokens
+                .as_ref()
+                .expect("the first stage has its tokens")
+                .f_narrow(0, k as i64 * self.mbs, self.mbs)?
+        } else {
+            self.act_bufs[k].shallow_clone()
+        };
+        let user = &*self.hooks as *const Hooks as *mut c_void;
+        let st = &self.hooks.0;
+        // `h = self.tok_embeddings(tokens) if ... else tokens`
+        let mut h = if st.borrow().first {
+            model::embed_with(&input, st.borrow().root(0))?
+        } else {
+            input.shallow_clone()
+        };
+        let blocks = st.borrow().blocks;
+        for j in 0..blocks {
+            // `h = layer(h, freqs)`: the previous h is freed unless autograd saved it.
+            h = if checkpointed(self.ac, j as u64) {
+                let y = tch::no_grad(|| st.borrow().block(j, &h))?;
+                let tag = k as i64 * TAG + j as i64;
+                // SAFETY: the Hooks box outlives the graph (it lives as long as the Stage,
+                // whose graphs end with each micro-batch's backward).
+                let y = unsafe { ffi::checkpoint_link(&h, &y, tag, hook, user) }.map_err(shim)?;
+                st.borrow_mut().ckpt.insert(tag, h.shallow_clone());
+                y
+            } else {
+                st.borrow().block(j, &h)?
+            };
+        }
+        let output = if st.borrow().last {
+            let s = st.borrow();
+            let norm_at = usize::from(s.first);
+            model::head_with(h, s.root(norm_at), s.root(norm_at + 1), s.flavor)?
+        } else {
+            h
+        };
+        self.fwd_cache[k] = Some((output.shallow_clone(), input));
+        Ok(output)
+    }
+
+    /// `_maybe_compute_loss`: on the last stage, the loss of micro-batch `k` right after its
+    /// forward, kept in `_internal_losses`.
+    fn compute_loss(&mut self, k: usize, output: &Tensor) -> TResult<()> {
+        if !self.last() {
+            return Ok(());
+        }
+        let labels = self
+            .labels
+            .as_ref()
+            .expect("the last stage has its labels")
+            .f_narrow(0, k as i64 * self.mbs, self.mbs)?;
+        let flavor = self.hooks.0.borrow().flavor;
+        let loss = model::loss(output, &labels, flavor)?;
+        self.internal_losses.push(loss);
+        Ok(())
+    }
+
+    /// `_maybe_get_loss`.
+    fn loss_of(&self, k: usize) -> Option<Tensor> {
+        self.internal_losses.get(k).map(Tensor::shallow_clone)
+    }
+
+    /// `backward_one_chunk`: the backward of micro-batch `k` from its loss (last stage) or from
+    /// the received output gradient; returns the input gradient to send back (`bwd_cache`).
+    fn backward(&mut self, k: usize, loss: Option<&Tensor>) -> TResult<Option<Tensor>> {
+        let (mut output, input) = self.fwd_cache[k].take().expect("forward ran first");
+        let r = if self.last() {
+            ffi::backward(&[loss.expect("the last stage has a loss")], &[None])
+        } else {
+            ffi::backward(&[&output], &[Some(&self.grad_bufs[k])])
+        };
+        if let Err(e) = r {
+            let hooked = self.hooks.0.borrow_mut().error.take();
+            return Err(hooked.unwrap_or(tch::TchError::Torch(e.0)));
+        }
+        // `stage_backward`: the input's gradient is read and the buffer's `.grad` set to None.
+        let grad = if self.first() {
+            None
+        } else {
+            ffi::take_grad(&self.act_bufs[k]).map_err(shim)?
+        };
+        if self.last() && !self.first() {
+            // `t.detach_()` of the stage output: its data stays while the schedule's `output`
+            // holds it.
+            let _ = output.f_detach_()?;
+        }
+        drop((output, input));
+        Ok(grad)
+    }
+
+    /// `_update_losses`: the caller's list takes the step's losses.
+    fn update_losses(&mut self) {
+        if self.last() {
+            self.losses = std::mem::take(&mut self.internal_losses);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurement: the schedule's time cut into forward and backward windows.
+
+/// Which phase the current window belongs to, and the merged peaks of each phase.
+struct Windows<'m> {
+    meter: &'m Meter,
+    current: Phase,
+    start: u64,
+    forward: Option<PhaseMemory>,
+    backward: Option<PhaseMemory>,
+}
+
+impl<'m> Windows<'m> {
+    fn new(meter: &'m Meter) -> Result<Windows<'m>> {
+        Ok(Windows {
+            meter,
+            current: Phase::Forward,
+            start: meter.start()?,
+            forward: None,
+            backward: None,
+        })
+    }
+
+    fn close(&mut self) -> Result<()> {
+        let m = self.meter.finish(self.start)?;
+        match self.current {
+            Phase::Backward => Meter::merge(&mut self.backward, m),
+            _ => Meter::merge(&mut self.forward, m),
+        }
+        Ok(())
+    }
+
+    /// Ends the current window and starts one of `phase`.
+    fn enter(&mut self, phase: Phase) -> Result<()> {
+        self.close()?;
+        self.current = phase;
+        self.start = self.meter.start()?;
+        Ok(())
+    }
+
+    fn peaks(&self) -> [u64; 2] {
+        [
+            self.forward.map_or(0, |m| m.peak_allocated_bytes),
+            self.backward.map_or(0, |m| m.peak_allocated_bytes),
+        ]
+    }
+}
+
+/// A schedule's failure: an allocation or collective error, or the measurement's own.
+enum Fail {
+    Torch(tch::TchError),
+    Other(Error),
+}
+
+impl From<tch::TchError> for Fail {
+    fn from(e: tch::TchError) -> Fail {
+        Fail::Torch(e)
+    }
+}
+impl From<Error> for Fail {
+    fn from(e: Error) -> Fail {
+        Fail::Other(e)
+    }
+}
+
+/// `ScheduleGPipe._step_microbatches`: every forward, then every backward; the sends are
+/// waited and their Works dropped only when the step returns.
+fn gpipe(st: &mut Stage, win: &mut Windows) -> std::result::Result<(), Fail> {
+    let mut fwd_sends_to_wait: Vec<Work> = Vec::new();
+    let mut output: Option<Tensor> = None;
+    for i in 0..st.n {
+        win.enter(Phase::Forward)?;
+        wait_all(&st.recv_fwd(i)?)?;
+        output = Some(st.forward(i)?);
+        let out = output.as_ref().expect("just set");
+        let sends = st.fwd_sends(out);
+        fwd_sends_to_wait.extend(st.fire_fwd(&sends)?);
+        drop(sends);
+        st.compute_loss(i, out)?;
+    }
+    wait_all(&fwd_sends_to_wait)?;
+    let mut bwd_sends_to_wait: Vec<Work> = Vec::new();
+    let mut loss: Option<Tensor> = None;
+    for i in 0..st.n {
+        win.enter(Phase::Backward)?;
+        wait_all(&st.recv_bwd(i)?)?;
+        loss = st.loss_of(i);
+        let grad = st.backward(i, loss.as_ref())?;
+        if let Some(g) = grad {
+            bwd_sends_to_wait.extend(st.fire_bwd(&[g])?);
+        }
+    }
+    wait_all(&bwd_sends_to_wait)?;
+    st.update_losses();
+    drop((output, loss, fwd_sends_to_wait, bwd_sends_to_wait));
+    Ok(())
+}
+
+/// `Schedule1F1B._step_microbatches`: `min(n, pp - stage)` warm-up forwards, then a backward
+/// and a forward in turn, then the cool-down backwards; each variable of torch's loop is
+/// mirrored by one here, so that the tensors they hold live as long.
+fn one_f_one_b(st: &mut Stage, win: &mut Windows, pp: usize) -> std::result::Result<(), Fail> {
+    let n = st.n;
+    let warmup = n.min(pp - st.stage as usize);
+    let (mut f, mut b) = (0, 0);
+    let mut send_work: Vec<Work> = Vec::new();
+    let mut fwd_sends: Vec<Tensor> = Vec::new();
+    let mut output: Option<Tensor> = None;
+    for _ in 0..warmup {
+        win.enter(Phase::Forward)?;
+        wait_all(&st.recv_fwd(f)?)?;
+        output = Some(st.forward(f)?);
+        wait_all(&send_work)?;
+        let out = output.as_ref().expect("just set");
+        fwd_sends = st.fwd_sends(out);
+        if f != warmup - 1 {
+            // Safe to fire; the last warm-up send is fused with the first backward's receive.
+            send_work = st.fire_fwd(&fwd_sends)?;
+        }
+        st.compute_loss(f, out)?;
+        f += 1;
+    }
+    let mut bwd_sends: Vec<Tensor>;
+    let mut loss: Option<Tensor>;
+    loop {
+        win.enter(Phase::Backward)?;
+        let mut works = st.fire_fwd(&fwd_sends)?;
+        works.extend(st.recv_bwd(b)?);
+        wait_all(&works)?;
+        drop(works);
+        loss = st.loss_of(b);
+        let grad = st.backward(b, loss.as_ref())?;
+        bwd_sends = grad.into_iter().collect();
+        b += 1;
+        if f == n {
+            break;
+        }
+        win.enter(Phase::Forward)?;
+        let mut works = st.fire_bwd(&bwd_sends)?;
+        works.extend(st.recv_fwd(f)?);
+        wait_all(&works)?;
+        drop(works);
+        output = Some(st.forward(f)?);
+        let out = output.as_ref().expect("just set");
+        st.compute_loss(f, out)?;
+        fwd_sends = st.fwd_sends(out);
+        f += 1;
+    }
+    send_work = st.fire_bwd(&bwd_sends)?;
+    while b < n {
+        win.enter(Phase::Backward)?;
+        wait_all(&st.recv_bwd(b)?)?;
+        loss = st.loss_of(b);
+        let grad = st.backward(b, loss.as_ref())?;
+        wait_all(&send_work)?;
+        bwd_sends = grad.into_iter().collect();
+        send_work = st.fire_bwd(&bwd_sends)?;
+        b += 1;
+    }
+    wait_all(&send_work)?;
+    st.update_losses();
+    drop((output, loss, send_work, fwd_sends, bwd_sends));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run.
+
+/// Runs this rank's pipeline stage of `plan` for `opts.steps` steps (see the module doc). The
+/// report is this stage's memory; losses and gradient norms are the job's.
+pub fn train_stage(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainReport> {
+    let rt = |e: tch::TchError| Error::runtime(format!("trainer: {e}"));
+    if opts.device != super::TrainDevice::Cpu {
+        return Err(Error::input(
+            "--device cpu under pipelining: stages exchange activations over Gloo",
+        ));
+    }
+    if opts.record_trace {
+        return Err(Error::input(
+            "--trace is not recorded under pipelining yet (the stage's peaks are reported)",
+        ));
+    }
+    let pg = mesh.pp.as_ref().expect("a pipeline job has a pp group");
+    let (stage, pp) = (mesh.stage(), mesh.pp_size());
+    let m = &plan.model;
+    let (first_layer, count) = stage_layers(m.layers, pp, stage);
+    let (first, last) = (stage == 0, stage + 1 == pp);
+    let dtype = kind(plan.precision.param);
+    let env = Env {
+        device: Device::Cpu,
+        compute: dtype,
+        reduce: dtype,
+        master: dtype,
+        world: 1,
+        rank: 0,
+        peers: false,
+        offload: Offload::None,
+    };
+    let _default = ffi::channel(Channel::Device);
+    let meter = Meter::new(None)?;
+    let _limit = opts.device_limit.map(|limit| {
+        let base = ffi::counter(Channel::Device).0;
+        ffi::device_limit(Some(base.saturating_add(limit)))
+    });
+    tch::manual_seed(opts.seed as i64);
+
+    // Setup: the whole model's initial weights are drawn in the order the single-process
+    // trainer draws them (every block, then the root), so that a stage starts from the same
+    // weights; the stage keeps its own.
+    let setup_start = meter.start()?;
+    let (shards, freqs) = (|| -> TResult<_> {
+        let block: Vec<(u64, u64)> = m.block_params().iter().map(|p| (p.rows, p.cols)).collect();
+        let block_norms: Vec<bool> = block.iter().map(|&(_, c)| c == 1).collect();
+        let mut kept: Vec<Tensor> = Vec::new();
+        for i in 0..m.layers {
+            let full = init_weights(&block, &block_norms)?;
+            if (first_layer..first_layer + count).contains(&i) {
+                kept.extend(full);
+            }
+        }
+        let root: Vec<(u64, u64)> = m.root_params().iter().map(|p| (p.rows, p.cols)).collect();
+        let root_norms: Vec<bool> = root.iter().map(|&(_, c)| c == 1).collect();
+        let full = init_weights(&root, &root_norms)?;
+        // ModelSpec::root_params: tok_embeddings, the final norm, the output projection.
+        for (k, t) in full.into_iter().enumerate() {
+            if (k == 0 && first) || (k > 0 && last) {
+                kept.push(t);
+            }
+        }
+        let shards = kept
+            .iter()
+            .map(|t| {
+                let p = Tensor::f_empty(t.size().as_slice(), (dtype, Device::Cpu))?;
+                tch::no_grad(|| p.shallow_clone().f_copy_(t))?;
+                let p = p.f_set_requires_grad(true)?;
+                let rows = p.size()[0];
+                Ok(Shard {
+                    data: p.shallow_clone(),
+                    view: p,
+                    rows,
+                    grad: None,
+                    state: Vec::new(),
+                    step: None,
+                })
+            })
+            .collect::<TResult<Vec<_>>>()?;
+        // torchtitan's rotary table, one per stage module.
+        let rows = match plan.implementation.rotary {
+            crate::plan::Rotary::ComplexSeq => plan.batch.seq_len,
+            _ => 2 * plan.batch.seq_len,
+        };
+        let freqs = model::precompute_freqs_cis(m.head_dim as i64, rows as i64, Device::Cpu)?;
+        Ok((shards, freqs))
+    })()
+    .map_err(rt)?;
+    let setup = meter.finish(setup_start)?;
+    let mut shards = shards;
+
+    let hooks = Box::new(Hooks(RefCell::new(StageModel {
+        spec: m.clone(),
+        dims: Dims::new(m),
+        flavor: Flavor {
+            gqa: plan.implementation.gqa,
+            logits: plan.implementation.logits,
+        },
+        freqs,
+        leaves: shards.iter().map(|s| s.view.shallow_clone()).collect(),
+        per_block: m.block_params().iter().count(),
+        blocks: count as usize,
+        first,
+        last,
+        ckpt: HashMap::new(),
+        error: None,
+    })));
+    let n = plan.batch.grad_accum_steps as usize;
+    let mut st = Stage {
+        hooks,
+        pg,
+        stage: stage as i64,
+        n,
+        mbs: plan.batch.micro_batch_size as i64,
+        ac: plan.activation_checkpointing,
+        act_bufs: Vec::new(),
+        grad_bufs: Vec::new(),
+        fwd_cache: (0..n).map(|_| None).collect(),
+        internal_losses: Vec::new(),
+        tokens: None,
+        labels: None,
+        losses: Vec::new(),
+    };
+    let cfg = OptConfig {
+        kind: plan.optimizer,
+        imp: plan.implementation.optimizer,
+        lr: opts.lr.unwrap_or_else(|| default_lr(m.hidden)),
+    };
+    let (b, s) = (plan.batch.micro_batch_size, plan.batch.seq_len);
+
+    let mut steps = Vec::new();
+    let mut oom = None;
+    let started = Instant::now();
+    let mut tokens_done = 0u64;
+    for step in 1..=opts.steps {
+        if opts.abort_at_step == Some(step) {
+            eprintln!("error: aborting at step {step} (fault injection)");
+            std::process::abort();
+        }
+        // `opt.zero_grad()`: gradients set to None.
+        shards.iter_mut().for_each(|sh| sh.grad = None);
+        pg.barrier().map_err(rt)?;
+        let mut win = Windows::new(&meter)?;
+        let r = (|| -> std::result::Result<(), Fail> {
+            // The step's whole batch: micro-batch k is the single-process trainer's
+            // micro-batch k of the step (same seed, same index), made uncounted, then one
+            // counted copy of the inputs (first stage) or the labels (last stage).
+            let toks = {
+                let _off = ffi::channel(Channel::Off);
+                let mut all = Vec::with_capacity(n * (b * (s + 1)) as usize);
+                for k in 0..n as u64 {
+                    all.extend(synthetic_tokens(
+                        opts.seed,
+                        (step - 1) * n as u64 + k,
+                        b,
+                        s,
+                        m.vocab,
+                    ));
+                }
+                Tensor::from_slice(&all).f_view([(n as u64 * b) as i64, s as i64 + 1])?
+            };
+            if first {
+                // `inp = toks[:, :-1].clone()`: the new tensor, then the old one freed.
+                st.tokens = Some(env.copy_to(&toks.f_narrow(1, 0, s as i64)?, Place::Device)?);
+            }
+            if last {
+                st.labels = Some(env.copy_to(&toks.f_narrow(1, 1, s as i64)?, Place::Device)?);
+                // `losses = []`
+                st.losses.clear();
+            }
+            drop(toks);
+            st.make_buffers(dtype, m.hidden as i64, s as i64)?;
+            match plan.parallel.pp_schedule {
+                PpSchedule::GPipe => gpipe(&mut st, &mut win)?,
+                _ => one_f_one_b(&mut st, &mut win, pp as usize)?,
+            }
+            // `perform_reduce_grad(n)` without FSDP: `scale_grads`, in place.
+            let _ng = tch::no_grad_guard();
+            for sh in shards.iter_mut() {
+                sh.grad = ffi::take_grad(&sh.view).map_err(shim)?;
+                if let Some(g) = &mut sh.grad {
+                    let _ = g.f_div_scalar_(n as f64)?;
+                }
+            }
+            Ok(())
+        })();
+        win.close()?;
+        let [fwd_peak, bwd_peak] = win.peaks();
+        match r {
+            Ok(()) => {}
+            Err(Fail::Torch(e)) if is_oom(&e) => {
+                oom = Some(OomReport {
+                    step,
+                    phase: win.current,
+                    message: first_line(&e),
+                    peak_allocated_bytes: [fwd_peak, bwd_peak, 0],
+                });
+                break;
+            }
+            Err(Fail::Torch(e)) => return Err(rt(e)),
+            Err(Fail::Other(e)) => return Err(e),
+        }
+
+        // The job's gradient norm and loss (uncounted).
+        let (norm, loss) = (|| -> TResult<(f64, f64)> {
+            let _off = ffi::channel(Channel::Off);
+            let mut sq = 0.0;
+            for g in shards.iter().filter_map(|sh| sh.grad.as_ref()) {
+                sq += g
+                    .f_to_kind(Kind::Double)?
+                    .f_square()?
+                    .f_sum(Kind::Double)?
+                    .f_double_value(&[])?;
+            }
+            let mut loss = 0.0;
+            for l in &st.losses {
+                loss += l.f_double_value(&[])? / n as f64;
+            }
+            let t = Tensor::from_slice(&[sq, loss]);
+            pg.all_reduce_sum(&t)?;
+            Ok((t.f_double_value(&[0])?.sqrt(), t.f_double_value(&[1])?))
+        })()
+        .map_err(rt)?;
+
+        let warmup = (opts.steps / 10).max(1);
+        let cfg = OptConfig {
+            lr: cfg.lr * (step.min(warmup) as f64 / warmup as f64),
+            ..cfg
+        };
+        let start = meter.start()?;
+        let mut all: Vec<&mut Shard> = shards.iter_mut().collect();
+        let r = optim::step(&cfg, &env, &mut all, false);
+        drop(all);
+        let opt = meter.finish(start)?;
+        match r {
+            Ok(()) => {}
+            Err(e) if is_oom(&e) => {
+                oom = Some(OomReport {
+                    step,
+                    phase: Phase::Optimizer,
+                    message: first_line(&e),
+                    peak_allocated_bytes: [fwd_peak, bwd_peak, opt.peak_allocated_bytes],
+                });
+                break;
+            }
+            Err(e) => return Err(rt(e)),
+        }
+        let (forward, backward) = (
+            win.forward.unwrap_or_default(),
+            win.backward.unwrap_or_default(),
+        );
+        steps.push(StepReport {
+            step,
+            loss,
+            grad_norm: norm,
+            peak_allocated_bytes: forward
+                .peak_allocated_bytes
+                .max(backward.peak_allocated_bytes)
+                .max(opt.peak_allocated_bytes),
+            forward,
+            backward,
+            optimizer: opt,
+        });
+        tokens_done += n as u64 * b * s;
+        if opts.progress_lines {
+            eprintln!("memplan-progress {step} {} {loss}", opts.steps);
+        }
+    }
+    drop(st);
+    let elapsed = started.elapsed().as_secs_f64();
+    let peak = |f: fn(&PhaseMemory) -> u64| {
+        steps
+            .iter()
+            .flat_map(|s| [f(&s.forward), f(&s.backward), f(&s.optimizer)])
+            .max()
+            .unwrap_or(0)
+    };
+    let notes = vec![
+        format!(
+            "rank {} of a {}-process pipeline over c10d Gloo: stage {stage} of {pp} (layers \
+             {first_layer}..{}{}{}), {} schedule over {n} micro-batches; no FSDP inside the stage",
+            mesh.env.rank,
+            mesh.env.world,
+            first_layer + count,
+            if first { ", the embedding" } else { "" },
+            if last {
+                ", the final norm and output"
+            } else {
+                ""
+            },
+            plan.parallel.pp_schedule,
+        ),
+        "forward and backward: the schedule's time cut at each forward and backward action \
+         (receives included); every figure is this stage's"
+            .into(),
+        "CPU run: exact live bytes of a counting allocator (requested sizes); torch.optim's \
+         step scalars are counted as host bytes, as on a GPU"
+            .into(),
+    ];
+    Ok(TrainReport {
+        model: m.name.clone(),
+        device: opts.device,
+        dp_shard: 1,
+        rank: mesh.env.rank,
+        processes: mesh.env.world,
+        pp_stage: Some(stage),
+        steps_requested: opts.steps,
+        steps_completed: steps.len() as u64,
+        setup_allocated_bytes: setup.end_allocated_bytes,
+        setup_host_bytes: meter.host(),
+        first_step: steps.first().cloned(),
+        steady_step: steps.last().cloned(),
+        losses: steps.iter().map(|s| s.loss).collect(),
+        peak_allocated_bytes: peak(|p| p.peak_allocated_bytes),
+        peak_reserved_bytes: None,
+        peak_host_bytes: peak(|p| p.peak_host_bytes),
+        tokens_per_second: if elapsed > 0.0 {
+            tokens_done as f64 / elapsed
+        } else {
+            0.0
+        },
+        oom,
+        notes,
+        steps,
+        trace: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stages_split_layers_as_torchtitan_with_the_remainder_first() {
+        let split: Vec<_> = (0..4).map(|s| stage_layers(10, 4, s)).collect();
+        assert_eq!(split, vec![(0, 3), (3, 3), (6, 2), (8, 2)]);
+        let total: u64 = split.iter().map(|&(_, c)| c).sum();
+        assert_eq!(total, 10);
+    }
+}
