@@ -1167,6 +1167,10 @@ fn launch_ranks(
             ),
         ));
     }
+    // What no rank would run is refused before any starts.
+    if p.pp > 1 {
+        crate::trainer::pipeline::check(plan)?;
+    }
     let launch = crate::trainer::launch::Launch {
         progress,
         nproc_per_node: nproc,

@@ -5,7 +5,11 @@
 //! The mesh is torchtitan's 2-D data-parallel mesh, `(dp_replicate, dp_shard)` rank-major:
 //! rank = replica x dp_shard + shard. Parameters are sharded over the shard group (the ranks
 //! of one replica); under HSDP the reduce-scattered gradients are then all-reduced over the
-//! replicate group (the ranks holding the same shard), as FSDP2's HSDP does.
+//! replicate group (the ranks holding the same shard), as FSDP2's HSDP does. Under pipeline
+//! parallelism a third dimension, `pp`, is outermost (torchtitan's order): rank = stage x
+//! dp_replicate x dp_shard + the data-parallel rank, and the stages of one data-parallel
+//! position form a Gloo `pp` group, over which the stages' activations and gradients travel
+//! by isend / irecv ([`ProcessGroup::isend`], a [`Work`] per op, as torch's P2P ops).
 //!
 //! How the collectives are issued, and why: Gloo's own `_allgather_base` allocates two
 //! temporaries of the whole output through the CPU allocator (a flat bookkeeping tensor and a
