@@ -31,6 +31,8 @@ if [ -d src/trainer ] && [ -f scripts/libtorch-env.sh ]; then
   MEMPLAN_REQUIRE_TORCH=1 cargo test --locked --test memory_viz
   # Multi-process runs over loopback Gloo: each test starts its own ranks.
   cargo test --locked --features trainer --test distributed
+  # Pipeline parallelism across processes against torch's own pipelining, per stage.
+  cargo test --locked --features trainer --test pipeline
   # Recorded measurements of PyTorch's own implementations, run again live (tests/references.rs).
   cargo test --locked --features trainer --test references -- --test-threads=1
 fi
