@@ -181,8 +181,8 @@ pub enum Command {
 #[derive(Args, Debug, Default, Clone)]
 pub struct DistArgs {
     /// Start this many rank processes on this node (as torchrun does): a real FSDP2/HSDP or
-    /// pipeline job over c10d Gloo, world size = nnodes x nproc-per-node = pp x dp_replicate x
-    /// dp_shard.
+    /// pipeline or tensor-parallel job over c10d Gloo, world size = nnodes x nproc-per-node =
+    /// pp x tp x dp_replicate x dp_shard.
     #[arg(long, allow_negative_numbers = true)]
     pub nproc_per_node: Option<i64>,
     /// Nodes in the job.
@@ -1156,20 +1156,23 @@ fn launch_ranks(
     let timeout_s = bounded("--dist-timeout", dist.dist_timeout, 1, 86_400)?;
     let world = nproc * nnodes;
     let p = &plan.parallel;
-    let ranks = p.pp * p.dp_replicate * p.dp_shard;
+    let ranks = p.pp * p.tp * p.dp_replicate * p.dp_shard;
     if world != ranks {
         return Err(Error::invalid(
             "--nproc-per-node",
             nproc,
             format!(
-                "nnodes x nproc-per-node = the plan's pp x dp_replicate x dp_shard ({} x {} x {} = {ranks}); set --num-gpus {world} or --dp-shard",
-                p.pp, p.dp_replicate, p.dp_shard
+                "nnodes x nproc-per-node = the plan's pp x tp x dp_replicate x dp_shard ({} x {} x {} x {} = {ranks}); set --num-gpus {world} or --dp-shard",
+                p.pp, p.tp, p.dp_replicate, p.dp_shard
             ),
         ));
     }
     // What no rank would run is refused before any starts.
     if p.pp > 1 {
         crate::trainer::pipeline::check(plan)?;
+    }
+    if p.tp > 1 {
+        crate::trainer::tensor_parallel::check(plan)?;
     }
     let launch = crate::trainer::launch::Launch {
         progress,
@@ -1274,6 +1277,7 @@ fn run_rank(
     let mesh = std::rc::Rc::new(Mesh::join(
         env,
         plan.parallel.pp,
+        plan.parallel.tp,
         plan.parallel.dp_replicate,
         plan.parallel.dp_shard,
         std::time::Duration::from_secs(timeout_s),

@@ -468,6 +468,9 @@ pub struct Mesh {
     /// The ranks holding the other pipeline stages of this rank's data-parallel position, in
     /// stage order (torchtitan's "pp" mesh dimension, outermost); None without pipelining.
     pub pp: Option<ProcessGroup>,
+    /// The ranks sharing this rank's tensor-parallel shards, in TP order (torchtitan's "tp"
+    /// mesh dimension, innermost); None without tensor parallelism.
+    pub tp: Option<ProcessGroup>,
 }
 
 impl Mesh {
@@ -476,19 +479,21 @@ impl Mesh {
     /// torchtitan's mesh with pp outermost), the data-parallel ones on NCCL over this rank's
     /// GPU when `cuda` names it, else on Gloo. The pipeline group is Gloo. The world group, for
     /// the job's loss, gradient norm and reports, is always Gloo over CPU tensors.
+    #[allow(clippy::too_many_arguments)]
     pub fn join(
         env: RankEnv,
         pp: u64,
+        tp: u64,
         dp_replicate: u64,
         dp_shard: u64,
         timeout: Duration,
         cuda: Option<usize>,
     ) -> Result<Mesh> {
-        if env.world != pp * dp_replicate * dp_shard {
+        if env.world != pp * tp * dp_replicate * dp_shard {
             return Err(Error::input(format!(
-                "world size {} does not match the plan: pp x dp_replicate x dp_shard = {pp} x {dp_replicate} x {dp_shard} = {} (tp and cp are 1 in the multi-process trainer)",
+                "world size {} does not match the plan: pp x tp x dp_replicate x dp_shard = {pp} x {tp} x {dp_replicate} x {dp_shard} = {} (cp is 1 in the multi-process trainer)",
                 env.world,
-                pp * dp_replicate * dp_shard
+                pp * tp * dp_replicate * dp_shard
             )));
         }
         let store = Store::connect(&env, timeout)?;
@@ -510,13 +515,15 @@ impl Mesh {
         )?;
         let backend = cuda.map_or(Backend::Gloo, Backend::Nccl);
         let dp = dp_replicate * dp_shard;
-        let (stage, dp_rank) = (env.rank / dp, env.rank % dp);
+        // TP innermost: rank = (stage x dp + dp_rank) x tp + tp_rank.
+        let (tp_rank, outer) = (env.rank % tp, env.rank / tp);
+        let (stage, dp_rank) = (outer / dp, outer % dp);
         let (replica, shard_rank) = (dp_rank / dp_shard, dp_rank % dp_shard);
-        // Without pipelining the names are those of a data-parallel job.
-        let at = if pp > 1 {
-            format!("stage{stage}.")
-        } else {
-            String::new()
+        // Without pipelining or TP the names are those of a data-parallel job.
+        let at = match (pp > 1, tp > 1) {
+            (true, _) => format!("stage{stage}."),
+            (false, true) => format!("tp{tp_rank}."),
+            _ => String::new(),
         };
         let shard = ProcessGroup::new(
             &store,
@@ -553,6 +560,19 @@ impl Mesh {
         } else {
             None
         };
+        let tp = if tp > 1 {
+            Some(ProcessGroup::new(
+                &store,
+                &format!("tp.outer{outer}/"),
+                tp_rank as i64,
+                tp as i64,
+                timeout,
+                Backend::Gloo,
+                iface,
+            )?)
+        } else {
+            None
+        };
         Ok(Mesh {
             env,
             _store: store,
@@ -560,6 +580,7 @@ impl Mesh {
             shard,
             replicate,
             pp,
+            tp,
         })
     }
 
@@ -592,6 +613,10 @@ impl Mesh {
     /// This rank's pipeline stage (0 without pipelining).
     pub fn stage(&self) -> u64 {
         self.pp.as_ref().map_or(0, |g| g.rank() as u64)
+    }
+    /// Tensor-parallel degree (1 without TP).
+    pub fn tp_size(&self) -> u64 {
+        self.tp.as_ref().map_or(1, |g| g.size() as u64)
     }
     /// This rank's index among the data-parallel ranks (which rows of the global batch it
     /// reads): its global rank without pipelining.

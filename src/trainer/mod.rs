@@ -57,6 +57,7 @@ pub mod model;
 pub mod optim;
 pub mod pipeline;
 pub mod recorder;
+pub mod tensor_parallel;
 
 use std::cell::RefCell;
 use std::ffi::{c_int, c_void};
@@ -251,14 +252,23 @@ fn check_supported(plan: &Plan, distributed: bool) -> Result<()> {
         ));
     }
     let p = &plan.parallel;
-    for (name, v) in [("parallel.tp", p.tp), ("parallel.cp", p.cp)] {
-        if v != 1 {
+    if p.cp != 1 {
+        return Err(unsupported(
+            "parallel.cp",
+            p.cp,
+            "1: the trainer emulates FSDP rank 0 only",
+        ));
+    }
+    if p.tp != 1 {
+        if !distributed {
             return Err(unsupported(
-                name,
-                v,
-                "1: the trainer emulates FSDP rank 0 only",
+                "parallel.tp",
+                p.tp,
+                "1 in the single-device emulation (a multi-process run, --nproc-per-node tp, \
+                 runs a shard per rank)",
             ));
         }
+        tensor_parallel::check(plan)?;
     }
     if p.pp != 1 {
         if !distributed {
@@ -783,6 +793,9 @@ fn train_on(
         .map_err(|e| Error::runtime(format!("installing the counting allocator: {e}")))?;
     if let (Some(m), true) = (&mesh, plan.parallel.pp > 1) {
         return pipeline::train_stage(plan, opts, m);
+    }
+    if let (Some(m), true) = (&mesh, plan.parallel.tp > 1) {
+        return tensor_parallel::train_tp(plan, opts, m);
     }
     let (device, cuda) = match opts.device {
         TrainDevice::Cpu => (Device::Cpu, None),

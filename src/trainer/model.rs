@@ -195,20 +195,54 @@ fn repeat_kv(x: &Tensor, n_rep: i64) -> TResult<Tensor> {
         .f_reshape([b, s, kv * n_rep, d])
 }
 
+/// Where a block meets its tensor-parallel collectives (see [`super::tensor_parallel`]): the
+/// input of the column-parallel projections (`inputs` returns one tensor per projection, so
+/// that each projection's input gradient reaches the hook on its own) and the output of the
+/// row-parallel one. A single process has none: [`Local`].
+pub trait Collectives {
+    /// The tensors `n` column-parallel projections of `site` read, from the module input `x`.
+    fn inputs(&self, x: &Tensor, site: Site, n: usize) -> TResult<Vec<Tensor>>;
+    /// The row-parallel projection's output `y` of `site`, made whole as the plan lays it out.
+    fn output(&self, y: Tensor, site: Site) -> TResult<Tensor>;
+}
+
+/// The block's two tensor-parallel modules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Site {
+    Attention,
+    FeedForward,
+}
+
+/// No collectives: the module's input as it is, the projection's output as it is.
+pub struct Local;
+
+impl Collectives for Local {
+    fn inputs(&self, x: &Tensor, _: Site, n: usize) -> TResult<Vec<Tensor>> {
+        Ok((0..n).map(|_| x.shallow_clone()).collect())
+    }
+    fn output(&self, y: Tensor, _: Site) -> TResult<Tensor> {
+        Ok(y)
+    }
+}
+
 /// torchtitan `Attention.forward`, with scaled_dot_product_attention (causal). Python's
 /// bindings are mirrored: `keys`, `values` and the transposed q/k/v live until the return.
+/// Head counts come from the shapes (`view(bs, seqlen, -1, head_dim)`), so a rank holding a
+/// column shard of wq/wk/wv runs its own heads.
 fn attention(
     x: &Tensor,
     w: &BlockWeights,
     freqs_cis: &Tensor,
     d: Dims,
     f: Flavor,
+    c: &dyn Collectives,
 ) -> TResult<Tensor> {
     let (b, s, _) = x.size3()?;
+    let ins = c.inputs(x, Site::Attention, 3)?;
     // xq, xk, xv = self.wq(x), self.wk(x), self.wv(x); then .view(...)
-    let xq = linear(x, w.wq)?.f_view([b, s, -1, d.head_dim])?;
-    let xk = linear(x, w.wk)?.f_view([b, s, -1, d.head_dim])?;
-    let xv = linear(x, w.wv)?.f_view([b, s, -1, d.head_dim])?;
+    let xq = linear(&ins[0], w.wq)?.f_view([b, s, -1, d.head_dim])?;
+    let xk = linear(&ins[1], w.wk)?.f_view([b, s, -1, d.head_dim])?;
+    let xv = linear(&ins[2], w.wv)?.f_view([b, s, -1, d.head_dim])?;
     // xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
     let (q_rot, k_rot) = rotary(&xq, &xk, freqs_cis)?;
     drop((xq, xk));
@@ -241,18 +275,21 @@ fn attention(
     drop(output);
     let output = contiguous.f_view([b, s, -1])?;
     drop(contiguous);
-    let out = linear(&output, w.wo)?;
-    drop((output, xq, xk_t, xv_t, keys, values));
+    let out = c.output(linear(&output, w.wo)?, Site::Attention)?;
+    drop((output, xq, xk_t, xv_t, keys, values, ins));
     Ok(out)
 }
 
 /// torchtitan `FeedForward.forward`: `w2(F.silu(w1(x)) * w3(x))`.
-fn feed_forward(x: &Tensor, w: &BlockWeights) -> TResult<Tensor> {
-    let a = linear(x, w.w1)?.f_silu()?;
-    let g = linear(x, w.w3)?;
+fn feed_forward(x: &Tensor, w: &BlockWeights, c: &dyn Collectives) -> TResult<Tensor> {
+    let ins = c.inputs(x, Site::FeedForward, 2)?;
+    let a = linear(&ins[0], w.w1)?.f_silu()?;
+    let g = linear(&ins[1], w.w3)?;
     let h = a.f_mul(&g)?;
     drop((a, g));
-    linear(&h, w.w2)
+    let out = c.output(linear(&h, w.w2)?, Site::FeedForward)?;
+    drop((h, ins));
+    Ok(out)
 }
 
 /// torchtitan `TransformerBlock.forward`:
@@ -267,16 +304,29 @@ pub fn block_forward(
     d: Dims,
     f: Flavor,
 ) -> TResult<Tensor> {
+    block_forward_with(x, w, freqs_cis, d, f, &Local)
+}
+
+/// [`block_forward`] with a rank's shards of the projections and the collectives `c` between
+/// them (tensor parallelism).
+pub fn block_forward_with(
+    x: &Tensor,
+    w: &BlockWeights,
+    freqs_cis: &Tensor,
+    d: Dims,
+    f: Flavor,
+    c: &dyn Collectives,
+) -> TResult<Tensor> {
     let part = recorder::part(Part::Attention);
     let n = rms_norm(x, w.attention_norm)?;
-    let a = attention(&n, w, freqs_cis, d, f)?;
+    let a = attention(&n, w, freqs_cis, d, f, c)?;
     drop(n);
     drop(part);
     let h = x.f_add(&a)?;
     drop(a);
     let part = recorder::part(Part::FeedForward);
     let n = rms_norm(&h, w.ffn_norm)?;
-    let m = feed_forward(&n, w)?;
+    let m = feed_forward(&n, w, c)?;
     drop(n);
     drop(part);
     h.f_add(&m)

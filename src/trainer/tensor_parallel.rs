@@ -1,0 +1,717 @@
+//! Tensor parallelism across processes: the ranks of a `tp`-rank job each hold a shard of every
+//! projection, as torchtitan's `apply_tp` lays a Llama out with DTensor (torch 2.11,
+//! `parallelize_module`), without sequence parallelism, loss parallelism or FSDP (dp_shard 1).
+//!
+//! # What a rank holds (`tp_reference.py` next to this file, "sp": false)
+//! - `tok_embeddings`: RowwiseParallel, the table's rows `[r V/tp, (r+1) V/tp)`.
+//! - wq, wk, wv, w1, w3, output: ColwiseParallel, rows (output features) split; wo, w2:
+//!   RowwiseParallel, columns (input features) split, each shard a contiguous tensor.
+//! - The norms: torchtitan's NoParallel, whole on every rank (Replicate).
+//!
+//! # The collectives, and what DTensor allocates around them
+//! Autograd crosses them through custom nodes ([`ffi::checkpoint_link`]) whose backward calls
+//! back into this module:
+//! - A row-parallel output (wo, w2) is a partial sum, made whole by `funcol.all_reduce`: a
+//!   clone, reduced in place; the partial result is freed with the module's return. Its
+//!   backward passes the gradient on (Replicate to Partial is local).
+//! - The input of the column-parallel projections (attention: wq, wk, wv; feed-forward: w1,
+//!   w3; the output projection) is `DTensor.from_local(x, Replicate)`. Each projection's
+//!   input gradient is a Partial DTensor; autograd sums them out of place (a tensor subclass is
+//!   never accumulated in place, `InputBuffer::accumulate`), and the sum is all-reduced into a
+//!   clone (`_FromTorchTensor.backward`, Partial to Replicate). Here each projection reads its
+//!   own branch, whose node adds the arriving gradient to the site's running sum out of place;
+//!   the last one all-reduces it.
+//! - The embedding (`_MaskPartial`): rows outside the shard are looked up at index 0 of a
+//!   shifted copy of the ids and zeroed, then all-reduced into a clone. Its backward is
+//!   `embedding_dense_backward` on Replicate DTensors: the whole `(V, h)` gradient, which the
+//!   optimizer reads as its rows' shard (a view of it) and which lives until `zero_grad`.
+//! - The output projection's Shard(-1) logits are all-gathered to Replicate
+//!   (`funcol.all_gather_tensor`: a `(tp b, s, V/tp)` buffer, then `cat` of its chunks along
+//!   the vocabulary into `(b, s, V)`); the backward takes this rank's vocabulary slice of the
+//!   logits' gradient as a clone (`_replicate_to_shard`).
+//!
+//! Gloo's all-reduce works in place; the all-gather is issued as one broadcast per rank into
+//! slices of the gather buffer. Neither allocates on the counted threads.
+//!
+//! # Known differences from torch, kept
+//! - torch.optim's `state["step"]` scalars (4 bytes per parameter tensor) are CPU tensors,
+//!   counted as device bytes by the CPU reference and as host bytes here (as on a GPU).
+//! - c10d's `ProcessGroup::barrier` keeps a 1-byte tensor that the reference's
+//!   `dist.barrier()` makes; this trainer's barriers go to the Gloo backend directly.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::{c_int, c_void};
+use std::panic::AssertUnwindSafe;
+use std::time::Instant;
+
+use tch::{Device, Kind, Tensor};
+use torch_sys::C_tensor;
+
+use super::dist::{Mesh, ProcessGroup};
+use super::ffi::{self, Channel};
+use super::fsdp::{shim, Env, Place, Shard};
+use super::memory::{Meter, PhaseMemory};
+use super::model::{self, BlockWeights, Collectives, Dims, Flavor, Site, TResult};
+use super::optim::{self, OptConfig};
+use super::{
+    default_lr, first_line, init_weights, is_oom, synthetic_tokens, unsupported, OomReport, Phase,
+    StepReport, TrainOptions, TrainReport,
+};
+use crate::error::{Error, Result};
+use crate::plan::{Checkpointing, DType, Logits, Offload, Plan};
+
+/// Refuses what the tensor-parallel trainer does not run, with the reason (the caller has
+/// refused what no trainer runs).
+pub fn check(plan: &Plan) -> Result<()> {
+    let p = &plan.parallel;
+    let m = &plan.model;
+    if p.pp != 1 || p.dp_shard != 1 || p.dp_replicate != 1 {
+        return Err(unsupported(
+            "parallel.pp x dp_shard x dp_replicate",
+            p.pp * p.dp_shard * p.dp_replicate,
+            "1 under tensor parallelism: TP x FSDP and TP x PP are not run yet",
+        ));
+    }
+    if p.sp {
+        return Err(unsupported(
+            "parallel.sp",
+            "true",
+            "false: sequence parallelism is not run yet",
+        ));
+    }
+    if plan.implementation.loss_parallel {
+        return Err(unsupported(
+            "implementation.loss_parallel",
+            "true",
+            "false: loss parallelism is not run yet",
+        ));
+    }
+    for (what, n) in [
+        ("heads", m.heads),
+        ("kv_heads", m.kv_heads),
+        ("intermediate size", m.intermediate),
+        ("vocabulary", m.vocab),
+        ("hidden size", m.hidden),
+    ] {
+        if n % p.tp != 0 {
+            return Err(unsupported(
+                "parallel.tp",
+                p.tp,
+                &format!("a divisor of the model's {what} ({n})"),
+            ));
+        }
+    }
+    if m.tied_embeddings || m.qkv_bias || m.o_bias || m.mlp_bias {
+        return Err(unsupported(
+            "model",
+            &m.name,
+            "untied embeddings and bias-free projections under tensor parallelism",
+        ));
+    }
+    if plan.activation_checkpointing != Checkpointing::None {
+        return Err(unsupported(
+            "activation_checkpointing",
+            format!("\"{}\"", plan.activation_checkpointing),
+            "none under tensor parallelism",
+        ));
+    }
+    if plan.offload != Offload::None {
+        return Err(unsupported(
+            "offload",
+            format!("\"{}\"", plan.offload),
+            "none under tensor parallelism",
+        ));
+    }
+    if !matches!(
+        plan.implementation.logits,
+        Logits::FloatOutput | Logits::ComputeDtype
+    ) {
+        return Err(unsupported(
+            "implementation.logits",
+            format!("\"{}\"", plan.implementation.logits),
+            "float-output or compute-dtype under tensor parallelism",
+        ));
+    }
+    let pr = &plan.precision;
+    if pr.param != DType::Fp32 || pr.master != DType::Fp32 {
+        return Err(unsupported(
+            "precision",
+            format!("param {} with master {}", pr.param, pr.master),
+            "fp32 parameters under tensor parallelism",
+        ));
+    }
+    Ok(())
+}
+
+/// Kinds of custom node, in the low bits of a tag.
+const COLUMN_INPUT: i64 = 0;
+const ROW_OUTPUT: i64 = 1;
+const GATHER_VOCAB: i64 = 2;
+const EMBEDDING: i64 = 3;
+
+/// What the forward and the backward callbacks share.
+struct TpState {
+    pg: *const ProcessGroup,
+    tp: i64,
+    rank: i64,
+    vocab: i64,
+    /// The column-parallel inputs' running gradient sums, by site tag: (arrivals, sum).
+    pending: HashMap<i64, (usize, Option<Tensor>)>,
+    /// The step's token ids (the embedding's saved indices).
+    tokens: Option<Tensor>,
+    /// The embedding's whole (V, h) gradient, from its backward.
+    embedding_grad: Option<Tensor>,
+    error: Option<tch::TchError>,
+}
+
+impl TpState {
+    fn pg(&self) -> &ProcessGroup {
+        // SAFETY: the mesh outlives the run (train_tp borrows it for its whole body).
+        unsafe { &*self.pg }
+    }
+
+    fn backward(&mut self, tag: i64, grad: Tensor) -> TResult<Option<Tensor>> {
+        match tag & 3 {
+            COLUMN_INPUT => {
+                let n = ((tag >> 2) & 7) as usize;
+                let site = tag >> 5;
+                let entry = self.pending.entry(site).or_insert((0, None));
+                entry.0 += 1;
+                // InputBuffer::accumulate of a tensor subclass: `old + new`, out of place.
+                let sum = match entry.1.take() {
+                    None => grad,
+                    Some(old) => {
+                        let s = old.f_add(&grad)?;
+                        drop((old, grad));
+                        s
+                    }
+                };
+                if entry.0 < n {
+                    entry.1 = Some(sum);
+                    return Ok(None);
+                }
+                self.pending.remove(&site);
+                // `_FromTorchTensor.backward`: Partial to Replicate, `funcol.all_reduce`.
+                let reduced = clone(&sum)?;
+                drop(sum);
+                self.pg().all_reduce_sum(&reduced)?;
+                Ok(Some(reduced))
+            }
+            ROW_OUTPUT => Ok(Some(grad)),
+            GATHER_VOCAB => {
+                let v = grad.size().last().copied().unwrap_or(0) / self.tp;
+                let mine = clone(&grad.f_narrow(-1, self.rank * v, v)?)?;
+                drop(grad);
+                Ok(Some(mine))
+            }
+            _ => {
+                let tokens = self.tokens.as_ref().expect("the step's tokens are set");
+                let g = Tensor::f_embedding_dense_backward(&grad, tokens, self.vocab, -1, false)?;
+                drop(grad);
+                self.embedding_grad = Some(g);
+                Ok(None)
+            }
+        }
+    }
+}
+
+struct Hooks(RefCell<TpState>);
+
+unsafe extern "C" fn hook(
+    user: *mut c_void,
+    tag: i64,
+    grad_in: *mut C_tensor,
+    grad_out: *mut *mut C_tensor,
+) -> c_int {
+    // SAFETY: `user` is the Hooks box that outlives every graph of the run.
+    let hooks = &*(user as *const Hooks);
+    let grad = Tensor::from_ptr(grad_in);
+    let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let mut st = hooks
+            .0
+            .try_borrow_mut()
+            .map_err(|_| tch::TchError::Torch("TP state busy in a hook".into()))?;
+        st.backward(tag, grad)
+    }));
+    let err = match r {
+        Ok(Ok(Some(mut t))) => {
+            *grad_out = t.as_mut_ptr();
+            std::mem::forget(t);
+            return 0;
+        }
+        Ok(Ok(None)) => return 0,
+        Ok(Err(e)) => e,
+        Err(_) => tch::TchError::Torch("panic in a TP hook".into()),
+    };
+    if let Ok(mut st) = hooks.0.try_borrow_mut() {
+        st.error.get_or_insert(err);
+    }
+    1
+}
+
+/// The block's collectives for one block (`index` tells its sites apart).
+struct Tp<'a> {
+    hooks: &'a Hooks,
+    index: i64,
+}
+
+impl Tp<'_> {
+    fn user(&self) -> *mut c_void {
+        self.hooks as *const Hooks as *mut c_void
+    }
+    fn link(&self, x: &Tensor, y: &Tensor, tag: i64) -> TResult<Tensor> {
+        // SAFETY: the Hooks box outlives every graph (it lives as long as the run).
+        unsafe { ffi::checkpoint_link(x, y, tag, hook, self.user()) }.map_err(shim)
+    }
+    fn site(&self, site: Site) -> i64 {
+        2 * self.index + i64::from(site == Site::FeedForward)
+    }
+    fn pg(&self) -> &ProcessGroup {
+        // SAFETY: as TpState::pg.
+        unsafe { &*self.hooks.0.borrow().pg }
+    }
+    /// `DTensor.from_local(x, Replicate)` read by `n` column-parallel projections.
+    fn column_inputs(&self, x: &Tensor, site: i64, n: usize) -> TResult<Vec<Tensor>> {
+        let alias = x.f_detach()?;
+        (0..n)
+            .map(|_| self.link(x, &alias, (site << 5) | ((n as i64) << 2) | COLUMN_INPUT))
+            .collect()
+    }
+    /// A partial sum made whole: `funcol.all_reduce` (a clone, reduced in place).
+    fn all_reduce(&self, y: Tensor) -> TResult<Tensor> {
+        let whole = tch::no_grad(|| clone(&y))?;
+        self.pg().all_reduce_sum(&whole)?;
+        let out = self.link(&y, &whole, ROW_OUTPUT)?;
+        drop((y, whole));
+        Ok(out)
+    }
+}
+
+impl Collectives for Tp<'_> {
+    fn inputs(&self, x: &Tensor, site: Site, n: usize) -> TResult<Vec<Tensor>> {
+        self.column_inputs(x, self.site(site), n)
+    }
+    fn output(&self, y: Tensor, _: Site) -> TResult<Tensor> {
+        self.all_reduce(y)
+    }
+}
+
+/// `tensor.clone()`: a new buffer of the same bytes (contiguous unless dense and strided).
+fn clone(t: &Tensor) -> TResult<Tensor> {
+    let _g = tch::no_grad_guard();
+    let out = t.f_empty_like()?;
+    out.shallow_clone().f_copy_(t)?;
+    Ok(out)
+}
+
+/// The shard of a whole `(rows, cols)` (or `(rows,)`) weight that rank `rank` of `tp` holds:
+/// rows split (`dim` 0), columns split (1) or the whole (None), as a contiguous tensor.
+fn shard_of(full: &Tensor, dim: Option<i64>, rank: i64, tp: i64) -> TResult<Tensor> {
+    let part = match dim {
+        None => full.shallow_clone(),
+        Some(d) => {
+            let n = full.size()[d as usize] / tp;
+            full.f_narrow(d, rank * n, n)?
+        }
+    };
+    let p = Tensor::f_empty(part.size().as_slice(), (Kind::Float, Device::Cpu))?;
+    tch::no_grad(|| p.shallow_clone().f_copy_(&part))?;
+    p.f_set_requires_grad(true)
+}
+
+/// Runs this rank's tensor-parallel shard of `plan` for `opts.steps` steps (see the module
+/// doc). The report is this rank's memory; losses and gradient norms are the job's.
+pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainReport> {
+    let rt = |e: tch::TchError| Error::runtime(format!("trainer: {e}"));
+    if opts.device != super::TrainDevice::Cpu {
+        return Err(Error::input(
+            "--device cpu under tensor parallelism: ranks exchange activations over Gloo",
+        ));
+    }
+    if opts.record_trace {
+        return Err(Error::input(
+            "--trace is not recorded under tensor parallelism yet (the rank's peaks are \
+             reported)",
+        ));
+    }
+    let pg = mesh.tp.as_ref().expect("a TP job has a tp group");
+    let (rank, tp) = (pg.rank(), pg.size());
+    let m = &plan.model;
+    let env = Env {
+        device: Device::Cpu,
+        compute: Kind::Float,
+        reduce: Kind::Float,
+        master: Kind::Float,
+        world: 1,
+        rank: 0,
+        peers: false,
+        offload: Offload::None,
+    };
+    let _default = ffi::channel(Channel::Device);
+    let meter = Meter::new(None)?;
+    let _limit = opts.device_limit.map(|limit| {
+        let base = ffi::counter(Channel::Device).0;
+        ffi::device_limit(Some(base.saturating_add(limit)))
+    });
+    tch::manual_seed(opts.seed as i64);
+
+    // Setup: the whole model's weights drawn as the single-process trainer draws them (every
+    // block, then the root), each rank keeping its shards.
+    let setup_start = meter.start()?;
+    let (leaves, freqs) = (|| -> TResult<_> {
+        let block = m.block_params();
+        let shapes: Vec<(u64, u64)> = block.iter().map(|p| (p.rows, p.cols)).collect();
+        let norms: Vec<bool> = shapes.iter().map(|&(_, c)| c == 1).collect();
+        // ModelSpec::block_params: attention_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2.
+        let split = [
+            None,
+            Some(0),
+            Some(0),
+            Some(0),
+            Some(1),
+            None,
+            Some(0),
+            Some(0),
+            Some(1),
+        ];
+        let mut leaves = Vec::new();
+        for _ in 0..m.layers {
+            let full = init_weights(&shapes, &norms)?;
+            for (t, d) in full.iter().zip(split) {
+                leaves.push(shard_of(t, d, rank, tp)?);
+            }
+        }
+        let root: Vec<(u64, u64)> = m.root_params().iter().map(|p| (p.rows, p.cols)).collect();
+        let root_norms: Vec<bool> = root.iter().map(|&(_, c)| c == 1).collect();
+        let full = init_weights(&root, &root_norms)?;
+        // tok_embeddings (rows), the final norm (whole), output (rows).
+        for (t, d) in full.iter().zip([Some(0), None, Some(0)]) {
+            leaves.push(shard_of(t, d, rank, tp)?);
+        }
+        let rows = match plan.implementation.rotary {
+            crate::plan::Rotary::ComplexSeq => plan.batch.seq_len,
+            _ => 2 * plan.batch.seq_len,
+        };
+        let freqs = model::precompute_freqs_cis(m.head_dim as i64, rows as i64, Device::Cpu)?;
+        Ok((leaves, freqs))
+    })()
+    .map_err(rt)?;
+    let setup = meter.finish(setup_start)?;
+    let per_block = m.block_params().len();
+    let n_block = per_block * m.layers as usize;
+    let mut shards: Vec<Shard> = leaves
+        .iter()
+        .map(|p| Shard {
+            data: p.shallow_clone(),
+            view: p.shallow_clone(),
+            rows: p.size()[0],
+            grad: None,
+            state: Vec::new(),
+            step: None,
+        })
+        .collect();
+    // Which shards are whole on every rank (the norms): counted once in the gradient norm.
+    let replicated: Vec<bool> = (0..leaves.len())
+        .map(|i| {
+            if i < n_block {
+                matches!(i % per_block, 0 | 5)
+            } else {
+                i == n_block + 1
+            }
+        })
+        .collect();
+
+    let hooks = Box::new(Hooks(RefCell::new(TpState {
+        pg: pg as *const ProcessGroup,
+        tp,
+        rank,
+        vocab: m.vocab as i64,
+        pending: HashMap::new(),
+        tokens: None,
+        embedding_grad: None,
+        error: None,
+    })));
+    let dims = Dims::new(m);
+    let flavor = Flavor {
+        gqa: plan.implementation.gqa,
+        logits: plan.implementation.logits,
+    };
+    let cfg = OptConfig {
+        kind: plan.optimizer,
+        imp: plan.implementation.optimizer,
+        lr: opts.lr.unwrap_or_else(|| default_lr(m.hidden)),
+    };
+    let (b, s) = (plan.batch.micro_batch_size, plan.batch.seq_len);
+    let vshard = m.vocab as i64 / tp;
+
+    let mut steps = Vec::new();
+    let mut oom = None;
+    let started = Instant::now();
+    let mut tokens_done = 0u64;
+    // The loop's `inp`, `labels` and `loss`, kept until the next step rebinds them.
+    let mut live: Option<(Tensor, Tensor, Tensor)> = None;
+    for step in 1..=opts.steps {
+        if opts.abort_at_step == Some(step) {
+            eprintln!("error: aborting at step {step} (fault injection)");
+            std::process::abort();
+        }
+        // `opt.zero_grad()`: gradients set to None.
+        shards.iter_mut().for_each(|sh| sh.grad = None);
+        pg.barrier().map_err(rt)?;
+        let mut fwd_m: Option<PhaseMemory> = None;
+        let mut bwd_m: Option<PhaseMemory> = None;
+        let start = meter.start()?;
+        let fwd = (|| -> TResult<(Tensor, Tensor, Tensor)> {
+            // Every rank reads the same batch: the single-process trainer's micro-batch.
+            let toks = {
+                let _off = ffi::channel(Channel::Off);
+                let all = synthetic_tokens(opts.seed, step - 1, b, s, m.vocab);
+                Tensor::from_slice(&all).f_view([b as i64, s as i64 + 1])?
+            };
+            let inp = env.copy_to(&toks.f_narrow(1, 0, s as i64)?, Place::Device)?;
+            let labels = env.copy_to(&toks.f_narrow(1, 1, s as i64)?, Place::Device)?;
+            drop(toks);
+            // `inp, labels = ...` rebinds: the previous step's are freed, and its loss.
+            live = None;
+            hooks.0.borrow_mut().tokens = Some(inp.shallow_clone());
+            let tp_at = |index: i64| Tp {
+                hooks: &hooks,
+                index,
+            };
+            let emb = &leaves[n_block];
+            // RowwiseParallel embedding: `_MaskPartial` lookup, then all-reduce.
+            let h = {
+                let root = tp_at(-1);
+                let local = tch::no_grad(|| -> TResult<Tensor> {
+                    let lo = rank * vshard;
+                    let mask = inp.f_lt(lo)?.f_logical_or(&inp.f_ge(lo + vshard)?)?;
+                    let masked = {
+                        let c = clone(&inp)?;
+                        c.f_sub_scalar(lo)?
+                    };
+                    let zero = Tensor::from(0i64);
+                    let masked =
+                        masked
+                            .shallow_clone()
+                            .f_index_put_(&[Some(&mask)], &zero, false)?;
+                    let e = Tensor::f_embedding(emb, &masked, -1, false, false)?;
+                    drop(masked);
+                    let zf = Tensor::from(0f32);
+                    let e = e.shallow_clone().f_index_put_(&[Some(&mask)], &zf, false)?;
+                    drop(mask);
+                    let whole = clone(&e)?;
+                    drop(e);
+                    root.pg().all_reduce_sum(&whole)?;
+                    Ok(whole)
+                })?;
+                let out = root.link(emb, &local, EMBEDDING)?;
+                drop(local);
+                out
+            };
+            let mut h = h;
+            for j in 0..m.layers as usize {
+                let w = BlockWeights::from_list(m, &leaves[j * per_block..(j + 1) * per_block]);
+                let f = freqs.f_narrow(0, 0, s as i64)?;
+                let c = tp_at(j as i64);
+                h = model::block_forward_with(&h, &w, &f, dims, flavor, &c)?;
+            }
+            // The final norm (NoParallel), then the ColwiseParallel output: its input a
+            // Replicate DTensor, its Shard(-1) logits all-gathered to Replicate.
+            let n = model::rms_norm(&h, &leaves[n_block + 1])?;
+            drop(h);
+            let root = tp_at(-1);
+            let ins = root.column_inputs(&n, 2 * m.layers as i64, 1)?;
+            let local = ins[0].f_linear(&leaves[n_block + 2], None::<&Tensor>)?;
+            let whole = tch::no_grad(|| -> TResult<Tensor> {
+                let (bb, ss, v) = local.size3()?;
+                let buf = Tensor::f_empty([tp * bb, ss, v], (Kind::Float, Device::Cpu))?;
+                buf.f_narrow(0, rank * bb, bb)?.f_copy_(&local)?;
+                for r in 0..tp {
+                    root.pg().broadcast(&buf.f_narrow(0, r * bb, bb)?, r)?;
+                }
+                let chunks = buf.f_chunk(tp, 0)?;
+                let whole = Tensor::f_cat(&chunks, 2)?;
+                drop((chunks, buf));
+                Ok(whole)
+            })?;
+            let pred = root.link(&local, &whole, GATHER_VOCAB)?;
+            drop((whole, local, ins, n));
+            let pred = match flavor.logits {
+                Logits::FloatOutput => pred.f_to_kind(Kind::Float)?,
+                _ => pred,
+            };
+            let loss = model::loss(&pred, &labels, flavor)?;
+            drop(pred);
+            Ok((inp, labels, loss))
+        })();
+        Meter::merge(&mut fwd_m, meter.finish(start)?);
+        let (inp, labels, loss) = match fwd {
+            Ok(t) => t,
+            Err(e) if is_oom(&e) => {
+                oom = Some(OomReport {
+                    step,
+                    phase: Phase::Forward,
+                    message: first_line(&e),
+                    peak_allocated_bytes: [fwd_m.map_or(0, |m| m.peak_allocated_bytes), 0, 0],
+                });
+                break;
+            }
+            Err(e) => return Err(rt(e)),
+        };
+        let start = meter.start()?;
+        let r = (|| -> TResult<()> {
+            if let Err(e) = ffi::backward(&[&loss], &[None]) {
+                let hooked = hooks.0.borrow_mut().error.take();
+                return Err(hooked.unwrap_or(tch::TchError::Torch(e.0)));
+            }
+            let _ng = tch::no_grad_guard();
+            for (i, sh) in shards.iter_mut().enumerate() {
+                sh.grad = if i == n_block {
+                    // The whole embedding gradient; the optimizer reads this rank's rows.
+                    let g = hooks.0.borrow_mut().embedding_grad.take();
+                    match g {
+                        Some(g) => Some(g.f_narrow(0, rank * vshard, vshard)?),
+                        None => None,
+                    }
+                } else {
+                    ffi::take_grad(&sh.view).map_err(shim)?
+                };
+            }
+            Ok(())
+        })();
+        hooks.0.borrow_mut().tokens = None;
+        live = Some((inp, labels, loss));
+        Meter::merge(&mut bwd_m, meter.finish(start)?);
+        match r {
+            Ok(()) => {}
+            Err(e) if is_oom(&e) => {
+                oom = Some(OomReport {
+                    step,
+                    phase: Phase::Backward,
+                    message: first_line(&e),
+                    peak_allocated_bytes: [
+                        fwd_m.map_or(0, |m| m.peak_allocated_bytes),
+                        bwd_m.map_or(0, |m| m.peak_allocated_bytes),
+                        0,
+                    ],
+                });
+                break;
+            }
+            Err(e) => return Err(rt(e)),
+        }
+
+        // The job's gradient norm (shards summed over ranks, replicated weights once) and
+        // loss (the same on every rank), uncounted.
+        let (norm, loss) = (|| -> TResult<(f64, f64)> {
+            let _off = ffi::channel(Channel::Off);
+            let mut sq = 0.0;
+            for (sh, &rep) in shards.iter().zip(&replicated) {
+                if let Some(g) = &sh.grad {
+                    let v = g
+                        .f_to_kind(Kind::Double)?
+                        .f_square()?
+                        .f_sum(Kind::Double)?
+                        .f_double_value(&[])?;
+                    sq += if rep { v / tp as f64 } else { v };
+                }
+            }
+            let t = Tensor::from_slice(&[sq]);
+            pg.all_reduce_sum(&t)?;
+            let loss = live.as_ref().expect("set above").2.f_double_value(&[])?;
+            Ok((t.f_double_value(&[0])?.sqrt(), loss))
+        })()
+        .map_err(rt)?;
+
+        let warmup = (opts.steps / 10).max(1);
+        let cfg = OptConfig {
+            lr: cfg.lr * (step.min(warmup) as f64 / warmup as f64),
+            ..cfg
+        };
+        let start = meter.start()?;
+        let mut all: Vec<&mut Shard> = shards.iter_mut().collect();
+        let r = optim::step(&cfg, &env, &mut all, false);
+        drop(all);
+        let opt = meter.finish(start)?;
+        let (fwd_peak, bwd_peak) = (
+            fwd_m.map_or(0, |m| m.peak_allocated_bytes),
+            bwd_m.map_or(0, |m| m.peak_allocated_bytes),
+        );
+        match r {
+            Ok(()) => {}
+            Err(e) if is_oom(&e) => {
+                oom = Some(OomReport {
+                    step,
+                    phase: Phase::Optimizer,
+                    message: first_line(&e),
+                    peak_allocated_bytes: [fwd_peak, bwd_peak, opt.peak_allocated_bytes],
+                });
+                break;
+            }
+            Err(e) => return Err(rt(e)),
+        }
+        let (forward, backward) = (fwd_m.unwrap_or_default(), bwd_m.unwrap_or_default());
+        steps.push(StepReport {
+            step,
+            loss,
+            grad_norm: norm,
+            peak_allocated_bytes: forward
+                .peak_allocated_bytes
+                .max(backward.peak_allocated_bytes)
+                .max(opt.peak_allocated_bytes),
+            forward,
+            backward,
+            optimizer: opt,
+        });
+        tokens_done += b * s;
+        if opts.progress_lines {
+            eprintln!("memplan-progress {step} {} {loss}", opts.steps);
+        }
+    }
+    drop(live);
+    let elapsed = started.elapsed().as_secs_f64();
+    let peak = |f: fn(&PhaseMemory) -> u64| {
+        steps
+            .iter()
+            .flat_map(|s| [f(&s.forward), f(&s.backward), f(&s.optimizer)])
+            .max()
+            .unwrap_or(0)
+    };
+    let notes = vec![
+        format!(
+            "rank {} of a {tp}-way tensor-parallel job over c10d Gloo (TP rank {rank}): \
+             torchtitan's apply_tp without sequence or loss parallelism, no FSDP",
+            mesh.env.rank
+        ),
+        "CPU run: exact live bytes of a counting allocator (requested sizes); torch.optim's \
+         step scalars are counted as host bytes, as on a GPU"
+            .into(),
+    ];
+    Ok(TrainReport {
+        model: m.name.clone(),
+        device: opts.device,
+        dp_shard: 1,
+        rank: mesh.env.rank,
+        processes: mesh.env.world,
+        pp_stage: None,
+        steps_requested: opts.steps,
+        steps_completed: steps.len() as u64,
+        setup_allocated_bytes: setup.end_allocated_bytes,
+        setup_host_bytes: meter.host(),
+        first_step: steps.first().cloned(),
+        steady_step: steps.last().cloned(),
+        losses: steps.iter().map(|s| s.loss).collect(),
+        peak_allocated_bytes: peak(|p| p.peak_allocated_bytes),
+        peak_reserved_bytes: None,
+        peak_host_bytes: peak(|p| p.peak_host_bytes),
+        tokens_per_second: if elapsed > 0.0 {
+            tokens_done as f64 / elapsed
+        } else {
+            0.0
+        },
+        oom,
+        notes,
+        steps,
+        trace: None,
+    })
+}
