@@ -237,8 +237,9 @@ fn attention(
     f: Flavor,
     c: &dyn Collectives,
 ) -> TResult<Tensor> {
-    let (b, s, _) = x.size3()?;
     let ins = c.inputs(x, Site::Attention, 3)?;
+    // The projections' input: under sequence parallelism the whole sequence, gathered.
+    let (b, s, _) = ins[0].size3()?;
     // xq, xk, xv = self.wq(x), self.wk(x), self.wv(x); then .view(...)
     let xq = linear(&ins[0], w.wq)?.f_view([b, s, -1, d.head_dim])?;
     let xk = linear(&ins[1], w.wk)?.f_view([b, s, -1, d.head_dim])?;

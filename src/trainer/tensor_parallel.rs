@@ -73,18 +73,11 @@ pub fn check(plan: &Plan) -> Result<()> {
             "1 under tensor parallelism: TP x FSDP and TP x PP are not run yet",
         ));
     }
-    if p.sp {
+    if plan.implementation.loss_parallel && plan.implementation.logits != Logits::FloatOutput {
         return Err(unsupported(
-            "parallel.sp",
-            "true",
-            "false: sequence parallelism is not run yet",
-        ));
-    }
-    if plan.implementation.loss_parallel {
-        return Err(unsupported(
-            "implementation.loss_parallel",
-            "true",
-            "false: loss parallelism is not run yet",
+            "implementation.logits",
+            format!("\"{}\"", plan.implementation.logits),
+            "float-output under loss parallelism",
         ));
     }
     for (what, n) in [
@@ -101,6 +94,13 @@ pub fn check(plan: &Plan) -> Result<()> {
                 &format!("a divisor of the model's {what} ({n})"),
             ));
         }
+    }
+    if p.sp && plan.batch.seq_len % p.tp != 0 {
+        return Err(unsupported(
+            "batch.seq_len",
+            plan.batch.seq_len,
+            &format!("a multiple of tp = {} under sequence parallelism", p.tp),
+        ));
     }
     if m.tied_embeddings || m.qkv_bias || m.o_bias || m.mlp_bias {
         return Err(unsupported(
@@ -144,11 +144,13 @@ pub fn check(plan: &Plan) -> Result<()> {
     Ok(())
 }
 
-/// Kinds of custom node, in the low bits of a tag.
+/// Kinds of custom node, in the low 3 bits of a tag; then the branch count (3 bits), then the
+/// site.
 const COLUMN_INPUT: i64 = 0;
 const ROW_OUTPUT: i64 = 1;
 const GATHER_VOCAB: i64 = 2;
 const EMBEDDING: i64 = 3;
+const LOSS: i64 = 4;
 
 /// What the forward and the backward callbacks share.
 struct TpState {
@@ -156,6 +158,11 @@ struct TpState {
     tp: i64,
     rank: i64,
     vocab: i64,
+    /// Sequence parallelism: activations between the projections are sequence shards.
+    sp: bool,
+    /// What loss parallelism's NllLossBackward keeps: the log-softmax of the logits' shard,
+    /// the flattened labels and `total_weight`.
+    loss_saved: Option<(Tensor, Tensor, Tensor)>,
     /// The column-parallel inputs' running gradient sums, by site tag: (arrivals, sum).
     pending: HashMap<i64, (usize, Option<Tensor>)>,
     /// The step's token ids (the embedding's saved indices).
@@ -171,11 +178,181 @@ impl TpState {
         unsafe { &*self.pg }
     }
 
+    /// `funcol.all_gather_tensor(x, gather_dim=1)`: a `(tp b, s/tp, ...)` buffer gathered
+    /// (one broadcast per rank on Gloo), then `cat` of its chunks along the sequence.
+    fn all_gather_seq(&self, local: &Tensor) -> TResult<Tensor> {
+        let _ng = tch::no_grad_guard();
+        let mut shape = local.size();
+        let b = shape[0];
+        shape[0] *= self.tp;
+        let buf = Tensor::f_empty(shape.as_slice(), (local.kind(), Device::Cpu))?;
+        buf.f_narrow(0, self.rank * b, b)?.f_copy_(local)?;
+        for r in 0..self.tp {
+            self.pg().broadcast(&buf.f_narrow(0, r * b, b)?, r)?;
+        }
+        let chunks = buf.f_chunk(self.tp, 0)?;
+        let whole = Tensor::f_cat(&chunks, 1)?;
+        drop((chunks, buf));
+        Ok(whole)
+    }
+
+    /// `funcol.reduce_scatter_tensor(x, "sum", scatter_dim=1)`: `cat(chunk(x, tp, 1))` (a
+    /// full-size copy), reduced, and this rank's chunk of it as the new output. On Gloo the
+    /// copy is all-reduced in place and the chunk copied out.
+    fn reduce_scatter_seq(&self, whole: &Tensor) -> TResult<Tensor> {
+        let _ng = tch::no_grad_guard();
+        let chunks = whole.f_chunk(self.tp, 1)?;
+        let cat = Tensor::f_cat(&chunks, 0)?;
+        drop(chunks);
+        self.pg().all_reduce_sum(&cat)?;
+        let b = whole.size()[0];
+        let out = clone(&cat.f_narrow(0, self.rank * b, b)?)?;
+        drop(cat);
+        Ok(out)
+    }
+
+    /// `_MaskPartial._partition_value(t)` for the vocabulary shard of this rank: the mask of
+    /// ids outside it and the ids shifted into it, the masked ones set to 0.
+    fn partition(&self, t: &Tensor) -> TResult<(Tensor, Tensor)> {
+        let _ng = tch::no_grad_guard();
+        let n = self.vocab / self.tp;
+        let lo = self.rank * n;
+        let mask = {
+            let below = t.f_lt(lo)?;
+            let above = t.f_ge(lo + n)?;
+            below.f_logical_or(&above)?
+        };
+        let masked = {
+            let c = clone(t)?;
+            c.f_sub_scalar(lo)?
+        };
+        let masked = masked
+            .shallow_clone()
+            .f_index_put_(&[Some(&mask)], &Tensor::from(0i64), false)?;
+        Ok((mask, masked))
+    }
+
+    /// Loss parallelism's forward (`tensor/parallel/loss.py`: `_log_softmax`, then
+    /// `_nll_loss_forward` with mean reduction), on the logits' vocabulary shard `x`
+    /// (`(b s, V/tp)`); keeps what NllLossBackward saves and returns the loss.
+    fn parallel_loss(&mut self, x: &Tensor, target: &Tensor) -> TResult<Tensor> {
+        let _ng = tch::no_grad_guard();
+        // _log_softmax
+        let logp = {
+            let x_max = {
+                let m = x.f_amax(&[1i64][..], true)?;
+                let r = clone(&m)?;
+                drop(m);
+                self.pg().all_reduce_max(&r)?;
+                r
+            };
+            let shifted = x.f_sub(&x_max)?;
+            drop(x_max);
+            let sumexp = {
+                let e = shifted.f_exp()?;
+                e.f_sum_dim_intlist(&[1i64][..], true, None::<Kind>)?
+            };
+            let sumexp = {
+                let r = clone(&sumexp)?;
+                drop(sumexp);
+                self.pg().all_reduce_sum(&r)?;
+                r
+            };
+            let lse = sumexp.f_log()?;
+            drop(sumexp);
+            let result = shifted.f_sub(&lse)?;
+            drop((lse, shifted));
+            result
+        };
+        // _nll_loss_forward
+        let (loss, total_weight) = {
+            let safe = {
+                let ne = target.f_ne(-100)?;
+                target.f_where_scalarother(&ne, 0)?
+            };
+            let safe_ = safe.f_unsqueeze(1)?;
+            let (mask, masked) = self.partition(&safe_)?;
+            let partial = logp.f_gather(1, &masked, false)?;
+            drop(masked);
+            let partial = partial
+                .shallow_clone()
+                .f_index_put_(&[Some(&mask)], &Tensor::from(0f32), false)?;
+            drop(mask);
+            let reduced = clone(&partial)?;
+            drop(partial);
+            self.pg().all_reduce_sum(&reduced)?;
+            let result = reduced.f_squeeze_dim(1)?.f_neg()?;
+            drop(reduced);
+            let result = {
+                let ne = target.f_ne(-100)?;
+                result.f_where_scalarother(&ne, 0)?
+            };
+            drop((safe_, safe));
+            let total_weight = {
+                let ne = target.f_ne(-100)?;
+                let n = ne.f_sum(Kind::Int64)?;
+                drop(ne);
+                n.f_to_kind(Kind::Float)?
+            };
+            let sum = result.f_sum(Kind::Float)?;
+            drop(result);
+            let loss = sum.f_div(&total_weight)?;
+            drop(sum);
+            (loss, total_weight)
+        };
+        self.loss_saved = Some((logp, target.shallow_clone(), total_weight));
+        Ok(loss)
+    }
+
+    /// `_nll_loss_and_log_softmax_backward` (mean reduction, no weight), tensor for tensor.
+    fn parallel_loss_backward(&mut self, grad_output: Tensor) -> TResult<Tensor> {
+        let _ng = tch::no_grad_guard();
+        let (x, target, total_weight) = self.loss_saved.take().expect("the loss ran forward");
+        let grad_output = {
+            let g = grad_output.f_div(&total_weight)?;
+            drop(grad_output);
+            g
+        };
+        let target = target.f_unsqueeze(1)?;
+        let safe = {
+            let ne = target.f_ne(-100)?;
+            target.f_where_scalarother(&ne, 0)?
+        };
+        let grad_input = x.f_zeros_like()?;
+        let flat = safe.f_squeeze_dim(1)?.f_flatten(0, -1)?;
+        let (mask, masked) = self.partition(&flat)?;
+        let grad_update = {
+            let m = mask.f_to_kind(grad_input.kind())?;
+            m.f_sub_scalar(1.0)?
+        };
+        let arange = Tensor::f_arange(masked.size()[0], (Kind::Int64, Device::Cpu))?;
+        let grad_input = grad_input.shallow_clone().f_index_put_(
+            &[Some(&arange), Some(&masked)],
+            &grad_update,
+            false,
+        )?;
+        let grad_output = {
+            let ne = target.f_ne(-100)?;
+            let g = grad_output.f_where_scalarother(&ne, 0)?;
+            drop((ne, grad_output));
+            g
+        };
+        let sum = {
+            let e = x.f_exp()?;
+            grad_input.f_add(&e)?
+        };
+        drop(grad_input);
+        let out = sum.f_mul(&grad_output)?;
+        drop((sum, grad_output, arange, grad_update, masked, mask, flat, safe, target));
+        drop((x, total_weight));
+        Ok(out)
+    }
+
     fn backward(&mut self, tag: i64, grad: Tensor) -> TResult<Option<Tensor>> {
-        match tag & 3 {
+        match tag & 7 {
             COLUMN_INPUT => {
-                let n = ((tag >> 2) & 7) as usize;
-                let site = tag >> 5;
+                let n = ((tag >> 3) & 7) as usize;
+                let site = tag >> 6;
                 let entry = self.pending.entry(site).or_insert((0, None));
                 entry.0 += 1;
                 // InputBuffer::accumulate of a tensor subclass: `old + new`, out of place.
@@ -192,13 +369,26 @@ impl TpState {
                     return Ok(None);
                 }
                 self.pending.remove(&site);
+                if self.sp {
+                    // Partial to Shard(1): a reduce-scatter along the sequence.
+                    let out = self.reduce_scatter_seq(&sum)?;
+                    drop(sum);
+                    return Ok(Some(out));
+                }
                 // `_FromTorchTensor.backward`: Partial to Replicate, `funcol.all_reduce`.
                 let reduced = clone(&sum)?;
                 drop(sum);
                 self.pg().all_reduce_sum(&reduced)?;
                 Ok(Some(reduced))
             }
+            // Shard(1) to Replicate under SP: an all-gather; Replicate to Partial: local.
+            ROW_OUTPUT if self.sp => {
+                let whole = self.all_gather_seq(&grad)?;
+                drop(grad);
+                Ok(Some(whole))
+            }
             ROW_OUTPUT => Ok(Some(grad)),
+            LOSS => self.parallel_loss_backward(grad).map(Some),
             GATHER_VOCAB => {
                 let v = grad.size().last().copied().unwrap_or(0) / self.tp;
                 let mine = clone(&grad.f_narrow(-1, self.rank * v, v)?)?;
@@ -206,6 +396,13 @@ impl TpState {
                 Ok(Some(mine))
             }
             _ => {
+                let grad = if self.sp {
+                    let whole = self.all_gather_seq(&grad)?;
+                    drop(grad);
+                    whole
+                } else {
+                    grad
+                };
                 let tokens = self.tokens.as_ref().expect("the step's tokens are set");
                 let g = Tensor::f_embedding_dense_backward(&grad, tokens, self.vocab, -1, false)?;
                 drop(grad);
@@ -272,16 +469,30 @@ impl Tp<'_> {
         unsafe { &*self.hooks.0.borrow().pg }
     }
     /// `DTensor.from_local(x, Replicate)` read by `n` column-parallel projections.
+    /// Under SP, `PrepareModuleInput(Shard(1) -> Replicate)` first: the sequence gathered.
     fn column_inputs(&self, x: &Tensor, site: i64, n: usize) -> TResult<Vec<Tensor>> {
-        let alias = x.f_detach()?;
-        (0..n)
-            .map(|_| self.link(x, &alias, (site << 5) | ((n as i64) << 2) | COLUMN_INPUT))
-            .collect()
+        let whole = if self.hooks.0.borrow().sp {
+            self.hooks.0.borrow().all_gather_seq(x)?
+        } else {
+            x.f_detach()?
+        };
+        let tag = (site << 6) | ((n as i64) << 3) | COLUMN_INPUT;
+        let out = (0..n)
+            .map(|_| self.link(x, &whole, tag))
+            .collect::<TResult<Vec<_>>>()?;
+        drop(whole);
+        Ok(out)
     }
-    /// A partial sum made whole: `funcol.all_reduce` (a clone, reduced in place).
+    /// A partial sum made whole (`funcol.all_reduce`: a clone, reduced in place) or, under SP,
+    /// reduce-scattered along the sequence.
     fn all_reduce(&self, y: Tensor) -> TResult<Tensor> {
-        let whole = tch::no_grad(|| clone(&y))?;
-        self.pg().all_reduce_sum(&whole)?;
+        let whole = if self.hooks.0.borrow().sp {
+            self.hooks.0.borrow().reduce_scatter_seq(&y)?
+        } else {
+            let whole = tch::no_grad(|| clone(&y))?;
+            self.pg().all_reduce_sum(&whole)?;
+            whole
+        };
         let out = self.link(&y, &whole, ROW_OUTPUT)?;
         drop((y, whole));
         Ok(out)
@@ -422,11 +633,14 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
         })
         .collect();
 
+    let (sp, lp) = (plan.parallel.sp, plan.implementation.loss_parallel);
     let hooks = Box::new(Hooks(RefCell::new(TpState {
         pg: pg as *const ProcessGroup,
         tp,
         rank,
         vocab: m.vocab as i64,
+        sp,
+        loss_saved: None,
         pending: HashMap::new(),
         tokens: None,
         embedding_grad: None,
@@ -500,10 +714,16 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
                     let zf = Tensor::from(0f32);
                     let e = e.shallow_clone().f_index_put_(&[Some(&mask)], &zf, false)?;
                     drop(mask);
-                    let whole = clone(&e)?;
+                    // Replicate: all-reduced into a clone; Shard(1): reduce-scattered.
+                    let out = if sp {
+                        root.hooks.0.borrow().reduce_scatter_seq(&e)?
+                    } else {
+                        let whole = clone(&e)?;
+                        root.pg().all_reduce_sum(&whole)?;
+                        whole
+                    };
                     drop(e);
-                    root.pg().all_reduce_sum(&whole)?;
-                    Ok(whole)
+                    Ok(out)
                 })?;
                 let out = root.link(emb, &local, EMBEDDING)?;
                 drop(local);
@@ -523,6 +743,19 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
             let root = tp_at(-1);
             let ins = root.column_inputs(&n, 2 * m.layers as i64, 1)?;
             let local = ins[0].f_linear(&leaves[n_block + 2], None::<&Tensor>)?;
+            drop((ins, n));
+            if lp {
+                // loss_parallel: the Shard(-1) logits stay local; `pred.flatten(0, 1)`, the
+                // distributed cross-entropy, `del pred`.
+                let flat = local.f_flatten(0, 1)?;
+                let value = hooks
+                    .0
+                    .borrow_mut()
+                    .parallel_loss(&flat, &labels.f_flatten(0, 1)?)?;
+                let loss = root.link(&flat, &value, LOSS)?;
+                drop((value, flat, local));
+                return Ok((inp, labels, loss));
+            }
             let whole = tch::no_grad(|| -> TResult<Tensor> {
                 let (bb, ss, v) = local.size3()?;
                 let buf = Tensor::f_empty([tp * bb, ss, v], (Kind::Float, Device::Cpu))?;
@@ -536,7 +769,7 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
                 Ok(whole)
             })?;
             let pred = root.link(&local, &whole, GATHER_VOCAB)?;
-            drop((whole, local, ins, n));
+            drop((whole, local));
             let pred = match flavor.logits {
                 Logits::FloatOutput => pred.f_to_kind(Kind::Float)?,
                 _ => pred,
@@ -577,6 +810,16 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
                 } else {
                     ffi::take_grad(&sh.view).map_err(shim)?
                 };
+            }
+            // Under SP a norm's gradient is a Partial DTensor (each rank's sequence shard's
+            // part); torch.optim's foreach ops redistribute it to Replicate, an all-reduce,
+            // which is done here once, in place.
+            if sp {
+                for (sh, _) in shards.iter().zip(&replicated).filter(|(_, &r)| r) {
+                    if let Some(g) = &sh.grad {
+                        pg.all_reduce_sum(g)?;
+                    }
+                }
             }
             Ok(())
         })();
