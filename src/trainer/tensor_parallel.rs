@@ -1,12 +1,16 @@
 //! Tensor parallelism across processes: the ranks of a `tp`-rank job each hold a shard of every
 //! projection, as torchtitan's `apply_tp` lays a Llama out with DTensor (torch 2.11,
-//! `parallelize_module`), without sequence parallelism, loss parallelism or FSDP (dp_shard 1).
+//! `parallelize_module`), with or without sequence parallelism and loss parallelism, without
+//! FSDP (dp_shard 1) or activation checkpointing.
 //!
-//! # What a rank holds (`tp_reference.py` next to this file, "sp": false)
+//! # What a rank holds (`tp_reference.py` next to this file)
 //! - `tok_embeddings`: RowwiseParallel, the table's rows `[r V/tp, (r+1) V/tp)`.
 //! - wq, wk, wv, w1, w3, output: ColwiseParallel, rows (output features) split; wo, w2:
 //!   RowwiseParallel, columns (input features) split, each shard a contiguous tensor.
-//! - The norms: torchtitan's NoParallel, whole on every rank (Replicate).
+//! - The norms, whole on every rank: torchtitan's NoParallel without SP (activations whole),
+//!   SequenceParallel with it (activations `(b, s/tp, h)`, the weight's gradient a Partial
+//!   sum over the ranks' sequence shards, which torch.optim's DTensor ops all-reduce; here it
+//!   is all-reduced in place once after the backward).
 //!
 //! # The collectives, and what DTensor allocates around them
 //! Autograd crosses them through custom nodes ([`ffi::checkpoint_link`]) whose backward calls
@@ -30,8 +34,27 @@
 //!   the vocabulary into `(b, s, V)`); the backward takes this rank's vocabulary slice of the
 //!   logits' gradient as a clone (`_replicate_to_shard`).
 //!
-//! Gloo's all-reduce works in place; the all-gather is issued as one broadcast per rank into
-//! slices of the gather buffer. Neither allocates on the counted threads.
+//!
+//! With sequence parallelism (`Shard(1)` between the modules):
+//! - `PrepareModuleInput(Shard(1) -> Replicate)` all-gathers the normalised sequence shard
+//!   (`funcol.all_gather_tensor`: a `(tp b, s/tp, h)` buffer, then `cat` along the sequence);
+//!   the whole is what the column-parallel projections save. The backward reduce-scatters the
+//!   summed input gradient (Partial to Shard(1)).
+//! - A row-parallel output, and the embedding's, is reduce-scattered
+//!   (`funcol.reduce_scatter_tensor` along dim 1: `cat(chunk(x, tp, 1))`, a full-size copy,
+//!   then the `(b, s/tp, h)` output); its backward all-gathers the gradient.
+//!
+//! Loss parallelism (`tensor/parallel/loss.py`): the Shard(-1) logits stay local, and the
+//! cross-entropy is `_log_softmax` (all-reduces of the row max and of the summed exponentials)
+//! and `_nll_loss_forward` (the target's logit through `_MaskPartial`, all-reduced), tensor for
+//! tensor in one custom node, which keeps what NllLossBackward keeps (the log-softmax of the
+//! shard and `total_weight`). Its backward is `_nll_loss_and_log_softmax_backward`: the
+//! `zeros_like` gradient, the shifted targets and their mask, `exp` of the log-softmax and the
+//! sum beside it (16 bytes per logit of the shard at once).
+//!
+//! Gloo's all-reduce works in place; an all-gather is issued as one broadcast per rank into
+//! slices of the gather buffer, a reduce-scatter as an all-reduce of the chunk-cat copy (which
+//! funcol makes anyway) and a copy of this rank's chunk. None allocates on the counted threads.
 //!
 //! # Known differences from torch, kept
 //! - torch.optim's `state["step"]` scalars (4 bytes per parameter tensor) are CPU tensors,
@@ -226,9 +249,10 @@ impl TpState {
             let c = clone(t)?;
             c.f_sub_scalar(lo)?
         };
-        let masked = masked
-            .shallow_clone()
-            .f_index_put_(&[Some(&mask)], &Tensor::from(0i64), false)?;
+        let masked =
+            masked
+                .shallow_clone()
+                .f_index_put_(&[Some(&mask)], &Tensor::from(0i64), false)?;
         Ok((mask, masked))
     }
 
@@ -274,9 +298,10 @@ impl TpState {
             let (mask, masked) = self.partition(&safe_)?;
             let partial = logp.f_gather(1, &masked, false)?;
             drop(masked);
-            let partial = partial
-                .shallow_clone()
-                .f_index_put_(&[Some(&mask)], &Tensor::from(0f32), false)?;
+            let partial =
+                partial
+                    .shallow_clone()
+                    .f_index_put_(&[Some(&mask)], &Tensor::from(0f32), false)?;
             drop(mask);
             let reduced = clone(&partial)?;
             drop(partial);
@@ -343,7 +368,17 @@ impl TpState {
         };
         drop(grad_input);
         let out = sum.f_mul(&grad_output)?;
-        drop((sum, grad_output, arange, grad_update, masked, mask, flat, safe, target));
+        drop((
+            sum,
+            grad_output,
+            arange,
+            grad_update,
+            masked,
+            mask,
+            flat,
+            safe,
+            target,
+        ));
         drop((x, total_weight));
         Ok(out)
     }

@@ -1,0 +1,220 @@
+#![cfg(feature = "trainer")]
+//! The tensor-parallel trainer (src/trainer/tensor_parallel.rs), a shard per process over c10d
+//! Gloo, through the binary: every rank's steady peak against torch 2.11's own DTensor
+//! `parallelize_module` as torchtitan's `apply_tp` (tests/data/tp_torch_2.11.jsonl, measured by
+//! src/trainer/tp_reference.py under the same counting allocator), and the losses against the
+//! single-process trainer on the same data.
+//!
+//! Run with `source scripts/libtorch-env.sh && cargo test --features trainer --test tensor_parallel`.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn records() -> Vec<Value> {
+    let path = format!(
+        "{}/tests/data/tp_torch_2.11.jsonl",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The plan of a record (fp32, `.float()` logits as the reference's model returns them), on
+/// `tp` ranks or, for `tp` 1, the single-process trainer's plan of the same batch.
+fn plan_json(c: &Value, tp: u64) -> String {
+    let parallel = if tp > 1 {
+        format!(r#"{{"tp":{tp},"sp":{},"dp_shard":1}}"#, c["sp"])
+    } else {
+        r#"{"dp_shard":1}"#.to_string()
+    };
+    let lp = tp > 1 && c["loss_parallel"].as_bool().unwrap();
+    format!(
+        r#"{{"model":{},"gpu":"cpu","num_gpus":{tp},"parallel":{parallel},
+            "batch":{{"micro_batch_size":{},"seq_len":{}}},
+            "precision":{{"param":"fp32","master":"fp32","reduce":"fp32"}},
+            "implementation":{{"logits":"float-output","loss_parallel":{lp}}},
+            "activation_checkpointing":{}}}"#,
+        c["model"],
+        c["batch"],
+        c["seq"],
+        serde_json::to_string(&c["ac"]).unwrap()
+    )
+}
+
+fn run(plan: &str, tp: u64, steps: u64) -> std::process::Output {
+    let dir = std::env::temp_dir().join(format!(
+        "memplan-tp-test-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("plan.json");
+    std::fs::write(&path, plan).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_memplan"));
+    cmd.args(["train", "--quiet", "--format", "json", "--plan"])
+        .arg(&path)
+        .args(["--steps", &steps.to_string()])
+        .env("OMP_NUM_THREADS", "1");
+    if tp > 1 {
+        cmd.args(["--nproc-per-node", &tp.to_string()]);
+    }
+    let out = cmd.output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+/// Runs `plan` (as `tp` processes when tp > 1) for `steps` steps; the reports, in rank order.
+fn train(plan: &str, tp: u64, steps: u64) -> Vec<Value> {
+    let out = run(plan, tp, steps);
+    assert!(
+        out.status.success(),
+        "{plan}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut reports: Vec<Value> = if tp > 1 {
+        doc["ranks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["report"].clone())
+            .collect()
+    } else {
+        vec![doc["runs"][0]["report"].clone()]
+    };
+    reports.sort_by_key(|r| r["rank"].as_u64().unwrap_or(0));
+    reports
+}
+
+fn layers(model: &str) -> u64 {
+    let path = format!(
+        "{}/profiles/models/{model}.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let m: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    m["num_hidden_layers"].as_u64().unwrap()
+}
+
+/// Parameter tensors every rank holds a piece of: 9 per block (two norms, seven projections),
+/// the embedding, the final norm and the output projection.
+fn param_tensors(layers: u64) -> u64 {
+    9 * layers + 3
+}
+
+/// What torch's record holds that the trainer's device counter does not: torch.optim's
+/// `state["step"]` scalars (a 4-byte float32 CPU tensor per parameter, counted as device bytes
+/// on a CPU run of the reference, as host bytes by the trainer, as on a GPU), and the 1-byte
+/// uint8 tensor that c10d's `ProcessGroup::barrier` keeps in a static variable, which the
+/// reference's `dist.barrier()` makes; the trainer's barriers go to the Gloo backend directly.
+fn torch_only_bytes(layers: u64) -> u64 {
+    4 * param_tensors(layers) + 1
+}
+
+/// Every rank of a record measures torch's steady peak to the byte, less the bytes above.
+fn ranks_match_torch(index: usize) {
+    let c = &records()[index];
+    assert_eq!(c["dp_shard"], 1, "{c}");
+    assert_eq!(c["ac"], "none", "{c}");
+    let tp = c["tp"].as_u64().unwrap();
+    let reports = train(&plan_json(c, tp), tp, 3);
+    assert_eq!(reports.len() as u64, tp);
+    let l = layers(c["model"].as_str().unwrap());
+    for (rank, r) in reports.iter().enumerate() {
+        let torch = c["measured"][rank].as_u64().unwrap();
+        let ours = r["steady_step"]["peak_allocated_bytes"].as_u64().unwrap();
+        assert_eq!(ours + torch_only_bytes(l), torch, "{c}: rank {rank}");
+        // The step scalars are where a GPU keeps them: on the host.
+        assert_eq!(
+            r["steady_step"]["optimizer"]["peak_host_bytes"].as_u64(),
+            Some(4 * param_tensors(l)),
+            "{c}: rank {rank}"
+        );
+    }
+}
+
+#[test]
+fn tp_without_sequence_parallelism_holds_what_dtensor_holds() {
+    ranks_match_torch(1); // tiny, TP 2, no SP, no loss parallelism: the backward's peak
+}
+
+#[test]
+fn sequence_parallel_ranks_hold_what_dtensor_holds() {
+    ranks_match_torch(2); // tiny, TP 2, SP, logits all-gathered
+}
+
+#[test]
+fn loss_parallel_ranks_hold_what_dtensor_holds() {
+    ranks_match_torch(0); // tiny, TP 2, SP and loss parallelism: the peak in its backward
+}
+
+#[test]
+fn the_small_model_holds_what_dtensor_holds_in_every_layout() {
+    // small, TP 2: the optimizer's peak (the embedding's whole gradient included)
+    for index in [5, 6, 7] {
+        ranks_match_torch(index);
+    }
+}
+
+fn losses(r: &Value) -> Vec<f64> {
+    r["losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect()
+}
+
+/// On the same data, every layout learns as one process does: every rank reports the job's
+/// loss, equal to the single process's to float rounding (the sharded matmuls and the
+/// reductions sum in another order), and the same gradient norm.
+#[test]
+fn tensor_parallel_losses_follow_the_single_process_run() {
+    let recs = records();
+    let one = train(&plan_json(&recs[1], 1), 1, 4);
+    let reference = losses(&one[0]);
+    for index in [1, 2, 0] {
+        let c = &recs[index];
+        let ranks = train(&plan_json(c, 2), 2, 4);
+        let l = losses(&ranks[0]);
+        assert_eq!(l, losses(&ranks[1]), "every rank reports the job's loss");
+        for (a, b) in l.iter().zip(&reference) {
+            assert!((a - b).abs() < 1e-5, "{c}: {l:?} vs {reference:?}");
+        }
+        let norm = ranks[0]["steps"][0]["grad_norm"].as_f64().unwrap();
+        let single = one[0]["steps"][0]["grad_norm"].as_f64().unwrap();
+        assert!(
+            (norm - single).abs() < 1e-6 * single,
+            "{c}: {norm} vs {single}"
+        );
+        assert!(l[3] < l[0], "{c} learns: {l:?}");
+    }
+}
+
+/// What the TP trainer does not run is refused before any rank starts, with the reason.
+#[test]
+fn unsupported_tp_layouts_are_refused() {
+    let recs = records();
+    let ac = run(&plan_json(&recs[3], 2), 2, 1);
+    assert!(!ac.status.success());
+    assert!(
+        String::from_utf8_lossy(&ac.stderr).contains("activation_checkpointing"),
+        "{}",
+        String::from_utf8_lossy(&ac.stderr)
+    );
+    let fsdp = plan_json(&recs[0], 2).replace(r#""dp_shard":1"#, r#""dp_shard":2"#);
+    let fsdp = fsdp.replace(r#""num_gpus":2"#, r#""num_gpus":4"#);
+    let out = run(&fsdp, 4, 1);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("TP x FSDP"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
