@@ -33,6 +33,8 @@ if [ -d src/trainer ] && [ -f scripts/libtorch-env.sh ]; then
   cargo test --locked --features trainer --test distributed
   # Pipeline parallelism across processes against torch's own pipelining, per stage.
   cargo test --locked --features trainer --test pipeline
+  # Tensor parallelism (TP, SP, loss parallelism) across processes against torch's DTensor, per rank.
+  cargo test --locked --features trainer --test tensor_parallel
   # Recorded measurements of PyTorch's own implementations, run again live (tests/references.rs).
   cargo test --locked --features trainer --test references -- --test-threads=1
 fi
