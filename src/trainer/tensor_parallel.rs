@@ -1,7 +1,8 @@
 //! Tensor parallelism across processes: the ranks of a `tp`-rank job each hold a shard of every
 //! projection, as torchtitan's `apply_tp` lays a Llama out with DTensor (torch 2.11,
-//! `parallelize_module`), with or without sequence parallelism and loss parallelism, without
-//! FSDP (dp_shard 1) or activation checkpointing.
+//! `parallelize_module`), with or without sequence parallelism and loss parallelism, with or
+//! without full activation checkpointing (every block recomputed in its backward, its
+//! collectives included, as torch's `checkpoint_wrapper`), without FSDP (dp_shard 1).
 //!
 //! # What a rank holds (`tp_reference.py` next to this file)
 //! - `tok_embeddings`: RowwiseParallel, the table's rows `[r V/tp, (r+1) V/tp)`.
@@ -78,8 +79,8 @@ use super::memory::{Meter, PhaseMemory};
 use super::model::{self, BlockWeights, Collectives, Dims, Flavor, Site, TResult};
 use super::optim::{self, OptConfig};
 use super::{
-    default_lr, first_line, init_weights, is_oom, synthetic_tokens, unsupported, OomReport, Phase,
-    StepReport, TrainOptions, TrainReport,
+    checkpointed, default_lr, first_line, init_weights, is_oom, synthetic_tokens, unsupported,
+    OomReport, Phase, StepReport, TrainOptions, TrainReport,
 };
 use crate::error::{Error, Result};
 use crate::plan::{Checkpointing, DType, Logits, Offload, Plan};
@@ -132,11 +133,14 @@ pub fn check(plan: &Plan) -> Result<()> {
             "untied embeddings and bias-free projections under tensor parallelism",
         ));
     }
-    if plan.activation_checkpointing != Checkpointing::None {
+    if !matches!(
+        plan.activation_checkpointing,
+        Checkpointing::None | Checkpointing::Full
+    ) {
         return Err(unsupported(
             "activation_checkpointing",
             format!("\"{}\"", plan.activation_checkpointing),
-            "none under tensor parallelism",
+            "none or full under tensor parallelism",
         ));
     }
     if plan.offload != Offload::None {
@@ -199,6 +203,15 @@ impl TpState {
     fn pg(&self) -> &ProcessGroup {
         // SAFETY: the mesh outlives the run (train_tp borrows it for its whole body).
         unsafe { &*self.pg }
+    }
+
+    /// The sequence's length over a block input's (tp under sequence parallelism).
+    fn seq_factor(&self) -> i64 {
+        if self.sp {
+            self.tp
+        } else {
+            1
+        }
     }
 
     /// `funcol.all_gather_tensor(x, gather_dim=1)`: a `(tp b, s/tp, ...)` buffer gathered
@@ -543,6 +556,81 @@ impl Collectives for Tp<'_> {
     }
 }
 
+/// Full activation checkpointing: what a checkpointed block's recompute needs. Every rank
+/// recomputes its blocks in the same order, so the forward's collectives meet again.
+struct Ckpt {
+    spec: crate::profiles::ModelSpec,
+    dims: Dims,
+    flavor: Flavor,
+    freqs: Tensor,
+    leaves: Vec<Tensor>,
+    per_block: usize,
+    tp: *const Hooks,
+    /// Each checkpointed block's input, by block.
+    inputs: RefCell<HashMap<i64, Tensor>>,
+    error: RefCell<Option<tch::TchError>>,
+}
+
+impl Ckpt {
+    fn block(&self, j: usize, x: &Tensor, seq: i64) -> TResult<Tensor> {
+        let w = BlockWeights::from_list(
+            &self.spec,
+            &self.leaves[j * self.per_block..(j + 1) * self.per_block],
+        );
+        let f = self.freqs.f_narrow(0, 0, seq)?;
+        // SAFETY: the TP hooks outlive every graph of the run.
+        let c = Tp {
+            hooks: unsafe { &*self.tp },
+            index: j as i64,
+        };
+        model::block_forward_with(x, &w, &f, self.dims, self.flavor, &c)
+    }
+
+    /// Recomputes block `tag` from its kept input with autograd and runs its backward with the
+    /// incoming gradient (reentrant checkpointing, as the single-process trainer's).
+    fn recompute(&self, tag: i64, grad: Tensor, seq: i64) -> TResult<Option<Tensor>> {
+        let x = self
+            .inputs
+            .borrow_mut()
+            .remove(&tag)
+            .expect("checkpointed block kept its input");
+        let xd = x.f_detach()?.f_set_requires_grad(true)?;
+        drop(x);
+        let y = tch::with_grad(|| self.block(tag as usize, &xd, seq))?;
+        ffi::storage_resize(&y, 0).map_err(shim)?;
+        ffi::backward(&[&y], &[Some(&grad)]).map_err(shim)?;
+        drop((y, grad));
+        ffi::take_grad(&xd).map_err(shim)
+    }
+}
+
+unsafe extern "C" fn ckpt_hook(
+    user: *mut c_void,
+    tag: i64,
+    grad_in: *mut C_tensor,
+    grad_out: *mut *mut C_tensor,
+) -> c_int {
+    // SAFETY: `user` is the Ckpt box that outlives every graph of the run.
+    let ck = &*(user as *const Ckpt);
+    let grad = Tensor::from_ptr(grad_in);
+    let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let seq = grad.size()[1] * (*ck.tp).0.borrow().seq_factor();
+        ck.recompute(tag, grad, seq)
+    }));
+    let err = match r {
+        Ok(Ok(Some(mut t))) => {
+            *grad_out = t.as_mut_ptr();
+            std::mem::forget(t);
+            return 0;
+        }
+        Ok(Ok(None)) => return 0,
+        Ok(Err(e)) => e,
+        Err(_) => tch::TchError::Torch("panic in a checkpoint hook".into()),
+    };
+    ck.error.borrow_mut().get_or_insert(err);
+    1
+}
+
 /// `tensor.clone()`: a new buffer of the same bytes (contiguous unless dense and strided).
 fn clone(t: &Tensor) -> TResult<Tensor> {
     let _g = tch::no_grad_guard();
@@ -686,6 +774,17 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
         gqa: plan.implementation.gqa,
         logits: plan.implementation.logits,
     };
+    let ckpt = Box::new(Ckpt {
+        spec: m.clone(),
+        dims,
+        flavor,
+        freqs: freqs.shallow_clone(),
+        leaves: leaves.iter().map(Tensor::shallow_clone).collect(),
+        per_block,
+        tp: &*hooks as *const Hooks,
+        inputs: RefCell::new(HashMap::new()),
+        error: RefCell::new(None),
+    });
     let cfg = OptConfig {
         kind: plan.optimizer,
         imp: plan.implementation.optimizer,
@@ -766,10 +865,19 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
             };
             let mut h = h;
             for j in 0..m.layers as usize {
-                let w = BlockWeights::from_list(m, &leaves[j * per_block..(j + 1) * per_block]);
-                let f = freqs.f_narrow(0, 0, s as i64)?;
-                let c = tp_at(j as i64);
-                h = model::block_forward_with(&h, &w, &f, dims, flavor, &c)?;
+                h = if checkpointed(plan.activation_checkpointing, j as u64) {
+                    // `checkpoint_wrapper`: the block without autograd, linked to its input;
+                    // the input kept for the recompute.
+                    let y = tch::no_grad(|| ckpt.block(j, &h, s as i64))?;
+                    let user = &*ckpt as *const Ckpt as *mut c_void;
+                    // SAFETY: the Ckpt box outlives the graph (it lives as long as the run).
+                    let y = unsafe { ffi::checkpoint_link(&h, &y, j as i64, ckpt_hook, user) }
+                        .map_err(shim)?;
+                    ckpt.inputs.borrow_mut().insert(j as i64, h.shallow_clone());
+                    y
+                } else {
+                    ckpt.block(j, &h, s as i64)?
+                };
             }
             // The final norm (NoParallel), then the ColwiseParallel output: its input a
             // Replicate DTensor, its Shard(-1) logits all-gathered to Replicate.
@@ -830,7 +938,8 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
         let start = meter.start()?;
         let r = (|| -> TResult<()> {
             if let Err(e) = ffi::backward(&[&loss], &[None]) {
-                let hooked = hooks.0.borrow_mut().error.take();
+                let hooked =
+                    (ckpt.error.borrow_mut().take()).or_else(|| hooks.0.borrow_mut().error.take());
                 return Err(hooked.unwrap_or(tch::TchError::Torch(e.0)));
             }
             let _ng = tch::no_grad_guard();
