@@ -274,7 +274,8 @@ impl TpState {
     /// (`(b s, V/tp)`); keeps what NllLossBackward saves and returns the loss.
     fn parallel_loss(&mut self, x: &Tensor, target: &Tensor) -> TResult<Tensor> {
         let _ng = tch::no_grad_guard();
-        // _log_softmax
+        // _log_softmax: its locals (the reduced max and sum of exponentials among them) live
+        // until it returns.
         let logp = {
             let x_max = {
                 let m = x.f_amax(&[1i64][..], true)?;
@@ -284,7 +285,6 @@ impl TpState {
                 r
             };
             let shifted = x.f_sub(&x_max)?;
-            drop(x_max);
             let sumexp = {
                 let e = shifted.f_exp()?;
                 e.f_sum_dim_intlist(&[1i64][..], true, None::<Kind>)?
@@ -296,9 +296,8 @@ impl TpState {
                 r
             };
             let lse = sumexp.f_log()?;
-            drop(sumexp);
             let result = shifted.f_sub(&lse)?;
-            drop((lse, shifted));
+            drop((lse, sumexp, shifted, x_max));
             result
         };
         // _nll_loss_forward
@@ -820,8 +819,9 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
             let inp = env.copy_to(&toks.f_narrow(1, 0, s as i64)?, Place::Device)?;
             let labels = env.copy_to(&toks.f_narrow(1, 1, s as i64)?, Place::Device)?;
             drop(toks);
-            // `inp, labels = ...` rebinds: the previous step's are freed, and its loss.
-            live = None;
+            // `inp, labels = ...` rebinds: the previous step's are freed; its `loss` lives
+            // until the new one is bound.
+            let prev_loss = live.take().map(|(_, _, l)| l);
             hooks.0.borrow_mut().tokens = Some(inp.shallow_clone());
             let tp_at = |index: i64| Tp {
                 hooks: &hooks,
@@ -886,8 +886,11 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
             let root = tp_at(-1);
             let ins = root.column_inputs(&n, 2 * m.layers as i64, 1)?;
             let local = ins[0].f_linear(&leaves[n_block + 2], None::<&Tensor>)?;
-            drop((ins, n));
+            drop(ins);
+            // `h = self.norm(h)` is bound until the model returns: through the output's
+            // redistribution, after the output projection's input was gathered from it.
             if lp {
+                drop(n);
                 // loss_parallel: the Shard(-1) logits stay local; `pred.flatten(0, 1)`, the
                 // distributed cross-entropy, `del pred`.
                 let flat = local.f_flatten(0, 1)?;
@@ -896,7 +899,7 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
                     .borrow_mut()
                     .parallel_loss(&flat, &labels.f_flatten(0, 1)?)?;
                 let loss = root.link(&flat, &value, LOSS)?;
-                drop((value, flat, local));
+                drop((prev_loss, value, flat, local));
                 return Ok((inp, labels, loss));
             }
             let whole = tch::no_grad(|| -> TResult<Tensor> {
@@ -912,13 +915,13 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
                 Ok(whole)
             })?;
             let pred = root.link(&local, &whole, GATHER_VOCAB)?;
-            drop((whole, local));
+            drop((whole, local, n));
             let pred = match flavor.logits {
                 Logits::FloatOutput => pred.f_to_kind(Kind::Float)?,
                 _ => pred,
             };
             let loss = model::loss(&pred, &labels, flavor)?;
-            drop(pred);
+            drop((prev_loss, pred));
             Ok((inp, labels, loss))
         })();
         Meter::merge(&mut fwd_m, meter.finish(start)?);
