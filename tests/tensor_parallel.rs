@@ -166,6 +166,40 @@ fn the_small_model_holds_what_dtensor_holds_in_every_layout() {
     }
 }
 
+/// Phase by phase: tests/data/tp_phases_torch_2.11.jsonl holds, for the tiny records, torch's
+/// steady-step peaks of the forward with the loss, the backward and the optimizer step on each
+/// rank (tp_reference.py's `fwd_peak`, `bwd_peak`, `opt_peak` of the last of 3 steps, the
+/// lowest of three runs, as the records' peaks are taken). The torch-only bytes are held in
+/// every phase of a steady step.
+#[test]
+fn every_phase_of_every_rank_holds_what_dtensor_holds() {
+    let path = format!(
+        "{}/tests/data/tp_phases_torch_2.11.jsonl",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    for line in text.lines() {
+        let c: Value = serde_json::from_str(line).unwrap();
+        let tp = c["tp"].as_u64().unwrap();
+        let reports = train(&plan_json(&c, tp), tp, c["steps"].as_u64().unwrap());
+        let extra = torch_only_bytes(layers(c["model"].as_str().unwrap()));
+        for (rank, r) in reports.iter().enumerate() {
+            let s = &r["steady_step"];
+            let ours: Vec<u64> = ["forward", "backward", "optimizer"]
+                .iter()
+                .map(|p| s[p]["peak_allocated_bytes"].as_u64().unwrap() + extra)
+                .collect();
+            let torch: Vec<u64> = c["phases"][rank]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect();
+            assert_eq!(ours, torch, "{c}: rank {rank}");
+        }
+    }
+}
+
 fn losses(r: &Value) -> Vec<f64> {
     r["losses"]
         .as_array()
