@@ -31,9 +31,11 @@
 //! outside the counters; every rank sees the same data, so rank 0's gradient is the average.
 //! Not modelled: communication time, NCCL buffers, FSDP2's separate CUDA streams (which
 //! change reserved, not allocated, bytes), pinned host memory, gradient clipping, the
-//! dataloader. Tensor and context parallelism, fp16 and selective per-op checkpointing are
-//! refused with an error; HSDP and pipeline parallelism run only as real multi-process jobs
-//! (pipelining: [`pipeline`], a stage per rank, GPipe and 1F1B, no FSDP inside a stage yet).
+//! dataloader. Context parallelism, fp16, selective per-op checkpointing and what the plan
+//! asks that the trainer does not execute (`check_supported`) are refused with an error; HSDP,
+//! tensor and pipeline parallelism run only as real multi-process jobs (pipelining:
+//! [`pipeline`], a stage per rank, GPipe and 1F1B, no FSDP inside a stage yet; tensor
+//! parallelism: [`tensor_parallel`], with or without SP and loss parallelism, no FSDP yet).
 //!
 //! # Checked against PyTorch itself
 //! `fsdp2_reference.py` (next to this file) runs torchtitan's model under PyTorch's own
