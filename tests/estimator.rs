@@ -617,34 +617,36 @@ fn context_parallel_plans_match_torch_2_11_measured_on_cpu() {
 /// f-wide tensors per row; 8 padding rows per local expert; the router's and reorder's int64
 /// and fp32 tensors; a w2-sized MoE backward, and under checkpointing the recompute's peak at
 /// the combine) it was +6.5% to +18.8% at EP 1. Now the six EP 1 plans are within 0.03%.
-/// EP 2 is not yet held: +4% to +10%, from torchtitan's FSDP layout under EP (the experts a
-/// unit of their own on the efsdp mesh, the embedding and [norm, output] units, explicit
-/// prefetch) and the combine's transients in forward (docs/research/parallelism-torch-2.11.md).
+/// EP 2 (both data-parallel ranks taken by EP, so the experts' FSDP mesh has one rank) was
+/// +4% to +8%; with torchtitan 0.2.2's units (`fsdp_units: split`) and the experts' one-rank
+/// unit (no all-gather when prefetched, no reduce-scatter input) it is -2.6% to +0.3% against
+/// the most loaded rank, at a balanced router's rows. Not modelled, itemised in
+/// docs/research/ep2-itemised.md: the combine's transients in forward, where the no-AC plans
+/// peak (the estimate's figure is its backward's), and each layer's own routed rows.
 #[test]
 fn expert_parallel_moe_plans_match_torchtitan_0_2_2_measured_on_cpu() {
     let mut n = 0;
     for (line, c, measured) in measured_cases("ep_torch_2.11.jsonl") {
         let ep = c["ep"].as_u64().unwrap();
-        if ep != 1 {
-            continue;
-        }
         let plan = plan(&format!(
-            r#"{{"model":"tiny-moe","gpu":"cpu","num_gpus":1,
+            r#"{{"model":"tiny-moe","gpu":"cpu","num_gpus":{ep},
+                "parallel":{{"dp_shard":{ep},"ep":{ep}}},
                 "batch":{{"micro_batch_size":{},"seq_len":{}}},
                 "precision":{{"param":"fp32","master":"fp32","reduce":"fp32"}},
-                "implementation":{{"logits":"float-output"}},
+                "implementation":{{"logits":"float-output","fsdp_units":"{}"}},
                 "activation_checkpointing":{}}}"#,
-            c["batch"], c["seq"], c["ac"]
+            c["batch"],
+            c["seq"],
+            if ep == 1 { "root-keep-last" } else { "split" },
+            c["ac"]
         ));
-        let measured = measured[0] as f64;
+        let measured = *measured.iter().max().unwrap() as f64;
         let pred = estimate(&plan).unwrap().per_gpu.peak_allocated_bytes.get() as f64;
-        assert!(
-            within(pred, measured, 0.0005),
-            "{line}: {pred} vs {measured}"
-        );
+        let tol = if ep == 1 { 0.0005 } else { 0.03 };
+        assert!(within(pred, measured, tol), "{line}: {pred} vs {measured}");
         n += 1;
     }
-    assert_eq!(n, 6);
+    assert_eq!(n, 12);
 }
 
 /// QLoRA as Transformers 5.24, peft 0.21.2 and bitsandbytes 0.50.2 run it on CPU (the base's

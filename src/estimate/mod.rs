@@ -718,6 +718,10 @@ pub(crate) struct Quantities {
     /// [norm, output] unit's sharded gradients through the blocks' backward, and its
     /// reduce-scatter input through the last block's.
     pub prefetch_first: u128,
+    /// Under expert parallelism with an expert-FSDP mesh of one rank: the routed experts of a
+    /// prefetched block, which are not gathered in advance (FSDP2's world-size-1 unshard
+    /// makes their copy only when the block runs).
+    pub prefetch_less: u128,
     pub tail_grads: u128,
     pub tail_rs: u128,
     /// Without FSDP, on the first stage: the embedding's gradient and the gradient flowing into
@@ -1023,6 +1027,15 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     let k = plan.optimizer.states_per_param() as u128;
     let root_trainable = if lora { 0 } else { p.root_shard };
     let states = optimizer::states(plan, p, (k * trainable * m, k * root_trainable * m));
+    // torchtitan 0.2.2 (`models/llama4/infra/parallelize.py`, `apply_fsdp`) makes each block's
+    // experts a unit of their own on the expert-FSDP mesh; with one rank there (EP taking every
+    // data-parallel rank) FSDP2 neither all-gathers nor reduce-scatters them, and prefetching
+    // them allocates nothing (measured with its EP on CPU: docs/research/ep2-itemised.md).
+    let experts_solo = if copies && par.ep > 1 && big.experts_world == 1 {
+        big.experts_unsharded
+    } else {
+        0
+    };
     let units = plan.implementation.fsdp_units;
     let reshard = plan.reshard_after_forward;
     let own_units = copies && !pipelined && reshard;
@@ -1157,6 +1170,7 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         },
         retained_u: if split { tail_u } else { block_u },
         prefetch_first: if split && reshard { emb_u * e } else { 0 },
+        prefetch_less: experts_solo * e,
         // (Accumulating into earlier micro-batches' shards, they exist already: `grads_prior`.)
         tail_grads: if split && on_gpu_params && grads_prior == 0 {
             (p.root_shard - emb_shard) * m
@@ -1191,8 +1205,10 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         // FSDP2 copies a unit's unsharded gradients into a reduce-dtype reduce-scatter input
         // and keeps it until the next unit's reduce-scatter: one unit's worth beyond the
         // block's own.
+        // Experts on a one-rank mesh reduce nothing: their gradient is kept as it is
+        // (torch 2.11 `foreach_reduce`, world size 1), with no reduce-scatter input beside it.
         rs: if copies && !fsdp_pp {
-            big.unsharded * r
+            (big.unsharded - experts_solo) * r
         } else {
             0
         },
@@ -1322,9 +1338,13 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                     } else {
                         l - j
                     };
+                    let prefetched = if plan.reshard_after_forward && gathered == 2 {
+                        q.prefetch_less
+                    } else {
+                        0
+                    };
                     let fixed = [
-                        q.root_u_blocks
-                            + gathered * block_u
+                        q.root_u_blocks + gathered * block_u - prefetched
                             + if j + 1 == l { q.prefetch_first } else { 0 },
                         grads_prior.max(j * shard_bytes) + q.tail_grads,
                         out_grad + if j >= 1 { rs } else { q.tail_rs },

@@ -27,6 +27,10 @@ pub struct BlockParams {
     /// "round up to the nearest power of two"), and FSDP2's CPU offload pins each parameter's
     /// shard on its own. Computed only under offload.
     pub pinned_extra: u128,
+    /// Of `unsharded`, the routed experts this rank holds, and the size of the FSDP mesh
+    /// that shards them (torchtitan's `dp_shard_mod_ep`, efsdp; 0 without experts).
+    pub experts_unsharded: u128,
+    pub experts_world: u64,
 }
 
 impl BlockParams {
@@ -287,7 +291,10 @@ pub fn stage_params(plan: &Plan, stage: u64) -> StageParams {
                     cols: e.cols / cols_div,
                 })
                 .collect();
-            b.add(shard_sizes(local.iter().copied(), fsdp_e.max(1)), false);
+            let (shard, unsharded, largest) = shard_sizes(local.iter().copied(), fsdp_e.max(1));
+            b.add((shard, unsharded, largest), false);
+            b.experts_unsharded = unsharded;
+            b.experts_world = fsdp_e.max(1);
             if offload {
                 b.pinned_extra += pinned_extra(local.iter().copied(), fsdp_e.max(1), mb);
             }

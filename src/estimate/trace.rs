@@ -766,19 +766,30 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                 0,
             )?;
             let mut prefetched = None;
+            let mut partial = vec![false; l as usize];
             // The blocks, from the last.
             let mut best = (0usize, 0u128, false);
             for j in 0..lw {
                 let i = l - 1 - j;
-                // Prefetch the next block to run (the one before).
+                // Prefetch the next block to run (the one before); experts on a one-rank mesh
+                // are copied only when their block runs (`Quantities::prefetch_less`).
                 if i > 0 && params[i as usize - 1].is_empty() {
                     params[i as usize - 1] = w.alloc_split(
-                        q.block_u,
-                        unsharded_sizes,
+                        q.block_u - q.prefetch_less,
+                        unsharded_sizes.filter(|_| q.prefetch_less == 0),
                         Category::UnshardedParams,
                         layer(i - 1, Part::Whole),
                         0,
                     )?;
+                    partial[i as usize - 1] = q.prefetch_less > 0;
+                }
+                if std::mem::take(&mut partial[i as usize]) {
+                    params[i as usize].push(w.alloc(
+                        q.prefetch_less,
+                        Category::UnshardedParams,
+                        layer(i, Part::Whole),
+                        0,
+                    )?);
                 }
                 if params[i as usize].is_empty() {
                     params[i as usize] = w.alloc_split(
@@ -1026,6 +1037,8 @@ mod tests {
         r#"{"model":"small","gpu":"cpu","num_gpus":2,"preset":"hf-transformers","reshard_after_forward":false,"precision":{"param":"bf16","master":"fp32","reduce":"bf16"},"batch":{"micro_batch_size":2,"seq_len":64},"activation_checkpointing":"full"}"#,
         r#"{"model":"tiny","gpu":"cpu","num_gpus":1,"preset":"plain-pytorch","precision":{"param":"fp32","master":"fp32","reduce":"fp32"},"batch":{"micro_batch_size":2,"seq_len":64,"grad_accum_steps":2},"activation_checkpointing":"full"}"#,
         r#"{"model":"llama3-8b","gpu":"h100-80g","num_gpus":8,"preset":"plain-pytorch","batch":{"micro_batch_size":1,"seq_len":4096}}"#,
+        r#"{"model":"tiny-moe","gpu":"cpu","num_gpus":2,"parallel":{"dp_shard":2,"ep":2},"implementation":{"fsdp_units":"split"},"precision":{"param":"fp32","master":"fp32","reduce":"fp32"},"batch":{"micro_batch_size":2,"seq_len":64}}"#,
+        r#"{"model":"tiny-moe","gpu":"cpu","num_gpus":2,"parallel":{"dp_shard":2,"ep":2},"precision":{"param":"fp32","master":"fp32","reduce":"fp32"},"batch":{"micro_batch_size":2,"seq_len":64},"activation_checkpointing":"full"}"#,
     ];
 
     #[test]
