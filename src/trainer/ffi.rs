@@ -28,6 +28,36 @@ pub type Callback = unsafe extern "C" fn(
     grad_out: *mut *mut C_tensor,
 ) -> c_int;
 
+/// The body every [`Callback`] shares: takes the incoming gradient, runs `f` on it with panics
+/// caught (a panic must not unwind into C++), and on success writes the gradient `f` returns,
+/// if any, to `grad_out` and returns 0; on an error (or a panic, reported as one naming `what`)
+/// hands the error to `keep` and returns 1, which the shim turns into a torch error.
+///
+/// # Safety
+/// `grad_in` and `grad_out` as the shim passes them to a [`Callback`].
+pub unsafe fn run_callback(
+    grad_in: *mut C_tensor,
+    grad_out: *mut *mut C_tensor,
+    what: &str,
+    f: impl FnOnce(Tensor) -> Result<Option<Tensor>, tch::TchError>,
+    keep: impl FnOnce(tch::TchError),
+) -> c_int {
+    let grad = Tensor::from_ptr(grad_in);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(grad)));
+    let err = match r {
+        Ok(Ok(Some(mut t))) => {
+            *grad_out = t.as_mut_ptr();
+            std::mem::forget(t);
+            return 0;
+        }
+        Ok(Ok(None)) => return 0,
+        Ok(Err(e)) => e,
+        Err(_) => tch::TchError::Torch(format!("panic in {what}")),
+    };
+    keep(err);
+    1
+}
+
 extern "C" {
     fn mp_free_error(e: *mut c_char);
     fn mp_install_counting_allocator(err: *mut *mut c_char) -> c_int;

@@ -42,7 +42,6 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::{c_int, c_void};
-use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
@@ -233,28 +232,23 @@ unsafe extern "C" fn hook(
 ) -> c_int {
     // SAFETY: `user` is the Hooks box that outlives every graph of the run (see `Stage`).
     let hooks = &*(user as *const Hooks);
-    let grad = Tensor::from_ptr(grad_in);
-    let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        let mut st = hooks
-            .0
-            .try_borrow_mut()
-            .map_err(|_| tch::TchError::Torch("stage state busy in a hook".into()))?;
-        st.recompute(tag, grad)
-    }));
-    let err = match r {
-        Ok(Ok(Some(mut t))) => {
-            *grad_out = t.as_mut_ptr();
-            std::mem::forget(t);
-            return 0;
-        }
-        Ok(Ok(None)) => return 0,
-        Ok(Err(e)) => e,
-        Err(_) => tch::TchError::Torch("panic in a checkpoint hook".into()),
-    };
-    if let Ok(mut st) = hooks.0.try_borrow_mut() {
-        st.error.get_or_insert(err);
-    }
-    1
+    ffi::run_callback(
+        grad_in,
+        grad_out,
+        "a checkpoint hook",
+        |grad| {
+            let mut st = hooks
+                .0
+                .try_borrow_mut()
+                .map_err(|_| tch::TchError::Torch("stage state busy in a hook".into()))?;
+            st.recompute(tag, grad)
+        },
+        |err| {
+            if let Ok(mut st) = hooks.0.try_borrow_mut() {
+                st.error.get_or_insert(err);
+            }
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------------------------

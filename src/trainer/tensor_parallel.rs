@@ -66,7 +66,6 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::{c_int, c_void};
-use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
@@ -470,28 +469,23 @@ unsafe extern "C" fn hook(
 ) -> c_int {
     // SAFETY: `user` is the Hooks box that outlives every graph of the run.
     let hooks = &*(user as *const Hooks);
-    let grad = Tensor::from_ptr(grad_in);
-    let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        let mut st = hooks
-            .0
-            .try_borrow_mut()
-            .map_err(|_| tch::TchError::Torch("TP state busy in a hook".into()))?;
-        st.backward(tag, grad)
-    }));
-    let err = match r {
-        Ok(Ok(Some(mut t))) => {
-            *grad_out = t.as_mut_ptr();
-            std::mem::forget(t);
-            return 0;
-        }
-        Ok(Ok(None)) => return 0,
-        Ok(Err(e)) => e,
-        Err(_) => tch::TchError::Torch("panic in a TP hook".into()),
-    };
-    if let Ok(mut st) = hooks.0.try_borrow_mut() {
-        st.error.get_or_insert(err);
-    }
-    1
+    ffi::run_callback(
+        grad_in,
+        grad_out,
+        "a TP hook",
+        |grad| {
+            let mut st = hooks
+                .0
+                .try_borrow_mut()
+                .map_err(|_| tch::TchError::Torch("TP state busy in a hook".into()))?;
+            st.backward(tag, grad)
+        },
+        |err| {
+            if let Ok(mut st) = hooks.0.try_borrow_mut() {
+                st.error.get_or_insert(err);
+            }
+        },
+    )
 }
 
 /// The block's collectives for one block (`index` tells its sites apart).
@@ -611,23 +605,18 @@ unsafe extern "C" fn ckpt_hook(
 ) -> c_int {
     // SAFETY: `user` is the Ckpt box that outlives every graph of the run.
     let ck = &*(user as *const Ckpt);
-    let grad = Tensor::from_ptr(grad_in);
-    let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        let seq = grad.size()[1] * (*ck.tp).0.borrow().seq_factor();
-        ck.recompute(tag, grad, seq)
-    }));
-    let err = match r {
-        Ok(Ok(Some(mut t))) => {
-            *grad_out = t.as_mut_ptr();
-            std::mem::forget(t);
-            return 0;
-        }
-        Ok(Ok(None)) => return 0,
-        Ok(Err(e)) => e,
-        Err(_) => tch::TchError::Torch("panic in a checkpoint hook".into()),
-    };
-    ck.error.borrow_mut().get_or_insert(err);
-    1
+    ffi::run_callback(
+        grad_in,
+        grad_out,
+        "a checkpoint hook",
+        |grad| {
+            let seq = grad.size()[1] * (*ck.tp).0.borrow().seq_factor();
+            ck.recompute(tag, grad, seq)
+        },
+        |err| {
+            ck.error.borrow_mut().get_or_insert(err);
+        },
+    )
 }
 
 /// `tensor.clone()`: a new buffer of the same bytes (contiguous unless dense and strided).
