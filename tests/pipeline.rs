@@ -7,20 +7,13 @@
 //!
 //! Run with `source scripts/libtorch-env.sh && cargo test --features trainer --test pipeline`.
 
-use std::process::Command;
+mod common;
 
+use common::{layers, losses};
 use serde_json::Value;
 
 fn records() -> Vec<Value> {
-    let path = format!(
-        "{}/tests/data/pipelining_torch_2.11.jsonl",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    common::records("pipelining_torch_2.11.jsonl")
 }
 
 /// The plan of a record (fp32, `.float()` logits as the reference's model returns them), with
@@ -45,45 +38,7 @@ fn plan_json(c: &Value, pp: u64, micro_batches: u64) -> String {
 
 /// Runs `plan` (as `pp` processes when pp > 1) for `steps` steps; the reports, in stage order.
 fn train(plan: &str, pp: u64, steps: u64) -> Vec<Value> {
-    let dir = std::env::temp_dir().join(format!(
-        "memplan-pipeline-test-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("plan.json");
-    std::fs::write(&path, plan).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_memplan"));
-    cmd.args(["train", "--quiet", "--format", "json", "--plan"])
-        .arg(&path)
-        .args(["--steps", &steps.to_string()])
-        .env("OMP_NUM_THREADS", "1");
-    if pp > 1 {
-        cmd.args(["--nproc-per-node", &pp.to_string()]);
-    }
-    let out = cmd.output().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    assert!(
-        out.status.success(),
-        "{plan}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mut reports: Vec<Value> = if pp > 1 {
-        doc["ranks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["report"].clone())
-            .collect()
-    } else {
-        vec![doc["runs"][0]["report"].clone()]
-    };
-    reports.sort_by_key(|r| r["pp_stage"].as_u64().unwrap_or(0));
-    reports
+    common::train(plan, pp, steps, "pp_stage")
 }
 
 /// Parameter tensors a stage of a bias-free Llama holds: 9 per block (two norms, seven
@@ -102,15 +57,6 @@ fn param_tensors(layers: u64, pp: u64, stage: u64) -> u64 {
 /// between steps makes; the trainer's barriers go to the Gloo backend directly.
 fn torch_only_bytes(layers: u64, pp: u64, stage: u64) -> u64 {
     4 * param_tensors(layers, pp, stage) + 1
-}
-
-fn layers(model: &str) -> u64 {
-    let path = format!(
-        "{}/profiles/models/{model}.json",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let m: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    m["num_hidden_layers"].as_u64().unwrap()
 }
 
 /// Every stage of a record measures torch's steady peak to the byte, less the bytes above.
@@ -162,15 +108,6 @@ fn gpipe_under_full_checkpointing_holds_what_torch_holds() {
 #[test]
 fn four_stages_hold_what_torch_holds_middle_stages_included() {
     stages_match_torch(12); // small, pp 4, 1F1B, 4 micro-batches of 1 x 64
-}
-
-fn losses(r: &Value) -> Vec<f64> {
-    r["losses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect()
 }
 
 fn grad_norm(r: &Value, step: usize) -> f64 {

@@ -7,20 +7,13 @@
 //!
 //! Run with `source scripts/libtorch-env.sh && cargo test --features trainer --test tensor_parallel`.
 
-use std::process::Command;
+mod common;
 
+use common::{layers, losses, run};
 use serde_json::Value;
 
 fn records() -> Vec<Value> {
-    let path = format!(
-        "{}/tests/data/tp_torch_2.11.jsonl",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    common::records("tp_torch_2.11.jsonl")
 }
 
 /// The plan of a record (fp32, `.float()` logits as the reference's model returns them), on
@@ -45,61 +38,9 @@ fn plan_json(c: &Value, tp: u64) -> String {
     )
 }
 
-fn run(plan: &str, tp: u64, steps: u64) -> std::process::Output {
-    let dir = std::env::temp_dir().join(format!(
-        "memplan-tp-test-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("plan.json");
-    std::fs::write(&path, plan).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_memplan"));
-    cmd.args(["train", "--quiet", "--format", "json", "--plan"])
-        .arg(&path)
-        .args(["--steps", &steps.to_string()])
-        .env("OMP_NUM_THREADS", "1");
-    if tp > 1 {
-        cmd.args(["--nproc-per-node", &tp.to_string()]);
-    }
-    let out = cmd.output().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    out
-}
-
 /// Runs `plan` (as `tp` processes when tp > 1) for `steps` steps; the reports, in rank order.
 fn train(plan: &str, tp: u64, steps: u64) -> Vec<Value> {
-    let out = run(plan, tp, steps);
-    assert!(
-        out.status.success(),
-        "{plan}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mut reports: Vec<Value> = if tp > 1 {
-        doc["ranks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["report"].clone())
-            .collect()
-    } else {
-        vec![doc["runs"][0]["report"].clone()]
-    };
-    reports.sort_by_key(|r| r["rank"].as_u64().unwrap_or(0));
-    reports
-}
-
-fn layers(model: &str) -> u64 {
-    let path = format!(
-        "{}/profiles/models/{model}.json",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let m: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    m["num_hidden_layers"].as_u64().unwrap()
+    common::train(plan, tp, steps, "rank")
 }
 
 /// Parameter tensors every rank holds a piece of: 9 per block (two norms, seven projections),
@@ -173,13 +114,7 @@ fn the_small_model_holds_what_dtensor_holds_in_every_layout() {
 /// every phase of a steady step.
 #[test]
 fn every_phase_of_every_rank_holds_what_dtensor_holds() {
-    let path = format!(
-        "{}/tests/data/tp_phases_torch_2.11.jsonl",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let text = std::fs::read_to_string(path).unwrap();
-    for line in text.lines() {
-        let c: Value = serde_json::from_str(line).unwrap();
+    for c in common::records("tp_phases_torch_2.11.jsonl") {
         let tp = c["tp"].as_u64().unwrap();
         let reports = train(&plan_json(&c, tp), tp, c["steps"].as_u64().unwrap());
         let extra = torch_only_bytes(layers(c["model"].as_str().unwrap()));
@@ -198,15 +133,6 @@ fn every_phase_of_every_rank_holds_what_dtensor_holds() {
             assert_eq!(ours, torch, "{c}: rank {rank}");
         }
     }
-}
-
-fn losses(r: &Value) -> Vec<f64> {
-    r["losses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect()
 }
 
 /// On the same data, every layout learns as one process does: every rank reports the job's
