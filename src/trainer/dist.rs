@@ -504,15 +504,24 @@ impl Mesh {
         } else {
             ""
         };
-        let world = ProcessGroup::new(
-            &store,
-            "world/",
-            env.rank as i64,
-            env.world as i64,
-            timeout,
-            Backend::Gloo,
-            iface,
-        )?;
+        let group = |name: &str, rank: u64, size: u64, backend: Backend| {
+            ProcessGroup::new(
+                &store,
+                name,
+                rank as i64,
+                size as i64,
+                timeout,
+                backend,
+                iface,
+            )
+        };
+        // A group of more than one rank, else none.
+        let beyond_one = |name: String, rank: u64, size: u64, backend: Backend| {
+            (size > 1)
+                .then(|| group(&name, rank, size, backend))
+                .transpose()
+        };
+        let world = group("world/", env.rank, env.world, Backend::Gloo)?;
         let backend = cuda.map_or(Backend::Gloo, Backend::Nccl);
         let dp = dp_replicate * dp_shard;
         // TP innermost: rank = (stage x dp + dp_rank) x tp + tp_rank.
@@ -525,54 +534,20 @@ impl Mesh {
             (false, true) => format!("tp{tp_rank}."),
             _ => String::new(),
         };
-        let shard = ProcessGroup::new(
-            &store,
+        let shard = group(
             &format!("{at}shard{replica}/"),
-            shard_rank as i64,
-            dp_shard as i64,
-            timeout,
+            shard_rank,
+            dp_shard,
             backend,
-            iface,
         )?;
-        let replicate = if dp_replicate > 1 {
-            Some(ProcessGroup::new(
-                &store,
-                &format!("{at}replicate{shard_rank}/"),
-                replica as i64,
-                dp_replicate as i64,
-                timeout,
-                backend,
-                iface,
-            )?)
-        } else {
-            None
-        };
-        let pp = if pp > 1 {
-            Some(ProcessGroup::new(
-                &store,
-                &format!("pp{dp_rank}/"),
-                stage as i64,
-                pp as i64,
-                timeout,
-                Backend::Gloo,
-                iface,
-            )?)
-        } else {
-            None
-        };
-        let tp = if tp > 1 {
-            Some(ProcessGroup::new(
-                &store,
-                &format!("tp.outer{outer}/"),
-                tp_rank as i64,
-                tp as i64,
-                timeout,
-                Backend::Gloo,
-                iface,
-            )?)
-        } else {
-            None
-        };
+        let replicate = beyond_one(
+            format!("{at}replicate{shard_rank}/"),
+            replica,
+            dp_replicate,
+            backend,
+        )?;
+        let pp = beyond_one(format!("pp{dp_rank}/"), stage, pp, Backend::Gloo)?;
+        let tp = beyond_one(format!("tp.outer{outer}/"), tp_rank, tp, Backend::Gloo)?;
         Ok(Mesh {
             env,
             _store: store,
