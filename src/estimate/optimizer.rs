@@ -30,37 +30,68 @@
 //! depends on the thread count) is set aside. The AdamW group steps after it, fused.
 
 use super::params::{lora_module_dims, StageParams};
-use crate::plan::{OptimizerImpl, Plan};
-use crate::profiles::ParamShape;
+use crate::plan::{Optimizer, OptimizerImpl, Plan};
 
 /// bitsandbytes' `min_8bit_size`: smaller tensors keep 32-bit states.
 const MIN_8BIT: u128 = 4096;
 /// bitsandbytes' blockwise quantisation block.
 const BLOCK: u128 = 256;
 
-/// The stage's trainable tensors: (rows, cols) of each, and whether it is the embedding.
-fn trainable_tensors(plan: &Plan, p: &StageParams) -> Vec<(u128, u128, bool)> {
+/// One trainable tensor of the stage: its shape, and whether it is the embedding or belongs to
+/// the root (embedding, final norm, output) rather than a block.
+#[derive(Clone, Copy)]
+struct Trainable {
+    rows: u128,
+    cols: u128,
+    embedding: bool,
+    root: bool,
+}
+
+impl Trainable {
+    fn numel(self) -> u128 {
+        self.rows * self.cols
+    }
+    /// Whether torch's Muon steps it (a matrix; the root's only with `muon-all-2d`).
+    fn muon(self, optimizer: Optimizer) -> bool {
+        self.cols > 1 && (!self.root || optimizer == Optimizer::MuonAll2d)
+    }
+    /// Whether bitsandbytes keeps its states in 8 bits.
+    fn eight_bit(self) -> bool {
+        self.numel() >= MIN_8BIT && !self.embedding
+    }
+}
+
+/// The stage's trainable tensors: the LoRA adapters, or every parameter.
+fn trainable_tensors(plan: &Plan, p: &StageParams) -> Vec<Trainable> {
     let m = &plan.model;
     let layers = p.layers() as usize;
+    let block = |rows, cols| Trainable {
+        rows,
+        cols,
+        embedding: false,
+        root: false,
+    };
     let mut out = Vec::new();
     if let Some(l) = plan.lora {
         let r = l.rank as u128;
         for _ in 0..layers {
             for (i, &(fan_in, fan_out)) in lora_module_dims(plan).iter().enumerate() {
                 if l.wraps(i) {
-                    out.push((r, fan_in, false));
-                    out.push((fan_out, r, false));
+                    out.push(block(r, fan_in));
+                    out.push(block(fan_out, r));
                 }
             }
         }
         return out;
     }
-    let shape = |s: ParamShape| (s.rows as u128, s.cols as u128);
-    let block: Vec<(u128, u128)> = m.block_params().iter().copied().map(shape).collect();
     for _ in 0..layers {
-        out.extend(block.iter().map(|&(r, c)| (r, c, false)));
+        out.extend(
+            m.block_params()
+                .iter()
+                .map(|s| block(s.rows as u128, s.cols as u128)),
+        );
     }
-    for (i, s) in m.root_params().iter().copied().enumerate() {
+    for (i, s) in m.root_params().iter().enumerate() {
         let embedding = i == 0;
         let keep = if embedding {
             p.first || (p.last && m.tied_embeddings)
@@ -68,8 +99,12 @@ fn trainable_tensors(plan: &Plan, p: &StageParams) -> Vec<(u128, u128, bool)> {
             p.last
         };
         if keep {
-            let (r, c) = shape(s);
-            out.push((r, c, embedding));
+            out.push(Trainable {
+                rows: s.rows as u128,
+                cols: s.cols as u128,
+                embedding,
+                root: true,
+            });
         }
     }
     out
@@ -79,55 +114,28 @@ fn trainable_tensors(plan: &Plan, p: &StageParams) -> Vec<(u128, u128, bool)> {
 /// final norm, output); `per_tensor` is what an optimizer with one state tensor per parameter
 /// holds, in the master dtype.
 pub fn states(plan: &Plan, p: &StageParams, per_tensor: (u128, u128)) -> (u128, u128) {
-    use crate::plan::Optimizer;
+    let optimizer = plan.optimizer;
+    if !optimizer.factored() {
+        return per_tensor;
+    }
     let m = plan.precision.master.bytes() as u128;
-    let each: fn(u128, u128, bool, u128) -> u128 = match plan.optimizer {
-        Optimizer::AdamW8bit => |r, c, embedding, _| {
-            let k = r * c;
-            if k >= MIN_8BIT && !embedding {
-                2 * k + 2 * 4 * k.div_ceil(BLOCK)
-            } else {
-                2 * 4 * k
-            }
-        },
-        Optimizer::Adafactor => |r, c, _, m| if c > 1 { m * (r + c) } else { m * r },
-        Optimizer::Muon | Optimizer::MuonAll2d => {
-            let muon_root = plan.optimizer == Optimizer::MuonAll2d;
-            let tensors = trainable_tensors(plan, p);
-            let blocks = p.layers() as usize * tensors_per_block(plan);
-            let (mut total, mut root) = (0, 0);
-            for (k, &(r, c, _)) in tensors.iter().enumerate() {
-                let is_root = k >= blocks;
-                let b = if c > 1 && (!is_root || muon_root) {
-                    m * r * c
-                } else {
-                    2 * m * r * c
-                };
-                total += b;
-                if is_root {
-                    root += b;
-                }
-            }
-            return (total, root);
+    let each = |t: Trainable| -> u128 {
+        let k = t.numel();
+        match optimizer {
+            Optimizer::AdamW8bit if t.eight_bit() => 2 * k + 2 * 4 * k.div_ceil(BLOCK),
+            Optimizer::AdamW8bit => 2 * 4 * k,
+            Optimizer::Adafactor if t.cols > 1 => m * (t.rows + t.cols),
+            Optimizer::Adafactor => m * t.rows,
+            // A momentum buffer for a Muon matrix, AdamW's two for the rest.
+            _ if t.muon(optimizer) => m * k,
+            _ => 2 * m * k,
         }
-        _ => return per_tensor,
     };
     let tensors = trainable_tensors(plan, p);
-    let blocks = p.layers() as usize * tensors_per_block(plan);
-    let mut total = 0;
-    let mut root = 0;
-    for (k, &(r, c, embedding)) in tensors.iter().enumerate() {
-        let b = each(r, c, embedding, m);
-        total += b;
-        if k >= blocks {
-            root += b;
-        }
-    }
+    let total: u128 = tensors.iter().map(|&t| each(t)).sum();
+    let root: u128 = tensors.iter().filter(|t| t.root).map(|&t| each(t)).sum();
     // The two 256-entry quantisation maps, made with the first 8-bit state.
-    let any_8bit = tensors
-        .iter()
-        .any(|&(r, c, embedding)| r * c >= MIN_8BIT && !embedding);
-    let qmaps = if plan.optimizer == Optimizer::AdamW8bit && any_8bit {
+    let qmaps = if optimizer == Optimizer::AdamW8bit && tensors.iter().any(|t| t.eight_bit()) {
         2 * 256 * 4
     } else {
         0
@@ -135,26 +143,17 @@ pub fn states(plan: &Plan, p: &StageParams, per_tensor: (u128, u128)) -> (u128, 
     (total + qmaps, root + qmaps)
 }
 
-fn tensors_per_block(plan: &Plan) -> usize {
-    match plan.lora {
-        Some(l) => 2 * (0..7).filter(|&i| l.wraps(i)).count(),
-        None => plan.model.block_params().iter().count(),
-    }
-}
-
 /// Step temporaries of Adafactor and Muon (see the module doc); None for other optimizers.
 pub fn temporaries(plan: &Plan, p: &StageParams) -> Option<u128> {
-    use crate::plan::Optimizer;
+    let optimizer = plan.optimizer;
     let m = plan.precision.master.bytes() as u128;
-    if matches!(plan.optimizer, Optimizer::Muon | Optimizer::MuonAll2d) {
-        let muon_root = plan.optimizer == Optimizer::MuonAll2d;
-        let blocks = p.layers() as usize * tensors_per_block(plan);
+    if matches!(optimizer, Optimizer::Muon | Optimizer::MuonAll2d) {
         let mut muon = 0u128;
         let mut adamw = Vec::new();
-        for (k, (r, c, _)) in trainable_tensors(plan, p).into_iter().enumerate() {
-            let n = r * c;
-            if c > 1 && (k < blocks || muon_root) {
-                let small = r.min(c);
+        for t in trainable_tensors(plan, p) {
+            let n = t.numel();
+            if t.muon(optimizer) {
+                let small = t.rows.min(t.cols);
                 let w =
                     (m * n + 4 * n + 4 * small * small).max(m * n + 2 * n + 6 * small * small + 4);
                 muon = muon.max(w);
@@ -170,13 +169,13 @@ pub fn temporaries(plan: &Plan, p: &StageParams) -> Option<u128> {
         };
         return Some(muon.max(adamw));
     }
-    if plan.optimizer != Optimizer::Adafactor {
+    if optimizer != Optimizer::Adafactor {
         return None;
     }
     let matrices = trainable_tensors(plan, p)
         .into_iter()
-        .filter(|&(_, c, _)| c > 1)
-        .map(|(r, c, _)| r * c);
+        .filter(|t| t.cols > 1)
+        .map(Trainable::numel);
     Some(match plan.implementation.optimizer {
         OptimizerImpl::PerParam => m * matrices.max().unwrap_or(0),
         // torch's Adafactor has no fused kernel; its GPU default is foreach.
