@@ -1101,7 +1101,7 @@ impl Reader<'_> {
                 )),
             }
         };
-        let mut policy: Option<(&str, Option<bool>)> = None;
+        let mut policy: Option<(&str, &str, Option<bool>)> = None;
         for (key, v) in [
             (
                 "parallelism.fsdp_reshard_after_forward",
@@ -1115,8 +1115,8 @@ impl Reader<'_> {
             let Some(s) = v else { continue };
             let r = reshard(key, s)?;
             match policy {
-                None => policy = Some((key, r)),
-                Some((winner, w)) if w != r => {
+                None => policy = Some((key, s, r)),
+                Some((winner, _, w)) if w != r => {
                     self.warn(key, format!("{key} = {s:?} is overridden by {winner}"))
                 }
                 Some(_) => {}
@@ -1124,20 +1124,13 @@ impl Reader<'_> {
         }
         plan.reshard_after_forward = match policy {
             None => pp_on.then_some(false),
-            Some((key, r)) => {
+            Some((key, _, r)) => {
                 self.set("reshard_after_forward", key);
                 r
             }
         };
         // "always" reshards [norm, output] too, a unit of its own from 2025 on.
-        let always = [
-            &cfg.parallelism.fsdp_reshard_after_forward,
-            &t.fsdp_reshard_after_forward,
-        ]
-        .into_iter()
-        .flatten()
-        .next()
-        .is_some_and(|s| s.trim().eq_ignore_ascii_case("always"));
+        let always = policy.is_some_and(|(_, s, _)| s.trim().eq_ignore_ascii_case("always"));
 
         // Precision and offload.
         plan.precision.param = dtype("training.mixed_precision_param", &t.mixed_precision_param)?;
