@@ -2,6 +2,9 @@
 //! counts for small plans, the seed case, and published torchtitan measurements
 //! (tests/data/published_cases.json, copied with its sources from the shared reference).
 
+mod common;
+
+use common::records;
 use memplan::estimate::{estimate, Estimate, Phase};
 use memplan::plan::{Plan, PlanFile};
 use memplan::profiles;
@@ -344,16 +347,6 @@ fn every_pipeline_stage_matches_torch_2_11_pipelining_measured_on_cpu() {
         assert_eq!(most, highest, "{line}");
     }
     assert_eq!(stages, 50);
-}
-
-/// The records of a file of measurements in tests/data (JSON lines, one case each), parsed.
-fn records(file: &str) -> Vec<serde_json::Value> {
-    let path = format!("{}/tests/data/{file}", env!("CARGO_MANIFEST_DIR"));
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect()
 }
 
 /// The `"lora"` member of a plan for a record of src/trainer/hf_reference.py (its "qkvo"

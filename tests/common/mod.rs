@@ -1,6 +1,6 @@
-//! Helpers shared by the multi-process trainer tests (tests/pipeline.rs,
-//! tests/tensor_parallel.rs): records of torch's own measurements, and `memplan train` jobs run
-//! through the binary.
+//! Helpers shared by the tests against recorded measurements (tests/estimator.rs) and by the
+//! multi-process trainer tests (tests/pipeline.rs, tests/tensor_parallel.rs): records of
+//! torch's own measurements, and `memplan train` jobs run through the binary.
 #![allow(dead_code)]
 
 use std::process::{Command, Output};
