@@ -327,8 +327,8 @@ pub struct PlanArgs {
     /// on), cos-sin (Hugging Face's per-forward cos and sin).
     #[arg(long)]
     pub rotary: Option<String>,
-    /// FSDP units and what stays gathered after forward: root-keep-last, root, split,
-    /// split-always.
+    /// FSDP units and what stays gathered after forward: root-keep-last,
+    /// root-resharded-keep-last, root, split, split-always.
     #[arg(long)]
     pub fsdp_units: Option<String>,
     /// The framework whose implementation choices are the defaults: torchtitan-2024.12,

@@ -421,6 +421,13 @@ choice!(
         /// torchtitan of December 2024: one unit per block and the root holding the embedding,
         /// final norm and output; the root and the last block stay unsharded after forward.
         RootKeepLast = "root-keep-last",
+        /// The same units on torch 2.11, which honours torchtitan's explicit
+        /// `reshard_after_forward=True` on the root: only FSDP2's automatic setting keeps the
+        /// root gathered after forward (torch 2.11 `_fsdp_state.py:193`, `_lazy_init`), so the
+        /// root is resharded by its post-forward and gathered again by the output's
+        /// pre-backward hook, after the loss's backward (`_fsdp_state.py` `_pre_backward`).
+        /// Measured with torch's DTensor TP x FSDP on CPU (docs/research/parallelism-torch-2.11.md).
+        RootReshardedKeepLast = "root-resharded-keep-last",
         /// `fully_shard` per block and on the model with its defaults (plain PyTorch,
         /// accelerate): every block resharded after forward, the root (embedding, final norm,
         /// output) not.

@@ -403,10 +403,11 @@ fn pipeline_plan(c: &serde_json::Value, precision: &str) -> Plan {
 /// torch 2.11's own tensor parallelism (DTensor `parallelize_module` as torchtitan's
 /// `apply_tp`, run by hand: src/trainer/tp_reference.py, TP 2 on CPU/Gloo, counted by the
 /// shim's allocator; each rank's lowest steady-step peak of three runs, as Gloo frees some
-/// collective buffers on its own threads): tests/data/tp_torch_2.11.jsonl. The cases whose
-/// peak is understood are held at 0.5%: sequence parallelism on and off, loss parallelism on
-/// (its backward keeps `exp` of the logits shard: 16 bytes per logit, not 12) and off (every
-/// rank holds the whole vocabulary's logits), and the embedding's gradient, which
+/// collective buffers on its own threads): tests/data/tp_torch_2.11.jsonl. The plans without
+/// FSDP are held to 16 bytes past torch's CPU-only ones: sequence parallelism on and off, loss
+/// parallelism on (its backward keeps `exp` of the logits shard: 16 bytes per logit, not 12,
+/// and 33 bytes per token of index and mask tensors; the latter was the last -0.23%) and off
+/// (every rank holds the whole vocabulary's logits), and the embedding's gradient, which
 /// `embedding_dense_backward` makes whole (V x h) beside the row-sharded weight; without FSDP
 /// the output projection's and final norm's gradients live through the blocks' backward.
 /// Itemised but not modelled, so not held here: TP x FSDP (+2.9% and -3.2%; see
@@ -436,10 +437,17 @@ fn tensor_parallel_plans_match_torch_2_11_dtensor_measured_on_cpu() {
             c["loss_parallel"]
         ));
         let measured = *measured.iter().max().unwrap();
-        let pred = estimate(&plan).unwrap().per_gpu.peak_allocated_bytes.get() as f64;
+        let pred = estimate(&plan).unwrap().per_gpu.peak_allocated_bytes.get();
+        // What torch's record holds that a GPU rank would not (tests/tensor_parallel.rs):
+        // torch.optim's CPU `step` scalars, 4 B per parameter tensor (9 per block, 3 in the
+        // root), and c10d's 1-byte barrier tensor. Beyond them the estimate lacks only 0-dim
+        // scalars the reference keeps bound (its previous step's loss): at most 16 B.
+        let layers = c["model"].as_str().map(common::layers).unwrap();
+        let torch_only = 4 * (9 * layers + 3) + 1;
+        let gap = measured - torch_only - pred;
         assert!(
-            within(pred, measured as f64, 0.005),
-            "{line}: {pred} vs {measured}"
+            gap <= 16,
+            "{line}: {pred} vs {measured} ({gap} B unexplained)"
         );
         held += 1;
     }

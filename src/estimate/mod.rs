@@ -709,6 +709,9 @@ pub(crate) struct Quantities {
     pub root_u_blocks: u128,
     /// The root's gathered parameters while the final norm and output projection compute.
     pub head_u: u128,
+    /// The root resharded after forward (`root-resharded-keep-last`): its parameters, gathered
+    /// again by the output's pre-backward hook once the loss's backward is done.
+    pub root_regather: u128,
     /// Blocks whose gathered parameters are kept from forward to backward.
     pub held: u128,
     /// The last all-gather output of forward, kept until the root's post-forward: a block's,
@@ -1040,6 +1043,8 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     let reshard = plan.reshard_after_forward;
     let own_units = copies && !pipelined && reshard;
     let split = copies && !pipelined && matches!(units, FsdpUnits::Split | FsdpUnits::SplitAlways);
+    // torch 2.11 honours an explicit reshard of the root ([`FsdpUnits::RootReshardedKeepLast`]).
+    let root_resharded = own_units && units == FsdpUnits::RootReshardedKeepLast;
     let (emb_shard, emb_u) = (p.embedding_shard, p.embedding_unsharded);
     let tail_u = (p.root_unsharded - emb_u) * e;
     let root_u = if copies {
@@ -1150,6 +1155,7 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         root_u: match (split && reshard, units) {
             (true, FsdpUnits::SplitAlways) => 0,
             (true, _) => tail_u,
+            (false, _) if root_resharded => 0,
             (false, _) => root_u,
         },
         root_u_blocks: match (split, reshard) {
@@ -1158,12 +1164,18 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
             (false, _) => root_u,
         },
         head_u: if split && reshard { tail_u } else { root_u },
+        root_regather: if root_resharded { root_u } else { 0 },
         // Blocks whose gathered parameters are alive between forward and backward:
         // torchtitan of 2024 does not reshard the last block after forward; with
         // reshard_after_forward off, none is resharded.
         held: if !plan.reshard_after_forward {
             layers
-        } else if own_units && units != FsdpUnits::RootKeepLast {
+        } else if own_units
+            && !matches!(
+                units,
+                FsdpUnits::RootKeepLast | FsdpUnits::RootReshardedKeepLast
+            )
+        {
             0
         } else {
             1
@@ -1312,6 +1324,11 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                 let logits = lg.backward_peak - 2 * lg.loss_grad - lg.parallel_loss;
                 if q.projection_backward > 0 && logits + q.projection_backward > lg.backward_peak {
                     (w.0[7], w.0[8]) = (q.projection_backward, logits);
+                }
+                // Or, with the root resharded after forward, the output's pre-backward hook
+                // gathering it again beside the logits' gradient.
+                if q.root_regather > 0 && logits + q.root_regather > lg.backward_peak {
+                    (w.0[1], w.0[8]) = (q.root_regather + held * block_u, logits);
                 }
             }
             Phase::Backward => {

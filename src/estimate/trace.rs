@@ -643,7 +643,12 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                                 Owner::new(Module::Loss, Part::Grad)
                             }
                         };
-                        slots[slot as usize] = w.alloc(b * tv, Category::Logits, owner, 0)?;
+                        // (Loss parallelism's buffer also holds its per-token tensors.)
+                        let bytes = match slot {
+                            Slot::ParallelLoss => q.logits.parallel_loss,
+                            _ => b * tv,
+                        };
+                        slots[slot as usize] = w.alloc(bytes, Category::Logits, owner, 0)?;
                     }
                     Step::Free(slot, _) => {
                         let t = slots[slot as usize].take();
@@ -653,9 +658,13 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                         projection = w.now();
                         w.free(retained.take());
                         w.free(old_logits.take());
-                        // "always": [norm, output] reshards after forward.
+                        // "always": [norm, output] reshards after forward; so does a root
+                        // resharded explicitly.
                         if q.root_u < q.head_u {
                             w.free(tail.take());
+                        }
+                        if q.root_regather > 0 {
+                            w.free(root.take());
                         }
                     }
                     Step::At(Moment::Loss) => {
@@ -720,6 +729,23 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                     loss_backward = after;
                 }
                 w.free(temp);
+            }
+            // A root resharded after forward, gathered again by the output's pre-backward
+            // hook once the loss's backward is done.
+            if q.root_regather > 0 {
+                w.free(slots[Slot::NllGrad as usize].take());
+                w.free(slots[Slot::LogSoftmax as usize].take());
+                w.free(slots[Slot::ParallelLoss as usize].take());
+                root = w.alloc(
+                    q.root_regather,
+                    Category::UnshardedParams,
+                    Owner::new(Module::Root, Part::AllGather),
+                    0,
+                )?;
+                let after = w.now();
+                if after.1 > loss_backward.1 {
+                    loss_backward = after;
+                }
             }
             if marked {
                 w.point(PHASES[1].name(), loss_backward.0);
@@ -1039,6 +1065,8 @@ mod tests {
         r#"{"model":"llama3-8b","gpu":"h100-80g","num_gpus":8,"preset":"plain-pytorch","batch":{"micro_batch_size":1,"seq_len":4096}}"#,
         r#"{"model":"tiny-moe","gpu":"cpu","num_gpus":2,"parallel":{"dp_shard":2,"ep":2},"implementation":{"fsdp_units":"split"},"precision":{"param":"fp32","master":"fp32","reduce":"fp32"},"batch":{"micro_batch_size":2,"seq_len":64}}"#,
         r#"{"model":"tiny-moe","gpu":"cpu","num_gpus":2,"parallel":{"dp_shard":2,"ep":2},"precision":{"param":"fp32","master":"fp32","reduce":"fp32"},"batch":{"micro_batch_size":2,"seq_len":64},"activation_checkpointing":"full"}"#,
+        r#"{"model":"tiny","gpu":"cpu","num_gpus":4,"parallel":{"tp":2,"sp":true,"dp_shard":2},"implementation":{"fsdp_units":"root-resharded-keep-last"},"precision":{"param":"fp32","master":"fp32","reduce":"fp32"},"batch":{"micro_batch_size":2,"seq_len":64}}"#,
+        r#"{"model":"llama3-8b","gpu":"h100-80g","num_gpus":16,"parallel":{"tp":2,"sp":true},"implementation":{"fsdp_units":"root-resharded-keep-last"},"batch":{"micro_batch_size":1,"seq_len":512}}"#,
     ];
 
     #[test]
