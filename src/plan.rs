@@ -1349,11 +1349,11 @@ fn resolve_lora(
             "a dense model of the Llama block layout (Llama, Mistral, Qwen2)",
         ));
     }
-    if [tp, pp, cp, dp_shard] != [1; 4] {
+    if [tp, pp, cp] != [1; 3] {
         return Err(Error::invalid(
             "lora",
             format!("with tp {tp}, pp {pp}, cp {cp}, dp_shard {dp_shard}"),
-            "one GPU per model replica (tp, pp, cp and dp_shard 1; dp_replicate any)",
+            "data parallelism only (tp, pp and cp 1; dp_shard and dp_replicate any)",
         ));
     }
     if !matches!(ac, Checkpointing::None | Checkpointing::Full) {
@@ -1378,6 +1378,13 @@ fn resolve_lora(
         ));
     }
     let quant = parse_opt("lora.quant", &l.quant, BaseQuant::None)?;
+    if quant != BaseQuant::None && dp_shard > 1 {
+        return Err(Error::invalid(
+            "lora.quant",
+            format!("{quant} with dp_shard {dp_shard}"),
+            "none under FSDP (QLoRA is modelled on one GPU per replica)",
+        ));
+    }
     Ok(Lora {
         rank,
         targets,

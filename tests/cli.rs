@@ -534,7 +534,7 @@ fn lora_errors_name_the_flag_and_what_is_accepted() {
         .assert()
         .code(2)
         .stderr(predicate::str::contains("--lora-dropout"));
-    // LoRA is modelled on one GPU per replica: tensor parallelism is refused, not ignored.
+    // LoRA is modelled with data parallelism only: tensor parallelism is refused, not ignored.
     memplan()
         .args([
             "estimate",
@@ -550,7 +550,24 @@ fn lora_errors_name_the_flag_and_what_is_accepted() {
         .assert()
         .code(2)
         .stderr(predicate::str::contains("lora"))
-        .stderr(predicate::str::contains("one GPU per model replica"));
+        .stderr(predicate::str::contains("data parallelism only"));
+    // QLoRA is modelled on one GPU per replica: under FSDP it is refused.
+    memplan()
+        .args([
+            "estimate",
+            "--model",
+            "llama3-8b",
+            "--num-gpus",
+            "2",
+            "--lora-rank",
+            "8",
+            "--lora-quant",
+            "nf4",
+        ])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("lora.quant"))
+        .stderr(predicate::str::contains("none under FSDP"));
     // A block the LoRA model does not describe (Gemma 2: four norms, soft-capped scores) is
     // refused, not estimated as a Llama block.
     memplan()

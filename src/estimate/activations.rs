@@ -460,7 +460,13 @@ fn lora_block(plan: &Plan, lora: crate::plan::Lora) -> BlockActivations {
     let m = &plan.model;
     let imp = &plan.implementation;
     let e = plan.precision.param.bytes() as u128;
-    let a = plan.precision.master.bytes() as u128;
+    // The adapters' dtype: their own (the master dtype) on one GPU; under FSDP the compute
+    // dtype, to which FSDP casts them with the frozen weights (docs/research/lora-fsdp2-measured.md).
+    let a = if plan.parallel.fsdp_degree() > 1 {
+        e
+    } else {
+        plan.precision.master.bytes() as u128
+    };
     let (h, q, _, f) = block_dims(m);
     let fused_norm = imp.rmsnorm == RmsNorm::Fused;
     // A frozen norm saves what normalising needs, not the tensor its weight multiplies.

@@ -574,16 +574,38 @@ fn block_backward(
         let end_point = grads_elem_bytes * p.moe.unsharded + 2 * t * a.full_ac;
         return [during, end_point, during, 2 * t * a.full_ac];
     }
-    if plan.lora.is_some() {
-        // A frozen base has no weight gradients: the adapters' are the only new ones (made
-        // whole, upper bound, at either point), beside the input gradients' transients.
+    if let Some(l) = plan.lora {
+        // A frozen base has no weight gradients: the adapters' are the only new ones, beside
+        // the input gradients' transients. Backward meets the linears in reverse: under FSDP,
+        // at the `silu * up` product's backward only down's adapters have their (unsharded)
+        // gradients: counting every adapter's there put q/k/v/o plans +0.7% high (measured
+        // with peft under accelerate's FSDP2, docs/research/lora-fsdp2-measured.md). On one
+        // GPU, where the gradients are the adapters' own `.grad`, the checkpointed plans
+        // peak 0.2% to 0.4% below the point with every adapter's and 0.5% to 0.7% above the
+        // point with down's alone (docs/research/hf-lora-measured.md); which adapter
+        // gradients are alive there is not itemised, so one GPU keeps the upper bound.
+        let r = l.rank as u128;
+        let grads = |modules: &[usize]| -> u128 {
+            let dims = params::lora_module_dims(plan);
+            modules
+                .iter()
+                .filter(|&&i| l.wraps(i))
+                .map(|&i| grads_elem_bytes * r * (dims[i].0 + dims[i].1))
+                .sum()
+        };
         let g = grads_elem_bytes * params::lora_block_params(plan).0;
+        let g_mlp = if plan.parallel.fsdp_degree() > 1 {
+            grads(&[6])
+        } else {
+            g
+        };
+        let g_attn = g;
         // (QLoRA: each quantised linear dequantises its weight in forward and again in
         // backward and frees it inside the op, before the `silu * up` product's backward
         // where this point is; measured on CPU, it is the step's peak only for layers far wider
         // than their tokens. Not modelled.)
-        let during = (re + t * a.mlp_transient + g)
-            .max((re + t * a.attn_transient + g).saturating_sub(t * a.ffn_saved));
+        let during = (re + t * a.mlp_transient + g_mlp)
+            .max((re + t * a.attn_transient + g_attn).saturating_sub(t * a.ffn_saved));
         return [during, g + 2 * t * a.full_ac, during, 2 * t * a.full_ac];
     }
     let w2 = div(grads_elem_bytes * h * f, tp);
@@ -768,13 +790,20 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     let layers = p.layers() as u128;
     let ac = plan.activation_checkpointing;
     // A separate compute-dtype copy exists when FSDP gathers or when it casts.
-    // LoRA: the base is frozen in the compute dtype, never gathered or cast; only the
-    // adapters (master dtype) have gradients and optimizer states.
+    // LoRA on one GPU: the base is frozen in the compute dtype, never gathered or cast; only
+    // the adapters (master dtype) have gradients and optimizer states.
+    // LoRA under FSDP (peft under accelerate's FSDP2, measured on CPU/Gloo with torch 2.11:
+    // docs/research/lora-fsdp2-measured.md): the base is loaded and sharded in the master
+    // dtype and gathered in the compute dtype like any parameter (`FSDPParam` casts frozen
+    // weights and adapters alike), each block's adapters in the block's unit; only adapters
+    // have gradients, so only they are reduce-scattered, and the embedding and output units
+    // reduce nothing.
     let lora = plan.lora.is_some();
+    let lora_fsdp = lora && n > 1;
     let (lora_block, _) = params::lora_block_params(plan);
     // Under autocast the weights stay in the master dtype and are cast op by op (the casts
     // are `block_u` below), so there are no FSDP-style compute copies or their buffers.
-    let copies = !lora && !pr.autocast && (n > 1 || pr.param != pr.master);
+    let copies = (!lora || lora_fsdp) && !pr.autocast && (n > 1 || pr.param != pr.master);
     let on_gpu_params = plan.offload != Offload::Full;
     let states_on_gpu = plan.offload == Offload::None;
     let shard = p.shard_total();
@@ -796,8 +825,9 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     } else {
         0
     };
+    let lora_shard = div(lora_block + n as u128 - 1, n as u128);
     let trainable = if lora {
-        p.layers() as u128 * lora_block
+        p.layers() as u128 * lora_shard
     } else {
         shard
     };
@@ -1006,7 +1036,7 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     } else if plan.float8 {
         big.unsharded_linear + (big.unsharded - big.unsharded_linear) * e
     } else {
-        big.unsharded * e
+        (big.unsharded + u128::from(lora) * lora_block) * e
     };
     // Whether all-gathers go through a flat buffer (FSDP over more than one rank), and the
     // block's cast all-gather input (its shard in the compute dtype, when that differs).
@@ -1047,6 +1077,14 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     let root_resharded = own_units && units == FsdpUnits::RootReshardedKeepLast;
     let (emb_shard, emb_u) = (p.embedding_shard, p.embedding_unsharded);
     let tail_u = (p.root_unsharded - emb_u) * e;
+    // peft hides the final norm from accelerate's tail unit (`_find_final_norm` looks through
+    // the PeftModel's `model` attribute at the LoRA model, whose children hold no norm), so it
+    // stays in the root, gathered from the first forward to the end of backward.
+    let peft_norm = if lora_fsdp && split {
+        plan.model.hidden as u128 * e
+    } else {
+        0
+    };
     let root_u = if copies {
         p.root_unsharded * e
     } else if autocast {
@@ -1081,6 +1119,7 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
                         let l = p.layers() as u128;
                         (shard - l * elems) * e + l * bytes
                     }
+                    None if lora_fsdp => shard * m,
                     None => shard * e,
                 };
                 base + trainable * m
@@ -1089,6 +1128,7 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         root_master: match (on_gpu_params, lora) {
             (false, _) => 0,
             (true, false) => p.root_shard * m,
+            (true, true) if lora_fsdp => p.root_shard * m,
             (true, true) => p.root_shard * e,
         },
         root_trainable,
@@ -1112,7 +1152,7 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         } else if !on_gpu_params {
             0
         } else if lora {
-            lora_block * m
+            lora_shard * m
         } else {
             big.shard * m
         },
@@ -1159,8 +1199,8 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
             (false, _) => root_u,
         },
         root_u_blocks: match (split, reshard) {
-            (true, true) => 0,
-            (true, false) => emb_u * e,
+            (true, true) => peft_norm,
+            (true, false) => emb_u * e + peft_norm,
             (false, _) => root_u,
         },
         head_u: if split && reshard { tail_u } else { root_u },
@@ -1180,16 +1220,20 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         } else {
             1
         },
-        retained_u: if split { tail_u } else { block_u },
+        retained_u: if split { tail_u - peft_norm } else { block_u },
         prefetch_first: if split && reshard { emb_u * e } else { 0 },
         prefetch_less: experts_solo * e,
         // (Accumulating into earlier micro-batches' shards, they exist already: `grads_prior`.)
-        tail_grads: if split && on_gpu_params && grads_prior == 0 {
+        tail_grads: if split && !lora && on_gpu_params && grads_prior == 0 {
             (p.root_shard - emb_shard) * m
         } else {
             0
         },
-        tail_rs: if split { div(tail_u, e) * r } else { 0 },
+        tail_rs: if split && !lora {
+            div(tail_u, e) * r
+        } else {
+            0
+        },
         embedding_grad,
         // Under CPU offload each block's fp32 shard is copied to the device for its
         // all-gather and freed at the copy-in, before the block computes: never alive at
@@ -1207,7 +1251,7 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         // The output weight's unsharded gradient is produced first in backward and, on the
         // root FSDP unit, reduce-scattered only at the root's post-backward after every
         // block.
-        out_grad: if split {
+        out_grad: if split || lora {
             0
         } else if copies && !(fsdp_pp && grads_prior > 0) {
             p.output_unsharded * e
@@ -1219,24 +1263,30 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         // block's own.
         // Experts on a one-rank mesh reduce nothing: their gradient is kept as it is
         // (torch 2.11 `foreach_reduce`, world size 1), with no reduce-scatter input beside it.
-        rs: if copies && !fsdp_pp {
+        rs: if lora_fsdp {
+            lora_block * r
+        } else if copies && !fsdp_pp {
             (big.unsharded - experts_solo) * r
         } else {
             0
         },
         cast_in: if gathers && pr.param != pr.master {
-            big.shard * e
+            (big.shard + u128::from(lora) * lora_shard) * e
         } else {
             0
         },
-        root_grads: if split {
+        root_grads: if lora_fsdp {
+            0
+        } else if split {
             emb_u * e
         } else if copies && !(fsdp_pp && grads_prior > 0) {
             p.root_unsharded * e
         } else {
             plain_root_grads
         },
-        root_rs: if split {
+        root_rs: if lora_fsdp {
+            0
+        } else if split {
             emb_u * r
         } else if copies && !fsdp_pp {
             p.root_unsharded * r
@@ -1305,7 +1355,18 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                     div(blocks_mb * q.walk.saturating_sub(1), q.walk.max(1)) + q.others_forward,
                     lg.kept_in_step,
                 );
-                let (u, a_, l) = [loss, projection, last_gather]
+                // At the last block's end, before its post-forward: its gathered parameters
+                // and, under FSDP, its all-gather output (retained until the next unit's
+                // all-gather), beside every block's saved activations. The forward's peak
+                // where blocks outweigh the head: measured with peft LoRA on all linears
+                // under accelerate's FSDP2 (docs/research/lora-fsdp2-measured.md, L3: the
+                // estimate was -13% on the forward).
+                let block_end = (
+                    q.root_u_blocks + (u128::from(gathers) + before + 1) * block_u,
+                    blocks_mb + q.others_forward,
+                    lg.kept_in_step,
+                );
+                let (u, a_, l) = [loss, projection, last_gather, block_end]
                     .into_iter()
                     .max_by_key(|(u, a_, l)| u + a_ + l)
                     .unwrap_or(loss);
@@ -1448,9 +1509,13 @@ pub fn optimizer_temporaries(plan: &Plan, p: &StageParams) -> u128 {
     if plan.optimizer.states_per_param() < 2 {
         return 0;
     }
+    let n = plan.parallel.fsdp_degree() as u128;
     let (all, largest) = match params::lora_block_params(plan) {
         (0, _) => (p.shard_total(), p.largest_shard()),
-        (block, big) => (p.layers() as u128 * block, big),
+        (block, big) => (
+            p.layers() as u128 * div(block + n - 1, n),
+            div(big + n - 1, n),
+        ),
     };
     match plan.implementation.optimizer {
         OptimizerImpl::Foreach => all * m,

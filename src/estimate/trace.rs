@@ -512,7 +512,7 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
             let mut params: Vec<Vec<Option<T>>> = vec![Vec::new(); l as usize];
             let mut acts: Vec<Vec<Option<T>>> = Vec::with_capacity(l as usize);
             let mut retained: Option<T> = None;
-            let mut last_gather = (0, 0);
+            let (mut last_gather, mut block_end) = ((0, 0), (0, 0));
             for i in 0..l {
                 if q.gathers {
                     let cast = w.alloc(
@@ -594,6 +594,9 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                     }
                 }
                 acts.push(mine);
+                if i == l - 1 {
+                    block_end = w.now();
+                }
                 // Post-forward: reshard, but for the last block (torchtitan of 2024), or every
                 // block ([`crate::plan::FsdpUnits`]).
                 if q.gathers && (q.held == 0 || (q.held == 1 && i + 1 < l)) {
@@ -671,8 +674,8 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                         loss = w.now();
                         if marked {
                             // The estimator's choice among equal candidates: the last of
-                            // (loss, projection, last gather).
-                            let best = [loss, projection, last_gather]
+                            // (loss, projection, last gather, last block's end).
+                            let best = [loss, projection, last_gather, block_end]
                                 .into_iter()
                                 .max_by_key(|c| c.1)
                                 .unwrap_or(loss);
@@ -1067,6 +1070,9 @@ mod tests {
         r#"{"model":"tiny-moe","gpu":"cpu","num_gpus":2,"parallel":{"dp_shard":2,"ep":2},"precision":{"param":"fp32","master":"fp32","reduce":"fp32"},"batch":{"micro_batch_size":2,"seq_len":64},"activation_checkpointing":"full"}"#,
         r#"{"model":"tiny","gpu":"cpu","num_gpus":4,"parallel":{"tp":2,"sp":true,"dp_shard":2},"implementation":{"fsdp_units":"root-resharded-keep-last"},"precision":{"param":"fp32","master":"fp32","reduce":"fp32"},"batch":{"micro_batch_size":2,"seq_len":64}}"#,
         r#"{"model":"llama3-8b","gpu":"h100-80g","num_gpus":16,"parallel":{"tp":2,"sp":true},"implementation":{"fsdp_units":"root-resharded-keep-last"},"batch":{"micro_batch_size":1,"seq_len":512}}"#,
+        r#"{"model":"tiny","gpu":"cpu","num_gpus":2,"preset":"hf-transformers","precision":{"param":"fp32","master":"fp32","reduce":"fp32"},"batch":{"micro_batch_size":2,"seq_len":64},"lora":{"rank":16,"targets":"all-linear","dropout":0.05}}"#,
+        r#"{"model":"llama3-8b","gpu":"h100-80g","num_gpus":8,"preset":"hf-transformers","precision":{"param":"bf16","master":"fp32","reduce":"bf16"},"batch":{"micro_batch_size":2,"seq_len":4096},"activation_checkpointing":"full","lora":{"rank":16,"targets":"attention","dropout":0.05}}"#,
+        r#"{"model":"llama3-8b","gpu":"h100-80g","num_gpus":8,"batch":{"micro_batch_size":1,"seq_len":2048},"lora":{"rank":64,"targets":"all-linear"}}"#,
     ];
 
     #[test]

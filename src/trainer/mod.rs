@@ -340,12 +340,14 @@ fn check_supported(plan: &Plan, distributed: bool) -> Result<()> {
         (
             matches!(
                 imp.fsdp_units,
-                crate::plan::FsdpUnits::Split | crate::plan::FsdpUnits::SplitAlways
+                crate::plan::FsdpUnits::Split
+                    | crate::plan::FsdpUnits::SplitAlways
+                    | crate::plan::FsdpUnits::RootReshardedKeepLast
             ),
             "implementation.fsdp_units",
             format!("\"{}\"", imp.fsdp_units),
             "root-keep-last or root: the trainer's root unit holds the embedding, final norm \
-             and output",
+             and output, and stays gathered after forward",
         ),
     ];
     if let Some((_, name, got, accepted)) = refused.into_iter().find(|r| r.0) {
