@@ -317,7 +317,7 @@ pub struct PlanArgs {
     /// float-output, float-output-kept, float-in-loss, compute-dtype.
     #[arg(long)]
     pub logits: Option<String>,
-    /// foreach, fused, per-param.
+    /// foreach, fused, per-param, fused-bf16-states (Adam's states in bf16, torchtitan 0.3).
     #[arg(long)]
     pub optimizer_impl: Option<String>,
     /// With TP, compute the loss on vocabulary-sharded logits (default: on, as torchtitan).

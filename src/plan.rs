@@ -381,6 +381,12 @@ choice!(
         Foreach = "foreach",
         /// `torch.optim` fused: no temporaries.
         Fused = "fused",
+        /// torchtitan 0.3's `fused_opt_states_bf16`: fused Adam/AdamW whose `exp_avg` and
+        /// `exp_avg_sq` a step pre-hook creates in bf16 beside fp32 parameters, so the CUDA
+        /// kernel takes its mixed-precision path (`FusedAdamMathFunctorMP`): 4 bytes of state
+        /// per parameter, no temporaries. CUDA only: torch 2.11's CPU fused kernel refuses
+        /// states of another dtype than the parameter's.
+        FusedBf16States = "fused-bf16-states" | "fused_opt_states_bf16",
         /// One parameter at a time (libtorch C++ optimizers, `torch.optim` single-tensor path):
         /// temporaries as large as the largest parameter.
         PerParam = "per-param" | "for-loop" | "single-tensor",
@@ -1161,6 +1167,17 @@ impl PlanFile {
         // Accepted, but probably not what was meant: said on stderr, not refused.
         let optimizer = parse_opt("optimizer", &self.optimizer, Optimizer::AdamW)?;
         let offload = parse_opt("offload", &self.offload, Offload::None)?;
+        if implementation.optimizer == OptimizerImpl::FusedBf16States
+            && (!matches!(optimizer, Optimizer::AdamW | Optimizer::Adam)
+                || offload != Offload::None)
+        {
+            return Err(Error::invalid(
+                "implementation.optimizer",
+                format!("\"fused-bf16-states\" with optimizer {optimizer} and offload {offload}"),
+                "fused-bf16-states with adamw or adam and offload none (torchtitan's pre-hook \
+                 makes bf16 states for Adam only, and the mixed-precision kernel is CUDA's)",
+            ));
+        }
         if optimizer.factored() {
             let sharded = [dp_shard, tp, cp, ep].iter().any(|&d| d > 1);
             if sharded || offload != Offload::None || model.moe.is_some() {

@@ -1227,11 +1227,12 @@ impl Reader<'_> {
                     "fused" => "fused",
                     "foreach" => "foreach",
                     "for-loop" => "per-param",
+                    "fused_opt_states_bf16" => "fused-bf16-states",
                     _ => {
                         return Err(Error::invalid(
                             "optimizer.implementation",
                             format!("{s:?}"),
-                            "one of fused, foreach, for-loop",
+                            "one of fused, foreach, for-loop, fused_opt_states_bf16",
                         ))
                     }
                 }

@@ -1012,6 +1012,36 @@ fn lora_under_fsdp2_matches_peft_and_accelerate_measured_on_cpu() {
     assert_eq!(n, 11);
 }
 
+/// AdamW with bf16 states: torchtitan 0.3.0's `optimizer.implementation =
+/// "fused_opt_states_bf16"` (its own OptimizersContainer and step pre-hook on torch 2.11,
+/// src/trainer/bf16_states_probe.py, tests/data/bf16_states_torchtitan_0.3.jsonl), against its
+/// plain `fused`, on tiny and small. The states are counted by the shim as the hook makes them;
+/// CPU's fused AdamW then refuses the mixed dtypes (the mixed-precision kernel is CUDA's), so the
+/// step itself is not measured here (fused: no temporaries). Both are exact less the fused
+/// group's device `step` scalars, 4 B per parameter tensor, which the estimator leaves out.
+#[test]
+fn bf16_adamw_states_match_torchtitan_0_3_measured_on_cpu() {
+    let mut n = 0;
+    for r in records("bf16_states_torchtitan_0.3.jsonl") {
+        let implementation = match r["implementation"].as_str().unwrap() {
+            "fused_opt_states_bf16" => "fused-bf16-states",
+            other => other,
+        };
+        let e = est(&format!(
+            r#"{{"model":{},"gpu":"cpu","num_gpus":1,
+                "precision":{{"param":"fp32","master":"fp32","reduce":"fp32"}},
+                "batch":{{"micro_batch_size":1,"seq_len":16}},
+                "implementation":{{"optimizer":"{implementation}"}}}}"#,
+            r["model"]
+        ));
+        let states = e.per_gpu.breakdown.optimizer_states_bytes.get();
+        let scalars = 4 * r["param_tensors"].as_u64().unwrap();
+        assert_eq!(states + scalars, r["states"].as_u64().unwrap(), "{r}");
+        n += 1;
+    }
+    assert_eq!(n, 4);
+}
+
 /// bitsandbytes' 8-bit AdamW (and its paged variant) and torch's Adafactor, as Transformers'
 /// `Trainer` runs them (full fine-tunes, LoRA and QLoRA on CPU: tests/data/qlora_torch_2.11
 /// .jsonl, 20 configurations). The optimizer's states, read from its `state` dicts after a

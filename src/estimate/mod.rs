@@ -1059,7 +1059,19 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     // are these). Under pipelining every unit stays gathered (see `fsdp_pp`).
     let k = plan.optimizer.states_per_param() as u128;
     let root_trainable = if lora { 0 } else { p.root_shard };
-    let states = optimizer::states(plan, p, (k * trainable * m, k * root_trainable * m));
+    // torchtitan 0.3's `fused_opt_states_bf16` keeps Adam's two states in bf16.
+    let state_bytes = match plan.implementation.optimizer {
+        OptimizerImpl::FusedBf16States => 2,
+        _ => m,
+    };
+    let states = optimizer::states(
+        plan,
+        p,
+        (
+            k * trainable * state_bytes,
+            k * root_trainable * state_bytes,
+        ),
+    );
     // torchtitan 0.2.2 (`models/llama4/infra/parallelize.py`, `apply_fsdp`) makes each block's
     // experts a unit of their own on the expert-FSDP mesh; with one rank there (EP taking every
     // data-parallel rank) FSDP2 neither all-gathers nor reduce-scatters them, and prefetching
@@ -1519,7 +1531,7 @@ pub fn optimizer_temporaries(plan: &Plan, p: &StageParams) -> u128 {
     };
     match plan.implementation.optimizer {
         OptimizerImpl::Foreach => all * m,
-        OptimizerImpl::Fused => 0,
+        OptimizerImpl::Fused | OptimizerImpl::FusedBf16States => 0,
         OptimizerImpl::PerParam => 2 * largest * m,
     }
 }

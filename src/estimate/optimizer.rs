@@ -163,7 +163,7 @@ pub fn temporaries(plan: &Plan, p: &StageParams) -> Option<u128> {
         }
         // The AdamW group's step comes after Muon's, with its own temporaries.
         let adamw = match plan.implementation.optimizer {
-            OptimizerImpl::Fused => 0,
+            OptimizerImpl::Fused | OptimizerImpl::FusedBf16States => 0,
             OptimizerImpl::Foreach => m * adamw.iter().sum::<u128>(),
             OptimizerImpl::PerParam => 2 * m * adamw.iter().copied().max().unwrap_or(0),
         };
@@ -179,7 +179,9 @@ pub fn temporaries(plan: &Plan, p: &StageParams) -> Option<u128> {
     Some(match plan.implementation.optimizer {
         OptimizerImpl::PerParam => m * matrices.max().unwrap_or(0),
         // torch's Adafactor has no fused kernel; its GPU default is foreach.
-        OptimizerImpl::Foreach | OptimizerImpl::Fused => m * matrices.sum::<u128>(),
+        OptimizerImpl::Foreach | OptimizerImpl::Fused | OptimizerImpl::FusedBf16States => {
+            m * matrices.sum::<u128>()
+        }
     })
 }
 

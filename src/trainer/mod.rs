@@ -298,7 +298,14 @@ fn check_supported(plan: &Plan, distributed: bool) -> Result<()> {
     }
     // What the trainer does not execute is refused, never run as something else.
     let imp = &plan.implementation;
-    let refused: [(bool, &str, String, &str); 9] = [
+    let refused: [(bool, &str, String, &str); 10] = [
+        (
+            imp.optimizer == crate::plan::OptimizerImpl::FusedBf16States,
+            "implementation.optimizer",
+            "\"fused-bf16-states\"".into(),
+            "foreach, fused or per-param: bf16 states beside fp32 parameters need CUDA's \
+             mixed-precision fused kernel",
+        ),
         (
             plan.lora.is_some(),
             "lora",

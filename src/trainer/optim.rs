@@ -46,7 +46,8 @@ pub struct OptConfig {
 fn mode(imp: OptimizerImpl) -> StepMode {
     match imp {
         OptimizerImpl::Foreach => StepMode::Foreach,
-        OptimizerImpl::Fused => StepMode::Fused,
+        // (fused-bf16-states is refused before a run: `check_supported`.)
+        OptimizerImpl::Fused | OptimizerImpl::FusedBf16States => StepMode::Fused,
         OptimizerImpl::PerParam => StepMode::Single,
     }
 }
