@@ -226,6 +226,9 @@ pub struct FsdpParam {
     pub leaf: Tensor,
     /// The module it belongs to (attribution of the allocation trace).
     pub module: Module,
+    /// FSDP2's `unsharded_accumulated_grad`: the unsharded gradient in the reduce dtype, kept
+    /// across backwards that do not reduce (see [`Fsdp::post_backward_no_sync`]).
+    pub accumulated_grad: Option<Tensor>,
 }
 
 impl FsdpParam {
@@ -308,6 +311,7 @@ impl FsdpParam {
             padded,
             leaf,
             module,
+            accumulated_grad: None,
         })
     }
 
@@ -510,14 +514,50 @@ impl Fsdp {
         self.reduce_scatter_state = None;
     }
 
+    /// Group `g`'s post-backward when gradients are not synchronised and parameters stay
+    /// unsharded (`set_requires_gradient_sync(False)`, `set_reshard_after_backward(False)`, as
+    /// `torch.distributed.pipelining` sets them before every micro-batch's backward,
+    /// torch 2.11 pipelining/stage.py:656-659): nothing is reduced or freed; the unsharded
+    /// gradient is added into the one accumulated in the reduce dtype, or, in the first
+    /// backward, becomes it (`accumulate_unsharded_grad_if_needed`, then
+    /// `to_accumulated_grad_if_needed`: _fsdp_param_group.py:503-511, _fsdp_param.py:670-689).
+    /// Without a reduce dtype other than the parameters' the gradient stays on the parameter,
+    /// where autograd accumulates the next one.
+    pub fn post_backward_no_sync(&mut self, g: usize) -> TResult<()> {
+        let env = self.env;
+        let _ng = tch::no_grad_guard();
+        for p in &mut self.groups[g].params {
+            accumulate_unsharded_grad(p)?;
+        }
+        if env.reduce == env.compute {
+            return Ok(());
+        }
+        for p in &mut self.groups[g].params {
+            // `unsharded_grad = grad; grad = None; acc = unsharded_grad.to(reduce_dtype)`: the
+            // compute-dtype gradient lives until the cast returns.
+            if let Some(grad) = ffi::take_grad(&p.leaf).map_err(shim)? {
+                p.accumulated_grad = Some(grad.f_to_kind(env.reduce)?);
+            }
+        }
+        Ok(())
+    }
+
     /// Group `g`'s post-backward: reshard and reduce-scatter its gradients into the sharded
     /// gradients (`FSDPParamGroup.post_backward` and `foreach_reduce`).
     pub fn post_backward(&mut self, g: usize) -> TResult<()> {
         let env = self.env;
         let _ng = tch::no_grad_guard();
         let mut grads = Vec::with_capacity(self.groups[g].params.len());
-        for p in &self.groups[g].params {
-            let grad = ffi::take_grad(&p.leaf).map_err(shim)?;
+        for p in &mut self.groups[g].params {
+            accumulate_unsharded_grad(p)?;
+        }
+        for p in &mut self.groups[g].params {
+            // A gradient accumulated in the reduce dtype by backwards without sync goes first
+            // (`unsharded_accumulated_grad`, _fsdp_param_group.py:521).
+            let grad = match p.accumulated_grad.take() {
+                Some(acc) => Some(acc),
+                None => ffi::take_grad(&p.leaf).map_err(shim)?,
+            };
             // Autograd made it during the backward; it is the unsharded gradient.
             if let Some(t) = &grad {
                 recorder::retag(
@@ -596,6 +636,17 @@ impl Fsdp {
         }
         Ok(())
     }
+}
+
+/// `FSDPParam.accumulate_unsharded_grad_if_needed` (_fsdp_param.py:683): a new unsharded
+/// gradient is added into the accumulated one (in place, in the reduce dtype) and dropped.
+fn accumulate_unsharded_grad(p: &mut FsdpParam) -> TResult<()> {
+    if let Some(acc) = &mut p.accumulated_grad {
+        if let Some(grad) = ffi::take_grad(&p.leaf).map_err(shim)? {
+            let _ = acc.f_add_(&grad)?;
+        }
+    }
+    Ok(())
 }
 
 /// Attribution of `module`'s all-gather inputs and output.

@@ -47,9 +47,9 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
 
-use super::dist::{Mesh, ProcessGroup, Work};
+use super::dist::{self, Mesh, ProcessGroup, Work};
 use super::ffi::{self, Channel};
-use super::fsdp::{shim, Env, Place, Shard};
+use super::fsdp::{shim, Env, Fsdp, FsdpParam, Group, Place, Shard};
 use super::memory::{Meter, PhaseMemory};
 use super::model::{self, BlockWeights, Dims, Flavor, TResult};
 use super::optim::{self, OptConfig};
@@ -60,6 +60,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::plan::{Checkpointing, Logits, Offload, Plan, PpSchedule};
 use crate::profiles::ModelSpec;
+use crate::trace;
 
 /// The layers of `layers` that stage `stage` of `stages` holds: torchtitan splits as evenly as
 /// it can, earlier stages taking the remainder. Returns (first layer, count).
@@ -79,11 +80,19 @@ pub fn stage_layers(layers: u64, stages: u64, stage: u64) -> (u64, u64) {
 /// what no trainer runs).
 pub fn check(plan: &Plan) -> Result<()> {
     let p = &plan.parallel;
-    if p.dp_shard != 1 || p.dp_replicate != 1 {
+    if p.dp_replicate != 1 {
         return Err(unsupported(
-            "parallel.dp_shard x dp_replicate",
-            p.dp_shard * p.dp_replicate,
-            "1 under pipelining: FSDP inside pipeline stages is not run yet",
+            "parallel.dp_replicate",
+            p.dp_replicate,
+            "1 under pipelining: HSDP inside pipeline stages is not run yet",
+        ));
+    }
+    if p.dp_shard > 1 && plan.reshard_after_forward {
+        return Err(unsupported(
+            "reshard_after_forward",
+            "true",
+            "false under pipelining with FSDP (torchtitan's default under PP: the stage stays \
+             unsharded between micro-batches)",
         ));
     }
     if !matches!(p.pp_schedule, PpSchedule::GPipe | PpSchedule::OneFOneB) {
@@ -155,7 +164,7 @@ pub fn check(plan: &Plan) -> Result<()> {
         ));
     }
     let pr = &plan.precision;
-    if pr.param != pr.master {
+    if p.dp_shard == 1 && pr.param != pr.master {
         return Err(unsupported(
             "precision",
             format!("param {} with master {}", pr.param, pr.master),
@@ -171,6 +180,32 @@ pub fn check(plan: &Plan) -> Result<()> {
 
 /// Tag of a checkpointed block's recompute: micro-batch x TAG + local block.
 const TAG: i64 = 1 << 32;
+/// Tag of a block's FSDP post-backward: POST + local block.
+const POST: i64 = 1 << 60;
+
+/// The stage's parameters.
+enum Params {
+    /// Without FSDP: plain leaves, whole.
+    Plain(Vec<Shard>),
+    /// FSDP2 over the stage's data-parallel ranks (`fully_shard` per block, then on the stage
+    /// module): a group per local block, then the root's (the embedding, or the final norm and
+    /// the output projection) where the stage has parameters of its own.
+    Fsdp(Fsdp),
+}
+
+impl Params {
+    /// This rank's shards, in the order of the model's leaves.
+    fn shards_mut(&mut self) -> Vec<&mut Shard> {
+        match self {
+            Params::Plain(v) => v.iter_mut().collect(),
+            Params::Fsdp(f) => f
+                .groups
+                .iter_mut()
+                .flat_map(|g| g.params.iter_mut().map(|p| &mut p.local))
+                .collect(),
+        }
+    }
+}
 
 /// What the forward and the checkpoint hooks share.
 struct StageModel {
@@ -188,6 +223,7 @@ struct StageModel {
     last: bool,
     /// Inputs kept by checkpointed blocks, by tag.
     ckpt: HashMap<i64, Tensor>,
+    params: Params,
     error: Option<tch::TchError>,
 }
 
@@ -203,6 +239,41 @@ impl StageModel {
 
     fn root(&self, k: usize) -> &Tensor {
         &self.leaves[self.blocks * self.per_block + k]
+    }
+
+    fn fsdp(&mut self) -> Option<&mut Fsdp> {
+        match &mut self.params {
+            Params::Fsdp(f) => Some(f),
+            Params::Plain(_) => None,
+        }
+    }
+
+    /// The root's FSDP group, where the stage has one (a middle stage's root module holds no
+    /// parameter of its own: `fully_shard` makes no group for it).
+    fn root_group(&self) -> Option<usize> {
+        (self.first || self.last).then_some(self.blocks)
+    }
+
+    /// FSDP2's pre-forward of group `g`: the all-gather and copy-out the first time in a step;
+    /// then nothing, as the group stays unsharded (reshard_after_forward=False under PP, as
+    /// the reference and torchtitan pass it, and no reshard after backward until the last).
+    fn pre_forward(&mut self, g: usize) -> TResult<()> {
+        match self.fsdp() {
+            Some(f) => f.wait_for_unshard(g, true),
+            None => Ok(()),
+        }
+    }
+
+    /// The backward hooks: a block's FSDP post-backward, or a checkpointed block's recompute.
+    fn on_backward(&mut self, tag: i64, grad: Tensor) -> TResult<Option<Tensor>> {
+        if tag >= POST {
+            drop(grad);
+            if let Some(f) = self.fsdp() {
+                f.post_backward_no_sync((tag - POST) as usize)?;
+            }
+            return Ok(None);
+        }
+        self.recompute(tag, grad)
     }
 
     /// The checkpoint hook: recompute block `j` of micro-batch `mb` from its kept input and
@@ -235,13 +306,13 @@ unsafe extern "C" fn hook(
     ffi::run_callback(
         grad_in,
         grad_out,
-        "a checkpoint hook",
+        "a pipeline stage's backward hook",
         |grad| {
             let mut st = hooks
                 .0
                 .try_borrow_mut()
                 .map_err(|_| tch::TchError::Torch("stage state busy in a hook".into()))?;
-            st.recompute(tag, grad)
+            st.on_backward(tag, grad)
         },
         |err| {
             if let Ok(mut st) = hooks.0.try_borrow_mut() {
@@ -361,6 +432,12 @@ impl Stage<'_> {
         };
         let user = &*self.hooks as *const Hooks as *mut c_void;
         let st = &self.hooks.0;
+        // The stage module's FSDP pre-forward (the root's group first).
+        let root = st.borrow().root_group();
+        if let Some(g) = root {
+            st.borrow_mut().pre_forward(g)?;
+        }
+        let fsdp = st.borrow_mut().fsdp().is_some();
         // `h = self.tok_embeddings(tokens) if ... else tokens`
         let mut h = if st.borrow().first {
             model::embed_with(&input, st.borrow().root(0))?
@@ -369,6 +446,13 @@ impl Stage<'_> {
         };
         let blocks = st.borrow().blocks;
         for j in 0..blocks {
+            if fsdp {
+                // The block's FSDP pre-forward: unshard, then the post-backward hook on its
+                // input (`_register_post_backward_hook`, RegisterPostBackwardFunction).
+                st.borrow_mut().pre_forward(j)?;
+                // SAFETY: as for the checkpoint link below.
+                h = unsafe { ffi::boundary(&h, POST + j as i64, hook, user) }.map_err(shim)?;
+            }
             // `h = layer(h, freqs)`: the previous h is freed unless autograd saved it.
             h = if checkpointed(self.ac, j as u64) {
                 let y = tch::no_grad(|| st.borrow().block(j, &h))?;
@@ -389,6 +473,10 @@ impl Stage<'_> {
         } else {
             h
         };
+        // The root's post-forward frees the last all-gather output.
+        if let Some(f) = st.borrow_mut().fsdp() {
+            f.root_post_forward();
+        }
         self.fwd_cache[k] = Some((output.shallow_clone(), input));
         Ok(output)
     }
@@ -428,6 +516,16 @@ impl Stage<'_> {
             let hooked = self.hooks.0.borrow_mut().error.take();
             return Err(hooked.unwrap_or(tch::TchError::Torch(e.0)));
         }
+        {
+            // The root's post-backward, last (its hook on the stage input, or the final
+            // callback where the input needs no gradient), without sync as the blocks'.
+            let mut st = self.hooks.0.borrow_mut();
+            if let Some(g) = st.root_group() {
+                if let Some(f) = st.fsdp() {
+                    f.post_backward_no_sync(g)?;
+                }
+            }
+        }
         // `stage_backward`: the input's gradient is read and the buffer's `.grad` set to None.
         let grad = if self.first() {
             None
@@ -448,6 +546,39 @@ impl Stage<'_> {
         if self.last() {
             self.losses = std::mem::take(&mut self.internal_losses);
         }
+    }
+
+    /// `perform_reduce_grad(n)` (stage.py:989), called by the schedule while its own
+    /// variables still hold what they hold. Under FSDP every group's post-backward with sync
+    /// and reshard on, in `all_states` order (the stage module's root first, then the blocks):
+    /// the unsharded parameters freed, the gradients reduce-scattered into the sharded ones;
+    /// then the final callback frees the last reduce-scatter input. Then `scale_grads`: every
+    /// gradient divided by the number of micro-batches, in place.
+    fn perform_reduce_grad(&mut self) -> TResult<()> {
+        let n = self.n as f64;
+        let mut st = self.hooks.0.borrow_mut();
+        let root = st.root_group();
+        let _ng = tch::no_grad_guard();
+        match &mut st.params {
+            Params::Plain(shards) => {
+                for sh in shards.iter_mut() {
+                    sh.grad = ffi::take_grad(&sh.view).map_err(shim)?;
+                }
+            }
+            Params::Fsdp(f) => {
+                let blocks = f.groups.len() - usize::from(root.is_some());
+                for g in root.into_iter().chain(0..blocks) {
+                    f.post_backward(g)?;
+                }
+                f.finish_backward();
+            }
+        }
+        for sh in st.params.shards_mut() {
+            if let Some(g) = &mut sh.grad {
+                let _ = g.f_div_scalar_(n)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -545,6 +676,7 @@ fn gpipe(st: &mut Stage, win: &mut Windows) -> std::result::Result<(), Fail> {
     }
     wait_all(&bwd_sends_to_wait)?;
     st.update_losses();
+    st.perform_reduce_grad()?;
     drop((output, loss, fwd_sends_to_wait, bwd_sends_to_wait));
     Ok(())
 }
@@ -612,6 +744,7 @@ fn one_f_one_b(st: &mut Stage, win: &mut Windows, pp: usize) -> std::result::Res
     }
     wait_all(&send_work)?;
     st.update_losses();
+    st.perform_reduce_grad()?;
     drop((output, loss, send_work, fwd_sends, bwd_sends));
     Ok(())
 }
@@ -621,7 +754,11 @@ fn one_f_one_b(st: &mut Stage, win: &mut Windows, pp: usize) -> std::result::Res
 
 /// Runs this rank's pipeline stage of `plan` for `opts.steps` steps (see the module doc). The
 /// report is this stage's memory; losses and gradient norms are the job's.
-pub fn train_stage(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainReport> {
+pub fn train_stage(
+    plan: &Plan,
+    opts: &TrainOptions,
+    mesh: &std::rc::Rc<Mesh>,
+) -> Result<TrainReport> {
     let rt = |e: tch::TchError| Error::runtime(format!("trainer: {e}"));
     if opts.device != super::TrainDevice::Cpu {
         return Err(Error::input(
@@ -639,16 +776,33 @@ pub fn train_stage(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<Trai
     let (first_layer, count) = stage_layers(m.layers, pp, stage);
     let (first, last) = (stage == 0, stage + 1 == pp);
     let dtype = kind(plan.precision.param);
-    let env = Env {
-        device: Device::Cpu,
-        compute: dtype,
-        reduce: dtype,
-        master: dtype,
-        world: 1,
-        rank: 0,
-        peers: false,
-        offload: Offload::None,
+    let dp_shard = plan.parallel.dp_shard as i64;
+    let env = if dp_shard > 1 {
+        // FSDP2's MixedPrecisionPolicy(param_dtype, reduce_dtype) over master shards.
+        Env {
+            device: Device::Cpu,
+            compute: dtype,
+            reduce: kind(plan.precision.reduce),
+            master: kind(plan.precision.master),
+            world: dp_shard,
+            rank: mesh.shard.rank(),
+            peers: false,
+            offload: Offload::None,
+        }
+    } else {
+        Env {
+            device: Device::Cpu,
+            compute: dtype,
+            reduce: dtype,
+            master: dtype,
+            world: 1,
+            rank: 0,
+            peers: false,
+            offload: Offload::None,
+        }
     };
+    // This rank's place among the data-parallel ranks: which rows of each micro-batch it reads.
+    let (dp_rank, dp_world) = (mesh.dp_rank(), mesh.dp_world());
     let _default = ffi::channel(Channel::Device);
     let meter = Meter::new(None)?;
     let _limit = opts.device_limit.map(|limit| {
@@ -657,29 +811,71 @@ pub fn train_stage(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<Trai
     });
     tch::manual_seed(opts.seed as i64);
 
+    // torchtitan's rotary table, one per stage module.
+    let freqs = || {
+        let rows = match plan.implementation.rotary {
+            crate::plan::Rotary::ComplexSeq => plan.batch.seq_len,
+            _ => 2 * plan.batch.seq_len,
+        };
+        model::precompute_freqs_cis(m.head_dim as i64, rows as i64, Device::Cpu)
+    };
     // Setup: the whole model's initial weights are drawn in the order the single-process
     // trainer draws them (every block, then the root), so that a stage starts from the same
     // weights; the stage keeps its own.
     let setup_start = meter.start()?;
-    let (shards, freqs) = (|| -> TResult<_> {
+    let (params, leaves, freqs) = (|| -> TResult<_> {
         let block: Vec<(u64, u64)> = m.block_params().iter().map(|p| (p.rows, p.cols)).collect();
         let block_norms: Vec<bool> = block.iter().map(|&(_, c)| c == 1).collect();
-        let mut kept: Vec<Tensor> = Vec::new();
+        // The stage's blocks (global index, weights), then its root weights.
+        let mut blocks: Vec<(u64, Vec<Tensor>)> = Vec::new();
         for i in 0..m.layers {
             let full = init_weights(&block, &block_norms)?;
             if (first_layer..first_layer + count).contains(&i) {
-                kept.extend(full);
+                blocks.push((i, full));
             }
         }
         let root: Vec<(u64, u64)> = m.root_params().iter().map(|p| (p.rows, p.cols)).collect();
         let root_norms: Vec<bool> = root.iter().map(|&(_, c)| c == 1).collect();
         let full = init_weights(&root, &root_norms)?;
         // ModelSpec::root_params: tok_embeddings, the final norm, the output projection.
+        let mut root_kept: Vec<(trace::Module, Tensor)> = Vec::new();
         for (k, t) in full.into_iter().enumerate() {
+            let module = match k {
+                0 => trace::Module::TokEmbeddings,
+                1 => trace::Module::Norm,
+                _ => trace::Module::Output,
+            };
             if (k == 0 && first) || (k > 0 && last) {
-                kept.push(t);
+                root_kept.push((module, t));
             }
         }
+        if dp_shard > 1 {
+            // `fully_shard` on every block, then on the stage module (its own parameters).
+            let mut groups = Vec::new();
+            for (i, full) in &blocks {
+                let module = trace::Module::Layer(*i as u32);
+                let params = full
+                    .iter()
+                    .map(|t| FsdpParam::new(t, &env, module))
+                    .collect::<TResult<Vec<_>>>()?;
+                groups.push(Group::new(params, false, module));
+            }
+            if !root_kept.is_empty() {
+                let params = root_kept
+                    .iter()
+                    .map(|(module, t)| FsdpParam::new(t, &env, *module))
+                    .collect::<TResult<Vec<_>>>()?;
+                groups.push(Group::new(params, false, trace::Module::Root));
+            }
+            let leaves = groups.iter().flat_map(Group::leaves).collect();
+            let comm = Box::new(dist::C10d { mesh: mesh.clone() });
+            return Ok((Params::Fsdp(Fsdp::new(env, groups, comm)), leaves, freqs()?));
+        }
+        let kept: Vec<Tensor> = blocks
+            .into_iter()
+            .flat_map(|(_, w)| w)
+            .chain(root_kept.into_iter().map(|(_, t)| t))
+            .collect();
         let shards = kept
             .iter()
             .map(|t| {
@@ -697,17 +893,11 @@ pub fn train_stage(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<Trai
                 })
             })
             .collect::<TResult<Vec<_>>>()?;
-        // torchtitan's rotary table, one per stage module.
-        let rows = match plan.implementation.rotary {
-            crate::plan::Rotary::ComplexSeq => plan.batch.seq_len,
-            _ => 2 * plan.batch.seq_len,
-        };
-        let freqs = model::precompute_freqs_cis(m.head_dim as i64, rows as i64, Device::Cpu)?;
-        Ok((shards, freqs))
+        let leaves = shards.iter().map(|s| s.view.shallow_clone()).collect();
+        Ok((Params::Plain(shards), leaves, freqs()?))
     })()
     .map_err(rt)?;
     let setup = meter.finish(setup_start)?;
-    let mut shards = shards;
 
     let hooks = Box::new(Hooks(RefCell::new(StageModel {
         spec: m.clone(),
@@ -717,12 +907,13 @@ pub fn train_stage(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<Trai
             logits: plan.implementation.logits,
         },
         freqs,
-        leaves: shards.iter().map(|s| s.view.shallow_clone()).collect(),
+        leaves,
         per_block: m.block_params().iter().count(),
         blocks: count as usize,
         first,
         last,
         ckpt: HashMap::new(),
+        params,
         error: None,
     })));
     let n = plan.batch.grad_accum_steps as usize;
@@ -758,7 +949,11 @@ pub fn train_stage(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<Trai
             std::process::abort();
         }
         // `opt.zero_grad()`: gradients set to None.
-        shards.iter_mut().for_each(|sh| sh.grad = None);
+        st.hooks.0.borrow_mut()
+            .params
+            .shards_mut()
+            .into_iter()
+            .for_each(|sh| sh.grad = None);
         pg.barrier().map_err(rt)?;
         let mut win = Windows::new(&meter)?;
         let r = (|| -> std::result::Result<(), Fail> {
@@ -768,14 +963,19 @@ pub fn train_stage(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<Trai
             let toks = {
                 let _off = ffi::channel(Channel::Off);
                 let mut all = Vec::with_capacity(n * (b * (s + 1)) as usize);
+                let row = (s + 1) as usize;
+                let mine = dp_rank as usize * b as usize * row..(dp_rank + 1) as usize * b as usize * row;
                 for k in 0..n as u64 {
-                    all.extend(synthetic_tokens(
+                    // This rank's rows of the global micro-batch of dp x b rows (as the
+                    // single-process trainer's batch_on_device).
+                    let global = synthetic_tokens(
                         opts.seed,
                         (step - 1) * n as u64 + k,
-                        b,
+                        b * dp_world,
                         s,
                         m.vocab,
-                    ));
+                    );
+                    all.extend_from_slice(&global[mine.clone()]);
                 }
                 Tensor::from_slice(&all).f_view([(n as u64 * b) as i64, s as i64 + 1])?
             };
@@ -793,14 +993,6 @@ pub fn train_stage(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<Trai
             match plan.parallel.pp_schedule {
                 PpSchedule::GPipe => gpipe(&mut st, &mut win)?,
                 _ => one_f_one_b(&mut st, &mut win, pp as usize)?,
-            }
-            // `perform_reduce_grad(n)` without FSDP: `scale_grads`, in place.
-            let _ng = tch::no_grad_guard();
-            for sh in shards.iter_mut() {
-                sh.grad = ffi::take_grad(&sh.view).map_err(shim)?;
-                if let Some(g) = &mut sh.grad {
-                    let _ = g.f_div_scalar_(n as f64)?;
-                }
             }
             Ok(())
         })();
@@ -825,7 +1017,13 @@ pub fn train_stage(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<Trai
         let (norm, loss) = (|| -> TResult<(f64, f64)> {
             let _off = ffi::channel(Channel::Off);
             let mut sq = 0.0;
-            for g in shards.iter().filter_map(|sh| sh.grad.as_ref()) {
+            let mut model = st.hooks.0.borrow_mut();
+            for g in model
+                .params
+                .shards_mut()
+                .into_iter()
+                .filter_map(|sh| sh.grad.as_ref())
+            {
                 sq += g
                     .f_to_kind(Kind::Double)?
                     .f_square()?
@@ -836,9 +1034,14 @@ pub fn train_stage(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<Trai
             for l in &st.losses {
                 loss += l.f_double_value(&[])? / n as f64;
             }
+            // Every rank holds its own shards; each data-parallel position's last stage the
+            // loss of its rows.
             let t = Tensor::from_slice(&[sq, loss]);
-            pg.all_reduce_sum(&t)?;
-            Ok((t.f_double_value(&[0])?.sqrt(), t.f_double_value(&[1])?))
+            mesh.all_reduce_sum(&t)?;
+            Ok((
+                t.f_double_value(&[0])?.sqrt(),
+                t.f_double_value(&[1])? / dp_world as f64,
+            ))
         })()
         .map_err(rt)?;
 
@@ -848,9 +1051,11 @@ pub fn train_stage(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<Trai
             ..cfg
         };
         let start = meter.start()?;
-        let mut all: Vec<&mut Shard> = shards.iter_mut().collect();
+        let mut model = st.hooks.0.borrow_mut();
+        let mut all: Vec<&mut Shard> = model.params.shards_mut();
         let r = optim::step(&cfg, &env, &mut all, false);
         drop(all);
+        drop(model);
         let opt = meter.finish(start)?;
         match r {
             Ok(()) => {}
@@ -898,7 +1103,7 @@ pub fn train_stage(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<Trai
     let notes = vec![
         format!(
             "rank {} of a {}-process pipeline over c10d Gloo: stage {stage} of {pp} (layers \
-             {first_layer}..{}{}{}), {} schedule over {n} micro-batches; no FSDP inside the stage",
+             {first_layer}..{}{}{}), {} schedule over {n} micro-batches; {}",
             mesh.env.rank,
             mesh.env.world,
             first_layer + count,
@@ -909,6 +1114,15 @@ pub fn train_stage(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<Trai
                 ""
             },
             plan.parallel.pp_schedule,
+            if dp_shard > 1 {
+                format!(
+                    "FSDP2 over the stage's {dp_shard} data-parallel ranks (shard rank {}), \
+                     unsharded and unreduced until the schedule's end",
+                    env.rank
+                )
+            } else {
+                "no FSDP inside the stage".to_string()
+            },
         ),
         "forward and backward: the schedule's time cut at each forward and backward action \
          (receives included); every figure is this stage's"
@@ -920,7 +1134,7 @@ pub fn train_stage(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<Trai
     Ok(TrainReport {
         model: m.name.clone(),
         device: opts.device,
-        dp_shard: 1,
+        dp_shard: plan.parallel.dp_shard,
         rank: mesh.env.rank,
         processes: mesh.env.world,
         pp_stage: Some(stage),
