@@ -333,6 +333,13 @@ pub struct Group {
     pub reshard_after_forward: bool,
     /// The module the group wraps (a block, or the root).
     pub module: Module,
+    /// The parameter (index in `params`) whose unsharded gradient the reduce keeps until it
+    /// returns, where the caller mirrors it: FSDP2's `foreach_reduce` loops over its
+    /// (param, gradient) pairs before the copy-in (torch 2.11 fsdp/_fully_shard/
+    /// _fsdp_collectives.py:503-515, world size above 1), and Python leaves the loop variable
+    /// bound to the last module-registered parameter's gradient until the function returns.
+    /// None: no gradient kept past the copy-in.
+    pub held_in_reduce: Option<usize>,
 }
 
 impl Group {
@@ -343,6 +350,7 @@ impl Group {
             pending: None,
             reshard_after_forward,
             module,
+            held_in_reduce: None,
         }
     }
     fn shard_numel(&self) -> i64 {
@@ -576,6 +584,11 @@ impl Fsdp {
         let with: Vec<usize> = (0..grads.len()).filter(|&i| grads[i].is_some()).collect();
         let grads: Vec<Tensor> = grads.into_iter().flatten().collect();
         let group = &mut self.groups[g];
+        let held = group
+            .held_in_reduce
+            .filter(|_| env.world > 1)
+            .and_then(|i| with.iter().position(|&w| w == i))
+            .map(|k| grads[k].shallow_clone());
         let n: i64 = with.iter().map(|&i| group.params[i].shard_numel()).sum();
         let world = env.world;
         // Attribution: the reduce-scatter buffers, and the tensor that becomes the sharded
@@ -625,7 +638,7 @@ impl Fsdp {
             out
         };
         accumulate(&mut self.groups[g].params, &with, &out, |p| &mut p.local)?;
-        drop(out);
+        drop((out, held));
         self.reduce_scatter_state = Some(rs_input);
         let _off = ffi::channel(Channel::Off);
         for (r, chunk) in peer_chunks {

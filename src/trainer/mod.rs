@@ -34,7 +34,7 @@
 //! dataloader. Context parallelism, fp16, selective per-op checkpointing and what the plan
 //! asks that the trainer does not execute (`check_supported`) are refused with an error; HSDP,
 //! tensor and pipeline parallelism run only as real multi-process jobs (pipelining:
-//! [`pipeline`], a stage per rank, GPipe and 1F1B, no FSDP inside a stage yet; tensor
+//! [`pipeline`], a stage per rank, GPipe and 1F1B, with or without FSDP2 inside a stage; tensor
 //! parallelism: [`tensor_parallel`], with or without SP and loss parallelism, no FSDP yet).
 //!
 //! # Checked against PyTorch itself

@@ -1,6 +1,7 @@
-//! Pipeline parallelism across processes: rank r of a `pp`-rank job runs pipeline stage r, as
+//! Pipeline parallelism across processes: each rank runs one pipeline stage, as
 //! `torch.distributed.pipelining` (torch 2.11) runs `PipelineStage` under `ScheduleGPipe` and
-//! `Schedule1F1B`, without FSDP inside the stages (dp_shard = 1).
+//! `Schedule1F1B`, without FSDP inside the stages (dp_shard 1: rank r is stage r) or with
+//! FSDP2 over each stage's dp_shard ranks (a (pp, dp_shard) mesh, pp outermost).
 //!
 //! # What a stage holds
 //! torchtitan's split (`pipelining_reference.py` next to this file): stage s takes the layers
@@ -11,6 +12,32 @@
 //! AccumulateGrad does, and are divided by the number of micro-batches after the schedule
 //! (`scale_grads=True`, torch's default, the reference's; in place). The optimizer then steps
 //! them as torch.optim does.
+//!
+//! # FSDP2 inside a stage (dp_shard > 1)
+//! As the reference and torchtitan apply it: `fully_shard` on every block, then on the stage
+//! module (a group for the embedding, or the final norm and output, where the stage has them),
+//! `reshard_after_forward=False`, over [`fsdp`](super::fsdp)'s emulation of FSDP2 with c10d
+//! collectives over the stage's shard group. What pipelining adds (stage.py, schedules.py):
+//! - Before every micro-batch's backward the stage sets `set_requires_gradient_sync(False)`,
+//!   `set_reshard_after_backward(False)` and `set_is_last_backward(False)` (stage.py:656-659):
+//!   so the groups, all-gathered at the step's first forward, stay unsharded through the whole
+//!   schedule (no other all-gather until the next step), and each post-backward reduces
+//!   nothing: the unsharded gradients accumulate on the parameters, or, with a reduce dtype
+//!   other than the compute dtype, in `unsharded_accumulated_grad` (the first cast, later ones
+//!   added: [`Fsdp::post_backward_no_sync`]).
+//! - After the schedule, while the schedule's own variables still hold what they hold,
+//!   `perform_reduce_grad` (stage.py:989, schedules.py:768 and :976) turns sync and reshard
+//!   back on and runs every group's post-backward in `all_states` order (the stage module's
+//!   group first, then the blocks): reshard, reduce-scatter into the sharded gradients; the
+//!   final callback then frees the last reduce-scatter input, and `scale_grads` divides the
+//!   sharded gradients by the number of micro-batches in place.
+//! - FSDP2's `foreach_reduce` keeps the last-registered parameter's unsharded gradient (its
+//!   loop variable) until it returns: `Group::held_in_reduce`, set here to torchtitan's last
+//!   parameter (a block's ffn_norm, the stage module's output or embedding).
+//!
+//! Each data-parallel rank reads its own rows of every micro-batch (the single-process
+//! trainer's micro-batch of dp x micro_batch_size rows), so that the job learns as the
+//! FSDP-less pipeline over the whole micro-batches.
 //!
 //! # What the schedules keep (torch/distributed/pipelining/stage.py and schedules.py)
 //! - A receive buffer per micro-batch, allocated at the first step and kept: the stage input
@@ -33,15 +60,20 @@
 //! `batch_isend_irecv` calls are; Gloo's send and receive allocate nothing.
 //!
 //! # Known differences from torch, kept
+//! - Gloo's reduce-scatter clones its input (and the counter sees 12 bytes more); NCCL and the
+//!   trainer's collectives do not. The report notes the steady peak torch's CPU/Gloo run would
+//!   reach with that clone ([`GlooAccounted`]); it exceeds the trainer's own only where the
+//!   schedule's end is the stage's peak.
 //! - torch.optim's `state["step"]` scalars (4 bytes per parameter tensor) are CPU tensors: the
 //!   reference, on CPU, counts them as device bytes; this trainer counts them as host bytes,
 //!   as on a GPU they are (`optim.rs`).
 //! - Python objects that own no tensor bytes (P2POp lists, Work objects of receives into the
 //!   persistent buffers) are not mirrored: they hold nothing the counter sees.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ffi::{c_int, c_void};
+use std::rc::Rc;
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
@@ -49,7 +81,7 @@ use torch_sys::C_tensor;
 
 use super::dist::{self, Mesh, ProcessGroup, Work};
 use super::ffi::{self, Channel};
-use super::fsdp::{shim, Env, Fsdp, FsdpParam, Group, Place, Shard};
+use super::fsdp::{shim, Collectives, Env, Fsdp, FsdpParam, Group, Place, Shard};
 use super::memory::{Meter, PhaseMemory};
 use super::model::{self, BlockWeights, Dims, Flavor, TResult};
 use super::optim::{self, OptConfig};
@@ -441,6 +473,12 @@ impl Stage<'_> {
         // `h = self.tok_embeddings(tokens) if ... else tokens`
         let mut h = if st.borrow().first {
             model::embed_with(&input, st.borrow().root(0))?
+        } else if let (true, Some(g)) = (fsdp, root) {
+            // The root's post-backward hook on its input (the received activation, which
+            // requires grad): it runs inside the backward, while autograd still holds what it
+            // holds there (the loss's ones on the last stage).
+            // SAFETY: as for the checkpoint link below.
+            unsafe { ffi::boundary(&input, POST + g as i64, hook, user) }.map_err(shim)?
         } else {
             input.shallow_clone()
         };
@@ -516,9 +554,10 @@ impl Stage<'_> {
             let hooked = self.hooks.0.borrow_mut().error.take();
             return Err(hooked.unwrap_or(tch::TchError::Torch(e.0)));
         }
-        {
-            // The root's post-backward, last (its hook on the stage input, or the final
-            // callback where the input needs no gradient), without sync as the blocks'.
+        if self.first() {
+            // The first stage's root post-backward: its input (token ids) needs no gradient,
+            // so FSDP2's final callback runs it at the backward's end (later stages run it
+            // from the hook on their input, last, as the blocks' without sync).
             let mut st = self.hooks.0.borrow_mut();
             if let Some(g) = st.root_group() {
                 if let Some(f) = st.fsdp() {
@@ -579,6 +618,57 @@ impl Stage<'_> {
             }
         }
         Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// What torch's reference holds on Gloo besides.
+
+/// What Gloo's reduce-scatter allocates besides the input and output, as the reference's
+/// CPU/Gloo run counts it: `reduce_scatter_tensor_coalesced` (torch 2.11
+/// ProcessGroupGloo.cpp, behind `_reduce_scatter_base`) all-reduces a `clone()` of the whole
+/// input and copies this rank's chunk out; the counter also sees 12 bytes more during every
+/// call (measured at each reduce-scatter of every stage, fp32 and bf16, whatever its size).
+/// NCCL, on a GPU, allocates neither, and this trainer's Gloo collectives neither (`dist.rs`).
+fn gloo_reduce_scatter_bytes(input: &Tensor) -> u64 {
+    (input.numel() * input.kind().elt_size_in_bytes()) as u64 + 12
+}
+
+/// The stage's FSDP collectives (`dist::C10d`), which also keep the highest device bytes
+/// torch's reference would reach inside a reduce-scatter on Gloo: the bytes live here when
+/// it is issued plus [`gloo_reduce_scatter_bytes`]. A report figure, never an allocation.
+struct GlooAccounted {
+    inner: dist::C10d,
+    /// The raw device counter at the meter's zero.
+    base: u64,
+    high: Rc<Cell<u64>>,
+}
+
+impl Collectives for GlooAccounted {
+    fn world_size(&self) -> i64 {
+        self.inner.world_size()
+    }
+    fn rank(&self) -> i64 {
+        self.inner.rank()
+    }
+    fn all_gather(
+        &mut self,
+        output: &Tensor,
+        input: &Tensor,
+        peer_input: &mut dyn FnMut(i64) -> TResult<Tensor>,
+    ) -> TResult<()> {
+        self.inner.all_gather(output, input, peer_input)
+    }
+    fn reduce_scatter(
+        &mut self,
+        output: &Tensor,
+        input: &Tensor,
+        peer_output: &mut dyn FnMut(i64, Tensor) -> TResult<()>,
+    ) -> TResult<()> {
+        let now = ffi::counter(Channel::Device).0.saturating_sub(self.base);
+        let gloo = now + gloo_reduce_scatter_bytes(input);
+        self.high.set(self.high.get().max(gloo));
+        self.inner.reduce_scatter(output, input, peer_output)
     }
 }
 
@@ -823,6 +913,8 @@ pub fn train_stage(
     // trainer draws them (every block, then the root), so that a stage starts from the same
     // weights; the stage keeps its own.
     let setup_start = meter.start()?;
+    let base = ffi::counter(Channel::Device).0 - meter.allocated()?;
+    let gloo_high = Rc::new(Cell::new(0u64));
     let (params, leaves, freqs) = (|| -> TResult<_> {
         let block: Vec<(u64, u64)> = m.block_params().iter().map(|p| (p.rows, p.cols)).collect();
         let block_norms: Vec<bool> = block.iter().map(|&(_, c)| c == 1).collect();
@@ -858,17 +950,30 @@ pub fn train_stage(
                     .iter()
                     .map(|t| FsdpParam::new(t, &env, module))
                     .collect::<TResult<Vec<_>>>()?;
-                groups.push(Group::new(params, false, module));
+                let mut group = Group::new(params, false, module);
+                // The block's last-registered parameter in torchtitan's TransformerBlock
+                // (attention, feed_forward, attention_norm, ffn_norm): ffn_norm, after the
+                // attention norm and the four projections (with their biases) here.
+                let linear = |bias: bool| 1 + usize::from(bias);
+                group.held_in_reduce = Some(1 + 3 * linear(m.qkv_bias) + linear(m.o_bias));
+                groups.push(group);
             }
             if !root_kept.is_empty() {
                 let params = root_kept
                     .iter()
                     .map(|(module, t)| FsdpParam::new(t, &env, *module))
                     .collect::<TResult<Vec<_>>>()?;
-                groups.push(Group::new(params, false, trace::Module::Root));
+                let mut group = Group::new(params, false, trace::Module::Root);
+                // The stage module registers tok_embeddings, then norm and output.
+                group.held_in_reduce = Some(group.params.len() - 1);
+                groups.push(group);
             }
             let leaves = groups.iter().flat_map(Group::leaves).collect();
-            let comm = Box::new(dist::C10d { mesh: mesh.clone() });
+            let comm = Box::new(GlooAccounted {
+                inner: dist::C10d { mesh: mesh.clone() },
+                base,
+                high: gloo_high.clone(),
+            });
             return Ok((Params::Fsdp(Fsdp::new(env, groups, comm)), leaves, freqs()?));
         }
         let kept: Vec<Tensor> = blocks
@@ -943,18 +1048,23 @@ pub fn train_stage(
     let mut oom = None;
     let started = Instant::now();
     let mut tokens_done = 0u64;
+    // The last step's highest bytes inside a reduce-scatter, with Gloo's own (GlooAccounted).
+    let mut gloo_steady = 0u64;
     for step in 1..=opts.steps {
         if opts.abort_at_step == Some(step) {
             eprintln!("error: aborting at step {step} (fault injection)");
             std::process::abort();
         }
         // `opt.zero_grad()`: gradients set to None.
-        st.hooks.0.borrow_mut()
+        st.hooks
+            .0
+            .borrow_mut()
             .params
             .shards_mut()
             .into_iter()
             .for_each(|sh| sh.grad = None);
         pg.barrier().map_err(rt)?;
+        gloo_high.set(0);
         let mut win = Windows::new(&meter)?;
         let r = (|| -> std::result::Result<(), Fail> {
             // The step's whole batch: micro-batch k is the single-process trainer's
@@ -964,7 +1074,8 @@ pub fn train_stage(
                 let _off = ffi::channel(Channel::Off);
                 let mut all = Vec::with_capacity(n * (b * (s + 1)) as usize);
                 let row = (s + 1) as usize;
-                let mine = dp_rank as usize * b as usize * row..(dp_rank + 1) as usize * b as usize * row;
+                let mine =
+                    dp_rank as usize * b as usize * row..(dp_rank + 1) as usize * b as usize * row;
                 for k in 0..n as u64 {
                     // This rank's rows of the global micro-batch of dp x b rows (as the
                     // single-process trainer's batch_on_device).
@@ -1074,6 +1185,7 @@ pub fn train_stage(
             win.forward.unwrap_or_default(),
             win.backward.unwrap_or_default(),
         );
+        gloo_steady = gloo_high.get();
         steps.push(StepReport {
             step,
             loss,
@@ -1100,7 +1212,7 @@ pub fn train_stage(
             .max()
             .unwrap_or(0)
     };
-    let notes = vec![
+    let mut notes = vec![
         format!(
             "rank {} of a {}-process pipeline over c10d Gloo: stage {stage} of {pp} (layers \
              {first_layer}..{}{}{}), {} schedule over {n} micro-batches; {}",
@@ -1131,6 +1243,13 @@ pub fn train_stage(
          step scalars are counted as host bytes, as on a GPU"
             .into(),
     ];
+    if let (true, Some(s)) = (dp_shard > 1, steps.last()) {
+        notes.push(format!(
+            "on Gloo, whose reduce-scatter clones its input, torch's steady step here would peak \
+             at {} bytes (Gloo reduce-scatter peak)",
+            s.peak_allocated_bytes.max(gloo_steady)
+        ));
+    }
     Ok(TrainReport {
         model: m.name.clone(),
         device: opts.device,
