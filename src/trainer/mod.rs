@@ -51,6 +51,7 @@
 //! (torchtitan's `checkpoint_wrapper`) does.
 
 pub mod dist;
+pub mod expert_parallel;
 pub mod ffi;
 pub mod fsdp;
 pub mod launch;
@@ -238,11 +239,7 @@ fn kind(d: DType) -> Kind {
 fn check_supported(plan: &Plan, distributed: bool) -> Result<()> {
     let m = &plan.model;
     if m.moe.is_some() {
-        return Err(unsupported(
-            "model",
-            &m.name,
-            "a dense model: the trainer has no experts or router yet",
-        ));
+        expert_parallel::check(plan)?;
     }
     if !m.is_llama_block() {
         return Err(unsupported(
@@ -796,6 +793,9 @@ fn train_on(
     let rt = |e: tch::TchError| Error::runtime(format!("trainer: {e}"));
     ffi::install_counting_allocator()
         .map_err(|e| Error::runtime(format!("installing the counting allocator: {e}")))?;
+    if plan.model.moe.is_some() {
+        return expert_parallel::train_moe(plan, opts);
+    }
     if let (Some(m), true) = (&mesh, plan.parallel.pp > 1) {
         return pipeline::train_stage(plan, opts, m);
     }

@@ -318,6 +318,20 @@ pub fn block_forward_with(
     f: Flavor,
     c: &dyn Collectives,
 ) -> TResult<Tensor> {
+    block_forward_ffn(x, w, freqs_cis, d, f, c, &|n| feed_forward(n, w, c))
+}
+
+/// [`block_forward_with`] with another feed-forward, `ffn(ffn_norm(h))` (a mixture of experts,
+/// [`super::expert_parallel`]); `w`'s w1, w3 and w2 are then not read.
+pub fn block_forward_ffn(
+    x: &Tensor,
+    w: &BlockWeights,
+    freqs_cis: &Tensor,
+    d: Dims,
+    f: Flavor,
+    c: &dyn Collectives,
+    ffn: &dyn Fn(&Tensor) -> TResult<Tensor>,
+) -> TResult<Tensor> {
     let part = recorder::part(Part::Attention);
     let n = rms_norm(x, w.attention_norm)?;
     let a = attention(&n, w, freqs_cis, d, f, c)?;
@@ -327,7 +341,7 @@ pub fn block_forward_with(
     drop(a);
     let part = recorder::part(Part::FeedForward);
     let n = rms_norm(&h, w.ffn_norm)?;
-    let m = feed_forward(&n, w, c)?;
+    let m = ffn(&n)?;
     drop(n);
     drop(part);
     h.f_add(&m)
