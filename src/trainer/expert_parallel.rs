@@ -35,8 +35,13 @@
 //! The rows each expert gets depend on the data. On one process (EP 1) they do not change the
 //! bytes that autograd keeps: every buffer sized by rows is sized by `N k` or by `P`, which is
 //! `round_up(N k + 8 E, 8)` whatever the split. Only `fill_indices_cpu`'s `arange`s and the
-//! CPU grouped_mm's per-group temporaries follow the split, and they live inside one op, far
-//! from either phase's peak. So the synthetic data of this trainer gives torch's peaks.
+//! CPU grouped_mm's per-group temporaries follow the split, and they live inside one op. They
+//! never set a step's peak (the loss's backward without checkpointing; with it, the
+//! optimizer, or the first block's recompute at `_unpermute`), but they set the forward
+//! phase's under full checkpointing, where nothing else is kept: there the trainer's data
+//! gives other bytes than the reference's (tests/expert_parallel.rs bounds them). So the
+//! synthetic data of this trainer gives torch's step peaks, and its backward and optimizer
+//! phases, to the byte.
 //! Expert parallelism (EP > 1: the all-to-all dispatch and combine, the experts' own FSDP
 //! mesh) is not run yet: it is refused.
 //!
