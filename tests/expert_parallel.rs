@@ -10,7 +10,8 @@
 //! that does not change a byte of either peak (the module doc of expert_parallel.rs says why),
 //! which the records show too: each one's rows after dispatch are `N k` in every layer.
 //!
-//! Run with `source scripts/libtorch-env.sh && cargo test --features trainer --test expert_parallel`.
+//! Run with
+//! `source scripts/libtorch-env.sh && cargo test --features trainer --test expert_parallel`.
 
 mod common;
 

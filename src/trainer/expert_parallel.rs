@@ -9,13 +9,13 @@
 //!   gathered from the unbiased ones, route_norm (divided by their sum + 1e-20), times
 //!   route_scale; the tokens per expert counted (`torch.histc`, which has no CPU kernel for
 //!   int64: `bincount(minlength=E)` as the reference's patch 1).
-//! - `MoE.forward` (moe.py l.474-549): the counts added to the `tokens_per_expert` buffer
-//!   (no grad), `TokenReorderer` (counts again, stable argsort, scores sorted), `routed_input =
-//!   x[sorted // top_k]`, the experts, the output unsorted into zeros by `index_put_`, and
-//!   the scores applied after the experts by a `bmm` (score_before_experts False). No shared
-//!   expert.
+//! - `MoE.forward` (moe.py l.473-549): the counts added to the `tokens_per_expert` buffer
+//!   (no grad), `TokenReorderer` (moe.py l.378-419: counts again, stable argsort, scores
+//!   sorted), `routed_input = x[sorted // top_k]`, the experts, the output unsorted into
+//!   zeros by `index_put_`, and the scores applied after the experts by a `bmm`
+//!   (score_before_experts False). No shared expert.
 //! - `GroupedExperts` on the grouped_mm path through `indices_padding_wrapper` (utils.py
-//!   l.62-90): `_permute` pads every local expert's rows to a multiple of
+//!   l.69-97): `_permute` pads every local expert's rows to a multiple of
 //!   TOKEN_GROUP_ALIGN_SIZE_M = 8 (at least 8), `generate_permute_indices`'s CPU path
 //!   (`fill_indices_cpu`, kernels.py l.106-216, the reference's patch 2) into
 //!   `P = round_up(R + 8 E_local, 8)` rows, the last row of a `vstack` with zeros standing for
@@ -196,7 +196,7 @@ impl MoeModel {
         })
     }
 
-    /// `MoE.forward` (moe.py l.474-549). Locals are dropped where Python drops them: a
+    /// `MoE.forward` (moe.py l.473-549). Locals are dropped where Python drops them: a
     /// rebinding frees the old value (unless autograd keeps it), a frame's locals go at its
     /// return.
     fn moe(&self, j: usize, x: &Tensor) -> TResult<Tensor> {
@@ -207,7 +207,7 @@ impl MoeModel {
         let (top_scores, selected, counts) = self.router(&x, &l[GATE], &self.expert_bias[j])?;
         // `self.tokens_per_expert.add_(num_tokens_per_expert)` under no_grad
         let _ = tch::no_grad(|| self.tokens_per_expert[j].shallow_clone().f_add_(&counts))?;
-        // TokenReorderer.forward (moe.py l.395-420)
+        // TokenReorderer.forward (moe.py l.378-419)
         let flat = selected.f_view([-1])?;
         let counts_sorted = flat.f_bincount(None::<Tensor>, e)?;
         let sorted = flat.f_argsort_stable(true, -1, false)?;
@@ -287,7 +287,7 @@ impl MoeModel {
         Ok((scaled, selected, counts))
     }
 
-    /// `GroupedExperts.forward` through `indices_padding_wrapper` (utils.py l.62-90): permute
+    /// `GroupedExperts.forward` through `indices_padding_wrapper` (utils.py l.69-97): permute
     /// with padding, the grouped matmuls, unpermute. Returns `out_unpermuted[:-1]`.
     fn experts(&self, l: &[Tensor], x: &Tensor, counts: &Tensor) -> TResult<Tensor> {
         let local = l[W1].size()[0];
