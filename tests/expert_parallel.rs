@@ -128,7 +128,7 @@ fn the_moe_model_learns() {
     assert!(l[7] < l[0], "{l:?}");
 }
 
-/// Expert parallelism over processes is refused before any rank starts, with the reason.
+/// Expert parallelism over processes is refused: every rank exits at once with the reason.
 #[test]
 fn expert_parallelism_over_processes_is_refused() {
     let c = records().into_iter().find(|c| c["ep"] == 2).unwrap();
