@@ -28,7 +28,10 @@ nothing beyond FSDP2 over the shard group; this script measures that.
 built: the bytes held at the step start, the peaks of forward+loss, backward and the optimizer step (the
 peak reset at the step start, before backward and before the optimizer), the bytes at each phase's end and
 at the step's end, and "peak" (the step's); "steady" is the lowest peak of the steps after the first.
-The loop is torchtitan's (and memplan's trainer's): tokens made uncounted (the data loader's CPU batch is
+tests/data/hsdp_torch_2.11.jsonl holds one line per plan: the config, "measured" (each rank's "steady", in rank
+order) and "ranks" (each rank's whole line); 24 plans, tiny (batch 2 x seq 64) and small (batch 2 x seq 128),
+"param" fp32 and bf16 with "reduce" fp32, "ac" none and full, on 2 x 2, 1 x 2 and 2 x 1, 4 steps each (run
+2026-11-30, torch 2.11.0+cu130, OMP_NUM_THREADS=1). The loop is torchtitan's (and memplan's trainer's): tokens made uncounted (the data loader's CPU batch is
 host memory on a GPU), the inputs and labels counted clones, kept with the loss until the next step rebinds
 them; the logits die after the loss.
 
