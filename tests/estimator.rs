@@ -1179,3 +1179,115 @@ fn muon_states_and_step_match_measured_on_cpu() {
     }
     assert_eq!(n, 4);
 }
+
+/// Parameters of one block and of the root (embedding, final norm, output) of a shipped
+/// bias-free Llama profile: what FSDP2 unshards per unit.
+fn block_and_root_params(model: &str) -> (u64, u64) {
+    let path = format!(
+        "{}/profiles/models/{model}.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let g = |k: &str| m[k].as_u64().unwrap();
+    let (h, v, f) = (g("hidden_size"), g("vocab_size"), g("intermediate_size"));
+    let kv = h / g("num_attention_heads") * g("num_key_value_heads");
+    (2 * h + 2 * h * h + 2 * h * kv + 3 * h * f, 2 * v * h + h)
+}
+
+/// HSDP as torch 2.11 runs it: FSDP2's `fully_shard` on a 2-D (dp_replicate, dp_shard) mesh,
+/// 4 real processes over Gloo for 2 x 2, with 1 x 2 (plain FSDP2 over a 1-D mesh, the
+/// control) and 2 x 1 beside it, each rank counted by the shim's allocator
+/// (src/trainer/hsdp_reference.py; tests/data/hsdp_torch_2.11.jsonl: tiny and small, fp32 and
+/// bf16 parameters reducing in fp32, AC none and full, 24 records). Torch's `foreach_reduce`
+/// (_fsdp_collectives.py l.536-588) reduce-scatters into the gradient shard's buffer and then
+/// all-reduces that same buffer in place over the replicate group, so a 2 x 2 rank holds what
+/// a 1 x 2 rank holds, to the byte (asserted on the records), which is how the estimator
+/// models HSDP. Gloo's scratch inside the collectives is outside the records (NCCL makes none
+/// through the caching allocator); torch.optim's `step` scalars (4 B per parameter tensor,
+/// host memory on a GPU) are inside them and taken off here. Every 2 x 2 and 1 x 2 plan is then
+/// within 1,028 B of the estimate (at most -0.014%), and so is every bf16 2 x 1 plan.
+/// Not modelled, so held to its itemised size instead of 3%: fp32 at dp_shard 1 (2 x 1),
+/// where the estimator assumes no compute copy (param = master and one shard rank, as a
+/// single device or DDP holds), but torch's world-size-1 unshard (_fsdp_param_group.py
+/// l.324-335, l.368-392) still copies every parameter of a unit into an unsharded buffer of its
+/// own: the forward's peak holds the root's and the last block's (-8.7% and -15.9% on tiny's
+/// peak, -2.9% and 0.0% on small's, whose peak is in the optimizer step).
+#[test]
+fn hsdp_plans_match_torch_2_11_fully_shard_on_a_2d_mesh_measured_on_cpu() {
+    let cases = measured_cases("hsdp_torch_2.11.jsonl");
+    let (mut held, mut itemised) = (0, 0);
+    for (line, c, measured) in &cases {
+        let (r, s) = (
+            c["dp_replicate"].as_u64().unwrap(),
+            c["dp_shard"].as_u64().unwrap(),
+        );
+        assert_eq!(measured.len() as u64, r * s, "{line}");
+        let plan = plan(&format!(
+            r#"{{"model":{},"gpu":"cpu","num_gpus":{},
+                "parallel":{{"dp_replicate":{r},"dp_shard":{s}}},
+                "batch":{{"micro_batch_size":{},"seq_len":{}}},
+                "precision":{{"param":{},"master":"fp32","reduce":{}}},
+                "implementation":{{"logits":"float-output"}},
+                "activation_checkpointing":{}}}"#,
+            c["model"],
+            r * s,
+            c["batch"],
+            c["seq"],
+            c["param"],
+            c["reduce"],
+            c["ac"]
+        ));
+        let model = c["model"].as_str().unwrap();
+        let step_scalars = 4 * (9 * common::layers(model) + 3);
+        let most = *measured.iter().max().unwrap();
+        let e = estimate(&plan).unwrap();
+        let pred = e.per_gpu.peak_allocated_bytes.get();
+        if s == 1 && c["param"] == "fp32" {
+            // The forward's peak (after the output projection) lacks the root's and the
+            // last block's unsharded fp32 copies; beyond them, only scalars.
+            let (block, root) = block_and_root_params(model);
+            let fwd = e
+                .per_gpu
+                .timeline
+                .iter()
+                .find(|t| !t.first_step && t.phase == Phase::Forward)
+                .unwrap()
+                .allocated_bytes
+                .get();
+            for rank in c["ranks"].as_array().unwrap() {
+                // The lowest of the steady steps, as `measured` (a late free by a Gloo
+                // worker can raise one step).
+                let steps = rank["steps"].as_array().unwrap();
+                let torch = steps[1..]
+                    .iter()
+                    .map(|s| s["fwd_peak"].as_u64().unwrap())
+                    .min()
+                    .unwrap();
+                let gap = torch - step_scalars - 4 * (root + block) - fwd;
+                assert!(gap <= 16, "{line}: forward {fwd} vs {torch} ({gap} B)");
+            }
+            itemised += 1;
+            continue;
+        }
+        assert!(
+            within(pred as f64, (most - step_scalars) as f64, 0.03),
+            "{line}: {pred} vs {most} less {step_scalars} B of step scalars"
+        );
+        // HSDP's replicas hold what FSDP over their shard group holds (the 1 x 2 control).
+        if r > 1 && s > 1 {
+            let control = cases
+                .iter()
+                .find(|(_, o, _)| {
+                    o["dp_replicate"] == 1
+                        && ["model", "batch", "seq", "param", "reduce", "ac", "dp_shard"]
+                            .iter()
+                            .all(|k| o[k] == c[k])
+                })
+                .unwrap();
+            assert_eq!(most, *control.2.iter().max().unwrap(), "{line}");
+        }
+        held += 1;
+    }
+    assert_eq!((held, itemised), (20, 4));
+}
