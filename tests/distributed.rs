@@ -416,34 +416,43 @@ fn a_gpu_job_without_a_gpu_is_an_input_error() {
 mod common;
 
 /// HSDP against torch 2.11's own: `fully_shard` on a 2-D (dp_replicate, dp_shard) mesh over
-/// Gloo, 4 processes, counted by the same allocator (src/trainer/hsdp_reference.py,
+/// Gloo, counted by the same allocator (src/trainer/hsdp_reference.py,
 /// tests/data/hsdp_torch_2.11.jsonl). Every rank's steady peak is torch's to the byte, less
 /// what torch's record holds on the CPU that a GPU rank holds on the host: torch.optim's
 /// `step` scalars, a 4-byte float32 tensor per parameter tensor (9 per block, 3 in the root),
 /// which the trainer counts as host bytes. Gloo's scratch inside the collectives is in
 /// neither (the reference runs c10d ops uncounted; the trainer issues in-place broadcasts and
-/// all-reduces that allocate none), nor is the reference's barrier between steps.
+/// all-reduces that allocate none), nor is the reference's barrier between steps. The 2 x 1
+/// plan is FSDP2 at one shard rank, whose unshard still copies every parameter of a unit
+/// (torch's `_fsdp_param_group.py` l.368-392): the trainer holds those copies as torch does.
 #[test]
 fn hsdp_ranks_hold_what_torch_fully_shard_on_a_2d_mesh_holds() {
     let records = common::records("hsdp_torch_2.11.jsonl");
-    // tiny in fp32 without checkpointing; small with bf16 parameters reducing in fp32, full AC.
-    for index in [0, 21] {
+    // 2 x 2: tiny in fp32 without checkpointing; small with bf16 parameters reducing in fp32,
+    // full AC. 2 x 1: tiny in fp32.
+    for index in [0, 21, 2] {
         let c = &records[index];
         let (r, s) = (
             c["dp_replicate"].as_u64().unwrap(),
             c["dp_shard"].as_u64().unwrap(),
         );
-        assert_eq!((r, s), (2, 2), "{c}");
         let plan = format!(
-            r#"{{"model":{},"gpu":"cpu","num_gpus":4,
-                "parallel":{{"dp_replicate":2,"dp_shard":2}},
+            r#"{{"model":{},"gpu":"cpu","num_gpus":{},
+                "parallel":{{"dp_replicate":{r},"dp_shard":{s}}},
                 "batch":{{"micro_batch_size":{},"seq_len":{}}},
                 "precision":{{"param":{},"master":"fp32","reduce":{}}},
                 "implementation":{{"logits":"float-output"}},
                 "activation_checkpointing":{}}}"#,
-            c["model"], c["batch"], c["seq"], c["param"], c["reduce"], c["ac"]
+            c["model"],
+            r * s,
+            c["batch"],
+            c["seq"],
+            c["param"],
+            c["reduce"],
+            c["ac"]
         );
-        let reports = common::train(&plan, 4, 3, "rank");
+        let reports = common::train(&plan, r * s, 3, "rank");
+        assert_eq!(reports.len() as u64, r * s);
         let step_scalars = 4 * (9 * common::layers(c["model"].as_str().unwrap()) + 3);
         for (rank, rep) in reports.iter().enumerate() {
             let torch = c["measured"][rank].as_u64().unwrap();
