@@ -1207,12 +1207,19 @@ fn block_and_root_params(model: &str) -> (u64, u64) {
 /// through the caching allocator); torch.optim's `step` scalars (4 B per parameter tensor,
 /// host memory on a GPU) are inside them and taken off here. Every 2 x 2 and 1 x 2 plan is then
 /// within 1,028 B of the estimate (at most -0.014%), and so is every bf16 2 x 1 plan.
-/// Not modelled, so held to its itemised size instead of 3%: fp32 at dp_shard 1 (2 x 1),
-/// where the estimator assumes no compute copy (param = master and one shard rank, as a
+/// Not modelled, so held to its itemised size instead of 3%: fp32 at dp_shard 1 (2 x 1). The
+/// estimator takes one shard rank with param = master for no FSDP (no compute copy, as a
 /// single device or DDP holds), but torch's world-size-1 unshard (_fsdp_param_group.py
-/// l.324-335, l.368-392) still copies every parameter of a unit into an unsharded buffer of its
-/// own: the forward's peak holds the root's and the last block's (-8.7% and -15.9% on tiny's
-/// peak, -2.9% and 0.0% on small's, whose peak is in the optimizer step).
+/// l.368-392) still copies every parameter of a unit into an unsharded buffer of its own
+/// (the trainer does too: tests/distributed.rs). Per phase: the forward and the loss's
+/// backward lack the root's and the last block's fp32 copies (tiny 332,544 B, small
+/// 7,359,488 B), and so does a block's backward (the root's and its own: 332,632 B on tiny,
+/// measured between the blocks' output-gradient hooks), but not a prefetched block's, since
+/// the world-size-1 prefetch (l.324-335) allocates nothing until the block runs. The peak is -8.7%
+/// (tiny, AC none), -15.9% (tiny, full AC), -2.9% (small, AC none; torch peaks in the loss's
+/// backward, the estimate in the optimizer step) and 0.0% (small, full AC). With `copies`
+/// (src/estimate/mod.rs `quantities`) also set for `dp_replicate > 1` and `prefetch_less` one
+/// block's copy at one shard rank, all 24 plans were within 1,028 B (a probe, not applied).
 #[test]
 fn hsdp_plans_match_torch_2_11_fully_shard_on_a_2d_mesh_measured_on_cpu() {
     let cases = measured_cases("hsdp_torch_2.11.jsonl");
