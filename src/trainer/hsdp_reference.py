@@ -24,16 +24,25 @@ nothing beyond FSDP2 over the shard group; this script measures that.
 
 (--nproc-per-node = dp_replicate x dp_shard; "model" is a profile of profiles/models, or give "hidden",
 "layers", "heads", "kv_heads", "ffn", "vocab"). Each rank prints one line, `MPHSDP {json}` (and writes it to
-"$out.r<rank>.json" when "out" is given), with, per step, relative to the counter before the model was
-built: the bytes held at the step start, the peaks of forward+loss, backward and the optimizer step (the
-peak reset at the step start, before backward and before the optimizer), the bytes at each phase's end and
-at the step's end, and "peak" (the step's); "steady" is the lowest peak of the steps after the first.
-tests/data/hsdp_torch_2.11.jsonl holds one line per plan: the config, "measured" (each rank's "steady", in rank
-order) and "ranks" (each rank's whole line); 24 plans, tiny (batch 2 x seq 64) and small (batch 2 x seq 128),
-"param" fp32 and bf16 with "reduce" fp32, "ac" none and full, on 2 x 2, 1 x 2 and 2 x 1, 4 steps each (run
-2026-11-30, torch 2.11.0+cu130, OMP_NUM_THREADS=1). The loop is torchtitan's (and memplan's trainer's): tokens made uncounted (the data loader's CPU batch is
-host memory on a GPU), the inputs and labels counted clones, kept with the loss until the next step rebinds
-them; the logits die after the loss.
+"$out.r<rank>.json" when "out" is given), with, per step, relative to the counter before the model was built:
+the bytes held at the step start, the peaks of forward+loss, backward and the optimizer step (the peak reset
+at the step start, before backward and before the optimizer), the bytes at each phase's end and at the step's
+end, and "peak" (the step's); "steady" is the lowest peak of the steps after the first.
+tests/data/hsdp_torch_2.11.jsonl holds one line per plan: the config, "measured" (each rank's "steady", in
+rank order) and "ranks" (each rank's whole line); 24 plans, tiny (batch 2 x seq 64) and small (batch 2 x seq
+128), "param" fp32 and bf16 with "reduce" fp32, "ac" none and full, on 2 x 2, 1 x 2 and 2 x 1, 4 steps each
+(run 2026-11-30, torch 2.11.0+cu130, OMP_NUM_THREADS=1).
+
+The loop is torchtitan's (and memplan's trainer's): tokens made uncounted (the data loader's CPU batch is host
+memory on a GPU), the inputs and labels counted clones, kept with the loss until the next step rebinds them;
+the logits die after the loss.
+
+With "segments": true the backward is cut at each block's output gradient (a tensor hook): per step,
+"bwd_segments" lists each segment's peak and the bytes held where it ends (the loss's backward, then block
+L-1's, ..., block 0's with the root's post-backward), to itemise a backward peak by block. At dp_shard 1 (2 x
+1) FSDP2 neither all-gathers nor reduce-scatters, but its world-size-1 unshard (_fsdp_param_group.py
+l.324-335, l.368-392) still copies every parameter of a unit into an unsharded buffer of its own when the unit
+runs (a prefetch allocates nothing) and frees it at reshard.
 
 What is counted, and what is not (as plain_reference.py and cp_reference.py): allocations on any thread but
 the training thread (Gloo's worker and transport threads, the store's) are not counted (csrc/shim.cpp
@@ -42,10 +51,13 @@ mp_uncount_thread): NCCL makes no such buffers through the caching allocator. Ev
 2, GlooScratch below): their outputs are tensors FSDP2 allocated beforehand, so what they allocate is the
 backend's scratch. On Gloo that is an output-sized temporary in `_allgather_base_` and a clone of the whole
 input in `_reduce_scatter_base_` (torch 2.11 ProcessGroupGloo.cpp); NCCL writes into the buffers given.
-"gloo_scratch": "counted" keeps them, to see them. The `dist.barrier()` that lines the ranks up before each
-step is outside the step and uncounted too (c10d keeps its 1-byte tensor in a static). What stays counted
-here and is host memory on a GPU: torch.optim's `state["step"]` scalars, a 4-byte float32 CPU tensor per
-parameter tensor (9 per block, 3 in the root), made in the first optimizer step and alive from then on.
+"gloo_scratch": "counted" keeps them, to see them: on tiny fp32 2 x 2 the lowest steady peak stays 3,050,972
+B, single steps rise by up to 177,152 B when Gloo's worker frees its temporary late. Such late frees (a Work
+still holding a training-thread buffer) raise single steps even uncounted, hence "steady". The
+`dist.barrier()` that lines the ranks up before each step is outside the step and uncounted too (c10d keeps
+its 1-byte tensor in a static). What stays counted here and is host memory on a GPU: torch.optim's
+`state["step"]` scalars, a 4-byte float32 CPU tensor per parameter tensor (9 per block, 3 in the root), made
+in the first optimizer step and alive from then on.
 """
 import ctypes, json, os, sys, threading
 
@@ -128,6 +140,29 @@ for lid, block in list(model.layers.items()):
         model.layers.register_module(lid, block)
     fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=int(lid) < L - 1)
 fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.get("root_reshard"))
+segments = []
+
+
+def mark_segment(name):
+    """A hook on a block output's gradient: closes the backward segment before it (its peak and the bytes
+    held when the gradient arrives) and starts the next."""
+
+    def hook(grad):
+        cur, peak = counter()
+        segments.append({"until": name, "peak": peak - base, "held": cur - base})
+        lib.mp_reset_peak(0)
+
+    return hook
+
+
+if cfg.get("segments"):
+    for lid, block in model.layers.items():
+
+        def on_output(module, args, output, lid=lid):
+            if output.requires_grad:
+                output.register_hook(mark_segment(f"layers.{lid} output gradient"))
+
+        block.register_forward_hook(on_output)
 opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
 setup = counter()[0] - base
 n_tensors = sum(1 for _ in model.parameters())
@@ -154,14 +189,20 @@ for step in range(STEPS):
     del pred
     f_end, f_peak = counter()
     lib.mp_reset_peak(0)
+    segments.clear()
     loss.backward()
     b_end, b_peak = counter()
+    if cfg.get("segments"):
+        segments.append({"until": "backward end", "peak": b_peak - base, "held": b_end - base})
+        b_peak = max([b_peak] + [g["peak"] + base for g in segments])
     lib.mp_reset_peak(0)
     opt.step()
     o_end, o_peak = counter()
     rec = {k: v - base for k, v in dict(start=s0, fwd_peak=f_peak, fwd_end=f_end, bwd_peak=b_peak, bwd_end=b_end,
                                           opt_peak=o_peak, end=o_end).items()}
     rec["peak"] = max(rec["fwd_peak"], rec["bwd_peak"], rec["opt_peak"])
+    if cfg.get("segments"):
+        rec["bwd_segments"] = list(segments)
     lib.mp_set_channel(2)
     rec["loss"] = loss.item()
     lib.mp_set_channel(0)
