@@ -553,8 +553,6 @@ impl Fsdp {
     /// Group `g`'s post-backward: reshard and reduce-scatter its gradients into the sharded
     /// gradients (`FSDPParamGroup.post_backward` and `foreach_reduce`).
     pub fn post_backward(&mut self, g: usize) -> TResult<()> {
-        let env = self.env;
-        let _ng = tch::no_grad_guard();
         let mut grads = Vec::with_capacity(self.groups[g].params.len());
         for p in &mut self.groups[g].params {
             accumulate_unsharded_grad(p)?;
@@ -562,18 +560,29 @@ impl Fsdp {
         for p in &mut self.groups[g].params {
             // A gradient accumulated in the reduce dtype by backwards without sync goes first
             // (`unsharded_accumulated_grad`, _fsdp_param_group.py:521).
-            let grad = match p.accumulated_grad.take() {
+            grads.push(match p.accumulated_grad.take() {
                 Some(acc) => Some(acc),
                 None => ffi::take_grad(&p.leaf).map_err(shim)?,
-            };
+            });
+        }
+        self.post_backward_with(g, grads)
+    }
+
+    /// [`Fsdp::post_backward`] with the unsharded gradients already taken from the
+    /// parameters (one per parameter, in order): under tensor parallelism FSDP2 reads each
+    /// DTensor gradient's local tensor in the parameter's own placements
+    /// (`FSDPParam._get_grad_inner_tensor`), which the caller has redistributed.
+    pub fn post_backward_with(&mut self, g: usize, grads: Vec<Option<Tensor>>) -> TResult<()> {
+        let env = self.env;
+        let _ng = tch::no_grad_guard();
+        for (p, grad) in self.groups[g].params.iter().zip(&grads) {
             // Autograd made it during the backward; it is the unsharded gradient.
-            if let Some(t) = &grad {
+            if let Some(t) = grad {
                 recorder::retag(
                     t,
                     Context::of(Category::GradientBuffers, p.module, Part::Grad),
                 );
             }
-            grads.push(grad);
         }
         self.reshard(g)?;
         if grads.iter().all(|g| g.is_none()) {
