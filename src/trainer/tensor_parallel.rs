@@ -73,7 +73,7 @@ use torch_sys::C_tensor;
 
 use super::dist::{Mesh, ProcessGroup};
 use super::ffi::{self, Channel};
-use super::fsdp::{shim, Env, Place, Shard};
+use super::fsdp::{self, shim, Env, Fsdp, FsdpParam, Group, Place, Shard};
 use super::memory::{Meter, PhaseMemory};
 use super::model::{self, BlockWeights, Collectives, Dims, Flavor, Site, TResult};
 use super::optim::{self, OptConfig};
@@ -82,19 +82,36 @@ use super::{
     OomReport, Phase, StepReport, TrainOptions, TrainReport,
 };
 use crate::error::{Error, Result};
-use crate::plan::{Checkpointing, DType, Logits, Offload, Plan};
+use crate::plan::{Checkpointing, DType, FsdpUnits, Logits, Offload, Plan};
+use crate::trace::Module;
 
 /// Refuses what the tensor-parallel trainer does not run, with the reason (the caller has
 /// refused what no trainer runs).
 pub fn check(plan: &Plan) -> Result<()> {
     let p = &plan.parallel;
     let m = &plan.model;
-    if p.pp != 1 || p.dp_shard != 1 || p.dp_replicate != 1 {
+    if p.pp != 1 || p.dp_replicate != 1 {
         return Err(unsupported(
-            "parallel.pp x dp_shard x dp_replicate",
-            p.pp * p.dp_shard * p.dp_replicate,
-            "1 under tensor parallelism: TP x FSDP and TP x PP are not run yet",
+            "parallel.pp x dp_replicate",
+            p.pp * p.dp_replicate,
+            "1 under tensor parallelism: TP x HSDP and TP x PP are not run yet",
         ));
+    }
+    if p.dp_shard > 1 {
+        if plan.activation_checkpointing != Checkpointing::None {
+            return Err(unsupported(
+                "activation_checkpointing",
+                format!("\"{}\"", plan.activation_checkpointing),
+                "none under TP x FSDP (FSDP2's hooks around a recomputed block are not run yet)",
+            ));
+        }
+        if plan.implementation.fsdp_units != FsdpUnits::RootKeepLast {
+            return Err(unsupported(
+                "implementation.fsdp_units",
+                format!("\"{}\"", plan.implementation.fsdp_units),
+                "root-keep-last under TP x FSDP (torchtitan's units: a block each, and the root)",
+            ));
+        }
     }
     if plan.implementation.loss_parallel && plan.implementation.logits != Logits::FloatOutput {
         return Err(unsupported(
@@ -639,7 +656,245 @@ fn shard_of(full: &Tensor, dim: Option<i64>, rank: i64, tp: i64) -> TResult<Tens
     };
     let p = Tensor::f_empty(part.size().as_slice(), (Kind::Float, Device::Cpu))?;
     tch::no_grad(|| p.shallow_clone().f_copy_(&part))?;
-    p.f_set_requires_grad(true)
+    Ok(p)
+}
+
+/// FSDP2's two collectives over this rank's `dp_shard` group, issued as the reference's Gloo
+/// issues them, with the temporaries Gloo allocates on the training thread's counter there
+/// (the reference counts every thread; this trainer's Gloo threads are uncounted, so they are
+/// made here, on the training thread, for the same span).
+struct GlooShard {
+    pg: *const ProcessGroup,
+}
+
+impl GlooShard {
+    fn pg(&self) -> &ProcessGroup {
+        // SAFETY: the mesh outlives the run (train_tp borrows it for its whole body).
+        unsafe { &*self.pg }
+    }
+}
+
+impl fsdp::Collectives for GlooShard {
+    fn world_size(&self) -> i64 {
+        self.pg().size()
+    }
+    fn rank(&self) -> i64 {
+        self.pg().rank()
+    }
+    /// `dist.all_gather_into_tensor` (FSDP2's `foreach_all_gather`) on Gloo:
+    /// `ProcessGroupGloo::_allgather_base` issues `allgather` over the output's chunks, whose
+    /// `AsyncAllgatherWork` gathers into one flat tensor like the whole output (`newLikeFlat`)
+    /// and copies it into the chunks; that flat tensor is freed as the work ends, before
+    /// `wait()` returns. Here the gather is one broadcast per rank into the output's slices,
+    /// with a tensor of the output's size held across it.
+    fn all_gather(
+        &mut self,
+        output: &Tensor,
+        input: &Tensor,
+        _peer_input: &mut dyn FnMut(i64) -> TResult<Tensor>,
+    ) -> TResult<()> {
+        let pg = self.pg();
+        let n = input.numel() as i64;
+        let mine = output.f_narrow(0, pg.rank() * n, n)?;
+        if mine.data_ptr() != input.data_ptr() {
+            mine.shallow_clone().f_copy_(input)?;
+        }
+        let flat = output.f_empty_like()?;
+        for r in 0..pg.size() {
+            pg.broadcast(&output.f_narrow(0, r * n, n)?, r)?;
+        }
+        drop(flat);
+        Ok(())
+    }
+    /// `dist.reduce_scatter_tensor` (FSDP2's `foreach_reduce`, SUM then the division by the
+    /// ranks) on Gloo: `ProcessGroupGloo::reduce_scatter_tensor_coalesced` all-reduces a
+    /// `clone()` of the whole input and copies this rank's chunk of it into the output; the
+    /// clone lives until the work is waited on.
+    fn reduce_scatter(
+        &mut self,
+        output: &Tensor,
+        input: &Tensor,
+        _peer_output: &mut dyn FnMut(i64, Tensor) -> TResult<()>,
+    ) -> TResult<()> {
+        let pg = self.pg();
+        let n = output.numel() as i64;
+        let buf = clone(input)?;
+        pg.all_reduce_sum(&buf)?;
+        output
+            .shallow_clone()
+            .f_copy_(&buf.f_narrow(0, pg.rank() * n, n)?)?;
+        drop(buf);
+        let _ = output.shallow_clone().f_div_scalar_(pg.size() as f64)?;
+        Ok(())
+    }
+}
+
+/// Tags of the FSDP boundary nodes: the kind times [`FSDP_TAG`] plus the group.
+const FSDP_PRE: i64 = 1;
+const FSDP_POST: i64 = 2;
+const FSDP_TAG: i64 = 1 << 32;
+
+/// FSDP2 over the `dp_shard` ranks of the TP-sharded parameters (`fully_shard` per block and on
+/// the root, after TP, as torchtitan's `apply_fsdp`): each group's parameters are the TP
+/// shards, sharded again on dim 0 ([`fsdp`], which follows `FSDPParamGroup` allocation by
+/// allocation); what FSDP2 does differently for DTensor parameters is here.
+struct FsdpRun {
+    fsdp: RefCell<Fsdp>,
+    tp: *const Hooks,
+    layers: usize,
+    /// TP ranks and this rank's index among them; vocabulary rows per TP rank.
+    tp_size: i64,
+    tp_rank: i64,
+    vshard: i64,
+    error: RefCell<Option<tch::TchError>>,
+}
+
+impl FsdpRun {
+    fn user(&self) -> *mut c_void {
+        self as *const FsdpRun as *mut c_void
+    }
+
+    fn boundary(&self, x: &Tensor, kind: i64, group: usize) -> TResult<Tensor> {
+        // SAFETY: the FsdpRun box outlives every graph (it lives as long as the run).
+        unsafe { ffi::boundary(x, kind * FSDP_TAG + group as i64, fsdp_hook, self.user()) }
+            .map_err(shim)
+    }
+
+    /// `FSDPParamGroup.pre_backward`: unshard (a no-op for a group still unsharded), then
+    /// `_backward_prefetch` of the group whose post-forward came before this one's
+    /// (`_fsdp_param_group.py:634-647`; the root's post-forward is the last, so it prefetches
+    /// the last block, which torchtitan keeps unsharded: a no-op).
+    fn pre_backward(&self, g: usize) -> TResult<()> {
+        let mut f = self.fsdp.borrow_mut();
+        f.wait_for_unshard(g, false)?;
+        let previous = if g == self.layers {
+            self.layers.checked_sub(1)
+        } else {
+            g.checked_sub(1)
+        };
+        if let Some(p) = previous {
+            f.unshard(p)?;
+        }
+        Ok(())
+    }
+
+    /// `FSDPParamGroup.post_backward`: per parameter, the gradient's local tensor in the
+    /// parameter's TP placements (`_fsdp_param.py:818-832`, `_get_grad_inner_tensor`), then
+    /// `unsharded_param.grad = None` (`_fsdp_param_group.py:525-528`); then the reshard and the
+    /// reduce-scatter ([`Fsdp::post_backward_with`]). Under SP a norm's gradient is Partial:
+    /// redistributed to Replicate, `funcol.all_reduce` (a clone, reduced in place). The
+    /// embedding's is the whole `(V, h)` Replicate gradient: redistributed to Shard(0),
+    /// `_replicate_to_shard`, a clone of this rank's rows (`placement_types.py:401-419`).
+    fn post_backward(&self, g: usize) -> TResult<()> {
+        let _ng = tch::no_grad_guard();
+        let grads = {
+            let f = self.fsdp.borrow();
+            // SAFETY: the TP hooks outlive every graph of the run.
+            let tp = unsafe { &*self.tp };
+            let mut st =
+                tp.0.try_borrow_mut()
+                    .map_err(|_| tch::TchError::Torch("TP state busy in an FSDP hook".into()))?;
+            let root = g == self.layers;
+            let mut grads = Vec::new();
+            for (k, p) in f.groups[g].params.iter().enumerate() {
+                let norm = if root { k == 1 } else { k == 0 || k == 5 };
+                let grad = if root && k == 0 {
+                    match st.embedding_grad.take() {
+                        Some(whole) => {
+                            let rows =
+                                whole.f_narrow(0, self.tp_rank * self.vshard, self.vshard)?;
+                            let mine = clone(&rows)?;
+                            drop((rows, whole));
+                            Some(mine)
+                        }
+                        None => None,
+                    }
+                } else {
+                    match ffi::take_grad(&p.leaf).map_err(shim)? {
+                        Some(partial) if st.sp && norm && self.tp_size > 1 => {
+                            let whole = clone(&partial)?;
+                            st.pg().all_reduce_sum(&whole)?;
+                            drop(partial);
+                            Some(whole)
+                        }
+                        other => other,
+                    }
+                };
+                grads.push(grad);
+            }
+            grads
+        };
+        self.fsdp.borrow_mut().post_backward_with(g, grads)
+    }
+
+    fn on_backward(&self, tag: i64, grad: Tensor) -> TResult<Option<Tensor>> {
+        let (kind, g) = (tag / FSDP_TAG, (tag % FSDP_TAG) as usize);
+        drop(grad);
+        match kind {
+            FSDP_PRE => self.pre_backward(g)?,
+            FSDP_POST => self.post_backward(g)?,
+            _ => unreachable!("unknown FSDP hook tag {tag}"),
+        }
+        Ok(None)
+    }
+}
+
+unsafe extern "C" fn fsdp_hook(
+    user: *mut c_void,
+    tag: i64,
+    grad_in: *mut C_tensor,
+    grad_out: *mut *mut C_tensor,
+) -> c_int {
+    // SAFETY: `user` is the FsdpRun box that outlives every graph of the run.
+    let run = &*(user as *const FsdpRun);
+    ffi::run_callback(
+        grad_in,
+        grad_out,
+        "an FSDP hook",
+        |grad| run.on_backward(tag, grad),
+        |err| {
+            run.error.borrow_mut().get_or_insert(err);
+        },
+    )
+}
+
+/// The optimizer's shards, in the model's order (blocks, then the root): the TP shards
+/// themselves without FSDP, FSDP's local shards with it.
+fn with_shards<R>(
+    shards: &mut [Shard],
+    fsdp_run: Option<&FsdpRun>,
+    f: impl FnOnce(&mut [&mut Shard]) -> R,
+) -> R {
+    match fsdp_run {
+        None => f(&mut shards.iter_mut().collect::<Vec<_>>()),
+        Some(run) => {
+            let mut st = run.fsdp.borrow_mut();
+            let mut all: Vec<&mut Shard> = st
+                .groups
+                .iter_mut()
+                .flat_map(|g| g.params.iter_mut().map(|p| &mut p.local))
+                .collect();
+            f(&mut all)
+        }
+    }
+}
+
+/// The root's post-forward as the model returns `out` (its locals already freed): under FSDP
+/// the root resharded (its `reshard_after_forward=True`) and the last forward all-gather
+/// output freed (`_fsdp_state.py` `_post_forward`), and the pre-backward hook put on the
+/// output, which gathers the root again once the loss's backward has reached it.
+fn root_post_forward(fsdp_run: Option<&FsdpRun>, out: Tensor) -> TResult<Tensor> {
+    let Some(run) = fsdp_run else {
+        return Ok(out);
+    };
+    let mut st = run.fsdp.borrow_mut();
+    let root = run.layers;
+    if st.groups[root].reshard_after_forward {
+        st.reshard(root)?;
+    }
+    st.root_post_forward();
+    drop(st);
+    run.boundary(&out, FSDP_PRE, root)
 }
 
 /// Runs this rank's tensor-parallel shard of `plan` for `opts.steps` steps (see the module
@@ -665,11 +920,13 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
         compute: Kind::Float,
         reduce: Kind::Float,
         master: Kind::Float,
-        world: 1,
-        rank: 0,
+        world: mesh.shard.size(),
+        rank: mesh.shard.rank(),
         peers: false,
         offload: Offload::None,
     };
+    // FSDP over the data-parallel ranks of this TP rank (torchtitan's ("dp_shard", "tp") mesh).
+    let dp = env.world;
     let _default = ffi::channel(Channel::Device);
     let meter = Meter::new(None)?;
     let _limit = opts.device_limit.map(|limit| {
@@ -679,9 +936,22 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
     tch::manual_seed(opts.seed as i64);
 
     // Setup: the whole model's weights drawn as the single-process trainer draws them (every
-    // block, then the root), each rank keeping its shards.
+    // block, then the root), each rank keeping its TP shards; under FSDP each TP shard is
+    // sharded again over the dp_shard ranks on dim 0 (FSDP2 shards a DTensor parameter's local
+    // tensor, `_fsdp_param.py` `_init_sharded_param`), a group per block and the root.
     let setup_start = meter.start()?;
-    let (leaves, freqs) = (|| -> TResult<_> {
+    let (leaves, freqs, groups) = (|| -> TResult<_> {
+        let mut groups = Vec::new();
+        // A TP shard: the parameter itself without FSDP; with it, the uncounted whole that
+        // FSDP shards.
+        let local = |t: &Tensor, d: Option<i64>| -> TResult<Tensor> {
+            if dp == 1 {
+                shard_of(t, d, rank, tp)?.f_set_requires_grad(true)
+            } else {
+                let _off = ffi::channel(Channel::Off);
+                shard_of(t, d, rank, tp)
+            }
+        };
         let block = m.block_params();
         let shapes: Vec<(u64, u64)> = block.iter().map(|p| (p.rows, p.cols)).collect();
         let norms: Vec<bool> = shapes.iter().map(|&(_, c)| c == 1).collect();
@@ -698,32 +968,61 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
             Some(1),
         ];
         let mut leaves = Vec::new();
-        for _ in 0..m.layers {
+        for i in 0..m.layers {
             let full = init_weights(&shapes, &norms)?;
+            let module = Module::Layer(i as u32);
+            let mut params = Vec::new();
             for (t, d) in full.iter().zip(split) {
-                leaves.push(shard_of(t, d, rank, tp)?);
+                let l = local(t, d)?;
+                if dp == 1 {
+                    leaves.push(l);
+                } else {
+                    params.push(FsdpParam::new(&l, &env, module)?);
+                }
+            }
+            if dp > 1 {
+                // torchtitan's apply_fsdp: every block but the last resharded after forward.
+                let reshard = plan.reshard_after_forward && i + 1 < m.layers;
+                groups.push(Group::new(params, reshard, module));
             }
         }
         let root: Vec<(u64, u64)> = m.root_params().iter().map(|p| (p.rows, p.cols)).collect();
         let root_norms: Vec<bool> = root.iter().map(|&(_, c)| c == 1).collect();
         let full = init_weights(&root, &root_norms)?;
         // tok_embeddings (rows), the final norm (whole), output (rows).
-        for (t, d) in full.iter().zip([Some(0), None, Some(0)]) {
-            leaves.push(shard_of(t, d, rank, tp)?);
+        let modules = [Module::TokEmbeddings, Module::Norm, Module::Output];
+        let mut params = Vec::new();
+        for ((t, d), module) in full.iter().zip([Some(0), None, Some(0)]).zip(modules) {
+            let l = local(t, d)?;
+            if dp == 1 {
+                leaves.push(l);
+            } else {
+                params.push(FsdpParam::new(&l, &env, module)?);
+            }
+        }
+        if dp > 1 {
+            // The root: torchtitan passes `reshard_after_forward=True` explicitly (not
+            // pipelining), and torch 2.11 keeps a root unsharded after forward only when the
+            // setting is left to it (`_fsdp_state.py:193`): resharded after forward, gathered
+            // again by the pre-backward hook on its output.
+            groups.push(Group::new(params, true, Module::Root));
+            leaves = groups.iter().flat_map(Group::leaves).collect();
         }
         let rows = match plan.implementation.rotary {
             crate::plan::Rotary::ComplexSeq => plan.batch.seq_len,
             _ => 2 * plan.batch.seq_len,
         };
         let freqs = model::precompute_freqs_cis(m.head_dim as i64, rows as i64, Device::Cpu)?;
-        Ok((leaves, freqs))
+        Ok((leaves, freqs, groups))
     })()
     .map_err(rt)?;
     let setup = meter.finish(setup_start)?;
     let per_block = m.block_params().len();
     let n_block = per_block * m.layers as usize;
+    // Without FSDP the optimizer's shards are the TP shards themselves; with it, FSDP's.
     let mut shards: Vec<Shard> = leaves
         .iter()
+        .filter(|_| dp == 1)
         .map(|p| Shard {
             data: p.shallow_clone(),
             view: p.shallow_clone(),
@@ -757,6 +1056,20 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
         embedding_grad: None,
         error: None,
     })));
+    let fsdp_run: Option<Box<FsdpRun>> = (dp > 1).then(|| {
+        let comm = GlooShard {
+            pg: &mesh.shard as *const ProcessGroup,
+        };
+        Box::new(FsdpRun {
+            fsdp: RefCell::new(Fsdp::new(env, groups, Box::new(comm))),
+            tp: &*hooks as *const Hooks,
+            layers: m.layers as usize,
+            tp_size: tp,
+            tp_rank: rank,
+            vshard: m.vocab as i64 / tp,
+            error: RefCell::new(None),
+        })
+    });
     let dims = Dims::new(m);
     let flavor = Flavor {
         gqa: plan.implementation.gqa,
@@ -780,6 +1093,7 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
     };
     let (b, s) = (plan.batch.micro_batch_size, plan.batch.seq_len);
     let vshard = m.vocab as i64 / tp;
+    let root_group = m.layers as usize;
 
     let mut steps = Vec::new();
     let mut oom = None;
@@ -793,17 +1107,21 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
             std::process::abort();
         }
         // `opt.zero_grad()`: gradients set to None.
-        shards.iter_mut().for_each(|sh| sh.grad = None);
-        pg.barrier().map_err(rt)?;
+        with_shards(&mut shards, fsdp_run.as_deref(), |all| {
+            all.iter_mut().for_each(|sh| sh.grad = None)
+        });
+        mesh.world.barrier().map_err(rt)?;
         let mut fwd_m: Option<PhaseMemory> = None;
         let mut bwd_m: Option<PhaseMemory> = None;
         let start = meter.start()?;
         let fwd = (|| -> TResult<(Tensor, Tensor, Tensor)> {
-            // Every rank reads the same batch: the single-process trainer's micro-batch.
+            // The TP ranks of a data-parallel rank read the same batch: its rows of the
+            // single-process trainer's micro-batch of dp x b rows.
             let toks = {
                 let _off = ffi::channel(Channel::Off);
-                let all = synthetic_tokens(opts.seed, step - 1, b, s, m.vocab);
-                Tensor::from_slice(&all).f_view([b as i64, s as i64 + 1])?
+                let all = synthetic_tokens(opts.seed, step - 1, b * dp as u64, s, m.vocab);
+                let t = Tensor::from_slice(&all).f_view([b as i64 * dp, s as i64 + 1])?;
+                t.f_narrow(0, env.rank * b as i64, b as i64)?
             };
             let inp = env.copy_to(&toks.f_narrow(1, 0, s as i64)?, Place::Device)?;
             let labels = env.copy_to(&toks.f_narrow(1, 1, s as i64)?, Place::Device)?;
@@ -816,6 +1134,10 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
                 hooks: &hooks,
                 index,
             };
+            // The root's pre-forward: its parameters gathered (FSDPParamGroup.pre_forward).
+            if let Some(f) = &fsdp_run {
+                f.fsdp.borrow_mut().wait_for_unshard(root_group, true)?;
+            }
             let emb = &leaves[n_block];
             // RowwiseParallel embedding: `_MaskPartial` lookup, then all-reduce.
             let h = {
@@ -864,6 +1186,21 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
                         .map_err(shim)?;
                     ckpt.inputs.borrow_mut().insert(j as i64, h.shallow_clone());
                     y
+                } else if let Some(f) = &fsdp_run {
+                    // The block's pre-forward (its parameters gathered, the post-backward hook
+                    // on its input), forward, post-forward (resharded unless it is the last
+                    // one, the pre-backward hook on its output).
+                    f.fsdp.borrow_mut().wait_for_unshard(j, true)?;
+                    let x = f.boundary(&h, FSDP_POST, j)?;
+                    drop(h);
+                    let y = ckpt.block(j, &x, s as i64)?;
+                    drop(x);
+                    let mut st = f.fsdp.borrow_mut();
+                    if st.groups[j].reshard_after_forward {
+                        st.reshard(j)?;
+                    }
+                    drop(st);
+                    f.boundary(&y, FSDP_PRE, j)?
                 } else {
                     ckpt.block(j, &h, s as i64)?
                 };
@@ -880,6 +1217,7 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
             // redistribution, after the output projection's input was gathered from it.
             if lp {
                 drop(n);
+                let local = root_post_forward(fsdp_run.as_deref(), local)?;
                 // loss_parallel: the Shard(-1) logits stay local; `pred.flatten(0, 1)`, the
                 // distributed cross-entropy, `del pred`.
                 let flat = local.f_flatten(0, 1)?;
@@ -905,6 +1243,7 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
             })?;
             let pred = root.link(&local, &whole, GATHER_VOCAB)?;
             drop((whole, local, n));
+            let pred = root_post_forward(fsdp_run.as_deref(), pred)?;
             let pred = match flavor.logits {
                 Logits::FloatOutput => pred.f_to_kind(Kind::Float)?,
                 _ => pred,
@@ -930,9 +1269,17 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
         let start = meter.start()?;
         let r = (|| -> TResult<()> {
             if let Err(e) = ffi::backward(&[&loss], &[None]) {
-                let hooked =
-                    (ckpt.error.borrow_mut().take()).or_else(|| hooks.0.borrow_mut().error.take());
+                let hooked = (ckpt.error.borrow_mut().take())
+                    .or_else(|| hooks.0.borrow_mut().error.take())
+                    .or_else(|| fsdp_run.as_ref().and_then(|f| f.error.borrow_mut().take()));
                 return Err(hooked.unwrap_or(tch::TchError::Torch(e.0)));
+            }
+            if let Some(f) = &fsdp_run {
+                // `_root_post_backward_final_callback`: the root's post-backward (the blocks'
+                // ran from their hooks), then the last reduce-scatter input freed.
+                f.post_backward(root_group)?;
+                f.fsdp.borrow_mut().finish_backward();
+                return Ok(());
             }
             let _ng = tch::no_grad_guard();
             for (i, sh) in shards.iter_mut().enumerate() {
@@ -984,20 +1331,26 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
         // loss (the same on every rank), uncounted.
         let (norm, loss) = (|| -> TResult<(f64, f64)> {
             let _off = ffi::channel(Channel::Off);
-            let mut sq = 0.0;
-            for (sh, &rep) in shards.iter().zip(&replicated) {
-                if let Some(g) = &sh.grad {
-                    let v = g
-                        .f_to_kind(Kind::Double)?
-                        .f_square()?
-                        .f_sum(Kind::Double)?
-                        .f_double_value(&[])?;
-                    sq += if rep { v / tp as f64 } else { v };
+            let sq = with_shards(&mut shards, fsdp_run.as_deref(), |all| {
+                let mut sq = 0.0;
+                for (sh, &rep) in all.iter().zip(&replicated) {
+                    if let Some(g) = &sh.grad {
+                        let v = g
+                            .f_to_kind(Kind::Double)?
+                            .f_square()?
+                            .f_sum(Kind::Double)?
+                            .f_double_value(&[])?;
+                        sq += if rep { v / tp as f64 } else { v };
+                    }
                 }
-            }
-            let t = Tensor::from_slice(&[sq]);
-            pg.all_reduce_sum(&t)?;
-            let loss = live.as_ref().expect("set above").2.f_double_value(&[])?;
+                Ok::<f64, tch::TchError>(sq)
+            })?;
+            // Over every rank; each data-parallel rank's loss is its own batch's (the TP ranks
+            // of one agree), the job's their mean.
+            let t =
+                Tensor::from_slice(&[sq, live.as_ref().expect("set above").2.f_double_value(&[])?]);
+            mesh.world.all_reduce_sum(&t)?;
+            let loss = t.f_double_value(&[1])? / mesh.world.size() as f64;
             Ok((t.f_double_value(&[0])?.sqrt(), loss))
         })()
         .map_err(rt)?;
@@ -1008,9 +1361,9 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
             ..cfg
         };
         let start = meter.start()?;
-        let mut all: Vec<&mut Shard> = shards.iter_mut().collect();
-        let r = optim::step(&cfg, &env, &mut all, false);
-        drop(all);
+        let r = with_shards(&mut shards, fsdp_run.as_deref(), |all| {
+            optim::step(&cfg, &env, all, false)
+        });
         let opt = meter.finish(start)?;
         let (fwd_peak, bwd_peak) = (
             fwd_m.map_or(0, |m| m.peak_allocated_bytes),
