@@ -35,10 +35,10 @@
 //! asks that the trainer does not execute (`check_supported`) are refused with an error; HSDP,
 //! tensor and pipeline parallelism run only as real multi-process jobs (pipelining:
 //! [`pipeline`], a stage per rank, GPipe and 1F1B, with or without FSDP2 inside a stage; tensor
-//! parallelism: [`tensor_parallel`], with or without SP and loss parallelism, no FSDP yet).
-//! Mixture-of-experts models run as torchtitan 0.2.2's MoE on one process
-//! ([`expert_parallel`]: router, grouped-mm experts, load balancing; expert parallelism
-//! across processes not yet).
+//! parallelism: [`tensor_parallel`], with or without SP and loss parallelism, and under FSDP on
+//! a (dp_shard, tp) mesh). Mixture-of-experts models run as torchtitan 0.2.2's MoE on one
+//! process ([`expert_parallel`]: router, grouped-mm experts, load balancing; expert
+//! parallelism across processes not yet).
 //!
 //! # Checked against PyTorch itself
 //! `fsdp2_reference.py` (next to this file) runs torchtitan's model under PyTorch's own

@@ -2,7 +2,8 @@
 //! projection, as torchtitan's `apply_tp` lays a Llama out with DTensor (torch 2.11,
 //! `parallelize_module`), with or without sequence parallelism and loss parallelism, with or
 //! without full activation checkpointing (every block recomputed in its backward, its
-//! collectives included, as torch's `checkpoint_wrapper`), without FSDP (dp_shard 1).
+//! collectives included, as torch's `checkpoint_wrapper`), alone or under FSDP2 on a 2-D
+//! `(dp_shard, tp)` mesh (torchtitan's `apply_fsdp` after `apply_tp`; no AC there yet).
 //!
 //! # What a rank holds (`tp_reference.py` next to this file)
 //! - `tok_embeddings`: RowwiseParallel, the table's rows `[r V/tp, (r+1) V/tp)`.
@@ -56,6 +57,38 @@
 //! Gloo's all-reduce works in place; an all-gather is issued as one broadcast per rank into
 //! slices of the gather buffer, a reduce-scatter as an all-reduce of the chunk-cat copy (which
 //! funcol makes anyway) and a copy of this rank's chunk. None allocates on the counted threads.
+//!
+//! # TP x FSDP (dp_shard > 1)
+//! Rank = dp_rank x tp + tp_rank (TP innermost, [`Mesh::join`]); the TP ranks of one
+//! data-parallel rank read its rows of the batch. As `tp_reference.py` runs it, `fully_shard`
+//! over the dp_shard ranks goes on every block (resharded after forward, the last one not)
+//! and on the root (embedding, final norm, output), after TP, so FSDP shards each DTensor
+//! parameter's local tensor on dim 0 (`_fsdp_param.py`; the 2-D placements are e.g.
+//! `(Shard(0), Replicate())` for the norms, `(_StridedShard(0, sf=2), Shard(0))` for the
+//! embedding and the other row-split weights): [`fsdp`]'s
+//! groups over the TP shards, unchanged, with what FSDP2 does differently for DTensors here
+//! ([`FsdpRun`]):
+//! - The root is resharded after forward: torchtitan passes `reshard_after_forward=True`
+//!   explicitly for it (not pipelining), and torch 2.11 keeps the root unsharded only when the
+//!   setting is left to it (`_fsdp_state.py:193`). Its pre-backward hook, on the model's output,
+//!   gathers it again once the loss's backward has reached the logits
+//!   (`_fsdp_state.py:282, 356-362`), so the loss's backward runs without it.
+//! - Backward prefetch (`_fsdp_param_group.py:634-647`): each pre-backward all-gathers the
+//!   group whose post-forward came before its own; the root's is the last block, kept
+//!   unsharded, so it prefetches nothing.
+//! - Post-backward reads each gradient in its parameter's TP placements
+//!   (`_fsdp_param.py:818-832`): under SP a norm's Partial gradient is all-reduced into a clone
+//!   (what the optimizer did without FSDP), and the embedding's whole `(V, h)` gradient becomes
+//!   a clone of this rank's rows (`_replicate_to_shard`, `placement_types.py:401-419`); then
+//!   `.grad = None` frees the original.
+//! - Gloo's own temporaries, which the reference counts (it counts every thread) and this
+//!   trainer's uncounted Gloo threads do not make, are made on the training thread for the same
+//!   span ([`GlooShard`]): `_allgather_base`'s flat buffer of the whole output, for the span of
+//!   every FSDP all-gather; `reduce_scatter_tensor_coalesced`'s clone of the whole input, for the
+//!   span of every reduce-scatter. The first is in the small model's peak (a pre-backward's
+//!   prefetch); NCCL makes neither. The TP collectives' Gloo buffers are not mirrored: no
+//!   steady-step phase peaks there, and a late free of one of them on a Gloo thread is what
+//!   makes a run of the reference a `(b, s, h)` buffer higher now and then.
 //!
 //! # Known differences from torch, kept
 //! - torch.optim's `state["step"]` scalars (4 bytes per parameter tensor) are CPU tensors,
@@ -1411,9 +1444,18 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
     };
     let notes = vec![
         format!(
-            "rank {} of a {tp}-way tensor-parallel job over c10d Gloo (TP rank {rank}): \
-             torchtitan's apply_tp without sequence or loss parallelism, no FSDP",
-            mesh.env.rank
+            "rank {} of a {tp}-way tensor-parallel job over c10d Gloo (TP rank {rank}, \
+             dp_shard rank {} of {dp}): torchtitan's apply_tp (sequence parallelism {}, loss \
+             parallelism {}){}",
+            mesh.env.rank,
+            env.rank,
+            if sp { "on" } else { "off" },
+            if lp { "on" } else { "off" },
+            if dp > 1 {
+                ", then fully_shard per block and on the root over the dp_shard ranks"
+            } else {
+                ", no FSDP"
+            }
         ),
         "CPU run: exact live bytes of a counting allocator (requested sizes); torch.optim's \
          step scalars are counted as host bytes, as on a GPU"
@@ -1422,7 +1464,7 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
     Ok(TrainReport {
         model: m.name.clone(),
         device: opts.device,
-        dp_shard: 1,
+        dp_shard: dp as u64,
         rank: mesh.env.rank,
         processes: mesh.env.world,
         pp_stage: None,
