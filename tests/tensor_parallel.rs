@@ -35,11 +35,17 @@ fn plan_json(c: &Value, tp: u64) -> String {
         (r#"{"dp_shard":1}"#.to_string(), 1, b)
     };
     let lp = tp > 1 && c["loss_parallel"].as_bool().unwrap();
+    // tp_reference.py's root: `reshard_after_forward=True`, which torch 2.11 honours.
+    let units = if tp > 1 && dp > 1 {
+        r#","fsdp_units":"root-resharded-keep-last""#
+    } else {
+        ""
+    };
     format!(
         r#"{{"model":{},"gpu":"cpu","num_gpus":{gpus},"parallel":{parallel},
             "batch":{{"micro_batch_size":{batch},"seq_len":{}}},
             "precision":{{"param":"fp32","master":"fp32","reduce":"fp32"}},
-            "implementation":{{"logits":"float-output","loss_parallel":{lp}}},
+            "implementation":{{"logits":"float-output","loss_parallel":{lp}{units}}},
             "activation_checkpointing":{}}}"#,
         c["model"],
         c["seq"],
@@ -175,8 +181,8 @@ fn the_small_model_holds_what_dtensor_holds_in_every_layout() {
     }
 }
 
-/// Phase by phase: tests/data/tp_phases_torch_2.11.jsonl holds, for the tiny records and the
-/// two TP x FSDP records, torch's
+/// Phase by phase: tests/data/tp_phases_torch_2.11.jsonl holds, for the tiny records, the two
+/// TP x FSDP records and tiny TP x FSDP without SP and without loss parallelism, torch's
 /// steady-step peaks of the forward with the loss, the backward and the optimizer step on each
 /// rank (tp_reference.py's `fwd_peak`, `bwd_peak`, `opt_peak` of the last of 3 steps, the
 /// lowest of three runs, as the records' peaks are taken). The torch-only bytes are held in

@@ -345,16 +345,19 @@ fn check_supported(plan: &Plan, distributed: bool) -> Result<()> {
             "complex or complex-seq: the trainer builds torchtitan's freqs_cis",
         ),
         (
-            matches!(
-                imp.fsdp_units,
-                crate::plan::FsdpUnits::Split
-                    | crate::plan::FsdpUnits::SplitAlways
-                    | crate::plan::FsdpUnits::RootReshardedKeepLast
-            ),
+            match imp.fsdp_units {
+                crate::plan::FsdpUnits::Split | crate::plan::FsdpUnits::SplitAlways => true,
+                // Run by the tensor-parallel trainer under FSDP (tensor_parallel.rs).
+                crate::plan::FsdpUnits::RootReshardedKeepLast => {
+                    !(plan.parallel.tp > 1 && plan.parallel.dp_shard > 1)
+                }
+                _ => false,
+            },
             "implementation.fsdp_units",
             format!("\"{}\"", imp.fsdp_units),
-            "root-keep-last or root: the trainer's root unit holds the embedding, final norm \
-             and output, and stays gathered after forward",
+            "root-keep-last or root (and root-resharded-keep-last under TP x FSDP): the \
+             trainer's root unit holds the embedding, final norm and output, and stays gathered \
+             after forward",
         ),
     ];
     if let Some((_, name, got, accepted)) = refused.into_iter().find(|r| r.0) {

@@ -68,11 +68,13 @@
 //! embedding and the other row-split weights): [`fsdp`]'s
 //! groups over the TP shards, unchanged, with what FSDP2 does differently for DTensors here
 //! ([`FsdpRun`]):
-//! - The root is resharded after forward: torchtitan passes `reshard_after_forward=True`
+//! - With `implementation.fsdp_units` root-resharded-keep-last (what the reference runs) the
+//!   root is resharded after forward: torchtitan passes `reshard_after_forward=True`
 //!   explicitly for it (not pipelining), and torch 2.11 keeps the root unsharded only when the
 //!   setting is left to it (`_fsdp_state.py:193`). Its pre-backward hook, on the model's output,
 //!   gathers it again once the loss's backward has reached the logits
-//!   (`_fsdp_state.py:282, 356-362`), so the loss's backward runs without it.
+//!   (`_fsdp_state.py:282, 356-362`), so the loss's backward runs without it. With
+//!   root-keep-last (torch of 2024, FSDP2's automatic setting) the root stays gathered.
 //! - Backward prefetch (`_fsdp_param_group.py:634-647`): each pre-backward all-gathers the
 //!   group whose post-forward came before its own; the root's is the last block, kept
 //!   unsharded, so it prefetches nothing.
@@ -138,11 +140,15 @@ pub fn check(plan: &Plan) -> Result<()> {
                 "none under TP x FSDP (FSDP2's hooks around a recomputed block are not run yet)",
             ));
         }
-        if plan.implementation.fsdp_units != FsdpUnits::RootKeepLast {
+        if !matches!(
+            plan.implementation.fsdp_units,
+            FsdpUnits::RootKeepLast | FsdpUnits::RootReshardedKeepLast
+        ) {
             return Err(unsupported(
                 "implementation.fsdp_units",
                 format!("\"{}\"", plan.implementation.fsdp_units),
-                "root-keep-last under TP x FSDP (torchtitan's units: a block each, and the root)",
+                "root-keep-last or root-resharded-keep-last under TP x FSDP (torchtitan's \
+                 units: a block each, and the root)",
             ));
         }
     }
@@ -1036,9 +1042,12 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
         if dp > 1 {
             // The root: torchtitan passes `reshard_after_forward=True` explicitly (not
             // pipelining), and torch 2.11 keeps a root unsharded after forward only when the
-            // setting is left to it (`_fsdp_state.py:193`): resharded after forward, gathered
-            // again by the pre-backward hook on its output.
-            groups.push(Group::new(params, true, Module::Root));
+            // setting is left to it (`_fsdp_state.py:193`): with root-resharded-keep-last it
+            // is resharded after forward and gathered again by the pre-backward hook on its
+            // output; with root-keep-last (torch of 2024, or FSDP2's automatic setting) it
+            // stays gathered.
+            let reshard = plan.implementation.fsdp_units == FsdpUnits::RootReshardedKeepLast;
+            groups.push(Group::new(params, reshard, Module::Root));
             leaves = groups.iter().flat_map(Group::leaves).collect();
         }
         let rows = match plan.implementation.rotary {
