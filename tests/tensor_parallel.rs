@@ -35,8 +35,11 @@ fn plan_json(c: &Value, tp: u64) -> String {
         (r#"{"dp_shard":1}"#.to_string(), 1, b)
     };
     let lp = tp > 1 && c["loss_parallel"].as_bool().unwrap();
-    // tp_reference.py's root: `reshard_after_forward=True`, which torch 2.11 honours.
-    let units = if tp > 1 && dp > 1 {
+    // tp_reference.py's root: `reshard_after_forward=True`, which torch 2.11 honours, unless
+    // the record's "root_reshard" is null (FSDP2's automatic setting: the root kept gathered,
+    // as root-keep-last, the default, keeps it).
+    let auto_root = c.get("root_reshard").is_some_and(Value::is_null);
+    let units = if tp > 1 && dp > 1 && !auto_root {
         r#","fsdp_units":"root-resharded-keep-last""#
     } else {
         ""
@@ -182,7 +185,8 @@ fn the_small_model_holds_what_dtensor_holds_in_every_layout() {
 }
 
 /// Phase by phase: tests/data/tp_phases_torch_2.11.jsonl holds, for the tiny records, the two
-/// TP x FSDP records and tiny TP x FSDP without SP and without loss parallelism, torch's
+/// TP x FSDP records, tiny TP x FSDP without SP and without loss parallelism, and with the
+/// root's reshard left to FSDP2 (`"root_reshard": null`), torch's
 /// steady-step peaks of the forward with the loss, the backward and the optimizer step on each
 /// rank (tp_reference.py's `fwd_peak`, `bwd_peak`, `opt_peak` of the last of 3 steps, the
 /// lowest of three runs, as the records' peaks are taken). The torch-only bytes are held in
