@@ -410,15 +410,19 @@ fn pipeline_plan(c: &serde_json::Value, precision: &str) -> Plan {
 /// (every rank holds the whole vocabulary's logits), and the embedding's gradient, which
 /// `embedding_dense_backward` makes whole (V x h) beside the row-sharded weight; without FSDP
 /// the output projection's and final norm's gradients live through the blocks' backward.
-/// Itemised but not modelled, so not held here: TP x FSDP (+2.9% and -3.2%; see
-/// docs/research/parallelism-torch-2.11.md).
+/// TP x FSDP on tiny (its peak in loss parallelism's backward, the root resharded after
+/// forward as torch 2.11 does for torchtitan's explicit `reshard_after_forward=True`:
+/// `fsdp_units: root-resharded-keep-last`) is held to the same 16 B; it was +2.9% with the root
+/// kept gathered and without the loss's per-token tensors.
 #[test]
 fn tensor_parallel_plans_match_torch_2_11_dtensor_measured_on_cpu() {
     let mut held = 0;
     for (line, c, measured) in measured_cases("tp_torch_2.11.jsonl") {
         let (tp, dp) = (c["tp"].as_u64().unwrap(), c["dp_shard"].as_u64().unwrap());
-        let itemised = dp == 1;
-        if !itemised {
+        // Small TP x FSDP peaks at a prefetch's all-gather with Gloo's flat buffer of the whole
+        // output (which NCCL does not make): held instead in tests/tensor_parallel.rs against
+        // the trainer run without Gloo's temporaries (the trainer equals torch with them).
+        if dp > 1 && c["model"] == "small" {
             continue;
         }
         let plan = plan(&format!(
@@ -427,16 +431,29 @@ fn tensor_parallel_plans_match_torch_2_11_dtensor_measured_on_cpu() {
                 "batch":{{"micro_batch_size":{},"seq_len":{}}},
                 "precision":{{"param":"fp32","master":"fp32","reduce":"fp32"}},
                 "activation_checkpointing":{},
-                "implementation":{{"loss_parallel":{}}}}}"#,
+                "implementation":{{"loss_parallel":{}{}}}}}"#,
             c["model"],
             tp * dp,
             c["sp"],
             c["batch"],
             c["seq"],
             c["ac"],
-            c["loss_parallel"]
+            c["loss_parallel"],
+            // tp_reference.py passes the root `reshard_after_forward=True`, as torchtitan
+            // does, which torch 2.11 honours.
+            if dp > 1 {
+                r#","fsdp_units":"root-resharded-keep-last""#
+            } else {
+                ""
+            }
         ));
-        let measured = *measured.iter().max().unwrap();
+        // Under FSDP one rank of the tiny record read a TP collective's Gloo buffer high (a
+        // late free on a Gloo thread; tests/tensor_parallel.rs): the lowest rank is the step.
+        let measured = if dp > 1 {
+            *measured.iter().min().unwrap()
+        } else {
+            *measured.iter().max().unwrap()
+        };
         let pred = estimate(&plan).unwrap().per_gpu.peak_allocated_bytes.get();
         // What torch's record holds that a GPU rank would not (tests/tensor_parallel.rs):
         // torch.optim's CPU `step` scalars, 4 B per parameter tensor (9 per block, 3 in the
@@ -451,7 +468,7 @@ fn tensor_parallel_plans_match_torch_2_11_dtensor_measured_on_cpu() {
         );
         held += 1;
     }
-    assert_eq!(held, 8);
+    assert_eq!(held, 9);
 }
 
 /// Interleaved 1F1B, torch 2.11's `ScheduleInterleaved1F1B` with 2 or 4 stages per rank

@@ -176,6 +176,40 @@ fn the_small_model_under_tp_and_fsdp_holds_what_torch_holds() {
     ranks_match_torch(9);
 }
 
+/// TP 2 x dp_shard 2 without Gloo's temporaries (`MEMPLAN_GLOO_TEMPORARIES=0`: the flat
+/// all-gather buffer and the reduce-scatter clone, which NCCL does not make), so every rank
+/// counts what a GPU rank would: the estimator's figure, which models NCCL. The trainer equals
+/// torch with them (the two tests above), so this holds the estimator to torch less Gloo. On
+/// small the peak moves from the prefetch's Gloo buffer (torch's 27,482,277 B) to 26,708,744 B,
+/// where the estimate, a block's backward beside its predecessor's prefetched all-gather output,
+/// is 106,244 B (0.40%) low: not itemised yet, so held at 0.5%. Tiny is within 100 B.
+#[test]
+fn tp_under_fsdp_without_gloo_temporaries_holds_the_estimate() {
+    for index in [4, 9] {
+        let c = &records()[index];
+        let plan = plan_json(c, c["tp"].as_u64().unwrap());
+        let reports = common::train_env(
+            &plan,
+            ranks(c),
+            3,
+            "rank",
+            &[("MEMPLAN_GLOO_TEMPORARIES", "0")],
+        );
+        let parsed: memplan::plan::PlanFile = serde_json::from_str(&plan).unwrap();
+        let est = memplan::estimate::estimate(&parsed.resolve().unwrap()).unwrap();
+        let pred = est.per_gpu.peak_allocated_bytes.get();
+        for (rank, r) in reports.iter().enumerate() {
+            let ours = r["steady_step"]["peak_allocated_bytes"].as_u64().unwrap();
+            let gap = pred.abs_diff(ours);
+            let held = if index == 4 { 100 } else { ours / 200 };
+            assert!(
+                gap <= held,
+                "{c}: rank {rank}: trainer {ours}, estimate {pred}"
+            );
+        }
+    }
+}
+
 #[test]
 fn the_small_model_holds_what_dtensor_holds_in_every_layout() {
     // small, TP 2: the optimizer's peak (the embedding's whole gradient included)

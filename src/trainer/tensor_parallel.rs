@@ -704,6 +704,10 @@ fn shard_of(full: &Tensor, dim: Option<i64>, rank: i64, tp: i64) -> TResult<Tens
 /// made here, on the training thread, for the same span).
 struct GlooShard {
     pg: *const ProcessGroup,
+    /// Whether Gloo's temporaries are made (the default, to equal the CPU reference); with
+    /// `MEMPLAN_GLOO_TEMPORARIES=0` they are not, and the counted peaks are those of a GPU
+    /// rank, whose NCCL makes neither (what the estimator models).
+    temporaries: bool,
 }
 
 impl GlooShard {
@@ -738,7 +742,10 @@ impl fsdp::Collectives for GlooShard {
         if mine.data_ptr() != input.data_ptr() {
             mine.shallow_clone().f_copy_(input)?;
         }
-        let flat = output.f_empty_like()?;
+        let flat = self
+            .temporaries
+            .then(|| output.f_empty_like())
+            .transpose()?;
         for r in 0..pg.size() {
             pg.broadcast(&output.f_narrow(0, r * n, n)?, r)?;
         }
@@ -757,7 +764,13 @@ impl fsdp::Collectives for GlooShard {
     ) -> TResult<()> {
         let pg = self.pg();
         let n = output.numel() as i64;
-        let buf = clone(input)?;
+        // (Without Gloo's clone the sum is made in place in the reduce-scatter input, FSDP2's
+        // own buffer, which nothing reads after.)
+        let buf = if self.temporaries {
+            clone(input)?
+        } else {
+            input.shallow_clone()
+        };
         pg.all_reduce_sum(&buf)?;
         output
             .shallow_clone()
@@ -1101,6 +1114,7 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
     let fsdp_run: Option<Box<FsdpRun>> = (dp > 1).then(|| {
         let comm = GlooShard {
             pg: &mesh.shard as *const ProcessGroup,
+            temporaries: std::env::var("MEMPLAN_GLOO_TEMPORARIES").map_or(true, |v| v != "0"),
         };
         Box::new(FsdpRun {
             fsdp: RefCell::new(Fsdp::new(env, groups, Box::new(comm))),

@@ -20,6 +20,11 @@ pub fn records(file: &str) -> Vec<Value> {
 /// Runs `memplan train` on `plan` (as `nproc` processes when above 1) for `steps` steps, one
 /// thread each; its output as it is.
 pub fn run(plan: &str, nproc: u64, steps: u64) -> Output {
+    run_env(plan, nproc, steps, &[])
+}
+
+/// [`run`] with environment variables set for the job.
+pub fn run_env(plan: &str, nproc: u64, steps: u64, vars: &[(&str, &str)]) -> Output {
     let dir = std::env::temp_dir().join(format!(
         "memplan-job-test-{}-{}",
         std::process::id(),
@@ -35,7 +40,8 @@ pub fn run(plan: &str, nproc: u64, steps: u64) -> Output {
     cmd.args(["train", "--quiet", "--format", "json", "--plan"])
         .arg(&path)
         .args(["--steps", &steps.to_string()])
-        .env("OMP_NUM_THREADS", "1");
+        .env("OMP_NUM_THREADS", "1")
+        .envs(vars.iter().copied());
     if nproc > 1 {
         cmd.args(["--nproc-per-node", &nproc.to_string()]);
     }
@@ -47,7 +53,18 @@ pub fn run(plan: &str, nproc: u64, steps: u64) -> Output {
 /// [`run`], which must succeed; the reports, ordered by the report's `order` field (the rank,
 /// or the pipeline stage).
 pub fn train(plan: &str, nproc: u64, steps: u64, order: &str) -> Vec<Value> {
-    let out = run(plan, nproc, steps);
+    train_env(plan, nproc, steps, order, &[])
+}
+
+/// [`train`] with environment variables set for the job.
+pub fn train_env(
+    plan: &str,
+    nproc: u64,
+    steps: u64,
+    order: &str,
+    vars: &[(&str, &str)],
+) -> Vec<Value> {
+    let out = run_env(plan, nproc, steps, vars);
     assert!(
         out.status.success(),
         "{plan}: {}",
