@@ -294,6 +294,42 @@ struct CheckpointLink : public torch::autograd::Function<CheckpointLink> {
   }
 };
 
+// Links an output computed without autograd (y) to three inputs (context parallelism's ring
+// attention: y from q, k and v): forward returns y; backward calls Rust with the incoming
+// gradient, which returns one gradient per input (an undefined one where a pointer stays null).
+using mp_callback3 = int (*)(void *ctx, int64_t tag, at::Tensor *grad_in,
+                             at::Tensor **grads_out);
+
+struct Link3 : public torch::autograd::Function<Link3> {
+  static at::Tensor forward(torch::autograd::AutogradContext *ctx, at::Tensor a, at::Tensor b,
+                               at::Tensor c, at::Tensor y, int64_t tag, int64_t cb,
+                               int64_t user) {
+    ctx->saved_data["tag"] = tag;
+    ctx->saved_data["cb"] = cb;
+    ctx->saved_data["user"] = user;
+    return y;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto cb = reinterpret_cast<mp_callback3>(ctx->saved_data["cb"].toInt());
+    auto user = reinterpret_cast<void *>(ctx->saved_data["user"].toInt());
+    auto tag = ctx->saved_data["tag"].toInt();
+    auto *g = new at::Tensor(grads[0]);
+    grads.clear();  // the callback holds the only reference to the incoming gradient
+    at::Tensor *out[3] = {nullptr, nullptr, nullptr};
+    int rc = cb(user, tag, g, out);
+    torch::autograd::variable_list result(7);
+    for (int i = 0; i < 3; ++i) {
+      if (out[i]) {
+        result[i] = *out[i];
+        delete out[i];
+      }
+    }
+    if (rc != 0) throw std::runtime_error("memplan: ring attention backward failed (see the trainer's error)");
+    return result;
+  }
+};
+
 }  // namespace
 
 extern "C" {
@@ -607,6 +643,15 @@ int mp_checkpoint_link(at::Tensor *x, at::Tensor *y, int64_t tag, mp_callback cb
   MP_TRY
   auto z = CheckpointLink::apply(*x, *y, tag, reinterpret_cast<int64_t>(cb),
                                  reinterpret_cast<int64_t>(user));
+  *out = new at::Tensor(z);
+  MP_CATCH
+}
+
+int mp_link3(at::Tensor *a, at::Tensor *b, at::Tensor *c, at::Tensor *y, int64_t tag,
+             mp_callback3 cb, void *user, at::Tensor **out, char **err) {
+  MP_TRY
+  auto z = Link3::apply(*a, *b, *c, *y, tag, reinterpret_cast<int64_t>(cb),
+                        reinterpret_cast<int64_t>(user));
   *out = new at::Tensor(z);
   MP_CATCH
 }

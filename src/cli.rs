@@ -1156,14 +1156,14 @@ fn launch_ranks(
     let timeout_s = bounded("--dist-timeout", dist.dist_timeout, 1, 86_400)?;
     let world = nproc * nnodes;
     let p = &plan.parallel;
-    let ranks = p.pp * p.tp * p.dp_replicate * p.dp_shard;
+    let ranks = p.pp * p.tp * p.dp_replicate * p.dp_shard * p.cp;
     if world != ranks {
         return Err(Error::invalid(
             "--nproc-per-node",
             nproc,
             format!(
-                "nnodes x nproc-per-node = the plan's pp x tp x dp_replicate x dp_shard ({} x {} x {} x {} = {ranks}); set --num-gpus {world} or --dp-shard",
-                p.pp, p.tp, p.dp_replicate, p.dp_shard
+                "nnodes x nproc-per-node = the plan's pp x tp x dp_replicate x dp_shard x cp ({} x {} x {} x {} x {} = {ranks}); set --num-gpus {world} or --dp-shard",
+                p.pp, p.tp, p.dp_replicate, p.dp_shard, p.cp
             ),
         ));
     }
@@ -1173,6 +1173,9 @@ fn launch_ranks(
     }
     if p.tp > 1 {
         crate::trainer::tensor_parallel::check(plan)?;
+    }
+    if p.cp > 1 {
+        crate::trainer::context_parallel::check(plan)?;
     }
     let launch = crate::trainer::launch::Launch {
         progress,
@@ -1274,15 +1277,18 @@ fn run_rank(
             )));
         }
     }
-    let mesh = std::rc::Rc::new(Mesh::join(
+    // Under context parallelism FSDP shards over dp_shard x cp (torchtitan's "dp_shard_cp").
+    let mut mesh = Mesh::join(
         env,
         plan.parallel.pp,
         plan.parallel.tp,
         plan.parallel.dp_replicate,
-        plan.parallel.dp_shard,
+        plan.parallel.fsdp_degree(),
         std::time::Duration::from_secs(timeout_s),
         cuda,
-    )?);
+    )?;
+    mesh.join_cp(plan.parallel.cp, std::time::Duration::from_secs(timeout_s))?;
+    let mesh = std::rc::Rc::new(mesh);
     // Rank-prefixed logs: the launcher shows them with --verbose; under torchrun, only
     // --verbose prints them.
     let log = dist.verbose || crate::trainer::launch::report_path(rank).is_some();

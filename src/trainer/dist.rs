@@ -471,6 +471,9 @@ pub struct Mesh {
     /// The ranks sharing this rank's tensor-parallel shards, in TP order (torchtitan's "tp"
     /// mesh dimension, innermost); None without tensor parallelism.
     pub tp: Option<ProcessGroup>,
+    /// The ranks sharing this rank's sequence, in CP order (torchtitan's "cp" mesh dimension,
+    /// inside dp_shard); None without context parallelism ([`Mesh::join_cp`]).
+    pub cp: Option<ProcessGroup>,
 }
 
 impl Mesh {
@@ -556,7 +559,41 @@ impl Mesh {
             replicate,
             pp,
             tp,
+            cp: None,
         })
+    }
+
+    /// Context parallelism: groups the job's ranks into runs of `cp` consecutive ranks, each a
+    /// Gloo `cp` group (torchtitan's mesh `(dp_shard, cp)`, cp innermost: rank = dp_shard rank x
+    /// cp + cp rank). The job must have been joined with the FSDP degree dp_shard x cp as its
+    /// shard group (torchtitan's flattened "dp_shard_cp" mesh), without pp, tp or replicas.
+    pub fn join_cp(&mut self, cp: u64, timeout: Duration) -> Result<()> {
+        if cp <= 1 {
+            return Ok(());
+        }
+        if self.env.world % cp != 0 || self.pp.is_some() || self.tp.is_some() {
+            return Err(Error::input(format!(
+                "context parallelism over {cp} ranks needs a world size that cp divides ({}) \
+                 and no pipeline or tensor parallelism",
+                self.env.world
+            )));
+        }
+        let iface = if is_loopback(&self.env.master_addr) {
+            "127.0.0.1"
+        } else {
+            ""
+        };
+        let (group, rank) = (self.env.rank / cp, self.env.rank % cp);
+        self.cp = Some(ProcessGroup::new(
+            &self._store,
+            &format!("cp{group}/"),
+            rank as i64,
+            cp as i64,
+            timeout,
+            Backend::Gloo,
+            iface,
+        )?);
+        Ok(())
     }
 
     /// Every rank's `text`, in rank order, on every rank (for gathering reports; uncounted).

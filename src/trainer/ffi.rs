@@ -100,6 +100,17 @@ extern "C" {
         out: *mut *mut C_tensor,
         err: *mut *mut c_char,
     ) -> c_int;
+    fn mp_link3(
+        a: *mut C_tensor,
+        b: *mut C_tensor,
+        c: *mut C_tensor,
+        y: *mut C_tensor,
+        tag: i64,
+        cb: Callback3,
+        user: *mut c_void,
+        out: *mut *mut C_tensor,
+        err: *mut *mut c_char,
+    ) -> c_int;
     fn mp_storage_resize(t: *mut C_tensor, nbytes: i64, err: *mut *mut c_char) -> c_int;
     fn mp_storage_nbytes(t: *mut C_tensor) -> i64;
     fn mp_copy_unversioned(dst: *mut C_tensor, src: *mut C_tensor, err: *mut *mut c_char) -> c_int;
@@ -322,6 +333,33 @@ pub unsafe fn checkpoint_link(
 ) -> Result<Tensor, ShimError> {
     let mut out: *mut C_tensor = std::ptr::null_mut();
     call(|e| mp_checkpoint_link(ptr(x), ptr(y), tag, cb, user, &mut out, e))?;
+    Ok(Tensor::from_ptr(out))
+}
+
+/// Callback from a three-input node ([`link3`]): `grad_in` as for [`Callback`]; the callee may
+/// store a new heap tensor in each of the three `grads_out` slots. Returns 0 on success.
+pub type Callback3 = unsafe extern "C" fn(
+    user: *mut c_void,
+    tag: i64,
+    grad_in: *mut C_tensor,
+    grads_out: *mut *mut C_tensor,
+) -> c_int;
+
+/// Returns `y` linked to `a`, `b` and `c`: backward calls `cb(user, tag, grad_y, grads)`, which
+/// writes the gradients of `a`, `b` and `c` (context parallelism's ring attention).
+///
+/// # Safety
+/// As for [`boundary`].
+pub unsafe fn link3(
+    inputs: [&Tensor; 3],
+    y: &Tensor,
+    tag: i64,
+    cb: Callback3,
+    user: *mut c_void,
+) -> Result<Tensor, ShimError> {
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    let [a, b, c] = inputs;
+    call(|e| mp_link3(ptr(a), ptr(b), ptr(c), ptr(y), tag, cb, user, &mut out, e))?;
     Ok(Tensor::from_ptr(out))
 }
 

@@ -53,6 +53,7 @@
 //! add, which saves nothing), so it allocates what torch's non-reentrant checkpoint
 //! (torchtitan's `checkpoint_wrapper`) does.
 
+pub mod context_parallel;
 pub mod dist;
 pub mod expert_parallel;
 pub mod ffi;
@@ -254,11 +255,15 @@ fn check_supported(plan: &Plan, distributed: bool) -> Result<()> {
     }
     let p = &plan.parallel;
     if p.cp != 1 {
-        return Err(unsupported(
-            "parallel.cp",
-            p.cp,
-            "1: the trainer emulates FSDP rank 0 only",
-        ));
+        if !distributed {
+            return Err(unsupported(
+                "parallel.cp",
+                p.cp,
+                "1 in the single-device emulation (a multi-process run, --nproc-per-node \
+                 dp_shard x cp, runs a sequence shard per rank)",
+            ));
+        }
+        context_parallel::check(plan)?;
     }
     if p.tp != 1 {
         if !distributed {
@@ -404,6 +409,8 @@ struct State {
     freqs: Tensor,
     /// Inputs kept by checkpointed blocks.
     ckpt: Vec<Option<Tensor>>,
+    /// Ring attention in place of SDPA under context parallelism.
+    cp: Option<Box<context_parallel::Ring>>,
     error: Option<tch::TchError>,
 }
 
@@ -413,7 +420,10 @@ impl State {
         let w = BlockWeights::from_list(&self.spec, &leaves);
         let s = x.size()[1];
         let f = self.freqs.f_narrow(0, 0, s)?;
-        model::block_forward(x, &w, &f, self.dims, self.flavor)
+        match &self.cp {
+            None => model::block_forward(x, &w, &f, self.dims, self.flavor),
+            Some(ring) => model::block_forward_with(x, &w, &f, self.dims, self.flavor, &**ring),
+        }
     }
 
     fn on_backward(&mut self, tag: i64, grad: Tensor) -> TResult<Option<Tensor>> {
@@ -584,7 +594,12 @@ impl Hooks {
         drop(ctx);
         let mut st = self.0.borrow_mut();
         if let Err(e) = r {
-            return Err(st.error.take().unwrap_or(tch::TchError::Torch(e.0)));
+            let ring = st.cp.as_ref().and_then(|c| c.take_error());
+            return Err(st
+                .error
+                .take()
+                .or(ring)
+                .unwrap_or(tch::TchError::Torch(e.0)));
         }
         st.fsdp.post_backward(plan.model.layers as usize)?;
         st.fsdp.finish_backward();
@@ -825,7 +840,7 @@ fn train_on(
         compute: kind(plan.precision.param),
         reduce: kind(plan.precision.reduce),
         master: kind(plan.precision.master),
-        world: plan.parallel.dp_shard as i64,
+        world: plan.parallel.fsdp_degree() as i64,
         rank: mesh.as_ref().map_or(0, |m| m.shard.rank()),
         peers: mesh.is_none(),
         offload: plan.offload,
@@ -896,6 +911,11 @@ fn train_on(
         },
         freqs,
         ckpt: (0..layers).map(|_| None).collect(),
+        // SAFETY: the mesh (and its cp group) outlives the run's state and graphs.
+        cp: match mesh.as_ref().and_then(|m| m.cp.as_ref()) {
+            Some(pg) => Some(Box::new(unsafe { context_parallel::Ring::new(pg, plan) })),
+            None => None,
+        },
         error: None,
     })));
     let cfg = OptConfig {
@@ -919,7 +939,9 @@ fn train_on(
     let accum = plan.batch.grad_accum_steps;
     let started = Instant::now();
     let mut tokens = 0u64;
-    let dp = mesh.as_ref().map(|m| (m.dp_rank(), m.dp_world()));
+    // The rows each data-parallel position reads: the ranks of one cp group read the same.
+    let cp = plan.parallel.cp;
+    let dp = mesh.as_ref().map(|m| (m.dp_rank() / cp, m.dp_world() / cp));
     // Setup, step 1 and the last step are recorded; the steps between are not (see recorder).
     let between = |step: u64| step > 1 && step < opts.steps;
     let mut last_step = 0;
@@ -946,6 +968,7 @@ fn train_on(
         }
         let (mut fwd, mut bwd) = (None, None);
         let mut loss_sum = 0.0;
+        let mut cp_context: Option<context_parallel::Context> = None;
         for micro in 0..accum {
             let start = meter.start()?;
             recorder::mark(Section::Forward, micro, step == 1);
@@ -954,6 +977,17 @@ fn train_on(
                     batch_on_device(&env, plan, opts.seed, (step - 1) * accum + micro, dp)?;
                 // torchtitan rebinds `input_ids, labels` here: the previous ones are freed.
                 live = None;
+                // Under CP the step runs inside `context_parallel(...)`, entered here.
+                let ring = hooks.0.borrow().cp.as_ref().map(|r| &**r as *const _);
+                cp_context = match ring {
+                    // SAFETY: the ring lives in the hooks' state, which outlives the step.
+                    Some(r) => {
+                        let r: &context_parallel::Ring = unsafe { &*r };
+                        let freqs = hooks.0.borrow().freqs.shallow_clone();
+                        Some(r.enter(&input, &labels, &freqs)?)
+                    }
+                    None => None,
+                };
                 let (loss, kept_pred) = hooks.forward(plan, &input, &labels, &mut kept_logits)?;
                 Ok((input, labels, loss, kept_pred))
             })();
@@ -979,6 +1013,11 @@ fn train_on(
             let start = meter.start()?;
             recorder::mark(Section::Backward, micro, step == 1);
             let r = hooks.backward(plan, &loss);
+            // The context's exit, after the backward (torchtitan's train step).
+            let r = match (r, cp_context.take()) {
+                (Ok(()), Some(c)) => c.exit(&hooks.0.borrow().freqs),
+                (r, _) => r,
+            };
             // A loop's `logits` name holds them until its next forward rebinds it
             // (float-in-loss-kept); torchtitan's old loop's `pred` went with the backward.
             if plan.implementation.logits == Logits::FloatInLossKept {

@@ -204,6 +204,12 @@ pub trait Collectives {
     fn inputs(&self, x: &Tensor, site: Site, n: usize) -> TResult<Vec<Tensor>>;
     /// The row-parallel projection's output `y` of `site`, made whole as the plan lays it out.
     fn output(&self, y: Tensor, site: Site) -> TResult<Tensor>;
+    /// Causal scaled dot-product attention of `(b, heads, s, head_dim)` q, k, v (`gqa`: k and v
+    /// have fewer heads): SDPA on one process; ring attention over the sequence's shards under
+    /// context parallelism ([`super::context_parallel`]).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, gqa: bool) -> TResult<Tensor> {
+        Tensor::f_scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, true, None, gqa)
+    }
 }
 
 /// The block's two tensor-parallel modules.
@@ -261,16 +267,7 @@ fn attention(
     drop(xk);
     let xv_t = values.f_transpose(1, 2)?;
     drop(xv);
-    let output = Tensor::f_scaled_dot_product_attention(
-        &xq,
-        &xk_t,
-        &xv_t,
-        None::<Tensor>,
-        0.0,
-        true,
-        None,
-        native,
-    )?;
+    let output = c.attend(&xq, &xk_t, &xv_t, native)?;
     // output = output.transpose(1, 2).contiguous(); output = output.view(bs, seqlen, -1)
     let contiguous = output.f_transpose(1, 2)?.f_contiguous()?;
     drop(output);
