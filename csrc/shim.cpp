@@ -25,6 +25,8 @@
 #include <c10/core/StorageImpl.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/engine.h>
+#include <torch/csrc/autograd/function_hook.h>
 // The CUDA allocation history (torch::cuda::_record_memory_history, _memory_snapshot_pickled)
 // lives in libtorch_cuda, so it is compiled only where build.rs links that: it defines
 // MEMPLAN_NCCL when libtorch_cuda.so and CUDA's headers are there, and may define
@@ -275,8 +277,10 @@ struct CheckpointLink : public torch::autograd::Function<CheckpointLink> {
     ctx->saved_data["user"] = user;
     return y;
   }
+  // `grads` by reference: it is the node's own list (CppNode_apply_functional's
+  // backward_inputs), which would otherwise hold the gradient until the callback returns.
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
-                                                 torch::autograd::variable_list grads) {
+                                                 torch::autograd::variable_list &grads) {
     auto cb = reinterpret_cast<mp_callback>(ctx->saved_data["cb"].toInt());
     auto user = reinterpret_cast<void *>(ctx->saved_data["user"].toInt());
     auto tag = ctx->saved_data["tag"].toInt();
@@ -626,6 +630,35 @@ int mp_backward(at::Tensor **tensors, at::Tensor **grads, int n, char **err) {
     gs.push_back(grads[i] ? *grads[i] : at::Tensor());
   }
   torch::autograd::backward(ts, gs, /*retain_graph=*/false, /*create_graph=*/false);
+  MP_CATCH
+}
+
+// Backward from `t` with the gradient `g`, which the call takes over (it deletes `g`): the
+// gradient's last outside reference goes when `t`'s node takes it, so that it is freed once the
+// graph is done with it, as in a backward that reaches the node from its own graph (torch's
+// non-reentrant checkpoint), not held by the caller to the end (torch::autograd::backward).
+namespace {
+struct DropOnCall : public torch::autograd::FunctionPreHook {
+  std::shared_ptr<torch::autograd::variable_list> held;
+  explicit DropOnCall(std::shared_ptr<torch::autograd::variable_list> h) : held(std::move(h)) {}
+  torch::autograd::variable_list operator()(const torch::autograd::variable_list &grads) override {
+    for (auto &t : *held) t = at::Tensor();
+    return grads;
+  }
+};
+}  // namespace
+
+int mp_backward_owned(at::Tensor *t, at::Tensor *g, char **err) {
+  auto held = std::make_shared<torch::autograd::variable_list>();
+  held->push_back(std::move(*g));
+  delete g;
+  MP_TRY
+  auto edge = torch::autograd::impl::gradient_edge(*t);
+  if (!edge.function) throw std::runtime_error("backward from a tensor without a grad_fn");
+  edge.function->add_pre_hook(std::make_unique<DropOnCall>(held));
+  torch::autograd::Engine::get_default_engine().execute({edge}, *held, /*keep_graph=*/false,
+                                                        /*create_graph=*/false,
+                                                        /*accumulate_grad=*/true);
   MP_CATCH
 }
 

@@ -83,6 +83,7 @@ extern "C" {
         n: c_int,
         err: *mut *mut c_char,
     ) -> c_int;
+    fn mp_backward_owned(t: *mut C_tensor, g: *mut C_tensor, err: *mut *mut c_char) -> c_int;
     fn mp_boundary(
         x: *mut C_tensor,
         tag: i64,
@@ -302,6 +303,14 @@ pub fn backward(tensors: &[&Tensor], grads: &[Option<&Tensor>]) -> Result<(), Sh
         .map(|g| g.map_or(std::ptr::null_mut(), ptr))
         .collect();
     call(|e| unsafe { mp_backward(ts.as_ptr(), gs.as_ptr(), ts.len() as c_int, e) })
+}
+
+/// `torch::autograd::backward([t], [grad])` that takes the gradient over: no reference to it
+/// outlives `t`'s node's use of it (see csrc/shim.cpp `mp_backward_owned`).
+pub fn backward_owned(t: &Tensor, mut grad: Tensor) -> Result<(), ShimError> {
+    let g = grad.as_mut_ptr();
+    std::mem::forget(grad);
+    call(|e| unsafe { mp_backward_owned(ptr(t), g, e) })
 }
 
 /// An identity node whose backward calls `cb(user, tag, grad, _)`.

@@ -450,8 +450,10 @@ impl State {
                 // not needed for backward. Freeing it matches torch's non-reentrant checkpoint,
                 // whose early stop never keeps the recomputed output.
                 ffi::storage_resize(&y, 0).map_err(fsdp::shim)?;
-                ffi::backward(&[&y], &[Some(&grad)]).map_err(fsdp::shim)?;
-                drop((y, grad));
+                // The incoming gradient is handed over: torch's checkpoint holds no reference
+                // to it once the block's last node has taken it.
+                ffi::backward_owned(&y, grad).map_err(fsdp::shim)?;
+                drop(y);
                 ffi::take_grad(&xd).map_err(fsdp::shim)
             }
             POST => {
