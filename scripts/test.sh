@@ -37,6 +37,9 @@ if [ -d src/trainer ] && [ -f scripts/libtorch-env.sh ]; then
   cargo test --locked --features trainer --test tensor_parallel
   # torchtitan 0.2.2's MoE (router, grouped-mm experts, load balancing) against its own run.
   cargo test --locked --features trainer --test expert_parallel
+  # Context parallelism (ring attention, FSDP over dp_shard x cp) across processes against torch's
+  # own context_parallel, per rank.
+  cargo test --locked --features trainer --test context_parallel
   # Recorded measurements of PyTorch's own implementations, run again live (tests/references.rs).
   cargo test --locked --features trainer --test references -- --test-threads=1
 fi

@@ -1184,6 +1184,16 @@ fn train_on(
             env.world
         ),
     }];
+    if let (Some(m), true) = (&mesh, plan.parallel.cp > 1) {
+        notes.push(format!(
+            "context parallelism: rank {} of a {}-way ring (torch's context_parallel: head-tail \
+             sequence shards, {} rotation of K and V); FSDP shards over dp_shard x cp = {}",
+            m.cp.as_ref().map_or(0, |g| g.rank()),
+            plan.parallel.cp,
+            plan.parallel.cp_rotate,
+            env.world
+        ));
+    }
     if device == Device::Cpu {
         notes.push(
             "CPU run: exact live bytes of a counting allocator (requested sizes); device and host \
