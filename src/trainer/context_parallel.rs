@@ -216,7 +216,7 @@ impl Ring {
             let c = clone(shard)?;
             let mut b = t.shallow_clone();
             let _ = b.f_resize_(c.size().as_slice())?;
-            let _ = b.f_copy_(&c)?;
+            b.f_copy_(&c)?;
             last = Some(c);
         }
         Ok(Context {
@@ -524,7 +524,7 @@ impl Context {
         let _ng = tch::no_grad_guard();
         let mut f = freqs.shallow_clone();
         let _ = f.f_resize_(self.original.size().as_slice())?;
-        let _ = f.f_copy_(&self.original)?;
+        f.f_copy_(&self.original)?;
         drop(self);
         Ok(())
     }

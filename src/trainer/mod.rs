@@ -31,14 +31,15 @@
 //! outside the counters; every rank sees the same data, so rank 0's gradient is the average.
 //! Not modelled: communication time, NCCL buffers, FSDP2's separate CUDA streams (which
 //! change reserved, not allocated, bytes), pinned host memory, gradient clipping, the
-//! dataloader. Context parallelism, fp16, selective per-op checkpointing and what the plan
-//! asks that the trainer does not execute (`check_supported`) are refused with an error; HSDP,
-//! tensor and pipeline parallelism run only as real multi-process jobs (pipelining:
-//! [`pipeline`], a stage per rank, GPipe and 1F1B, with or without FSDP2 inside a stage; tensor
-//! parallelism: [`tensor_parallel`], with or without SP and loss parallelism, and under FSDP on
-//! a (dp_shard, tp) mesh). Mixture-of-experts models run as torchtitan 0.2.2's MoE on one
-//! process ([`expert_parallel`]: router, grouped-mm experts, load balancing; expert
-//! parallelism across processes not yet).
+//! dataloader. Fp16, selective per-op checkpointing and what the plan asks that the trainer
+//! does not execute (`check_supported`) are refused with an error; HSDP, tensor, pipeline and
+//! context parallelism run only as real multi-process jobs (pipelining: [`pipeline`], a stage
+//! per rank, GPipe and 1F1B, with or without FSDP2 inside a stage; tensor parallelism:
+//! [`tensor_parallel`], with or without SP and loss parallelism, and under FSDP on a
+//! (dp_shard, tp) mesh; context parallelism: [`context_parallel`], a sequence shard per rank in
+//! torch's ring attention, under this module's FSDP over dp_shard x cp). Mixture-of-experts
+//! models run as torchtitan 0.2.2's MoE on one process ([`expert_parallel`]: router,
+//! grouped-mm experts, load balancing; expert parallelism across processes not yet).
 //!
 //! # Checked against PyTorch itself
 //! `fsdp2_reference.py` (next to this file) runs torchtitan's model under PyTorch's own
@@ -51,7 +52,10 @@
 //! Checkpointing recomputes a block from its kept input with a custom autograd node and frees
 //! the recomputed output's data before the block's backward (the block ends in a residual
 //! add, which saves nothing), so it allocates what torch's non-reentrant checkpoint
-//! (torchtitan's `checkpoint_wrapper`) does.
+//! (torchtitan's `checkpoint_wrapper`) does. The block's incoming gradient is handed to the
+//! recompute's backward ([`ffi::backward_owned`]), which frees it once the residual sum
+//! replaces it, as torch's checkpoint does (held to the block's end, it stood one activation
+//! above torch in ring attention's backward under context parallelism).
 
 pub mod context_parallel;
 pub mod dist;
@@ -914,10 +918,10 @@ fn train_on(
         freqs,
         ckpt: (0..layers).map(|_| None).collect(),
         // SAFETY: the mesh (and its cp group) outlives the run's state and graphs.
-        cp: match mesh.as_ref().and_then(|m| m.cp.as_ref()) {
-            Some(pg) => Some(Box::new(unsafe { context_parallel::Ring::new(pg, plan) })),
-            None => None,
-        },
+        cp: mesh
+            .as_ref()
+            .and_then(|m| m.cp.as_ref())
+            .map(|pg| Box::new(unsafe { context_parallel::Ring::new(pg, plan) })),
         error: None,
     })));
     let cfg = OptConfig {
