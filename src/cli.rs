@@ -181,8 +181,8 @@ pub enum Command {
 #[derive(Args, Debug, Default, Clone)]
 pub struct DistArgs {
     /// Start this many rank processes on this node (as torchrun does): a real FSDP2/HSDP or
-    /// pipeline or tensor-parallel job over c10d Gloo, world size = nnodes x nproc-per-node =
-    /// pp x tp x dp_replicate x dp_shard.
+    /// pipeline, tensor- or context-parallel job over c10d Gloo, world size = nnodes x
+    /// nproc-per-node = pp x tp x dp_replicate x dp_shard x cp.
     #[arg(long, allow_negative_numbers = true)]
     pub nproc_per_node: Option<i64>,
     /// Nodes in the job.

@@ -494,7 +494,7 @@ impl Mesh {
     ) -> Result<Mesh> {
         if env.world != pp * tp * dp_replicate * dp_shard {
             return Err(Error::input(format!(
-                "world size {} does not match the plan: pp x tp x dp_replicate x dp_shard = {pp} x {tp} x {dp_replicate} x {dp_shard} = {} (cp is 1 in the multi-process trainer)",
+                "world size {} does not match the plan: pp x tp x dp_replicate x dp_shard = {pp} x {tp} x {dp_replicate} x {dp_shard} = {} (under context parallelism dp_shard here is the plan's dp_shard x cp)",
                 env.world,
                 pp * tp * dp_replicate * dp_shard
             )));

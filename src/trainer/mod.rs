@@ -829,6 +829,11 @@ fn train_on(
     if let (Some(m), true) = (&mesh, plan.parallel.tp > 1) {
         return tensor_parallel::train_tp(plan, opts, m);
     }
+    if plan.parallel.cp > 1 && opts.device != TrainDevice::Cpu {
+        return Err(Error::input(
+            "--device cpu under context parallelism: the ring passes K and V over Gloo",
+        ));
+    }
     let (device, cuda) = match opts.device {
         TrainDevice::Cpu => (Device::Cpu, None),
         TrainDevice::Cuda(i) => {
