@@ -166,7 +166,7 @@ impl Ring {
 
     /// `context_parallel(cp_mesh, buffers=[inputs, labels, freqs_cis], buffer_seq_dims=[1, 1,
     /// 0], no_restore_buffers={inputs, labels})` up to its `yield` (`_attention.py`
-    /// l.1555-1582): the three buffers sharded in place.
+    /// l.1553-1577): the three buffers sharded in place.
     pub fn enter(&self, input: &Tensor, labels: &Tensor, freqs: &Tensor) -> TResult<Context> {
         let _ng = tch::no_grad_guard();
         let (rank, cp) = (self.pg().rank(), self.pg().size());
@@ -518,7 +518,7 @@ pub struct Context {
 }
 
 impl Context {
-    /// The context's exit (`_attention.py` l.1580-1584): the table resized back (its storage
+    /// The context's exit (`_attention.py` l.1578-1583): the table resized back (its storage
     /// was kept) and refilled; then the frame's tensors go.
     pub fn exit(self, freqs: &Tensor) -> TResult<()> {
         let _ng = tch::no_grad_guard();
