@@ -8,6 +8,9 @@
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::losses;
 use serde_json::Value;
 
 fn memplan() -> Command {
@@ -52,15 +55,6 @@ fn phases(report: &Value) -> Vec<u64> {
             ["forward", "backward", "optimizer"]
                 .map(|p| report[s][p]["peak_allocated_bytes"].as_u64().unwrap())
         })
-        .collect()
-}
-
-fn losses(report: &Value) -> Vec<f64> {
-    report["losses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l.as_f64().unwrap())
         .collect()
 }
 
@@ -412,8 +406,6 @@ fn a_gpu_job_without_a_gpu_is_an_input_error() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("rank 0") && err.contains("cuda:0"), "{err}");
 }
-
-mod common;
 
 /// HSDP against torch 2.11's own: `fully_shard` on a 2-D (dp_replicate, dp_shard) mesh over
 /// Gloo, counted by the same allocator (src/trainer/hsdp_reference.py,

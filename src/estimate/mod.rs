@@ -584,28 +584,20 @@ fn block_backward(
         // peak 0.2% to 0.4% below the point with every adapter's and 0.5% to 0.7% above the
         // point with down's alone (docs/research/hf-lora-measured.md); which adapter
         // gradients are alive there is not itemised, so one GPU keeps the upper bound.
-        let r = l.rank as u128;
-        let grads = |modules: &[usize]| -> u128 {
-            let dims = params::lora_module_dims(plan);
-            modules
-                .iter()
-                .filter(|&&i| l.wraps(i))
-                .map(|&i| grads_elem_bytes * r * (dims[i].0 + dims[i].1))
-                .sum()
-        };
         let g = grads_elem_bytes * params::lora_block_params(plan).0;
         let g_mlp = if plan.parallel.fsdp_degree() > 1 {
-            grads(&[6])
+            let (fan_in, fan_out) = params::lora_module_dims(plan)[params::LORA_DOWN];
+            let down = u128::from(l.wraps(params::LORA_DOWN)) * l.rank as u128 * (fan_in + fan_out);
+            grads_elem_bytes * down
         } else {
             g
         };
-        let g_attn = g;
         // (QLoRA: each quantised linear dequantises its weight in forward and again in
         // backward and frees it inside the op, before the `silu * up` product's backward
         // where this point is; measured on CPU, it is the step's peak only for layers far wider
         // than their tokens. Not modelled.)
         let during = (re + t * a.mlp_transient + g_mlp)
-            .max((re + t * a.attn_transient + g_attn).saturating_sub(t * a.ffn_saved));
+            .max((re + t * a.attn_transient + g).saturating_sub(t * a.ffn_saved));
         return [during, g + 2 * t * a.full_ac, during, 2 * t * a.full_ac];
     }
     let w2 = div(grads_elem_bytes * h * f, tp);
@@ -734,6 +726,10 @@ pub(crate) struct Quantities {
     /// The root resharded after forward (`root-resharded-keep-last`): its parameters, gathered
     /// again by the output's pre-backward hook once the loss's backward is done.
     pub root_regather: u128,
+    /// Under sequence parallelism, on the last stage: the final norm's sequence shard, which the
+    /// model's `h = self.norm(h)` keeps bound while the output projection gathers its input
+    /// and computes (freed as the model returns; measured with torch's DTensor SP on CPU).
+    pub sp_norm_shard: u128,
     /// Blocks whose gathered parameters are kept from forward to backward.
     pub held: u128,
     /// The last all-gather output of forward, kept until the root's post-forward: a block's,
@@ -825,7 +821,7 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     } else {
         0
     };
-    let lora_shard = div(lora_block + n as u128 - 1, n as u128);
+    let lora_shard = params::lora_shard(plan, lora_block);
     let trainable = if lora {
         p.layers() as u128 * lora_shard
     } else {
@@ -1217,6 +1213,11 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         },
         head_u: if split && reshard { tail_u } else { root_u },
         root_regather: if root_resharded { root_u } else { 0 },
+        sp_norm_shard: if par.sp && par.tp > 1 && p.last {
+            stage_act
+        } else {
+            0
+        },
         // Blocks whose gathered parameters are alive between forward and backward:
         // torchtitan of 2024 does not reshard the last block after forward; with
         // reshard_after_forward off, none is resharded.
@@ -1342,7 +1343,7 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                 // until the root's post-forward, after the model returns its logits.
                 let projection = (
                     q.head_u + held * block_u + u128::from(gathers) * q.retained_u,
-                    acts,
+                    acts + q.sp_norm_shard,
                     lg.at_projection + lg.kept_in_step,
                 );
                 // At the last block's all-gather: the previous block's output retained (when
@@ -1521,12 +1522,11 @@ pub fn optimizer_temporaries(plan: &Plan, p: &StageParams) -> u128 {
     if plan.optimizer.states_per_param() < 2 {
         return 0;
     }
-    let n = plan.parallel.fsdp_degree() as u128;
     let (all, largest) = match params::lora_block_params(plan) {
         (0, _) => (p.shard_total(), p.largest_shard()),
         (block, big) => (
-            p.layers() as u128 * div(block + n - 1, n),
-            div(big + n - 1, n),
+            p.layers() as u128 * params::lora_shard(plan, block),
+            params::lora_shard(plan, big),
         ),
     };
     match plan.implementation.optimizer {

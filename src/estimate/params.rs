@@ -44,6 +44,14 @@ impl BlockParams {
     }
 }
 
+/// The down projection's index in [`lora_module_dims`].
+pub const LORA_DOWN: usize = 6;
+
+/// A rank's share of `elems` adapter elements under FSDP (rounded up; all of them without).
+pub fn lora_shard(plan: &Plan, elems: u128) -> u128 {
+    elems.div_ceil(plan.parallel.fsdp_degree() as u128)
+}
+
 /// (in, out) features of each linear a LoRA adapter can wrap, in
 /// [`crate::plan::LORA_MODULES`] order: q, k, v, o, gate, up, down.
 pub fn lora_module_dims(plan: &Plan) -> [(u128, u128); 7] {

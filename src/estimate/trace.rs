@@ -628,6 +628,13 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                 Owner::new(Module::Norm, Part::Whole),
                 0,
             )?;
+            // Under SP the norm's sequence shard, bound until the model returns.
+            let mut norm_shard = w.alloc(
+                q.sp_norm_shard,
+                Category::Activations,
+                Owner::new(Module::Norm, Part::Whole),
+                0,
+            )?;
             // The logits and the loss, tensor by tensor ([`logits::script`]); the root's
             // post-forward frees the last block's retained all-gather output as the model
             // returns.
@@ -659,6 +666,7 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                     }
                     Step::At(Moment::Projection) => {
                         projection = w.now();
+                        w.free(norm_shard.take());
                         w.free(retained.take());
                         w.free(old_logits.take());
                         // "always": [norm, output] reshards after forward; so does a root

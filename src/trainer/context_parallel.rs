@@ -61,17 +61,7 @@ pub fn check(plan: &Plan) -> Result<()> {
             "1 under context parallelism: CP runs with FSDP over dp_shard x cp only",
         ));
     }
-    if plan.batch.seq_len % (2 * p.cp) != 0 {
-        return Err(unsupported(
-            "batch.seq_len",
-            plan.batch.seq_len,
-            &format!(
-                "a multiple of 2 x cp = {}: head-tail load balancing splits the sequence into \
-                 2 cp chunks",
-                2 * p.cp
-            ),
-        ));
-    }
+    // (A sequence that 2 x cp does not divide is refused by the plan itself.)
     if plan.implementation.gqa != Gqa::RepeatKv && plan.model.kv_heads != plan.model.heads {
         return Err(unsupported(
             "implementation.gqa",
@@ -146,7 +136,7 @@ impl Ring {
             pg: pg as *const ProcessGroup,
             rotate: match plan.parallel.cp_rotate {
                 CpRotate::AllToAll => Rotate::AllToAll,
-                _ => Rotate::AllGather,
+                CpRotate::AllGather => Rotate::AllGather,
             },
             saved: RefCell::new(HashMap::new()),
             next_tag: Cell::new(0),
@@ -502,7 +492,6 @@ unsafe extern "C" fn ring_hook(
         Ok(Err(e)) => e,
         Err(_) => tch::TchError::Torch("panic in ring attention's backward".into()),
     };
-    eprintln!("error: ring attention backward: {err}");
     ring.error.borrow_mut().get_or_insert(err);
     1
 }

@@ -571,10 +571,14 @@ impl Mesh {
         if cp <= 1 {
             return Ok(());
         }
-        if self.env.world % cp != 0 || self.pp.is_some() || self.tp.is_some() {
+        if self.env.world % cp != 0
+            || self.pp.is_some()
+            || self.tp.is_some()
+            || self.replicate.is_some()
+        {
             return Err(Error::input(format!(
                 "context parallelism over {cp} ranks needs a world size that cp divides ({}) \
-                 and no pipeline or tensor parallelism",
+                 and no pipeline, tensor parallelism or replicas",
                 self.env.world
             )));
         }

@@ -243,6 +243,29 @@ fn kind(d: DType) -> Kind {
     }
 }
 
+/// A checkpointed block's backward (every trainer's checkpoint hook): recomputes the block
+/// from its kept input `x` with autograd and runs its backward with the incoming `grad`;
+/// returns the gradient of `x`.
+pub(crate) fn recompute_block(
+    x: Tensor,
+    grad: Tensor,
+    block: impl FnOnce(&Tensor) -> TResult<Tensor>,
+) -> TResult<Option<Tensor>> {
+    let xd = x.f_detach()?.f_set_requires_grad(true)?;
+    drop(x);
+    let y = tch::with_grad(|| block(&xd))?;
+    // The block ends in a residual add, which saves nothing: its output's data is not needed
+    // for backward. Freeing it matches torch's non-reentrant checkpoint, whose early stop
+    // never keeps the recomputed output.
+    ffi::storage_resize(&y, 0).map_err(fsdp::shim)?;
+    // The incoming gradient is handed over: torch's checkpoint holds no reference to it once
+    // the block's last node has taken it (measured under CP, where ring attention's backward
+    // peaks: one activation above torch while it was held).
+    ffi::backward_owned(&y, grad).map_err(fsdp::shim)?;
+    drop(y);
+    ffi::take_grad(&xd).map_err(fsdp::shim)
+}
+
 /// Refuses what the trainer cannot run, with the reason.
 fn check_supported(plan: &Plan, distributed: bool) -> Result<()> {
     let m = &plan.model;
@@ -447,18 +470,7 @@ impl State {
                 let x = self.ckpt[i]
                     .take()
                     .expect("checkpointed block kept its input");
-                let xd = x.f_detach()?.f_set_requires_grad(true)?;
-                drop(x);
-                let y = tch::with_grad(|| self.block(i, &xd))?;
-                // The block ends in a residual add, which saves nothing: its output's data is
-                // not needed for backward. Freeing it matches torch's non-reentrant checkpoint,
-                // whose early stop never keeps the recomputed output.
-                ffi::storage_resize(&y, 0).map_err(fsdp::shim)?;
-                // The incoming gradient is handed over: torch's checkpoint holds no reference
-                // to it once the block's last node has taken it.
-                ffi::backward_owned(&y, grad).map_err(fsdp::shim)?;
-                drop(y);
-                ffi::take_grad(&xd).map_err(fsdp::shim)
+                recompute_block(x, grad, |xd| self.block(i, xd))
             }
             POST => {
                 drop(grad);
@@ -601,10 +613,9 @@ impl Hooks {
         let mut st = self.0.borrow_mut();
         if let Err(e) = r {
             let ring = st.cp.as_ref().and_then(|c| c.take_error());
-            return Err(st
-                .error
-                .take()
-                .or(ring)
+            // The ring's own error names the cause; the hook's says only that it failed.
+            return Err(ring
+                .or(st.error.take())
                 .unwrap_or(tch::TchError::Torch(e.0)));
         }
         st.fsdp.post_backward(plan.model.layers as usize)?;
@@ -1056,7 +1067,8 @@ fn train_on(
                 }
                 Err(e) => return Err(rt(e)),
             }
-            tokens += plan.batch.micro_batch_size * plan.batch.seq_len;
+            // (Under context parallelism a rank trains its shard of each sequence.)
+            tokens += plan.batch.micro_batch_size * plan.batch.seq_len / plan.parallel.cp;
         }
         let norm = grad_norm(&hooks.0.borrow().fsdp, mesh.as_deref()).map_err(rt)?;
 
@@ -1187,10 +1199,7 @@ fn train_on(
              rank's own shards and rows of each global micro-batch; all-gather by in-place \
              broadcasts and reduce-scatter by in-place all-reduces, so that only FSDP2's own \
              buffers are allocated, as with NCCL",
-            m.env.rank,
-            m.env.world,
-            m.dp_world() / env.world as u64,
-            env.world
+            m.env.rank, m.env.world, plan.parallel.dp_replicate, plan.parallel.dp_shard
         ),
     }];
     if let (Some(m), true) = (&mesh, plan.parallel.cp > 1) {

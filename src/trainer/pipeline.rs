@@ -7,8 +7,8 @@
 //! torchtitan's split (`pipelining_reference.py` next to this file): stage s takes the layers
 //! `stage_layers` gives it (as even as possible, earlier stages taking the remainder), the
 //! first stage the token embedding, the last the final norm and output projection; every stage
-//! its own rotary table. Parameters are plain fp32 leaves (no FSDP: one copy, no unsharded
-//! buffer), their gradients accumulate over the micro-batches in `.grad` as autograd's
+//! its own rotary table. Without FSDP (dp_shard 1) parameters are plain fp32 leaves (one copy,
+//! no unsharded buffer; FSDP2 in a stage below), their gradients accumulate over the micro-batches in `.grad` as autograd's
 //! AccumulateGrad does, and are divided by the number of micro-batches after the schedule
 //! (`scale_grads=True`, torch's default, the reference's; in place). The optimizer then steps
 //! them as torch.optim does.
@@ -309,19 +309,13 @@ impl StageModel {
     }
 
     /// The checkpoint hook: recompute block `j` of micro-batch `mb` from its kept input and
-    /// run its backward (as `mod.rs`'s hook does for one micro-batch).
+    /// run its backward ([`super::recompute_block`]).
     fn recompute(&mut self, tag: i64, grad: Tensor) -> TResult<Option<Tensor>> {
         let x = self
             .ckpt
             .remove(&tag)
             .expect("checkpointed block kept its input");
-        let xd = x.f_detach()?.f_set_requires_grad(true)?;
-        drop(x);
-        let y = tch::with_grad(|| self.block((tag % TAG) as usize, &xd))?;
-        ffi::storage_resize(&y, 0).map_err(shim)?;
-        ffi::backward(&[&y], &[Some(&grad)]).map_err(shim)?;
-        drop((y, grad));
-        ffi::take_grad(&xd).map_err(shim)
+        super::recompute_block(x, grad, |xd| self.block((tag % TAG) as usize, xd))
     }
 }
 

@@ -216,11 +216,14 @@ pub fn check(plan: &Plan) -> Result<()> {
         ));
     }
     let pr = &plan.precision;
-    if pr.param != DType::Fp32 || pr.master != DType::Fp32 {
+    if pr.param != DType::Fp32 || pr.master != DType::Fp32 || pr.reduce != DType::Fp32 {
         return Err(unsupported(
             "precision",
-            format!("param {} with master {}", pr.param, pr.master),
-            "fp32 parameters under tensor parallelism",
+            format!(
+                "param {} with master {} and reduce {}",
+                pr.param, pr.master, pr.reduce
+            ),
+            "fp32 parameters and reductions under tensor parallelism",
         ));
     }
     Ok(())
@@ -643,13 +646,7 @@ impl Ckpt {
             .borrow_mut()
             .remove(&tag)
             .expect("checkpointed block kept its input");
-        let xd = x.f_detach()?.f_set_requires_grad(true)?;
-        drop(x);
-        let y = tch::with_grad(|| self.block(tag as usize, &xd, seq))?;
-        ffi::storage_resize(&y, 0).map_err(shim)?;
-        ffi::backward(&[&y], &[Some(&grad)]).map_err(shim)?;
-        drop((y, grad));
-        ffi::take_grad(&xd).map_err(shim)
+        super::recompute_block(x, grad, |xd| self.block(tag as usize, xd, seq))
     }
 }
 
@@ -1059,7 +1056,8 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
             // is resharded after forward and gathered again by the pre-backward hook on its
             // output; with root-keep-last (torch of 2024, or FSDP2's automatic setting) it
             // stays gathered.
-            let reshard = plan.implementation.fsdp_units == FsdpUnits::RootReshardedKeepLast;
+            let reshard = plan.implementation.fsdp_units == FsdpUnits::RootReshardedKeepLast
+                && plan.reshard_after_forward;
             groups.push(Group::new(params, reshard, Module::Root));
             leaves = groups.iter().flat_map(Group::leaves).collect();
         }
