@@ -264,4 +264,16 @@ int mp_pg_reduce_scatter_base(void *pg, at::Tensor *out, at::Tensor *in, char **
   DIST_CATCH
 }
 
+// c10d's alltoall_base (what `_c10d_functional::all_to_all_single` calls,
+// torch/csrc/distributed/c10d/Functional.cpp): `out`'s rows from each rank, `in`'s rows to
+// each, split along dim 0 by the counts given (n entries each).
+int mp_pg_alltoall_base(void *pg, at::Tensor *out, at::Tensor *in, const int64_t *out_splits,
+                        const int64_t *in_splits, int n, char **err) {
+  DIST_TRY
+  std::vector<int64_t> o(out_splits, out_splits + n), i(in_splits, in_splits + n);
+  c10d::AllToAllOptions opts;
+  wait(pg_of(pg), pg_of(pg)->alltoall_base(*out, *in, o, i, opts));
+  DIST_CATCH
+}
+
 }  // extern "C"

@@ -71,6 +71,15 @@ extern "C" {
         input: *mut C_tensor,
         err: *mut *mut c_char,
     ) -> c_int;
+    fn mp_pg_alltoall_base(
+        pg: *mut c_void,
+        out: *mut C_tensor,
+        input: *mut C_tensor,
+        out_splits: *const i64,
+        in_splits: *const i64,
+        n: c_int,
+        err: *mut *mut c_char,
+    ) -> c_int;
     fn mp_pg_reduce_scatter_base(
         pg: *mut c_void,
         out: *mut C_tensor,
@@ -348,6 +357,32 @@ impl ProcessGroup {
         self.check(
             "reduce_scatter_tensor",
             call(|e| unsafe { mp_pg_reduce_scatter_base(self.handle, ptr(output), ptr(input), e) }),
+        )
+    }
+
+    /// c10d's own `alltoall_base` (`all_to_all_single`): `output`'s rows come from each rank
+    /// in turn (`out_splits` rows from rank i), `input`'s rows go to each (`in_splits`).
+    pub fn all_to_all_into(
+        &self,
+        output: &Tensor,
+        input: &Tensor,
+        out_splits: &[i64],
+        in_splits: &[i64],
+    ) -> TResult<()> {
+        assert_eq!(out_splits.len(), in_splits.len());
+        self.check(
+            "all_to_all_single",
+            call(|e| unsafe {
+                mp_pg_alltoall_base(
+                    self.handle,
+                    ptr(output),
+                    ptr(input),
+                    out_splits.as_ptr(),
+                    in_splits.as_ptr(),
+                    out_splits.len() as c_int,
+                    e,
+                )
+            }),
         )
     }
 

@@ -59,8 +59,9 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
 
+use super::dist::{Mesh, ProcessGroup};
 use super::ffi::{self, Channel};
-use super::fsdp::{shim, Env, Place, Shard};
+use super::fsdp::{self, shim, Env, Fsdp, FsdpParam, Group, Place, Shard};
 use super::memory::{Meter, PhaseMemory};
 use super::model::{self, BlockWeights, Dims, Flavor, Local, TResult};
 use super::optim::{self, OptConfig};
@@ -70,6 +71,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::plan::{Checkpointing, DType, Offload, Plan};
+use crate::trace::Module;
 
 /// torchtitan's `TOKEN_GROUP_ALIGN_SIZE_M` (moe/utils.py l.15): rows per expert group are
 /// padded to a multiple of it, at least one multiple.
@@ -105,15 +107,18 @@ pub fn check(plan: &Plan) -> Result<()> {
         ));
     }
     let p = &plan.parallel;
-    if p.ep != 1 || p.dp_shard != 1 || p.dp_replicate != 1 || p.tp != 1 || p.pp != 1 {
+    let one = p.ep == 1 && p.dp_shard == 1;
+    let ep = p.ep > 1 && p.dp_shard == p.ep && moe.experts % p.ep == 0;
+    if !(one || ep) || p.dp_replicate != 1 || p.tp != 1 || p.pp != 1 {
         return Err(unsupported(
             "parallel",
             format!(
                 "ep {} x dp_shard {} x dp_replicate {} x tp {} x pp {}",
                 p.ep, p.dp_shard, p.dp_replicate, p.tp, p.pp
             ),
-            "ep 1 on one process: expert parallelism (all-to-all dispatch, the experts' FSDP \
-             mesh) is not run by the trainer yet",
+            "ep 1 on one process, or ep = dp_shard over that many processes (torchtitan's EP \
+             borrowing the dp_shard ranks, the experts on a one-rank efsdp mesh), with ep \
+             dividing the experts",
         ));
     }
     if !matches!(
@@ -172,6 +177,14 @@ struct MoeModel {
     no_grad_block: std::cell::Cell<Option<i64>>,
     scales: RefCell<HashMap<i64, Tensor>>,
     error: RefCell<Option<tch::TchError>>,
+    /// This rank's experts (`E / ep`) and the experts' inner width.
+    local_experts: i64,
+    expert_inter: i64,
+    /// Expert parallelism with FSDP over the ranks (EP > 1), else None.
+    ep: Option<EpRun>,
+    /// Whether a checkpointed block is being recomputed (FSDP2's post-forward does not
+    /// reshard then: `is_bw()`, _fsdp_param_group.py:458-463).
+    recomputing: std::cell::Cell<bool>,
 }
 
 impl MoeModel {
@@ -219,7 +232,10 @@ impl MoeModel {
             let src = sorted.f_floor_divide_scalar(k)?;
             x.f_index(&[Some(&src)])?
         };
-        let routed_output = self.experts(l, &routed_input, &counts_sorted)?;
+        let routed_output = match &self.ep {
+            None => self.experts(l, &routed_input, &counts_sorted)?,
+            Some(ep) => self.experts_ep(ep, j, l, &routed_input, &counts_sorted)?,
+        };
         // routed_output_unsorted = zeros(...); [sorted] = routed_output; reshape(-1, k, dim)
         let unsorted = Tensor::f_zeros([bs * slen * k, dim], (Kind::Float, Device::Cpu))?;
         let unsorted =
@@ -290,7 +306,7 @@ impl MoeModel {
     /// `GroupedExperts.forward` through `indices_padding_wrapper` (utils.py l.69-97): permute
     /// with padding, the grouped matmuls, unpermute. Returns `out_unpermuted[:-1]`.
     fn experts(&self, l: &[Tensor], x: &Tensor, counts: &Tensor) -> TResult<Tensor> {
-        let local = l[W1].size()[0];
+        let local = self.local_experts;
         let ep_degree = counts.size()[0] / local;
         // _permute (utils.py l.42-59)
         let padded_max_len = round_up(x.size()[0] + local * ALIGN, ALIGN);
@@ -306,7 +322,9 @@ impl MoeModel {
         drop(stacked);
         // `_offsets` goes with _permute's frame
         drop(offsets);
-        let out = run_experts_grouped_mm(&l[W1], &l[W2], &l[W3], &permuted, &m_sizes)?;
+        let [w1, w2, w3] = self.expert_weights(l)?;
+        let out = run_experts_grouped_mm(&w1, &w2, &w3, &permuted, &m_sizes)?;
+        drop((w1, w2, w3));
         // _unpermute (utils.py l.62-66)
         let unpermuted = out.f_new_empty(input_shape.as_slice(), (Kind::Float, Device::Cpu))?;
         let unpermuted =
@@ -316,6 +334,112 @@ impl MoeModel {
         let result = unpermuted.f_narrow(0, 0, input_shape[0] - 1)?;
         drop((out, unpermuted, permuted, m_sizes, permuted_indices));
         Ok(result)
+    }
+
+    /// `GroupedExperts` under `ExpertParallel` and FSDP2 (torchtitan
+    /// distributed/expert_parallel.py l.89-192, torch 2.11 fsdp/_fully_shard): FSDP's
+    /// pre-forward (its hook runs before ExpertParallel's `input_fn`) unshards this layer's
+    /// experts on their one-rank mesh; `_token_dispatch` exchanges the counts and the rows;
+    /// `_permute` pads them per local expert; the grouped matmuls run without the padding
+    /// wrapper (the weights are DTensors on the "ep" mesh, moe.py l.166-176);
+    /// `_token_combine` unpermutes and sends the rows back; FSDP's post-forward reshards the
+    /// experts (not in a recompute). Returns the combined rows, `N k` of them.
+    fn experts_ep(
+        &self,
+        ep: &EpRun,
+        j: usize,
+        l: &[Tensor],
+        x: &Tensor,
+        counts: &Tensor,
+    ) -> TResult<Tensor> {
+        let (local, degree, dim) = (self.local_experts, ep.degree, self.dims.hidden);
+        let grad = x.requires_grad();
+        // FSDPParamGroup.pre_forward: unshard + wait_for_unshard (world size 1: each
+        // parameter's own unsharded copy), which frees the forward all-gather output held
+        // in the shared comm context (`_fsdp_param_group.py:360-363`) when it proceeds.
+        {
+            let mut ex = ep.experts.borrow_mut();
+            if !ex.groups[j].unsharded {
+                ep.main.borrow_mut().root_post_forward();
+            }
+            ex.wait_for_unshard(j, true)?;
+        }
+        // `_register_post_backward_hook` on the module's inputs.
+        let x = if grad {
+            ep.boundary(self, x, POST_EXPERTS, j)?
+        } else {
+            x.shallow_clone()
+        };
+        // _token_dispatch: the counts exchanged (all_to_all_single, no grad), the splits.
+        let (group_counts, input_splits, output_splits) = tch::no_grad(|| -> TResult<_> {
+            let group_counts = counts.f_empty_like()?;
+            ep.pg().all_to_all_into(&group_counts, counts, &[], &[])?;
+            let sums = |t: &Tensor| -> TResult<Vec<i64>> {
+                let s = t.f_view([degree, -1])?.f_sum_dim_intlist(
+                    Some(&[1i64][..]),
+                    false,
+                    None::<Kind>,
+                )?;
+                (0..degree).map(|i| s.f_int64_value(&[i])).collect()
+            };
+            let (inp, out) = (sums(counts)?, sums(&group_counts)?);
+            Ok((group_counts, inp, out))
+        })?;
+        ep.splits.borrow_mut()[j] = (input_splits.clone(), output_splits.clone());
+        let received: i64 = output_splits.iter().sum();
+        ep.recv.borrow_mut()[j] = received;
+        let routed = ep.all_to_all(self, &x, &output_splits, &input_splits, A2A_DISPATCH, j)?;
+        drop(x);
+        // _permute (utils.py l.42-59); ExpertParallel keeps `permuted_indices` until the
+        // layer's next dispatch.
+        let padded_max_len = round_up(received + local * ALIGN, ALIGN);
+        let (permuted_indices, m_sizes, offsets) = tch::no_grad(|| {
+            generate_permute_indices(&group_counts, local, degree, padded_max_len, ALIGN)
+        })?;
+        let stacked = {
+            let zeros = routed.f_new_zeros([dim], (Kind::Float, Device::Cpu))?;
+            Tensor::f_vstack(&[&routed, &zeros])?
+        };
+        drop(routed);
+        let input_shape = stacked.size();
+        let permuted = stacked.f_index(&[Some(&permuted_indices)])?;
+        drop((stacked, offsets));
+        ep.permuted.borrow_mut()[j] = Some(permuted_indices.shallow_clone());
+        drop(group_counts);
+        let [w1, w2, w3] = self.expert_weights(l)?;
+        let out = run_experts_grouped_mm(&w1, &w2, &w3, &permuted, &m_sizes)?;
+        drop((w1, w2, w3, m_sizes));
+        // _token_combine: _unpermute (utils.py l.62-66), then the rows sent back.
+        let unpermuted = out.f_new_empty(input_shape.as_slice(), (Kind::Float, Device::Cpu))?;
+        let unpermuted =
+            unpermuted
+                .shallow_clone()
+                .f_index_put_(&[Some(&permuted_indices)], &out, false)?;
+        drop(permuted_indices);
+        let rows = unpermuted.f_narrow(0, 0, input_shape[0] - 1)?;
+        let combined = ep.all_to_all(self, &rows, &input_splits, &output_splits, A2A_COMBINE, j)?;
+        drop((rows, unpermuted, out, permuted));
+        // FSDPParamGroup.post_forward (not in a recompute), then the pre-backward hook on
+        // the output.
+        if !self.recomputing.get() {
+            ep.experts.borrow_mut().reshard(j)?;
+        }
+        if combined.requires_grad() {
+            ep.boundary(self, &combined, PRE_EXPERTS, j)
+        } else {
+            Ok(combined)
+        }
+    }
+
+    /// This rank's expert weights as `(E_local, f, h)`, `(E_local, h, f)`, `(E_local, f, h)`
+    /// views of the leaves (which FSDP keeps two-dimensional under EP).
+    fn expert_weights(&self, l: &[Tensor]) -> TResult<[Tensor; 3]> {
+        let (e, f, h) = (self.local_experts, self.expert_inter, self.dims.hidden);
+        Ok([
+            l[W1].f_view([e, f, h])?,
+            l[W2].f_view([e, h, f])?,
+            l[W3].f_view([e, f, h])?,
+        ])
     }
 
     /// Recomputes block `tag` from its kept input with autograd and runs its backward with the
@@ -329,13 +453,421 @@ impl MoeModel {
         let xd = x.f_detach()?.f_set_requires_grad(true)?;
         drop(x);
         let seq = xd.size()[1];
-        let y = tch::with_grad(|| self.block(tag as usize, &xd, seq))?;
+        self.recomputing.set(true);
+        let y = tch::with_grad(|| self.block(tag as usize, &xd, seq));
+        self.recomputing.set(false);
+        let y = y?;
         ffi::storage_resize(&y, 0).map_err(shim)?;
         ffi::backward(&[&y], &[Some(&grad)]).map_err(shim)?;
         drop((y, grad));
         // The original forward's MulBackward0 of the route scale has run: its scalar goes.
         drop(self.scales.borrow_mut().remove(&tag));
         ffi::take_grad(&xd).map_err(shim)
+    }
+}
+
+/// Kinds of the EP backward hooks (tag = kind x [`TAG`] + index).
+const A2A_DISPATCH: i64 = 1;
+const A2A_COMBINE: i64 = 2;
+const PRE: i64 = 3;
+const POST: i64 = 4;
+const PRE_EXPERTS: i64 = 5;
+const POST_EXPERTS: i64 = 6;
+const TAG: i64 = 1 << 32;
+
+/// Expert parallelism over the `dp_shard` ranks with torchtitan's FSDP layout
+/// (models/llama4/infra/parallelize.py `apply_fsdp`): `main` holds the units on the dp_shard
+/// mesh (0 tok_embeddings, 1 + j block j without its experts, L + 1 [norm, output]);
+/// `experts` one unit per block on the one-rank efsdp mesh. FSDP2 keeps one comm context
+/// for all of them (one forward all-gather output, one reduce-scatter input held): each
+/// side frees the other's before it sets its own.
+struct EpRun {
+    pg: *const ProcessGroup,
+    degree: i64,
+    layers: usize,
+    main: RefCell<Fsdp>,
+    experts: RefCell<Fsdp>,
+    /// ExpertParallel's `input_splits` and `output_splits` per layer.
+    splits: RefCell<Vec<(Vec<i64>, Vec<i64>)>>,
+    /// ExpertParallel's `permuted_indices` per layer.
+    permuted: RefCell<Vec<Option<Tensor>>>,
+    /// Rows received by each layer's experts in the last dispatch.
+    recv: RefCell<Vec<i64>>,
+}
+
+impl EpRun {
+    fn pg(&self) -> &ProcessGroup {
+        // SAFETY: the mesh outlives the run (train_moe borrows it for its whole body).
+        unsafe { &*self.pg }
+    }
+
+    fn boundary(&self, m: &MoeModel, x: &Tensor, kind: i64, index: usize) -> TResult<Tensor> {
+        let user = m as *const MoeModel as *mut c_void;
+        // SAFETY: the model box outlives every graph (it lives as long as the run).
+        unsafe { ffi::boundary(x, kind * TAG + index as i64, ep_hook, user) }.map_err(shim)
+    }
+
+    /// `all_to_all_single_autograd` (torch distributed/_functional_collectives.py l.510-549,
+    /// c10d Functional.cpp): the output a `new_empty` of the received rows, filled by
+    /// `alltoall_base`; its backward sends the gradient back the other way into a new
+    /// tensor of the input's rows.
+    fn all_to_all(
+        &self,
+        m: &MoeModel,
+        x: &Tensor,
+        out_splits: &[i64],
+        in_splits: &[i64],
+        kind: i64,
+        j: usize,
+    ) -> TResult<Tensor> {
+        let rows: i64 = out_splits.iter().sum();
+        let out = Tensor::f_empty([rows, x.size()[1]], (Kind::Float, Device::Cpu))?;
+        tch::no_grad(|| self.pg().all_to_all_into(&out, x, out_splits, in_splits))?;
+        if !x.requires_grad() {
+            return Ok(out);
+        }
+        let user = m as *const MoeModel as *mut c_void;
+        // SAFETY: as `boundary`.
+        unsafe { ffi::checkpoint_link(x, &out, kind * TAG + j as i64, ep_hook, user) }.map_err(shim)
+    }
+
+    /// The backward of a dispatch or combine: the gradient's rows sent back.
+    fn all_to_all_back(&self, kind: i64, j: usize, grad: Tensor) -> TResult<Tensor> {
+        let (input_splits, output_splits) = self.splits.borrow()[j].clone();
+        // dispatch: received rows (output_splits) go back as input_splits; combine: reverse
+        let (out_s, in_s) = if kind == A2A_DISPATCH {
+            (input_splits, output_splits)
+        } else {
+            (output_splits, input_splits)
+        };
+        let rows: i64 = out_s.iter().sum();
+        let g = grad.f_contiguous()?;
+        let out = Tensor::f_empty([rows, g.size()[1]], (Kind::Float, Device::Cpu))?;
+        self.pg().all_to_all_into(&out, &g, &out_s, &in_s)?;
+        drop((g, grad));
+        Ok(out)
+    }
+
+    /// FSDPState's pre-backward of main unit `g`: unshard (a no-op when still unsharded),
+    /// then the explicit backward prefetch torchtitan sets under EP
+    /// (parallelize.py l.471-490): [norm, output] -> the last block; block j -> block j - 1
+    /// and its experts (an unshard of a one-rank unit allocates nothing); block 0 ->
+    /// tok_embeddings.
+    fn pre_backward(&self, g: usize) -> TResult<()> {
+        let mut f = self.main.borrow_mut();
+        f.wait_for_unshard(g, false)?;
+        let l = self.layers;
+        if g == l + 1 {
+            f.unshard(l)?;
+        } else if g >= 2 {
+            f.unshard(g - 1)?;
+            self.experts.borrow_mut().unshard(g - 2)?;
+        } else if g == 1 {
+            f.unshard(0)?;
+        }
+        Ok(())
+    }
+
+    fn post_backward(&self, g: usize) -> TResult<()> {
+        self.experts.borrow_mut().finish_backward();
+        self.main.borrow_mut().post_backward(g)
+    }
+
+    fn on_backward(&self, tag: i64, grad: Tensor) -> TResult<Option<Tensor>> {
+        let (kind, i) = (tag / TAG, (tag % TAG) as usize);
+        match kind {
+            A2A_DISPATCH | A2A_COMBINE => return self.all_to_all_back(kind, i, grad).map(Some),
+            PRE => self.pre_backward(i)?,
+            POST => self.post_backward(i)?,
+            PRE_EXPERTS => self.experts.borrow_mut().wait_for_unshard(i, false)?,
+            POST_EXPERTS => {
+                self.main.borrow_mut().finish_backward();
+                self.experts.borrow_mut().post_backward(i)?;
+            }
+            _ => unreachable!("unknown EP hook tag {tag}"),
+        }
+        drop(grad);
+        Ok(None)
+    }
+}
+
+unsafe extern "C" fn ep_hook(
+    user: *mut c_void,
+    tag: i64,
+    grad_in: *mut C_tensor,
+    grad_out: *mut *mut C_tensor,
+) -> c_int {
+    // SAFETY: `user` is the MoeModel box that outlives every graph of the run.
+    let m = &*(user as *const MoeModel);
+    ffi::run_callback(
+        grad_in,
+        grad_out,
+        "an EP hook",
+        |grad| {
+            m.ep.as_ref()
+                .expect("EP hooks are made under EP")
+                .on_backward(tag, grad)
+        },
+        |err| {
+            m.error.borrow_mut().get_or_insert(err);
+        },
+    )
+}
+
+impl EpRun {
+    /// FSDPState's pre-forward of main unit `g`: unshard and copy out, then torchtitan's
+    /// explicit forward prefetch under EP (parallelize.py l.439-467): tok_embeddings ->
+    /// block 0; block j -> block j + 1 and its experts; the last block -> [norm, output].
+    fn pre_forward(&self, g: usize) -> TResult<()> {
+        let mut f = self.main.borrow_mut();
+        f.wait_for_unshard(g, true)?;
+        let l = self.layers;
+        if g == 0 {
+            f.unshard(1)?;
+        } else if g < l {
+            f.unshard(g + 1)?;
+            self.experts.borrow_mut().unshard(g)?;
+        } else if g == l {
+            f.unshard(l + 1)?;
+        }
+        Ok(())
+    }
+
+    /// Post-forward: tok_embeddings and the blocks reshard (`reshard_after_forward=True`
+    /// without PP); [norm, output] stay gathered (True only under the "always" policy).
+    fn post_forward(&self, g: usize) -> TResult<()> {
+        if g <= self.layers {
+            self.main.borrow_mut().reshard(g)?;
+        }
+        Ok(())
+    }
+
+    /// The root's final backward callback: the units whose post-backward did not run (the
+    /// embedding, whose input needs no gradient) reduce now; the last reduce-scatter input
+    /// is freed.
+    fn finish_backward(&self) -> TResult<()> {
+        self.post_backward(0)?;
+        self.main.borrow_mut().finish_backward();
+        self.experts.borrow_mut().finish_backward();
+        Ok(())
+    }
+
+    /// The optimizer's shards in `model.parameters()` order: tok_embeddings; per block the
+    /// attention, the norms, the experts, the router; the final norm and the output.
+    fn with_shards<R>(&self, f: impl FnOnce(&mut [&mut Shard]) -> R) -> R {
+        let mut main = self.main.borrow_mut();
+        let mut experts = self.experts.borrow_mut();
+        let mut main_groups = main.groups.iter_mut();
+        let mut all: Vec<&mut Shard> = Vec::new();
+        let emb = main_groups.next().expect("the embedding unit");
+        all.extend(emb.params.iter_mut().map(|p| &mut p.local));
+        for ex in experts.groups.iter_mut() {
+            let block = main_groups.next().expect("a block unit");
+            let mut b = block.params.iter_mut();
+            for _ in 0..6 {
+                all.push(&mut b.next().expect("attention and norms").local);
+            }
+            all.extend(ex.params.iter_mut().map(|p| &mut p.local));
+            all.push(&mut b.next().expect("the router").local);
+        }
+        let tail = main_groups.next().expect("the [norm, output] unit");
+        all.extend(tail.params.iter_mut().map(|p| &mut p.local));
+        f(&mut all)
+    }
+}
+
+/// torchtitan's `apply_fsdp` under EP (models/llama4/infra/parallelize.py l.324-427) over
+/// the whole weights `full` (model order): tok_embeddings; per block the experts on the
+/// one-rank efsdp mesh (this rank's `local` experts, kept 2-D) and the rest of the block on
+/// the dp_shard mesh; [norm, output]. Returns the leaves the model computes with, in model
+/// order, and the run.
+fn ep_units(
+    m: &crate::profiles::ModelSpec,
+    env: &Env,
+    mesh: &Mesh,
+    full: &[Tensor],
+    local: i64,
+) -> TResult<(Vec<Tensor>, EpRun)> {
+    let layers = m.layers as usize;
+    let one = Env {
+        world: 1,
+        rank: 0,
+        ..*env
+    };
+    // FSDP2's foreach_reduce keeps the loop's last gradient bound until it returns
+    // (_fsdp_collectives.py:503-515, world size above 1).
+    let held = |params: Vec<FsdpParam>, reshard: bool, module: Module| {
+        let mut g = Group::new(params, reshard, module);
+        g.held_in_reduce = Some(g.params.len() - 1);
+        g
+    };
+    let mut main = vec![held(
+        vec![FsdpParam::new(&full[0], env, Module::TokEmbeddings)?],
+        true,
+        Module::TokEmbeddings,
+    )];
+    let mut experts = Vec::new();
+    for j in 0..layers {
+        let b = &full[1 + j * PER_BLOCK..1 + (j + 1) * PER_BLOCK];
+        let module = Module::Layer(j as u32);
+        let params = [WQ, WK, WV, WO, ATTENTION_NORM, FFN_NORM, GATE]
+            .iter()
+            .map(|&i| FsdpParam::new(&b[i], env, module))
+            .collect::<TResult<Vec<_>>>()?;
+        main.push(held(params, true, module));
+        let ex = [W1, W2, W3]
+            .iter()
+            .map(|&i| {
+                let mine = {
+                    let _off = ffi::channel(Channel::Off);
+                    let t = b[i].f_narrow(0, env.rank * local, local)?;
+                    let last = t.size()[2];
+                    t.f_reshape([-1, last])?
+                };
+                FsdpParam::new(&mine, &one, module)
+            })
+            .collect::<TResult<Vec<_>>>()?;
+        experts.push(Group::new(ex, true, module));
+    }
+    let n = full.len();
+    main.push(held(
+        vec![
+            FsdpParam::new(&full[n - 2], env, Module::Norm)?,
+            FsdpParam::new(&full[n - 1], env, Module::Output)?,
+        ],
+        false,
+        Module::Root,
+    ));
+    let mut leaves = vec![main[0].params[0].leaf.shallow_clone()];
+    for j in 0..layers {
+        let b = &main[1 + j].params;
+        leaves.extend(b[..6].iter().map(|p| p.leaf.shallow_clone()));
+        leaves.extend(experts[j].params.iter().map(|p| p.leaf.shallow_clone()));
+        leaves.push(b[6].leaf.shallow_clone());
+    }
+    leaves.extend(
+        main[layers + 1]
+            .params
+            .iter()
+            .map(|p| p.leaf.shallow_clone()),
+    );
+    let comm = EpShard {
+        pg: &mesh.shard as *const ProcessGroup,
+        temporaries: std::env::var("MEMPLAN_GLOO_TEMPORARIES").map_or(true, |v| v != "0"),
+    };
+    let run = EpRun {
+        pg: &mesh.shard as *const ProcessGroup,
+        degree: mesh.shard.size(),
+        layers,
+        main: RefCell::new(Fsdp::new(*env, main, Box::new(comm))),
+        experts: RefCell::new(Fsdp::new(one, experts, Box::new(OneRank))),
+        splits: RefCell::new(vec![(Vec::new(), Vec::new()); layers]),
+        permuted: RefCell::new((0..layers).map(|_| None).collect()),
+        recv: RefCell::new(vec![0; layers]),
+    };
+    Ok((leaves, run))
+}
+
+/// FSDP2's reduce-scatter and all-gather over the dp_shard ranks on Gloo, with the
+/// temporaries Gloo allocates (as tensor_parallel.rs's `GlooShard`, which the reasons are
+/// given at), summing without the division: torchtitan sets the gradient divide factor to
+/// 1 (`disable_fsdp_gradient_division`), which the reference runs as a SUM.
+struct EpShard {
+    pg: *const ProcessGroup,
+    temporaries: bool,
+}
+
+impl EpShard {
+    fn pg(&self) -> &ProcessGroup {
+        // SAFETY: the mesh outlives the run.
+        unsafe { &*self.pg }
+    }
+}
+
+impl fsdp::Collectives for EpShard {
+    fn world_size(&self) -> i64 {
+        self.pg().size()
+    }
+    fn rank(&self) -> i64 {
+        self.pg().rank()
+    }
+    fn all_gather(
+        &mut self,
+        output: &Tensor,
+        input: &Tensor,
+        _peer_input: &mut dyn FnMut(i64) -> TResult<Tensor>,
+    ) -> TResult<()> {
+        let pg = self.pg();
+        let n = input.numel() as i64;
+        let mine = output.f_narrow(0, pg.rank() * n, n)?;
+        if mine.data_ptr() != input.data_ptr() {
+            mine.shallow_clone().f_copy_(input)?;
+        }
+        let flat = self
+            .temporaries
+            .then(|| output.f_empty_like())
+            .transpose()?;
+        for r in 0..pg.size() {
+            pg.broadcast(&output.f_narrow(0, r * n, n)?, r)?;
+        }
+        drop(flat);
+        Ok(())
+    }
+    fn reduce_scatter(
+        &mut self,
+        output: &Tensor,
+        input: &Tensor,
+        _peer_output: &mut dyn FnMut(i64, Tensor) -> TResult<()>,
+    ) -> TResult<()> {
+        let pg = self.pg();
+        let n = output.numel() as i64;
+        let buf = if self.temporaries {
+            let c = input.f_empty_like()?;
+            c.shallow_clone().f_copy_(input)?;
+            c
+        } else {
+            input.shallow_clone()
+        };
+        pg.all_reduce_sum(&buf)?;
+        output
+            .shallow_clone()
+            .f_copy_(&buf.f_narrow(0, pg.rank() * n, n)?)?;
+        drop(buf);
+        Ok(())
+    }
+}
+
+/// FSDP2 on a one-rank mesh (the experts' efsdp mesh at EP = dp_shard): nothing is gathered;
+/// the "reduce-scatter" is `reduce_output.copy_(reduce_scatter_input / gradient_divide_factor)`
+/// (torch 2.11 _fsdp_collectives.py:550-556, the factor 1.0 that torchtitan sets): a
+/// temporary of the whole input for the division.
+struct OneRank;
+
+impl fsdp::Collectives for OneRank {
+    fn world_size(&self) -> i64 {
+        1
+    }
+    fn rank(&self) -> i64 {
+        0
+    }
+    fn all_gather(
+        &mut self,
+        output: &Tensor,
+        input: &Tensor,
+        _peer_input: &mut dyn FnMut(i64) -> TResult<Tensor>,
+    ) -> TResult<()> {
+        output.shallow_clone().f_copy_(input)?;
+        Ok(())
+    }
+    fn reduce_scatter(
+        &mut self,
+        output: &Tensor,
+        input: &Tensor,
+        _peer_output: &mut dyn FnMut(i64, Tensor) -> TResult<()>,
+    ) -> TResult<()> {
+        let divided = input.f_div_scalar(1.0)?;
+        output.shallow_clone().f_copy_(&divided)?;
+        Ok(())
     }
 }
 
@@ -478,6 +1010,10 @@ fn update_expert_bias(m: &MoeModel, recomputed: bool) -> TResult<()> {
         .collect::<TResult<Vec<_>>>()?;
     let by_layer = Tensor::f_vstack(&list)?;
     drop(list);
+    // Under EP the counts are summed over the loss mesh (dp_shard), in place.
+    if let Some(run) = &m.ep {
+        run.pg().all_reduce_sum(&by_layer)?;
+    }
     for (i, (bias, count)) in m.expert_bias.iter().zip(&m.tokens_per_expert).enumerate() {
         let t = by_layer.f_select(0, i as i64)?;
         let delta = {
@@ -500,7 +1036,7 @@ fn update_expert_bias(m: &MoeModel, recomputed: bool) -> TResult<()> {
 }
 
 /// Runs `plan`'s MoE model on this process for `opts.steps` steps (see the module doc).
-pub fn train_moe(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
+pub fn train_moe(plan: &Plan, opts: &TrainOptions, mesh: Option<&Mesh>) -> Result<TrainReport> {
     let rt = |e: tch::TchError| Error::runtime(format!("trainer: {e}"));
     if opts.device != super::TrainDevice::Cpu {
         return Err(Error::input(
@@ -514,13 +1050,24 @@ pub fn train_moe(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
     }
     let m = &plan.model;
     let moe = m.moe.as_ref().expect("a MoE model");
+    let degree = plan.parallel.ep as i64;
+    let mesh = match (degree, mesh) {
+        (1, _) => None,
+        (_, Some(mesh)) => Some(mesh),
+        (_, None) => {
+            return Err(Error::input(format!(
+                "expert parallelism (ep {degree}) runs over {degree} processes: launch with \
+                 --nproc-per-node {degree}"
+            )))
+        }
+    };
     let env = Env {
         device: Device::Cpu,
         compute: Kind::Float,
         reduce: Kind::Float,
         master: Kind::Float,
-        world: 1,
-        rank: 0,
+        world: mesh.map_or(1, |m| m.shard.size()),
+        rank: mesh.map_or(0, |m| m.shard.rank()),
         peers: false,
         offload: Offload::None,
     };
@@ -556,19 +1103,27 @@ pub fn train_moe(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
                 Tensor::f_randn(shape, (Kind::Float, Device::Cpu))?.f_mul_scalar(0.02)
             }
         };
+        // Under EP the whole weights stay uncounted: FSDP shards them below.
+        let leaf = |t: Tensor| {
+            if mesh.is_some() {
+                Ok(t)
+            } else {
+                counted_leaf(&t)
+            }
+        };
         let mut leaves = Vec::new();
         let (mut bias, mut counts) = (Vec::new(), Vec::new());
         // model.parameters(): tok_embeddings, the blocks, norm, output
-        leaves.push(counted_leaf(&draw(&[m.vocab as i64, h])?)?);
+        leaves.push(leaf(draw(&[m.vocab as i64, h])?)?);
         for _ in 0..m.layers {
             for s in &shapes {
-                leaves.push(counted_leaf(&draw(s)?)?);
+                leaves.push(leaf(draw(s)?)?);
             }
             bias.push(Tensor::f_zeros([e], (Kind::Float, Device::Cpu))?);
             counts.push(Tensor::f_zeros([e], (Kind::Float, Device::Cpu))?);
         }
-        leaves.push(counted_leaf(&draw(&[h])?)?);
-        leaves.push(counted_leaf(&draw(&[m.vocab as i64, h])?)?);
+        leaves.push(leaf(draw(&[h])?)?);
+        leaves.push(leaf(draw(&[m.vocab as i64, h])?)?);
         let rows = match plan.implementation.rotary {
             crate::plan::Rotary::ComplexSeq => plan.batch.seq_len,
             _ => 2 * plan.batch.seq_len,
@@ -577,9 +1132,19 @@ pub fn train_moe(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
         Ok((leaves, bias, counts, freqs))
     })()
     .map_err(rt)?;
+    let local_experts = e / degree;
+    // Under EP: this rank's experts, and FSDP's units over the whole weights.
+    let (leaves, ep_run) = match mesh {
+        None => (leaves, None),
+        Some(mesh) => {
+            let (leaves, run) = ep_units(m, &env, mesh, &leaves, local_experts).map_err(rt)?;
+            (leaves, Some(run))
+        }
+    };
     let setup = meter.finish(setup_start)?;
     let mut shards: Vec<Shard> = leaves
         .iter()
+        .filter(|_| ep_run.is_none())
         .map(|p| Shard {
             data: p.shallow_clone(),
             view: p.shallow_clone(),
@@ -607,6 +1172,10 @@ pub fn train_moe(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
         no_grad_block: std::cell::Cell::new(None),
         scales: RefCell::new(HashMap::new()),
         error: RefCell::new(None),
+        local_experts,
+        expert_inter: f,
+        ep: ep_run,
+        recomputing: std::cell::Cell::new(false),
     });
     let cfg = OptConfig {
         kind: plan.optimizer,
@@ -629,14 +1198,22 @@ pub fn train_moe(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
         }
         // `opt.zero_grad()`: gradients set to None.
         shards.iter_mut().for_each(|sh| sh.grad = None);
+        if let Some(run) = &model.ep {
+            run.with_shards(|all| all.iter_mut().for_each(|sh| sh.grad = None));
+        }
+        if let Some(mesh) = mesh {
+            mesh.world.barrier().map_err(rt)?;
+        }
         let mut fwd_m: Option<PhaseMemory> = None;
         let mut bwd_m: Option<PhaseMemory> = None;
         let start = meter.start()?;
         let fwd = (|| -> TResult<(Tensor, Tensor, Tensor)> {
+            // Under EP every rank reads its own rows of a micro-batch of dp_shard x b rows.
             let toks = {
                 let _off = ffi::channel(Channel::Off);
-                let all = synthetic_tokens(opts.seed, step - 1, b, s, m.vocab);
-                Tensor::from_slice(&all).f_view([b as i64, s as i64 + 1])?
+                let all = synthetic_tokens(opts.seed, step - 1, b * env.world as u64, s, m.vocab);
+                let t = Tensor::from_slice(&all).f_view([b as i64 * env.world, s as i64 + 1])?;
+                t.f_narrow(0, env.rank * b as i64, b as i64)?
             };
             let inp = env.copy_to(&toks.f_narrow(1, 0, s as i64)?, Place::Device)?;
             let labels = env.copy_to(&toks.f_narrow(1, 1, s as i64)?, Place::Device)?;
@@ -644,8 +1221,20 @@ pub fn train_moe(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
             // `inp, labels = ...` rebinds: the previous step's are freed; its `loss` lives
             // until the new one is bound.
             let prev_loss = live.take().map(|(_, _, l)| l);
+            let ep = model.ep.as_ref();
+            if let Some(run) = ep {
+                run.pre_forward(0)?;
+            }
             let mut h = model::embed_with(&inp, &leaves[0])?;
+            if let Some(run) = ep {
+                run.post_forward(0)?;
+                h = run.boundary(&model, &h, PRE, 0)?;
+            }
             for j in 0..m.layers as usize {
+                if let Some(run) = ep {
+                    run.pre_forward(1 + j)?;
+                    h = run.boundary(&model, &h, POST, 1 + j)?;
+                }
                 h = if checkpointed(ac, j as u64) {
                     model.no_grad_block.set(Some(j as i64));
                     let y = tch::no_grad(|| model.block(j, &h, s as i64));
@@ -663,8 +1252,25 @@ pub fn train_moe(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
                 } else {
                     model.block(j, &h, s as i64)?
                 };
+                if let Some(run) = ep {
+                    run.post_forward(1 + j)?;
+                    h = run.boundary(&model, &h, PRE, 1 + j)?;
+                }
+            }
+            let tail = m.layers as usize + 1;
+            if let Some(run) = ep {
+                run.pre_forward(tail)?;
+                h = run.boundary(&model, &h, POST, tail)?;
             }
             let pred = model::head_with(h, &leaves[1 + n_block], &leaves[2 + n_block], flavor)?;
+            let pred = match ep {
+                Some(run) => {
+                    let pred = run.boundary(&model, &pred, PRE, tail)?;
+                    run.main.borrow_mut().root_post_forward();
+                    pred
+                }
+                None => pred,
+            };
             let loss = model::loss(&pred, &labels, flavor)?;
             drop((prev_loss, pred));
             Ok((inp, labels, loss))
@@ -688,6 +1294,12 @@ pub fn train_moe(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
             if let Err(e) = ffi::backward(&[&loss], &[None]) {
                 let hooked = model.error.borrow_mut().take();
                 return Err(hooked.unwrap_or(tch::TchError::Torch(e.0)));
+            }
+            if let Some(e) = model.error.borrow_mut().take() {
+                return Err(e);
+            }
+            if let Some(run) = &model.ep {
+                return run.finish_backward();
             }
             for sh in shards.iter_mut() {
                 sh.grad = ffi::take_grad(&sh.view).map_err(shim)?;
@@ -718,14 +1330,22 @@ pub fn train_moe(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
         let (norm, loss) = (|| -> TResult<(f64, f64)> {
             let _off = ffi::channel(Channel::Off);
             let mut sq = 0.0;
-            for sh in &shards {
-                if let Some(g) = &sh.grad {
-                    sq += g
-                        .f_to_kind(Kind::Double)?
-                        .f_square()?
-                        .f_sum(Kind::Double)?
-                        .f_double_value(&[])?;
+            let mut add = |all: &mut [&mut Shard]| -> TResult<()> {
+                for sh in all.iter() {
+                    if let Some(g) = &sh.grad {
+                        sq += g
+                            .f_to_kind(Kind::Double)?
+                            .f_square()?
+                            .f_sum(Kind::Double)?
+                            .f_double_value(&[])?;
+                    }
                 }
+                Ok(())
+            };
+            match &model.ep {
+                // this rank's shards (the job's norm would add the other ranks')
+                Some(run) => run.with_shards(|all| add(all))?,
+                None => add(&mut shards.iter_mut().collect::<Vec<_>>())?,
             }
             let loss = live.as_ref().expect("set above").2.f_double_value(&[])?;
             Ok((sq.sqrt(), loss))
@@ -738,10 +1358,14 @@ pub fn train_moe(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
             ..cfg
         };
         let start = meter.start()?;
-        let r = update_expert_bias(&model, ac == Checkpointing::Full).and_then(|()| {
-            let mut all: Vec<&mut Shard> = shards.iter_mut().collect();
-            optim::step(&cfg, &env, &mut all, false)
-        });
+        let r =
+            update_expert_bias(&model, ac == Checkpointing::Full).and_then(|()| match &model.ep {
+                Some(run) => run.with_shards(|all| optim::step(&cfg, &env, all, false)),
+                None => {
+                    let mut all: Vec<&mut Shard> = shards.iter_mut().collect();
+                    optim::step(&cfg, &env, &mut all, false)
+                }
+            });
         let opt = meter.finish(start)?;
         let (fwd_peak, bwd_peak) = (
             fwd_m.map_or(0, |m| m.peak_allocated_bytes),
@@ -787,7 +1411,7 @@ pub fn train_moe(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
             .max()
             .unwrap_or(0)
     };
-    let notes = vec![
+    let mut notes = vec![
         format!(
             "torchtitan 0.2.2's MoE on one process: {e} experts, top-{}, dropless (no capacity \
              factor), grouped_mm in bf16 with rows padded to multiples of {ALIGN}, \
@@ -798,12 +1422,19 @@ pub fn train_moe(plan: &Plan, opts: &TrainOptions) -> Result<TrainReport> {
          step scalars are counted as host bytes, as on a GPU"
             .into(),
     ];
+    if let Some(run) = &model.ep {
+        notes.push(format!(
+            "expert parallelism over {degree} ranks: rows received by this rank's experts in \
+             the last step, by layer: {:?}",
+            run.recv.borrow()
+        ));
+    }
     Ok(TrainReport {
         model: m.name.clone(),
         device: opts.device,
-        dp_shard: 1,
-        rank: 0,
-        processes: 1,
+        dp_shard: env.world as u64,
+        rank: mesh.map_or(0, |m| m.env.rank),
+        processes: mesh.map_or(1, |m| m.env.world),
         pp_stage: None,
         steps_requested: opts.steps,
         steps_completed: steps.len() as u64,

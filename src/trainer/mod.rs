@@ -832,7 +832,7 @@ fn train_on(
     ffi::install_counting_allocator()
         .map_err(|e| Error::runtime(format!("installing the counting allocator: {e}")))?;
     if plan.model.moe.is_some() {
-        return expert_parallel::train_moe(plan, opts);
+        return expert_parallel::train_moe(plan, opts, mesh.as_deref());
     }
     if let (Some(m), true) = (&mesh, plan.parallel.pp > 1) {
         return pipeline::train_stage(plan, opts, m);
