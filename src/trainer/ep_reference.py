@@ -29,6 +29,15 @@ CPU patches (torchtitan assumes CUDA; none of them changes what is allocated bey
     torchrun --nproc_per_node=2 src/trainer/ep_reference.py /tmp/shim.so \
         '{"batch":2,"seq":64,"ep":2,"ac":"none","steps":3,"data_seed":0}'
 
+With "data": "trainer" the model's weights and token batches are the trainer's own (memplan's
+src/trainer/expert_parallel.rs and mod.rs `synthetic_tokens`, with "seed", default 0): after the
+model is built, torch.manual_seed(seed) and every weight drawn in `model.parameters()` order as the
+trainer draws it (`torch.randn(shape) * 0.02`, the norms ones) on the uncounted channel and copied in;
+rank r reads rows r*b..(r+1)*b of the trainer's `synthetic_tokens(seed, step, world*b, seq, V)`. The
+routing (rows each rank's experts receive) is then the trainer's, so that a multi-process run can be
+compared byte for byte (tests/data/ep2_trainer_data_torch_2.11.jsonl). Run it with OMP_NUM_THREADS=1,
+as the trainer's tests run.
+
 It needs torchtitan 0.2.2 (0.3.0 does not import on torch 2.11) and its triton import satisfied, in a
 venv beside torch 2.11.0 (docs/research/frameworks-on-torch-2.11.md, section 2). The measured plans are in
 tests/data/ep_torch_2.11.jsonl, checked by tests/estimator.rs.
@@ -143,6 +152,40 @@ model = MoETransformer()
 with torch.no_grad():
     for blk in model.layers.values():
         blk.moe.init_weights(0.02, torch.device("cpu"))
+TRAINER_DATA = cfg.get("data", "reference") == "trainer"
+SEED = cfg.get("seed", 0)
+M64 = (1 << 64) - 1
+
+
+def synthetic_tokens(seed, index, batch, seq, vocab):
+    """memplan's trainer `synthetic_tokens` (src/trainer/mod.rs): splitmix64 row starts, then
+    next = (5 x + 3) mod P over the first P = 2^floor(log2(min(vocab, 128))) tokens."""
+    cycle = 1 << (max(1, min(vocab, 128)).bit_length() - 1)
+    state = (seed ^ (index * 0xD6E8FEB86659FD93)) & M64
+    out = []
+    for _ in range(batch):
+        state = (state + 0x9E3779B97F4A7C15) & M64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+        x = (z ^ (z >> 31)) % cycle
+        for _ in range(seq + 1):
+            out.append(x)
+            x = (5 * x + 3) % cycle
+    return torch.tensor(out, dtype=torch.int64).view(batch, seq + 1)
+
+
+if TRAINER_DATA:
+    # the trainer's draws (expert_parallel.rs train_moe): 2-D and 3-D weights randn * 0.02,
+    # the norms ones, in model.parameters() order; uncounted, as the trainer's
+    lib.mp_set_channel(2)
+    torch.manual_seed(SEED)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.ones(p.shape) if p.dim() == 1 else torch.randn(p.shape) * 0.02)
+    del p  # the loop variable would keep the last parameter (output, V x h) past its sharding
+    lib.mp_set_channel(0)
+
 # torchtitan parallelize_llama order (models/llama4/infra/parallelize.py): EP/TP, AC, FSDP
 if pd.tp_enabled or pd.ep_enabled:
     apply_moe_ep_tp(model, tp_mesh=None, ep_mesh=pd.get_optional_mesh("ep"), etp_mesh=None,
@@ -164,6 +207,7 @@ opt = build_optimizers_with_moe_load_balancing(
 setup = counter()[0] - base
 out = {"rank": rank, "ep": EP, "dp_shard": pd.dp_shard, "ac": AC, "batch": B, "seq": S,
        "experts_impl": "grouped_mm" if GROUPED else "for_loop", "data_seed": cfg.get("data_seed", 0),
+       "data": "trainer" if TRAINER_DATA else "reference",
        "setup": setup, "steps": []}
 inp = labels = loss = None
 for step in range(cfg.get("steps", 3)):
@@ -172,9 +216,12 @@ for step in range(cfg.get("steps", 3)):
     ROUTE.clear()
     lib.mp_reset_peak(0)
     s0 = counter()[0]
-    g = torch.Generator().manual_seed(100000 * cfg.get("data_seed", 0) + 1000 * step + rank)
     lib.mp_set_channel(2)
-    toks = torch.randint(0, V, (B, S + 1), generator=g)
+    if TRAINER_DATA:
+        toks = synthetic_tokens(SEED, step, B * world, S, V)[rank * B:(rank + 1) * B].clone()
+    else:
+        g = torch.Generator().manual_seed(100000 * cfg.get("data_seed", 0) + 1000 * step + rank)
+        toks = torch.randint(0, V, (B, S + 1), generator=g)
     lib.mp_set_channel(0)
     inp, labels = toks[:, :-1].clone(), toks[:, 1:].clone()
     pred = model(inp)
