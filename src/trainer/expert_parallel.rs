@@ -408,7 +408,7 @@ impl MoeModel {
         drop(group_counts);
         let [w1, w2, w3] = self.expert_weights(l)?;
         let out = run_experts_grouped_mm(&w1, &w2, &w3, &permuted, &m_sizes)?;
-        drop((w1, w2, w3, m_sizes));
+        drop((w1, w2, w3));
         // _token_combine: _unpermute (utils.py l.62-66), then the rows sent back.
         let unpermuted = out.f_new_empty(input_shape.as_slice(), (Kind::Float, Device::Cpu))?;
         let unpermuted =
@@ -418,7 +418,10 @@ impl MoeModel {
         drop(permuted_indices);
         let rows = unpermuted.f_narrow(0, 0, input_shape[0] - 1)?;
         let combined = ep.all_to_all(self, &rows, &input_splits, &output_splits, A2A_COMBINE, j)?;
-        drop((rows, unpermuted, out, permuted));
+        // The module's arguments (the padded rows and their counts per local expert, which
+        // `input_fn` returned) and its output live in `Module._call_impl` until the output
+        // hook (the combine) returns.
+        drop((rows, unpermuted, out, permuted, m_sizes));
         // FSDPParamGroup.post_forward (not in a recompute), then the pre-backward hook on
         // the output.
         if !self.recomputing.get() {
