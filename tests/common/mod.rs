@@ -25,6 +25,17 @@ pub fn run(plan: &str, nproc: u64, steps: u64) -> Output {
 
 /// [`run`] with environment variables set for the job.
 pub fn run_env(plan: &str, nproc: u64, steps: u64, vars: &[(&str, &str)]) -> Output {
+    run_with(plan, nproc, steps, vars, &[])
+}
+
+/// [`run_env`] with more command-line arguments for `memplan train` (e.g. `--lr`).
+pub fn run_with(
+    plan: &str,
+    nproc: u64,
+    steps: u64,
+    vars: &[(&str, &str)],
+    args: &[&str],
+) -> Output {
     let dir = std::env::temp_dir().join(format!(
         "memplan-job-test-{}-{}",
         std::process::id(),
@@ -40,6 +51,7 @@ pub fn run_env(plan: &str, nproc: u64, steps: u64, vars: &[(&str, &str)]) -> Out
     cmd.args(["train", "--quiet", "--format", "json", "--plan"])
         .arg(&path)
         .args(["--steps", &steps.to_string()])
+        .args(args)
         .env("OMP_NUM_THREADS", "1")
         .envs(vars.iter().copied());
     if nproc > 1 {
@@ -64,7 +76,19 @@ pub fn train_env(
     order: &str,
     vars: &[(&str, &str)],
 ) -> Vec<Value> {
-    let out = run_env(plan, nproc, steps, vars);
+    train_with(plan, nproc, steps, order, vars, &[])
+}
+
+/// [`train_env`] with more command-line arguments for `memplan train`.
+pub fn train_with(
+    plan: &str,
+    nproc: u64,
+    steps: u64,
+    order: &str,
+    vars: &[(&str, &str)],
+    args: &[&str],
+) -> Vec<Value> {
+    let out = run_with(plan, nproc, steps, vars, args);
     assert!(
         out.status.success(),
         "{plan}: {}",
