@@ -42,14 +42,51 @@
 //! gives other bytes than the reference's (tests/expert_parallel.rs bounds them). So the
 //! synthetic data of this trainer gives torch's step peaks, and its backward and optimizer
 //! phases, to the byte.
-//! Expert parallelism (EP > 1: the all-to-all dispatch and combine, the experts' own FSDP
-//! mesh) is not run yet: it is refused.
+//!
+//! # Expert parallelism (EP = dp_shard > 1, one process per rank)
+//! As torchtitan 0.2.2 parallelizes a MoE Llama (models/llama4/infra/parallelize.py: EP, AC,
+//! then FSDP), with EP borrowing the dp_shard ranks:
+//! - Each rank holds `E / ep` experts (`ExpertParallel._partition_fn`, Shard(0)) and its own
+//!   rows of the batch. `_token_dispatch` (distributed/expert_parallel.py l.102-166) exchanges
+//!   the per-expert counts (`all_to_all_single`, no grad: an (E,) int64 output), sums them per
+//!   rank into the splits, sends the routed rows (`all_to_all_single_autograd`: a `new_empty`
+//!   of the rows received, R) and `_permute`s them into `P = round_up(R + 8 E_local, 8)` padded
+//!   rows; the grouped matmuls run without the padding wrapper (the weights are DTensors on
+//!   the "ep" mesh); `_token_combine` unpermutes (R + 1 rows) and sends the rows back (a
+//!   `new_empty` of `N k` rows). Both all-to-alls are c10d's `alltoall_base` through the shim
+//!   (csrc/dist.cpp), autograd nodes whose backward sends the gradient back the other way into
+//!   a new tensor of the input's rows (c10d Functional.cpp `AllToAllSingle`). The padded rows,
+//!   their counts per local expert and the experts' output live until the combine returns
+//!   (`Module._call_impl` holds the arguments `input_fn` returned and the output);
+//!   `permuted_indices` lives on the ParallelStyle until the layer's next dispatch.
+//! - FSDP (`apply_fsdp` l.324-490, torch 2.11 `fully_shard`, [`fsdp`]): tok_embeddings, each
+//!   block without its experts, and [norm, output] on the dp_shard mesh; each block's experts
+//!   on the one-rank efsdp mesh, FSDP2's world-size-1 path: no all-gather, each parameter's own
+//!   unsharded copy made at `wait_for_unshard`, and a "reduce-scatter" that is
+//!   `reduce_output.copy_(input / 1.0)` (torchtitan's gradient divide factor 1, run as SUM).
+//!   Embedding and blocks reshard after forward, [norm, output] stay gathered; torchtitan's
+//!   explicit prefetch (forward: embedding -> block 0, block j -> block j + 1 and its experts,
+//!   the last block -> [norm, output]; backward the reverse, [norm, output] -> the last block).
+//!   FSDP2's one comm context (the forward all-gather output and the reduce-scatter input it
+//!   holds) is shared by both meshes' units: each side frees the other's before it sets its
+//!   own. A recompute (full AC) does not reshard the experts after their forward (`is_bw()`).
+//! - The load-balancing hook sums the counts over the ranks (`all_reduce` in place).
+//! The rows each rank receives depend on the data and set the peaks; the trainer's draws and
+//! batches are reproduced by `ep_reference.py` (`"data": "trainer"`), so tests/expert_parallel.rs
+//! compares every rank's every phase with torch's on the same routing. The report notes the
+//! rows each layer received.
 //!
 //! # Known differences from torch, kept
 //! - torch.optim's `state["step"]` scalars (4 bytes per parameter tensor) are CPU tensors,
 //!   counted as device bytes by the CPU reference and as host bytes here (as on a GPU).
 //! - c10d's `ProcessGroup::barrier` keeps a 1-byte tensor that the reference's
-//!   `dist.barrier()` makes; a single process here has no process group.
+//!   `dist.barrier()` makes; a single process here has no process group, and under EP the
+//!   trainer's barrier goes to the Gloo backend directly.
+//! - Under EP, Gloo's temporaries of FSDP's all-gather and reduce-scatter are made on the
+//!   training thread as in tensor_parallel.rs (`MEMPLAN_GLOO_TEMPORARIES=0` leaves them out,
+//!   as on NCCL). On a CPU run the reference's Gloo work objects now and then keep a dispatch's
+//!   buffers alive a little longer (up to ~220 kB, run to run); the records keep each phase's
+//!   least of three runs.
 
 use std::cell::RefCell;
 use std::collections::HashMap;

@@ -38,8 +38,9 @@
 //! [`tensor_parallel`], with or without SP and loss parallelism, and under FSDP on a
 //! (dp_shard, tp) mesh; context parallelism: [`context_parallel`], a sequence shard per rank in
 //! torch's ring attention, under this module's FSDP over dp_shard x cp). Mixture-of-experts
-//! models run as torchtitan 0.2.2's MoE on one process ([`expert_parallel`]: router,
-//! grouped-mm experts, load balancing; expert parallelism across processes not yet).
+//! models run as torchtitan 0.2.2's MoE ([`expert_parallel`]: router, grouped-mm experts,
+//! load balancing), on one process or with expert parallelism across the dp_shard processes
+//! (all-to-all dispatch and combine, the experts on their one-rank FSDP mesh).
 //!
 //! # Checked against PyTorch itself
 //! `fsdp2_reference.py` (next to this file) runs torchtitan's model under PyTorch's own
