@@ -202,6 +202,23 @@ fn expert_parallel_ranks_hold_what_torchtitan_holds_to_the_byte() {
     }
 }
 
+/// Under EP the ranks learn together: their losses fall, and the gradient norm each reports is
+/// the job's (every element lives on one rank: summed over the ranks).
+#[test]
+fn expert_parallel_ranks_learn_together() {
+    let c = &ep2_records()[4];
+    let out = common::train(&plan_json(c), 2, 8, "rank");
+    for r in &out {
+        let l = losses(r);
+        assert!(l[7] < l[0], "{l:?}");
+    }
+    let norms: Vec<f64> = out
+        .iter()
+        .map(|r| r["steady_step"]["grad_norm"].as_f64().unwrap())
+        .collect();
+    assert_eq!(norms[0], norms[1]);
+}
+
 /// EP needs its processes: on one process an EP 2 plan is refused with the reason.
 #[test]
 fn expert_parallelism_on_one_process_is_refused() {

@@ -1383,9 +1383,15 @@ pub fn train_moe(plan: &Plan, opts: &TrainOptions, mesh: Option<&Mesh>) -> Resul
                 Ok(())
             };
             match &model.ep {
-                // this rank's shards (the job's norm would add the other ranks')
                 Some(run) => run.with_shards(|all| add(all))?,
                 None => add(&mut shards.iter_mut().collect::<Vec<_>>())?,
+            }
+            // Under EP every parameter element lives on one rank only (FSDP shards, this
+            // rank's experts): the job's squared norm is the sum over the ranks.
+            if let Some(mesh) = mesh {
+                let t = Tensor::from_slice(&[sq]);
+                mesh.world.all_reduce_sum(&t)?;
+                sq = t.f_double_value(&[0])?;
             }
             let loss = live.as_ref().expect("set above").2.f_double_value(&[])?;
             Ok((sq.sqrt(), loss))
