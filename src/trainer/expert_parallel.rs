@@ -71,6 +71,7 @@
 //!   holds) is shared by both meshes' units: each side frees the other's before it sets its
 //!   own. A recompute (full AC) does not reshard the experts after their forward (`is_bw()`).
 //! - The load-balancing hook sums the counts over the ranks (`all_reduce` in place).
+//!
 //! The rows each rank receives depend on the data and set the peaks; the trainer's draws and
 //! batches are reproduced by `ep_reference.py` (`"data": "trainer"`), so tests/expert_parallel.rs
 //! compares every rank's every phase with torch's on the same routing. The report notes the
