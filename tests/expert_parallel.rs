@@ -135,9 +135,9 @@ fn the_moe_model_learns() {
 }
 
 /// The EP 2 records: tiny-moe on two processes (dp_shard 2, ep 2), fp32, AC none and full,
-/// made by `ep_reference.py` with `"data": "trainer"` (three runs each; per phase the least,
-/// since Gloo's work objects now and then keep a dispatch's buffers alive a little longer on
-/// a CPU run: the runs' excess is in `above_min`).
+/// made by src/trainer/ep_records.py (`ep_reference.py` with `"data": "trainer"`, three runs
+/// each; per phase the least, since Gloo's work objects now and then keep a dispatch's buffers
+/// alive a little longer on a CPU run: the runs' excess is in `above_min`).
 fn ep2_records() -> Vec<Value> {
     common::records("ep2_trainer_data_torch_2.11.jsonl")
 }
