@@ -108,7 +108,7 @@ use super::{
     StepReport, TrainOptions, TrainReport,
 };
 use crate::error::{Error, Result};
-use crate::plan::{Checkpointing, DType, Offload, Plan};
+use crate::plan::{Checkpointing, DType, Logits, Offload, Plan};
 use crate::trace::Module;
 
 /// torchtitan's `TOKEN_GROUP_ALIGN_SIZE_M` (moe/utils.py l.15): rows per expert group are
@@ -147,12 +147,12 @@ pub fn check(plan: &Plan) -> Result<()> {
     let p = &plan.parallel;
     let one = p.ep == 1 && p.dp_shard == 1;
     let ep = p.ep > 1 && p.dp_shard == p.ep && moe.experts % p.ep == 0;
-    if !(one || ep) || p.dp_replicate != 1 || p.tp != 1 || p.pp != 1 {
+    if !(one || ep) || p.dp_replicate != 1 || p.tp != 1 || p.pp != 1 || p.cp != 1 {
         return Err(unsupported(
             "parallel",
             format!(
-                "ep {} x dp_shard {} x dp_replicate {} x tp {} x pp {}",
-                p.ep, p.dp_shard, p.dp_replicate, p.tp, p.pp
+                "ep {} x dp_shard {} x dp_replicate {} x tp {} x pp {} x cp {}",
+                p.ep, p.dp_shard, p.dp_replicate, p.tp, p.pp, p.cp
             ),
             "ep 1 on one process, or ep = dp_shard over that many processes (torchtitan's EP \
              borrowing the dp_shard ranks, the experts on a one-rank efsdp mesh), with ep \
@@ -165,8 +165,25 @@ pub fn check(plan: &Plan) -> Result<()> {
     ) {
         return Err(unsupported(
             "activation_checkpointing",
-            format!("{:?}", plan.activation_checkpointing),
+            format!("\"{}\"", plan.activation_checkpointing),
             "none or full for MoE models",
+        ));
+    }
+    if m.tied_embeddings || m.qkv_bias || m.o_bias || m.mlp_bias {
+        return Err(unsupported(
+            "model",
+            &m.name,
+            "untied embeddings and bias-free projections for MoE models",
+        ));
+    }
+    if matches!(
+        plan.implementation.logits,
+        Logits::FloatOutputKept | Logits::FloatInLossKept
+    ) {
+        return Err(unsupported(
+            "implementation.logits",
+            format!("\"{}\"", plan.implementation.logits),
+            "a loop that does not keep its logits (`del pred`, as torchtitan's) for MoE models",
         ));
     }
     for (name, d) in [
@@ -185,7 +202,7 @@ pub fn check(plan: &Plan) -> Result<()> {
     if plan.offload != Offload::None || plan.batch.grad_accum_steps != 1 {
         return Err(unsupported(
             "offload / grad_accum_steps",
-            format!("{:?} / {}", plan.offload, plan.batch.grad_accum_steps),
+            format!("\"{}\" / {}", plan.offload, plan.batch.grad_accum_steps),
             "none / 1 for MoE models",
         ));
     }
@@ -491,19 +508,15 @@ impl MoeModel {
             .borrow_mut()
             .remove(&tag)
             .expect("checkpointed block kept its input");
-        let xd = x.f_detach()?.f_set_requires_grad(true)?;
-        drop(x);
-        let seq = xd.size()[1];
-        self.recomputing.set(true);
-        let y = tch::with_grad(|| self.block(tag as usize, &xd, seq));
-        self.recomputing.set(false);
-        let y = y?;
-        ffi::storage_resize(&y, 0).map_err(shim)?;
-        ffi::backward(&[&y], &[Some(&grad)]).map_err(shim)?;
-        drop((y, grad));
+        let dx = super::recompute_block(x, grad, |xd| {
+            self.recomputing.set(true);
+            let y = self.block(tag as usize, xd, xd.size()[1]);
+            self.recomputing.set(false);
+            y
+        })?;
         // The original forward's MulBackward0 of the route scale has run: its scalar goes.
         drop(self.scales.borrow_mut().remove(&tag));
-        ffi::take_grad(&xd).map_err(shim)
+        Ok(dx)
     }
 }
 
