@@ -438,7 +438,10 @@ struct State {
     /// Inputs kept by checkpointed blocks.
     ckpt: Vec<Option<Tensor>>,
     /// Ring attention in place of SDPA under context parallelism.
-    cp: Option<Box<context_parallel::Ring>>,
+    /// (An `Rc`, not a `Box`: the ring's backward hook reads it through a shared pointer
+    /// while the checkpoint hook holds this state mutably, which a `Box`'s unique ownership
+    /// would not allow.)
+    cp: Option<std::rc::Rc<context_parallel::Ring>>,
     error: Option<tch::TchError>,
 }
 
@@ -938,7 +941,7 @@ fn train_on(
         cp: mesh
             .as_ref()
             .and_then(|m| m.cp.as_ref())
-            .map(|pg| Box::new(unsafe { context_parallel::Ring::new(pg, plan) })),
+            .map(|pg| std::rc::Rc::new(unsafe { context_parallel::Ring::new(pg, plan) })),
         error: None,
     })));
     let cfg = OptConfig {
