@@ -54,15 +54,6 @@ fn param_tensors(layers: u64) -> u64 {
     9 * layers + 3
 }
 
-/// What torch's record holds that the trainer's device counter does not: torch.optim's
-/// `state["step"]` scalars (a 4-byte float32 CPU tensor per parameter, counted as device bytes
-/// on a CPU run of the reference, as host bytes by the trainer, as on a GPU), and the 1-byte
-/// uint8 tensor that c10d's `ProcessGroup::barrier` keeps in a static variable, which the
-/// reference's `dist.barrier()` makes; the trainer's barriers go to the Gloo backend directly.
-fn torch_only_bytes(layers: u64) -> u64 {
-    4 * param_tensors(layers) + 1
-}
-
 /// Runs record `index` on its dp_shard x cp ranks: every rank holds torch's steady peak to the
 /// byte, less the bytes above. Returns the reports.
 fn ranks_match_torch(index: usize) -> Vec<Value> {
@@ -75,7 +66,11 @@ fn ranks_match_torch(index: usize) -> Vec<Value> {
     for (rank, r) in reports.iter().enumerate() {
         let torch = c["measured"][rank].as_u64().unwrap();
         let ours = r["steady_step"]["peak_allocated_bytes"].as_u64().unwrap();
-        assert_eq!(ours + torch_only_bytes(l), torch, "{c}: rank {rank}");
+        assert_eq!(
+            ours + common::torch_only_bytes(param_tensors(l)),
+            torch,
+            "{c}: rank {rank}"
+        );
         // The step scalars are where a GPU keeps them: on the host.
         assert_eq!(
             r["steady_step"]["optimizer"]["peak_host_bytes"].as_u64(),

@@ -48,16 +48,6 @@ fn param_tensors(layers: u64) -> u64 {
     10 * layers + 3
 }
 
-/// What torch's record holds that the trainer's device counter does not: torch.optim's
-/// `state["step"]` scalars (a 4-byte float32 CPU tensor per parameter, counted as device bytes
-/// on a CPU run of the reference, as host bytes by the trainer, as on a GPU), and the 1-byte
-/// uint8 tensor that c10d's `ProcessGroup::barrier` keeps in a static variable, which the
-/// reference's `dist.barrier()` makes (it runs a one-rank Gloo group at EP 1); the trainer has
-/// no process group on one process.
-fn torch_only_bytes(layers: u64) -> u64 {
-    4 * param_tensors(layers) + 1
-}
-
 #[test]
 fn one_process_moe_holds_what_torchtitan_holds_to_the_byte() {
     let recs: Vec<Value> = records().into_iter().filter(|c| c["ep"] == 1).collect();
@@ -74,7 +64,11 @@ fn one_process_moe_holds_what_torchtitan_holds_to_the_byte() {
         let l = layers(c["model"].as_str().unwrap());
         let torch = c["measured"][0].as_u64().unwrap();
         let ours = r["steady_step"]["peak_allocated_bytes"].as_u64().unwrap();
-        assert_eq!(ours + torch_only_bytes(l), torch, "{c}");
+        assert_eq!(
+            ours + common::torch_only_bytes(param_tensors(l)),
+            torch,
+            "{c}"
+        );
         // The step scalars are where a GPU keeps them: on the host.
         assert_eq!(
             r["steady_step"]["optimizer"]["peak_host_bytes"].as_u64(),
@@ -99,7 +93,7 @@ fn one_process_moe_holds_what_torchtitan_holds_to_the_byte() {
 fn every_phase_holds_what_torchtitan_holds() {
     for c in common::records("ep_phases_torch_2.11.jsonl") {
         let out = common::train(&plan_json(&c), 1, c["steps"].as_u64().unwrap(), "rank");
-        let extra = torch_only_bytes(layers(c["model"].as_str().unwrap()));
+        let extra = common::torch_only_bytes(param_tensors(layers(c["model"].as_str().unwrap())));
         let s = &out[0]["steps"][c["step"].as_u64().unwrap() as usize - 1];
         let ours: Vec<u64> = ["forward", "backward", "optimizer"]
             .iter()
@@ -174,7 +168,7 @@ fn expert_parallel_ranks_hold_what_torchtitan_holds_to_the_byte() {
         let steps = c["steps"].as_u64().unwrap();
         let lr = c["lr"].as_f64().unwrap().to_string();
         let out = common::train_with(&plan_json(c), 2, steps, "rank", &[], &["--lr", &lr]);
-        let extra = torch_only_bytes(layers(c["model"].as_str().unwrap()));
+        let extra = common::torch_only_bytes(param_tensors(layers(c["model"].as_str().unwrap())));
         for (rank, r) in out.iter().enumerate() {
             assert_eq!(r["rank"].as_u64(), Some(rank as u64));
             // Same weights, batches and updates: the same losses and the same routing.

@@ -71,16 +71,6 @@ fn param_tensors(layers: u64, pp: u64, stage: u64) -> u64 {
     9 * blocks + u64::from(stage == 0) + 2 * u64::from(stage + 1 == pp)
 }
 
-/// What torch's record holds that the trainer's device counter does not: torch.optim's
-/// `state["step"]` scalars (a 4-byte float32 CPU tensor per parameter, counted as device bytes
-/// on a CPU run of the reference, as host bytes by the trainer, as on a GPU), and the 1-byte
-/// uint8 tensor that c10d's `ProcessGroup::barrier` keeps in a static variable
-/// (torch/csrc/distributed/c10d/ProcessGroup.hpp), which the reference's `dist.barrier()`
-/// between steps makes; the trainer's barriers go to the Gloo backend directly.
-fn torch_only_bytes(layers: u64, pp: u64, stage: u64) -> u64 {
-    4 * param_tensors(layers, pp, stage) + 1
-}
-
 /// What torch's reference reaches on Gloo that a GPU would not, as the trainer reports it
 /// under FSDP: Gloo's reduce-scatter clones its whole input (ProcessGroupGloo.cpp, see
 /// `gloo_reduce_scatter_bytes` in src/trainer/pipeline.rs), which NCCL and the trainer's
@@ -130,7 +120,7 @@ fn stages_match_torch_in(file: &str, index: usize) {
             ours
         };
         assert_eq!(
-            on_gloo + torch_only_bytes(layers(model), pp, stage as u64),
+            on_gloo + common::torch_only_bytes(param_tensors(layers(model), pp, stage as u64)),
             torch,
             "{c}: stage {stage} (rank {})",
             r["rank"]

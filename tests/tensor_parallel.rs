@@ -73,15 +73,6 @@ fn param_tensors(layers: u64) -> u64 {
     9 * layers + 3
 }
 
-/// What torch's record holds that the trainer's device counter does not: torch.optim's
-/// `state["step"]` scalars (a 4-byte float32 CPU tensor per parameter, counted as device bytes
-/// on a CPU run of the reference, as host bytes by the trainer, as on a GPU), and the 1-byte
-/// uint8 tensor that c10d's `ProcessGroup::barrier` keeps in a static variable, which the
-/// reference's `dist.barrier()` makes; the trainer's barriers go to the Gloo backend directly.
-fn torch_only_bytes(layers: u64) -> u64 {
-    4 * param_tensors(layers) + 1
-}
-
 /// The bytes of one `(b, s, h)` fp32 activation: what a Gloo buffer of a TP collective in the
 /// forward holds (`funcol.all_gather_tensor`'s `(tp b, s/tp, h)` output, gathered by
 /// `AsyncAllgatherWork` into a flat tensor of that size; `reduce_scatter_tensor`'s clone of
@@ -123,11 +114,15 @@ fn ranks_match_torch(index: usize) {
     for (rank, r) in reports.iter().enumerate() {
         let torch = measured[rank];
         let ours = r["steady_step"]["peak_allocated_bytes"].as_u64().unwrap();
-        assert_eq!(ours + torch_only_bytes(l), lowest, "{c}: rank {rank}");
+        assert_eq!(
+            ours + common::torch_only_bytes(param_tensors(l)),
+            lowest,
+            "{c}: rank {rank}"
+        );
         let forward = r["steady_step"]["forward"]["peak_allocated_bytes"]
             .as_u64()
             .unwrap();
-        let late_free = forward + torch_only_bytes(l) + activation_bytes(c);
+        let late_free = forward + common::torch_only_bytes(param_tensors(l)) + activation_bytes(c);
         assert!(
             torch == lowest || (torch == late_free && late_free > lowest),
             "{c}: rank {rank} measured {torch}, the lowest rank {lowest}"
@@ -231,7 +226,7 @@ fn every_phase_of_every_rank_holds_what_dtensor_holds() {
         let tp = c["tp"].as_u64().unwrap();
         let reports = train(&plan_json(&c, tp), ranks(&c), c["steps"].as_u64().unwrap());
         assert_eq!(reports.len() as u64, ranks(&c));
-        let extra = torch_only_bytes(layers(c["model"].as_str().unwrap()));
+        let extra = common::torch_only_bytes(param_tensors(layers(c["model"].as_str().unwrap())));
         for (rank, r) in reports.iter().enumerate() {
             let s = &r["steady_step"];
             let ours: Vec<u64> = ["forward", "backward", "optimizer"]

@@ -1178,11 +1178,7 @@ pub fn train_moe(plan: &Plan, opts: &TrainOptions, mesh: Option<&Mesh>) -> Resul
         }
         leaves.push(leaf(draw(&[h])?)?);
         leaves.push(leaf(draw(&[m.vocab as i64, h])?)?);
-        let rows = match plan.implementation.rotary {
-            crate::plan::Rotary::ComplexSeq => plan.batch.seq_len,
-            _ => 2 * plan.batch.seq_len,
-        };
-        let freqs = model::precompute_freqs_cis(m.head_dim as i64, rows as i64, Device::Cpu)?;
+        let freqs = model::rotary_table(plan, Device::Cpu)?;
         Ok((leaves, bias, counts, freqs))
     })()
     .map_err(rt)?;

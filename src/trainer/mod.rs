@@ -908,11 +908,7 @@ fn train_on(
         // torchtitan's rotary table: a buffer of 2 x seq_len rows (seq_len from 2025 on),
         // replicated on every rank.
         let _ctx = recorder::scope(Context::of(Category::Inputs, Module::Inputs, Part::Rotary));
-        let rows = match plan.implementation.rotary {
-            crate::plan::Rotary::ComplexSeq => plan.batch.seq_len,
-            _ => 2 * plan.batch.seq_len,
-        };
-        let freqs = model::precompute_freqs_cis(plan.model.head_dim as i64, rows as i64, device)?;
+        let freqs = model::rotary_table(plan, device)?;
         Ok((groups, freqs))
     })()
     .map_err(rt)?;

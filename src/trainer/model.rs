@@ -148,6 +148,16 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor) -> TResult<Tensor> {
     output.f_mul(weight)
 }
 
+/// torchtitan's rotary table for `plan`: `2 x seq_len` rows (`seq_len` from 2025 on,
+/// `rotary: complex-seq`), of the model's head dimension.
+pub fn rotary_table(plan: &crate::plan::Plan, device: tch::Device) -> TResult<Tensor> {
+    let rows = match plan.implementation.rotary {
+        crate::plan::Rotary::ComplexSeq => plan.batch.seq_len,
+        _ => 2 * plan.batch.seq_len,
+    };
+    precompute_freqs_cis(plan.model.head_dim as i64, rows as i64, device)
+}
+
 /// torchtitan `precompute_freqs_cis(head_dim, end, theta)`: complex64 `(end, head_dim / 2)`.
 pub fn precompute_freqs_cis(head_dim: i64, end: i64, device: tch::Device) -> TResult<Tensor> {
     let _g = tch::no_grad_guard();

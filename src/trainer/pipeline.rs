@@ -896,13 +896,7 @@ pub fn train_stage(
     tch::manual_seed(opts.seed as i64);
 
     // torchtitan's rotary table, one per stage module.
-    let freqs = || {
-        let rows = match plan.implementation.rotary {
-            crate::plan::Rotary::ComplexSeq => plan.batch.seq_len,
-            _ => 2 * plan.batch.seq_len,
-        };
-        model::precompute_freqs_cis(m.head_dim as i64, rows as i64, Device::Cpu)
-    };
+    let freqs = || model::rotary_table(plan, Device::Cpu);
     // Setup: the whole model's initial weights are drawn in the order the single-process
     // trainer draws them (every block, then the root), so that a stage starts from the same
     // weights; the stage keeps its own.

@@ -1061,11 +1061,7 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
             groups.push(Group::new(params, reshard, Module::Root));
             leaves = groups.iter().flat_map(Group::leaves).collect();
         }
-        let rows = match plan.implementation.rotary {
-            crate::plan::Rotary::ComplexSeq => plan.batch.seq_len,
-            _ => 2 * plan.batch.seq_len,
-        };
-        let freqs = model::precompute_freqs_cis(m.head_dim as i64, rows as i64, Device::Cpu)?;
+        let freqs = model::rotary_table(plan, Device::Cpu)?;
         Ok((leaves, freqs, groups))
     })()
     .map_err(rt)?;

@@ -128,3 +128,13 @@ pub fn losses(r: &Value) -> Vec<f64> {
         .map(|v| v.as_f64().unwrap())
         .collect()
 }
+
+/// What torch's record holds that a trainer rank's device counter does not, for a rank holding
+/// `param_tensors` parameter tensors: torch.optim's `state["step"]` scalars (a 4-byte float32
+/// CPU tensor each, device bytes on a CPU run of the reference, host bytes in the trainer, as
+/// on a GPU) and the 1-byte uint8 tensor c10d's `ProcessGroup::barrier` keeps in a static
+/// variable (torch/csrc/distributed/c10d/ProcessGroup.hpp), which the references'
+/// `dist.barrier()` makes; the trainer's barriers go to the Gloo backend directly.
+pub fn torch_only_bytes(param_tensors: u64) -> u64 {
+    4 * param_tensors + 1
+}
