@@ -805,10 +805,8 @@ fn ep_units(
             .iter()
             .map(|p| p.leaf.shallow_clone()),
     );
-    let comm = EpShard {
-        pg: &mesh.shard as *const ProcessGroup,
-        temporaries: std::env::var("MEMPLAN_GLOO_TEMPORARIES").map_or(true, |v| v != "0"),
-    };
+    // SAFETY: the mesh outlives the run. torchtitan sets gradient_divide_factor 1.0: a sum.
+    let comm = unsafe { fsdp::GlooShard::new(&mesh.shard, false) };
     let run = EpRun {
         pg: &mesh.shard as *const ProcessGroup,
         degree: mesh.shard.size(),
@@ -820,75 +818,6 @@ fn ep_units(
         recv: RefCell::new(vec![0; layers]),
     };
     Ok((leaves, run))
-}
-
-/// FSDP2's reduce-scatter and all-gather over the dp_shard ranks on Gloo, with the
-/// temporaries Gloo allocates (as tensor_parallel.rs's `GlooShard`, which the reasons are
-/// given at), summing without the division: torchtitan sets the gradient divide factor to
-/// 1 (`disable_fsdp_gradient_division`), which the reference runs as a SUM.
-struct EpShard {
-    pg: *const ProcessGroup,
-    temporaries: bool,
-}
-
-impl EpShard {
-    fn pg(&self) -> &ProcessGroup {
-        // SAFETY: the mesh outlives the run.
-        unsafe { &*self.pg }
-    }
-}
-
-impl fsdp::Collectives for EpShard {
-    fn world_size(&self) -> i64 {
-        self.pg().size()
-    }
-    fn rank(&self) -> i64 {
-        self.pg().rank()
-    }
-    fn all_gather(
-        &mut self,
-        output: &Tensor,
-        input: &Tensor,
-        _peer_input: &mut dyn FnMut(i64) -> TResult<Tensor>,
-    ) -> TResult<()> {
-        let pg = self.pg();
-        let n = input.numel() as i64;
-        let mine = output.f_narrow(0, pg.rank() * n, n)?;
-        if mine.data_ptr() != input.data_ptr() {
-            mine.shallow_clone().f_copy_(input)?;
-        }
-        let flat = self
-            .temporaries
-            .then(|| output.f_empty_like())
-            .transpose()?;
-        for r in 0..pg.size() {
-            pg.broadcast(&output.f_narrow(0, r * n, n)?, r)?;
-        }
-        drop(flat);
-        Ok(())
-    }
-    fn reduce_scatter(
-        &mut self,
-        output: &Tensor,
-        input: &Tensor,
-        _peer_output: &mut dyn FnMut(i64, Tensor) -> TResult<()>,
-    ) -> TResult<()> {
-        let pg = self.pg();
-        let n = output.numel() as i64;
-        let buf = if self.temporaries {
-            let c = input.f_empty_like()?;
-            c.shallow_clone().f_copy_(input)?;
-            c
-        } else {
-            input.shallow_clone()
-        };
-        pg.all_reduce_sum(&buf)?;
-        output
-            .shallow_clone()
-            .f_copy_(&buf.f_narrow(0, pg.rank() * n, n)?)?;
-        drop(buf);
-        Ok(())
-    }
 }
 
 /// FSDP2 on a one-rank mesh (the experts' efsdp mesh at EP = dp_shard): nothing is gathered;

@@ -46,6 +46,7 @@
 
 use tch::{Device, Kind, Tensor};
 
+use super::dist::ProcessGroup;
 use super::ffi::{self, Channel};
 use super::model::TResult;
 use super::recorder::{self, Context, ALL_GATHER_STREAM, REDUCE_SCATTER_STREAM};
@@ -707,4 +708,108 @@ fn accumulate(
         off += len;
     }
     Ok(())
+}
+
+/// FSDP2's two collectives over this rank's `dp_shard` group, issued as the reference's Gloo
+/// issues them, with the temporaries Gloo allocates on the training thread's counter there
+/// (the reference counts every thread; this trainer's Gloo threads are uncounted, so they are
+/// made here, on the training thread, for the same span).
+/// With `average`, the reduce-scatter divides by the ranks as FSDP2 does on backends without an
+/// average op; without it the result is the sum (torchtitan's EP under FSDP sets
+/// `gradient_divide_factor` 1.0, which the reference runs as a SUM).
+pub struct GlooShard {
+    pg: *const ProcessGroup,
+    average: bool,
+    /// Whether Gloo's temporaries are made (the default, to equal the CPU reference); with
+    /// `MEMPLAN_GLOO_TEMPORARIES=0` they are not, and the counted peaks are those of a GPU
+    /// rank, whose NCCL makes neither (what the estimator models).
+    temporaries: bool,
+}
+
+impl GlooShard {
+    /// Over `pg`, Gloo's temporaries made unless `MEMPLAN_GLOO_TEMPORARIES=0`.
+    ///
+    /// # Safety
+    /// `pg` must outlive the value.
+    pub unsafe fn new(pg: &ProcessGroup, average: bool) -> GlooShard {
+        GlooShard {
+            pg: pg as *const ProcessGroup,
+            average,
+            temporaries: std::env::var("MEMPLAN_GLOO_TEMPORARIES").map_or(true, |v| v != "0"),
+        }
+    }
+
+    fn pg(&self) -> &ProcessGroup {
+        // SAFETY: `new`'s caller keeps the group alive.
+        unsafe { &*self.pg }
+    }
+}
+
+impl Collectives for GlooShard {
+    fn world_size(&self) -> i64 {
+        self.pg().size()
+    }
+    fn rank(&self) -> i64 {
+        self.pg().rank()
+    }
+    /// `dist.all_gather_into_tensor` (FSDP2's `foreach_all_gather`) on Gloo:
+    /// `ProcessGroupGloo::_allgather_base` issues `allgather` over the output's chunks, whose
+    /// `AsyncAllgatherWork` gathers into one flat tensor like the whole output (`newLikeFlat`)
+    /// and copies it into the chunks; that flat tensor is freed as the work ends, before
+    /// `wait()` returns. Here the gather is one broadcast per rank into the output's slices,
+    /// with a tensor of the output's size held across it.
+    fn all_gather(
+        &mut self,
+        output: &Tensor,
+        input: &Tensor,
+        _peer_input: &mut dyn FnMut(i64) -> TResult<Tensor>,
+    ) -> TResult<()> {
+        let pg = self.pg();
+        let n = input.numel() as i64;
+        let mine = output.f_narrow(0, pg.rank() * n, n)?;
+        if mine.data_ptr() != input.data_ptr() {
+            mine.shallow_clone().f_copy_(input)?;
+        }
+        let flat = self
+            .temporaries
+            .then(|| output.f_empty_like())
+            .transpose()?;
+        for r in 0..pg.size() {
+            pg.broadcast(&output.f_narrow(0, r * n, n)?, r)?;
+        }
+        drop(flat);
+        Ok(())
+    }
+    /// `dist.reduce_scatter_tensor` (FSDP2's `foreach_reduce`, SUM then the division by the
+    /// ranks) on Gloo: `ProcessGroupGloo::reduce_scatter_tensor_coalesced` all-reduces a
+    /// `clone()` of the whole input and copies this rank's chunk of it into the output; the
+    /// clone lives until the work is waited on.
+    fn reduce_scatter(
+        &mut self,
+        output: &Tensor,
+        input: &Tensor,
+        _peer_output: &mut dyn FnMut(i64, Tensor) -> TResult<()>,
+    ) -> TResult<()> {
+        let pg = self.pg();
+        let n = output.numel() as i64;
+        // (Without Gloo's clone the sum is made in place in the reduce-scatter input, FSDP2's
+        // own buffer, which nothing reads after.)
+        let buf = if self.temporaries {
+            let _g = tch::no_grad_guard();
+            let c = input.f_empty_like()?;
+            c.shallow_clone().f_copy_(input)?;
+            c
+        } else {
+            input.shallow_clone()
+        };
+        pg.all_reduce_sum(&buf)?;
+        output
+            .shallow_clone()
+            .f_copy_(&buf.f_narrow(0, pg.rank() * n, n)?)?;
+        drop(buf);
+        if self.average {
+            let _ = output.shallow_clone().f_div_scalar_(pg.size() as f64)?;
+        }
+        Ok(())
+    }
 }

@@ -85,7 +85,7 @@
 //!   `.grad = None` frees the original.
 //! - Gloo's own temporaries, which the reference counts (it counts every thread) and this
 //!   trainer's uncounted Gloo threads do not make, are made on the training thread for the same
-//!   span ([`GlooShard`]): `_allgather_base`'s flat buffer of the whole output, for the span of
+//!   span ([`fsdp::GlooShard`]): `_allgather_base`'s flat buffer of the whole output, for the span of
 //!   every FSDP all-gather; `reduce_scatter_tensor_coalesced`'s clone of the whole input, for the
 //!   span of every reduce-scatter. The first is in the small model's peak (a pre-backward's
 //!   prefetch); NCCL makes neither. The TP collectives' Gloo buffers are not mirrored: no
@@ -695,89 +695,6 @@ fn shard_of(full: &Tensor, dim: Option<i64>, rank: i64, tp: i64) -> TResult<Tens
     Ok(p)
 }
 
-/// FSDP2's two collectives over this rank's `dp_shard` group, issued as the reference's Gloo
-/// issues them, with the temporaries Gloo allocates on the training thread's counter there
-/// (the reference counts every thread; this trainer's Gloo threads are uncounted, so they are
-/// made here, on the training thread, for the same span).
-struct GlooShard {
-    pg: *const ProcessGroup,
-    /// Whether Gloo's temporaries are made (the default, to equal the CPU reference); with
-    /// `MEMPLAN_GLOO_TEMPORARIES=0` they are not, and the counted peaks are those of a GPU
-    /// rank, whose NCCL makes neither (what the estimator models).
-    temporaries: bool,
-}
-
-impl GlooShard {
-    fn pg(&self) -> &ProcessGroup {
-        // SAFETY: the mesh outlives the run (train_tp borrows it for its whole body).
-        unsafe { &*self.pg }
-    }
-}
-
-impl fsdp::Collectives for GlooShard {
-    fn world_size(&self) -> i64 {
-        self.pg().size()
-    }
-    fn rank(&self) -> i64 {
-        self.pg().rank()
-    }
-    /// `dist.all_gather_into_tensor` (FSDP2's `foreach_all_gather`) on Gloo:
-    /// `ProcessGroupGloo::_allgather_base` issues `allgather` over the output's chunks, whose
-    /// `AsyncAllgatherWork` gathers into one flat tensor like the whole output (`newLikeFlat`)
-    /// and copies it into the chunks; that flat tensor is freed as the work ends, before
-    /// `wait()` returns. Here the gather is one broadcast per rank into the output's slices,
-    /// with a tensor of the output's size held across it.
-    fn all_gather(
-        &mut self,
-        output: &Tensor,
-        input: &Tensor,
-        _peer_input: &mut dyn FnMut(i64) -> TResult<Tensor>,
-    ) -> TResult<()> {
-        let pg = self.pg();
-        let n = input.numel() as i64;
-        let mine = output.f_narrow(0, pg.rank() * n, n)?;
-        if mine.data_ptr() != input.data_ptr() {
-            mine.shallow_clone().f_copy_(input)?;
-        }
-        let flat = self
-            .temporaries
-            .then(|| output.f_empty_like())
-            .transpose()?;
-        for r in 0..pg.size() {
-            pg.broadcast(&output.f_narrow(0, r * n, n)?, r)?;
-        }
-        drop(flat);
-        Ok(())
-    }
-    /// `dist.reduce_scatter_tensor` (FSDP2's `foreach_reduce`, SUM then the division by the
-    /// ranks) on Gloo: `ProcessGroupGloo::reduce_scatter_tensor_coalesced` all-reduces a
-    /// `clone()` of the whole input and copies this rank's chunk of it into the output; the
-    /// clone lives until the work is waited on.
-    fn reduce_scatter(
-        &mut self,
-        output: &Tensor,
-        input: &Tensor,
-        _peer_output: &mut dyn FnMut(i64, Tensor) -> TResult<()>,
-    ) -> TResult<()> {
-        let pg = self.pg();
-        let n = output.numel() as i64;
-        // (Without Gloo's clone the sum is made in place in the reduce-scatter input, FSDP2's
-        // own buffer, which nothing reads after.)
-        let buf = if self.temporaries {
-            clone(input)?
-        } else {
-            input.shallow_clone()
-        };
-        pg.all_reduce_sum(&buf)?;
-        output
-            .shallow_clone()
-            .f_copy_(&buf.f_narrow(0, pg.rank() * n, n)?)?;
-        drop(buf);
-        let _ = output.shallow_clone().f_div_scalar_(pg.size() as f64)?;
-        Ok(())
-    }
-}
-
 /// Tags of the FSDP boundary nodes: the kind times [`FSDP_TAG`] plus the group.
 const FSDP_PRE: i64 = 1;
 const FSDP_POST: i64 = 2;
@@ -1106,10 +1023,8 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
         error: None,
     })));
     let fsdp_run: Option<Box<FsdpRun>> = (dp > 1).then(|| {
-        let comm = GlooShard {
-            pg: &mesh.shard as *const ProcessGroup,
-            temporaries: std::env::var("MEMPLAN_GLOO_TEMPORARIES").map_or(true, |v| v != "0"),
-        };
+        // SAFETY: the mesh outlives the run (train_tp borrows it for its whole body).
+        let comm = unsafe { fsdp::GlooShard::new(&mesh.shard, true) };
         Box::new(FsdpRun {
             fsdp: RefCell::new(Fsdp::new(env, groups, Box::new(comm))),
             tp: &*hooks as *const Hooks,
