@@ -725,7 +725,11 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
             }
             // A pipeline's last stage accumulating into existing gradients: the output
             // projection's backward, its new weight gradient a temporary.
-            if q.projection_backward > 0 {
+            // Just after the loss's backward (log-softmax's gradient and saved output freed):
+            // a pipeline's last stage accumulating into existing gradients runs the output
+            // projection's backward, its new weight gradient a temporary; a root resharded
+            // after forward is gathered again by the output's pre-backward hook.
+            if q.projection_backward > 0 || q.root_regather > 0 {
                 w.free(slots[Slot::NllGrad as usize].take());
                 w.free(slots[Slot::LogSoftmax as usize].take());
                 w.free(slots[Slot::ParallelLoss as usize].take());
@@ -735,28 +739,19 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                     Owner::new(Module::Output, Part::Grad),
                     0,
                 )?;
+                if q.root_regather > 0 {
+                    root = w.alloc(
+                        q.root_regather,
+                        Category::UnshardedParams,
+                        Owner::new(Module::Root, Part::AllGather),
+                        0,
+                    )?;
+                }
                 let after = w.now();
                 if after.1 > loss_backward.1 {
                     loss_backward = after;
                 }
                 w.free(temp);
-            }
-            // A root resharded after forward, gathered again by the output's pre-backward
-            // hook once the loss's backward is done.
-            if q.root_regather > 0 {
-                w.free(slots[Slot::NllGrad as usize].take());
-                w.free(slots[Slot::LogSoftmax as usize].take());
-                w.free(slots[Slot::ParallelLoss as usize].take());
-                root = w.alloc(
-                    q.root_regather,
-                    Category::UnshardedParams,
-                    Owner::new(Module::Root, Part::AllGather),
-                    0,
-                )?;
-                let after = w.now();
-                if after.1 > loss_backward.1 {
-                    loss_backward = after;
-                }
             }
             if marked {
                 w.point(PHASES[1].name(), loss_backward.0);
