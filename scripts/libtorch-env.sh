@@ -24,9 +24,9 @@ if ! _mp_has_torch; then
     fi
     "$_mp_venv/bin/pip" install --quiet --upgrade pip >/dev/null 2>&1 || true
     if [ -n "${MEMPLAN_TORCH_INDEX_URL:-}" ]; then
-        "$_mp_venv/bin/pip" install --quiet --index-url "$MEMPLAN_TORCH_INDEX_URL" torch==2.11.0
+        "$_mp_venv/bin/pip" install --quiet --no-cache-dir --index-url "$MEMPLAN_TORCH_INDEX_URL" torch==2.11.0
     else
-        "$_mp_venv/bin/pip" install --quiet torch==2.11.0
+        "$_mp_venv/bin/pip" install --quiet --no-cache-dir torch==2.11.0
     fi || { echo "libtorch-env: pip install torch==2.11.0 failed" >&2; return 1 2>/dev/null || exit 1; }
     _mp_has_torch || { echo "libtorch-env: torch 2.11.0 still not importable from $_mp_venv" >&2; return 1 2>/dev/null || exit 1; }
 fi
@@ -41,7 +41,7 @@ include = os.path.join(list(nvidia.__path__)[0], "cu" + sys.argv[1].split(".")[0
 sys.exit(0 if all(os.path.exists(os.path.join(include, h)) for h in ("crt/host_config.h", "nv/target")) else 1)
 PY
 then
-    "$_mp_venv/bin/pip" install --quiet "nvidia-cuda-crt==${_mp_cuda}.*" "nvidia-cuda-cccl==${_mp_cuda}.*" \
+    "$_mp_venv/bin/pip" install --quiet --no-cache-dir "nvidia-cuda-crt==${_mp_cuda}.*" "nvidia-cuda-cccl==${_mp_cuda}.*" \
         || echo "libtorch-env: CUDA headers for NCCL not installed; building without NCCL" >&2
 fi
 

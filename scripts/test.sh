@@ -7,6 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The free disk first: the libtorch venv alone needs about 5 GB while pip installs it.
+echo "test.sh: free disk where the repository is: $(df -h . | awk 'NR==2 {print $4}')" >&2
+
 cargo test --locked
 
 # The timeline's HTML page in headless Chromium (tests/timeline.rs): install it when missing
