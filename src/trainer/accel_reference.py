@@ -31,7 +31,7 @@ after backward. Random weights (from_config), no download.
 Gloo: every thread but the training thread is registered uncounted (mp_uncount_thread) before each step, so Gloo's
 worker threads' temporaries (which NCCL would not make through the caching allocator) are not counted. What Gloo
 allocates on the training thread inside a c10d op is counted, and reported apart: "gloo_free" peaks replay the trace
-without allocations made inside c10d ops (op names in C10D_OPS).
+without allocations made inside c10d ops (op names in reference_shim.C10D_OPS).
 torch.set_num_threads(1): 2 processes on 2 cores.
 
 Output beside the per-step phases: "units" (every FSDP unit, its reshard_after_forward and MixedPrecisionPolicy),
@@ -54,7 +54,7 @@ import torch
 torch.set_num_threads(1)
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from reference_shim import install_counter, OpTrace
+from reference_shim import install_counter, OpTrace, FsdpTrace
 
 counter = install_counter(lib)  # channel 2 until set
 lib.mp_set_channel(2)
@@ -72,9 +72,6 @@ AC = bool(cfg.get("ac", False))
 RESHARD = bool(cfg.get("reshard", True))
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.get("dtype", "fp32")]
 CLIP = cfg.get("clip", 1.0)
-C10D_OPS = {"_allgather_base_", "_reduce_scatter_base_", "allreduce_", "allgather_", "allgather_into_tensor_coalesced_",
-            "reduce_scatter_tensor_coalesced_", "broadcast_", "barrier", "reduce_scatter_", "allreduce_coalesced_",
-            "all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce", "wait_tensor"}
 
 plugin = FullyShardedDataParallelPlugin(
     fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
@@ -176,106 +173,11 @@ for n, p in model.named_parameters():
     k = f"param.{str(loc.dtype).replace('torch.', '')}"
     static[k] = static.get(k, 0) + loc.untyped_storage().nbytes()
 
-# ---- op trace ----
+# ---- op trace (FSDP2's collectives labelled; reference_shim.FsdpTrace) ----
 PT = cfg.get("peak_trace")
 oplog, phase = [], ["-"]
 tracer = OpTrace(lib, model, phase, oplog) if PT else None
-# FSDP2's collectives, labelled: while one runs, the phase reads "<phase>:<label>", and events that no dispatched op
-# owns (FSDP2 allocates unsharded parameters with storage.resize_, which is not dispatched) are named by the span.
-spans = []  # (first event, last event + 1, label)
-if PT:
-    import torch.distributed.fsdp._fully_shard._fsdp_param_group as _pg
-    import torch.distributed.fsdp._fully_shard._fsdp_param as _fp
-
-    def _span(fn, label):
-        def wrapped(*a, **k):
-            n0 = lib.mp_trace_pending()
-            old = phase[0]
-            phase[0] = old.split(":")[0] + ":" + label
-            try:
-                return fn(*a, **k)
-            finally:
-                phase[0] = old
-                spans.append((n0, lib.mp_trace_pending(), label))
-        return wrapped
-
-    _pg.foreach_all_gather = _span(_pg.foreach_all_gather, "AG")
-    _pg.foreach_all_gather_copy_out = _span(_pg.foreach_all_gather_copy_out, "AGcopyout")
-    _pg.foreach_reduce = _span(_pg.foreach_reduce, "RS")
-    _fp.FSDPParam.init_unsharded_param = _span(_fp.FSDPParam.init_unsharded_param, "init_unsharded")
-
-
-def peak_report(start, events, lo=0, hi=None, exclude_c10d=False):
-    """Peak within events [lo, hi) and what is alive then that was allocated in the step, grouped by
-    (phase, module, op, first output). exclude_c10d: replay without allocations made inside c10d ops."""
-    who = tracer.owners()
-    for n0, n1, label in spans:
-        for i in range(n0, n1):
-            if i not in who:
-                who[i] = ("span", "-", label, [])
-    hi = len(events) if hi is None else hi
-    live, cur, best, best_i, snap = {}, start, -1, -1, {}
-    for i, (kind, aid, nb, tag) in enumerate(events):
-        if kind == 0:
-            w = who.get(i, ("?", "-", "?", []))
-            if exclude_c10d and w[2] in C10D_OPS:
-                continue
-            live[aid] = (nb, w)
-            cur += nb
-        elif aid in live:
-            cur -= live.pop(aid)[0]
-        if lo <= i < hi and cur > best:
-            best, best_i, snap = cur, i, dict(live)
-    rows = {}
-    for aid, (nb, (ph, mod, op, outs)) in snap.items():
-        k = (ph, mod, op, str(outs[:1]))
-        r = rows.setdefault(k, [0, 0, set()])
-        r[0] += nb
-        r[1] += 1
-        r[2].add(nb)
-    return {"peak": best, "event": best_i, "alive_before_step": start,
-            "alive_from_step": sorted(([v[0], v[1], *k, sorted(v[2])] for k, v in rows.items()),
-                                      key=lambda r: (r[2], r[3]))}
-
-
-def fsdp_timeline(start, events):
-    """Every allocation made in an FSDP2 span (AG, AGcopyout, RS) or a c10d op, and its free: [event, "A"|"F",
-    bytes, phase, label or op, module at the allocation, current bytes (all counted), op running at a free]."""
-    who = tracer.owners()
-    lab = {}
-    for n0, n1, label in spans:
-        for i in range(n0, n1):
-            lab.setdefault(i, label)
-    rows, mine, cur, sizes = [], {}, start, {}
-    for i, (kind, aid, nb, tag) in enumerate(events):
-        if kind == 0:
-            sizes[aid] = nb
-            cur += nb
-            w = who.get(i, ("?", "-", "?", []))
-            if i in lab or w[2] in C10D_OPS:
-                mine[aid] = (nb, w[0], lab.get(i, w[2]) if w[2] == "?" or w[2] == "empty" or i in lab else w[2], w[1])
-                if w[2] in C10D_OPS:
-                    mine[aid] = (nb, w[0], "c10d:" + w[2], w[1])
-                rows.append([i, "A", *mine[aid], cur, ""])
-        else:
-            cur -= sizes.pop(aid, 0)
-            if aid in mine:
-                w = who.get(i)
-                rows.append([i, "F", *mine.pop(aid), cur, f"{w[0]}:{w[1]}:{w[2]}" if w else "-"])
-    return rows
-
-
-def c10d_allocs(events):
-    who = tracer.owners()
-    rows = {}
-    for i, (kind, aid, nb, tag) in enumerate(events):
-        if kind == 0:
-            w = who.get(i)
-            if w and w[2] in C10D_OPS:
-                k = f"{w[0]}:{w[2]}:{nb}"
-                rows[k] = rows.get(k, 0) + 1
-    return rows
-
+ft = FsdpTrace(lib, tracer, phase) if PT else None
 
 out = {"rank": rank, "world": world, "cfg": cfg, "distributed_type_before_hack": dt_before,
        "is_fsdp2": acc.is_fsdp2, "units": units, "checkpoint_wrappers": wrappers, "model_class": type(model).__name__,
@@ -288,7 +190,7 @@ for step in range(STEPS):
     s0 = counter()[0]
     tracing = PT and step == STEPS - 1
     if tracing:
-        spans.clear()
+        ft.spans.clear()
         lib.mp_trace_start()
         mode = tracer.mode()
         mode.__enter__()
@@ -337,16 +239,16 @@ for step in range(STEPS):
         lib.mp_trace_stop()
         ev = tracer.take_events()
         st = s0 - base
-        out["peak_trace"] = peak_report(st, ev)
-        out["phase_traces"] = {"fwd": peak_report(st, ev, 0, ev_bwd), "bwd": peak_report(st, ev, ev_bwd, ev_clip),
-                               "clip": peak_report(st, ev, ev_clip, ev_opt), "opt": peak_report(st, ev, ev_opt)}
-        out["phase_traces_ref"] = {ph: peak_report(st, ev, lo, hi, exclude_c10d=True)
+        out["peak_trace"] = ft.peak_report(st, ev)
+        out["phase_traces"] = {"fwd": ft.peak_report(st, ev, 0, ev_bwd), "bwd": ft.peak_report(st, ev, ev_bwd, ev_clip),
+                               "clip": ft.peak_report(st, ev, ev_clip, ev_opt), "opt": ft.peak_report(st, ev, ev_opt)}
+        out["phase_traces_ref"] = {ph: ft.peak_report(st, ev, lo, hi, exclude_c10d=True)
                                    for ph, lo, hi in (("fwd", 0, ev_bwd), ("bwd", ev_bwd, ev_clip),
                                                       ("clip", ev_clip, ev_opt), ("opt", ev_opt, len(ev)))}
         gf = {ph: t["peak"] for ph, t in out["phase_traces_ref"].items()}
         out["gloo_free"] = {**gf, "peak": max(gf.values())}
-        out["c10d_allocs"] = c10d_allocs(ev)
-        out["fsdp_timeline"] = fsdp_timeline(st, ev)
+        out["c10d_allocs"] = ft.c10d_allocs(ev)
+        out["fsdp_timeline"] = ft.fsdp_timeline(st, ev)
         out["n_events"] = len(ev)
     out["steps"].append(rec)
 last = out["steps"][-1]

@@ -84,3 +84,116 @@ class OpTrace:
             if lo <= i < hi and cur > best:
                 best, best_i, snap = cur, i, dict(live)
         return best, best_i, snap
+
+
+# The c10d ops whose allocations are Gloo's (or c10d's) own, not the model's.
+C10D_OPS = {"_allgather_base_", "_reduce_scatter_base_", "allreduce_", "allgather_", "allgather_into_tensor_coalesced_",
+            "reduce_scatter_tensor_coalesced_", "broadcast_", "barrier", "reduce_scatter_", "allreduce_coalesced_",
+            "all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce", "wait_tensor"}
+
+
+class FsdpTrace:
+    """An OpTrace's events with FSDP2's collectives labelled: while foreach_all_gather (AG), its copy-out
+    (AGcopyout), foreach_reduce (RS) or init_unsharded_param (init_unsharded) runs, the phase reads
+    "<phase>:<label>", and events that no dispatched op owns (FSDP2 allocates unsharded parameters with
+    storage.resize_, which is not dispatched) are named by the span. Patches torch's FSDP2 modules once."""
+
+    def __init__(self, lib, tracer, phase):
+        import torch.distributed.fsdp._fully_shard._fsdp_param_group as _pg
+        import torch.distributed.fsdp._fully_shard._fsdp_param as _fp
+
+        self.tracer = tracer
+        self.spans = []  # (first event, last event + 1, label)
+        spans = self.spans
+
+        def span(fn, label):
+            def wrapped(*a, **k):
+                n0 = lib.mp_trace_pending()
+                old = phase[0]
+                phase[0] = old.split(":")[0] + ":" + label
+                try:
+                    return fn(*a, **k)
+                finally:
+                    phase[0] = old
+                    spans.append((n0, lib.mp_trace_pending(), label))
+            return wrapped
+
+        _pg.foreach_all_gather = span(_pg.foreach_all_gather, "AG")
+        _pg.foreach_all_gather_copy_out = span(_pg.foreach_all_gather_copy_out, "AGcopyout")
+        _pg.foreach_reduce = span(_pg.foreach_reduce, "RS")
+        _fp.FSDPParam.init_unsharded_param = span(_fp.FSDPParam.init_unsharded_param, "init_unsharded")
+
+    def owners(self):
+        """The tracer's owners, with events inside a span that no op owns named by the span."""
+        who = self.tracer.owners()
+        for n0, n1, label in self.spans:
+            for i in range(n0, n1):
+                if i not in who:
+                    who[i] = ("span", "-", label, [])
+        return who
+
+    def peak_report(self, start, events, lo=0, hi=None, exclude_c10d=False):
+        """Peak within events [lo, hi) and what is alive then that was allocated in the step, grouped by
+        (phase, module, op, first output). exclude_c10d: replay without allocations made inside c10d ops."""
+        who = self.owners()
+        hi = len(events) if hi is None else hi
+        live, cur, best, best_i, snap = {}, start, -1, -1, {}
+        for i, (kind, aid, nb, tag) in enumerate(events):
+            if kind == 0:
+                w = who.get(i, ("?", "-", "?", []))
+                if exclude_c10d and w[2] in C10D_OPS:
+                    continue
+                live[aid] = (nb, w)
+                cur += nb
+            elif aid in live:
+                cur -= live.pop(aid)[0]
+            if lo <= i < hi and cur > best:
+                best, best_i, snap = cur, i, dict(live)
+        rows = {}
+        for aid, (nb, (ph, mod, op, outs)) in snap.items():
+            k = (ph, mod, op, str(outs[:1]))
+            r = rows.setdefault(k, [0, 0, set()])
+            r[0] += nb
+            r[1] += 1
+            r[2].add(nb)
+        return {"peak": best, "event": best_i, "alive_before_step": start,
+                "alive_from_step": sorted(([v[0], v[1], *k, sorted(v[2])] for k, v in rows.items()),
+                                          key=lambda r: (r[2], r[3]))}
+
+    def fsdp_timeline(self, start, events):
+        """Every allocation made in an FSDP2 span (AG, AGcopyout, RS) or a c10d op, and its free: [event, "A"|"F",
+        bytes, phase, label or op, module at the allocation, current bytes (all counted), op running at a free]."""
+        who = self.tracer.owners()
+        lab = {}
+        for n0, n1, label in self.spans:
+            for i in range(n0, n1):
+                lab.setdefault(i, label)
+        rows, mine, cur, sizes = [], {}, start, {}
+        for i, (kind, aid, nb, tag) in enumerate(events):
+            if kind == 0:
+                sizes[aid] = nb
+                cur += nb
+                w = who.get(i, ("?", "-", "?", []))
+                if i in lab or w[2] in C10D_OPS:
+                    mine[aid] = (nb, w[0], lab.get(i, w[2]) if w[2] == "?" or w[2] == "empty" or i in lab else w[2], w[1])
+                    if w[2] in C10D_OPS:
+                        mine[aid] = (nb, w[0], "c10d:" + w[2], w[1])
+                    rows.append([i, "A", *mine[aid], cur, ""])
+            else:
+                cur -= sizes.pop(aid, 0)
+                if aid in mine:
+                    w = who.get(i)
+                    rows.append([i, "F", *mine.pop(aid), cur, f"{w[0]}:{w[1]}:{w[2]}" if w else "-"])
+        return rows
+
+    def c10d_allocs(self, events):
+        """Allocations made inside c10d ops, counted by "phase:op:bytes"."""
+        who = self.tracer.owners()
+        rows = {}
+        for i, (kind, aid, nb, tag) in enumerate(events):
+            if kind == 0:
+                w = who.get(i)
+                if w and w[2] in C10D_OPS:
+                    k = f"{w[0]}:{w[2]}:{nb}"
+                    rows[k] = rows.get(k, 0) + 1
+        return rows
