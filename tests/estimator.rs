@@ -414,6 +414,35 @@ fn pipeline_plan(c: &serde_json::Value, precision: &str) -> Plan {
 /// forward as torch 2.11 does for torchtitan's explicit `reshard_after_forward=True`:
 /// `fsdp_units: root-resharded-keep-last`) is held to the same 16 B; it was +2.9% with the root
 /// kept gathered and without the loss's per-token tensors.
+/// TP 2 x FSDP 2 with full activation checkpointing (tests/data/tp_fsdp_ac_torch_2.11.jsonl,
+/// tp_reference.py with `"ac": "full"`, each rank's lowest steady peak of three runs): the
+/// recompute of a block runs from the parameters its pre-backward gathered. Tiny is 260 B
+/// (0.02%) under torch less its CPU-only bytes, small 87,044 B (0.35%) under: within 3%, not
+/// itemised (no trace under TP yet).
+#[test]
+fn tp_under_fsdp_with_full_checkpointing_matches_torch_within_3_percent() {
+    for (line, c, measured) in measured_cases("tp_fsdp_ac_torch_2.11.jsonl") {
+        let plan = plan(&format!(
+            r#"{{"model":{},"gpu":"cpu","num_gpus":4,
+                "parallel":{{"tp":2,"sp":true,"dp_shard":2}},
+                "batch":{{"micro_batch_size":{},"seq_len":{}}},
+                "precision":{{"param":"fp32","master":"fp32","reduce":"fp32"}},
+                "activation_checkpointing":{},
+                "implementation":{{"loss_parallel":true,"fsdp_units":"root-resharded-keep-last"}}}}"#,
+            c["model"], c["batch"], c["seq"], c["ac"],
+        ));
+        let layers = c["model"].as_str().map(common::layers).unwrap();
+        let torch = *measured.iter().min().unwrap() - (4 * (9 * layers + 3) + 1);
+        let pred = estimate(&plan).unwrap().per_gpu.peak_allocated_bytes.get();
+        let err = (pred as f64 - torch as f64) / torch as f64;
+        assert!(
+            err.abs() < 0.03,
+            "{line}: {pred} vs {torch} ({:+.2}%)",
+            100.0 * err
+        );
+    }
+}
+
 #[test]
 fn tensor_parallel_plans_match_torch_2_11_dtensor_measured_on_cpu() {
     let mut held = 0;

@@ -99,7 +99,11 @@ fn activation_bytes(c: &Value) -> u64 {
 /// rank equals the lowest of the record's ranks, and a rank above it is its forward's peak
 /// with that buffer.
 fn ranks_match_torch(index: usize) {
-    let c = &records()[index];
+    record_ranks_match_torch(&records()[index]);
+}
+
+/// [`ranks_match_torch`] for a record `c` of any file of tp_reference.py's records.
+fn record_ranks_match_torch(c: &Value) {
     let n = ranks(c);
     let reports = train(&plan_json(c, c["tp"].as_u64().unwrap()), n, 3);
     assert_eq!(reports.len() as u64, n);
@@ -169,6 +173,18 @@ fn tp_under_fsdp_ranks_hold_what_dtensor_and_fully_shard_hold() {
 #[test]
 fn the_small_model_under_tp_and_fsdp_holds_what_torch_holds() {
     ranks_match_torch(9);
+}
+
+/// TP 2 x dp_shard 2 with full activation checkpointing (tests/data/tp_fsdp_ac_torch_2.11.jsonl):
+/// `checkpoint_wrapper` around each block inside `fully_shard`, so its recompute, run from the
+/// pre-backward's gathered parameters, runs no FSDP hook. Tiny: every rank's step peak, in the
+/// backward, equals torch's. (Small, the file's second record, is not held here: there the
+/// trainer's backward peak is 19,200 B above torch's and its forward 131,072 B, one `(b, s/tp,
+/// h)` block output pair, below: not itemised yet. The estimator is held to both records in
+/// tests/estimator.rs.)
+#[test]
+fn tp_under_fsdp_with_full_checkpointing_ranks_hold_what_torch_holds() {
+    record_ranks_match_torch(&common::records("tp_fsdp_ac_torch_2.11.jsonl")[0]);
 }
 
 /// TP 2 x dp_shard 2 without Gloo's temporaries (`MEMPLAN_GLOO_TEMPORARIES=0`: the flat
@@ -304,12 +320,12 @@ fn unsupported_tp_layouts_are_refused() {
         "{}",
         String::from_utf8_lossy(&ac.stderr)
     );
-    let fsdp = plan_json(&recs[3], 2).replace(r#""dp_shard":1"#, r#""dp_shard":2"#);
-    let fsdp = fsdp.replace(r#""num_gpus":2"#, r#""num_gpus":4"#);
-    let out = run(&fsdp, 4, 1);
+    let hsdp = plan_json(&recs[3], 2).replace(r#""dp_shard":1"#, r#""dp_replicate":2"#);
+    let hsdp = hsdp.replace(r#""num_gpus":2"#, r#""num_gpus":4"#);
+    let out = run(&hsdp, 4, 1);
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("TP x FSDP"),
+        String::from_utf8_lossy(&out.stderr).contains("TP x HSDP"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -3,7 +3,8 @@
 //! `parallelize_module`), with or without sequence parallelism and loss parallelism, with or
 //! without full activation checkpointing (every block recomputed in its backward, its
 //! collectives included, as torch's `checkpoint_wrapper`), alone or under FSDP2 on a 2-D
-//! `(dp_shard, tp)` mesh (torchtitan's `apply_fsdp` after `apply_tp`; no AC there yet).
+//! `(dp_shard, tp)` mesh (torchtitan's `apply_fsdp` after `apply_tp`, with or without full
+//! AC: `checkpoint_wrapper` inside `fully_shard`, so the recompute runs no FSDP hook).
 //!
 //! # What a rank holds (`tp_reference.py` next to this file)
 //! - `tok_embeddings`: RowwiseParallel, the table's rows `[r V/tp, (r+1) V/tp)`.
@@ -133,13 +134,6 @@ pub fn check(plan: &Plan) -> Result<()> {
         ));
     }
     if p.dp_shard > 1 {
-        if plan.activation_checkpointing != Checkpointing::None {
-            return Err(unsupported(
-                "activation_checkpointing",
-                format!("\"{}\"", plan.activation_checkpointing),
-                "none under TP x FSDP (FSDP2's hooks around a recomputed block are not run yet)",
-            ));
-        }
         if !matches!(
             plan.implementation.fsdp_units,
             FsdpUnits::RootKeepLast | FsdpUnits::RootReshardedKeepLast
@@ -1141,33 +1135,43 @@ pub fn train_tp(plan: &Plan, opts: &TrainOptions, mesh: &Mesh) -> Result<TrainRe
             };
             let mut h = h;
             for j in 0..m.layers as usize {
-                h = if checkpointed(plan.activation_checkpointing, j as u64) {
-                    // `checkpoint_wrapper`: the block without autograd, linked to its input;
-                    // the input kept for the recompute.
-                    let y = tch::no_grad(|| ckpt.block(j, &h, s as i64))?;
+                // Under FSDP the block's pre-forward: its parameters gathered, the
+                // post-backward hook on its input.
+                let x = match &fsdp_run {
+                    Some(f) => {
+                        f.fsdp.borrow_mut().wait_for_unshard(j, true)?;
+                        f.boundary(&h, FSDP_POST, j)?
+                    }
+                    None => h.shallow_clone(),
+                };
+                drop(h);
+                let y = if checkpointed(plan.activation_checkpointing, j as u64) {
+                    // `checkpoint_wrapper` (applied before `fully_shard`, so FSDP's hooks are
+                    // outside it and its recompute runs none of them): the block without
+                    // autograd, linked to its input; the input kept for the recompute.
+                    let y = tch::no_grad(|| ckpt.block(j, &x, s as i64))?;
                     let user = &*ckpt as *const Ckpt as *mut c_void;
                     // SAFETY: the Ckpt box outlives the graph (it lives as long as the run).
-                    let y = unsafe { ffi::checkpoint_link(&h, &y, j as i64, ckpt_hook, user) }
+                    let y = unsafe { ffi::checkpoint_link(&x, &y, j as i64, ckpt_hook, user) }
                         .map_err(shim)?;
-                    ckpt.inputs.borrow_mut().insert(j as i64, h.shallow_clone());
+                    ckpt.inputs.borrow_mut().insert(j as i64, x.shallow_clone());
                     y
-                } else if let Some(f) = &fsdp_run {
-                    // The block's pre-forward (its parameters gathered, the post-backward hook
-                    // on its input), forward, post-forward (resharded unless it is the last
-                    // one, the pre-backward hook on its output).
-                    f.fsdp.borrow_mut().wait_for_unshard(j, true)?;
-                    let x = f.boundary(&h, FSDP_POST, j)?;
-                    drop(h);
-                    let y = ckpt.block(j, &x, s as i64)?;
-                    drop(x);
-                    let mut st = f.fsdp.borrow_mut();
-                    if st.groups[j].reshard_after_forward {
-                        st.reshard(j)?;
-                    }
-                    drop(st);
-                    f.boundary(&y, FSDP_PRE, j)?
                 } else {
-                    ckpt.block(j, &h, s as i64)?
+                    ckpt.block(j, &x, s as i64)?
+                };
+                drop(x);
+                // Under FSDP the post-forward: resharded unless it is the last block, the
+                // pre-backward hook on its output.
+                h = match &fsdp_run {
+                    Some(f) => {
+                        let mut st = f.fsdp.borrow_mut();
+                        if st.groups[j].reshard_after_forward {
+                            st.reshard(j)?;
+                        }
+                        drop(st);
+                        f.boundary(&y, FSDP_PRE, j)?
+                    }
+                    None => y,
                 };
             }
             // The final norm (NoParallel), then the ColwiseParallel output: its input a
