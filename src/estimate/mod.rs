@@ -799,7 +799,13 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     let (lora_block, _) = params::lora_block_params(plan);
     // Under autocast the weights stay in the master dtype and are cast op by op (the casts
     // are `block_u` below), so there are no FSDP-style compute copies or their buffers.
-    let copies = (!lora || lora_fsdp) && !pr.autocast && (n > 1 || pr.param != pr.master);
+    // HSDP at one shard rank (dp_replicate > 1, dp_shard 1) is still `fully_shard`, on the
+    // (dp_replicate, 1) mesh: torch 2.11's world-size-1 unshard copies every parameter of a unit
+    // into an unsharded buffer of its own (`_fsdp_param_group.py` l.368-392) even at fp32, so
+    // it has copies where one device does not (docs/research/hsdp-torch-2.11-measured.md).
+    let hsdp_solo = plan.parallel.dp_replicate > 1 && n == 1;
+    let copies =
+        (!lora || lora_fsdp) && !pr.autocast && (n > 1 || pr.param != pr.master || hsdp_solo);
     let on_gpu_params = plan.offload != Offload::Full;
     let states_on_gpu = plan.offload == Offload::None;
     let shard = p.shard_total();
@@ -1235,7 +1241,9 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         },
         retained_u: if split { tail_u - peft_norm } else { block_u },
         prefetch_first: if split && reshard { emb_u * e } else { 0 },
-        prefetch_less: experts_solo * e,
+        // At one shard rank FSDP2's prefetch (`unshard`, l.324-335) allocates nothing: a
+        // prefetched block's copy is made only when it runs.
+        prefetch_less: experts_solo * e + if hsdp_solo && !pipelined { block_u } else { 0 },
         // (Accumulating into earlier micro-batches' shards, they exist already: `grads_prior`.)
         tail_grads: if split && !lora && on_gpu_params && grads_prior == 0 {
             (p.root_shard - emb_shard) * m
