@@ -26,6 +26,33 @@ rows) are made inside the counted region on the stage that consumes them.
 """
 import ctypes, json, math, os, sys
 
+
+def print_lowered_lists():
+    """`pipelining_reference.py --ir`: every rank's action list as torch lowers it (with UNSHARD,
+    REDUCE_GRAD and the sends and receives), for the multi-stage schedules over a few shapes; no
+    process group is needed (stages are stand-ins with the attributes the schedules read).
+    Its output is tests/data/pipelining_ir_torch_2.11.txt."""
+    from torch.distributed.pipelining import ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble
+
+    class Stand:
+        def __init__(self, index, stages, pp, rank):
+            self.stage_index, self.num_stages, self.group_size, self.group_rank = index, stages, pp, rank
+            self.submod, self.stage_index_to_group_rank = None, {}
+
+    shapes = [(2, 2, 4), (2, 2, 2), (2, 2, 8), (2, 2, 6), (2, 4, 4), (2, 3, 6), (4, 2, 2), (4, 2, 4), (4, 2, 6),
+              (4, 2, 8), (4, 2, 12), (2, 1, 4), (4, 1, 8)]
+    for name, cls in [("interleaved-1f1b", ScheduleInterleaved1F1B), ("interleaved-zb", ScheduleInterleavedZeroBubble)]:
+        for pp, v, n in shapes:
+            for rank in range(pp):
+                stages = [Stand(rank + k * pp, pp * v, pp, rank) for k in range(v)]
+                sched = cls(stages, n_microbatches=n, loss_fn=lambda out, target: None)
+                print(name, pp, v, n, rank, " ".join(str(a) for a in sched.pipeline_order_with_comms[rank]))
+
+
+if sys.argv[1] == "--ir":
+    print_lowered_lists()
+    sys.exit(0)
+
 lib = ctypes.CDLL(sys.argv[1])
 cfg = json.loads(sys.argv[2])
 import torch
