@@ -1,7 +1,8 @@
 //! Pipeline parallelism across processes: each rank runs one pipeline stage, as
 //! `torch.distributed.pipelining` (torch 2.11) runs `PipelineStage` under `ScheduleGPipe` and
-//! `Schedule1F1B`, without FSDP inside the stages (dp_shard 1: rank r is stage r) or with
-//! FSDP2 over each stage's dp_shard ranks (a (pp, dp_shard) mesh, pp outermost).
+//! `Schedule1F1B`, or `pp_virtual_stages` stages under `ScheduleInterleaved1F1B` (rank r holds
+//! stages r, r + pp, ...), without FSDP inside the stages (dp_shard 1: rank r is stage r) or
+//! with FSDP2 over each stage's dp_shard ranks (a (pp, dp_shard) mesh, pp outermost).
 //!
 //! # What a stage holds
 //! torchtitan's split (`pipelining_reference.py` next to this file): stage s takes the layers
@@ -59,6 +60,22 @@
 //! Point-to-point is c10d's own isend / irecv on a Gloo group, batched and waited as torch's
 //! `batch_isend_irecv` calls are; Gloo's send and receive allocate nothing.
 //!
+//! # Interleaved 1F1B (several stages per rank)
+//! torch runs it through `_PipelineScheduleRuntime` (schedules.py:1855): every rank computes
+//! every rank's compute-only order (`ScheduleInterleaved1F1B._calculate_single_rank_operations`)
+//! and lowers it into a list of actions (UNSHARD / RESHARD for FSDP, REDUCE_GRAD after a
+//! stage's last backward, and the SEND / RECV of every forward and backward whose neighbour
+//! stage is on another rank); [`Layout`] computes the same lists (held action for action against
+//! torch's own in `tests/data/pipelining_ir_torch_2.11.txt`) and [`run_actions`] runs this
+//! rank's as `_perform_action` does. Each stage is a [`Stage`] of its own (its blocks, its
+//! rotary table, its receive buffers and caches, its FSDP root), and one optimizer steps them
+//! all. What differs from the one-stage schedules: every send's Work is kept until the step's
+//! end (`send_ops`), so every stage output and sent input gradient stays that long; under
+//! FSDP the all-gathers are issued by UNSHARD before the stage's first forward and each
+//! output freed as its first compute action waits on it (outside FSDP's forward), and each
+//! stage reduce-scatters at its own REDUCE_GRAD, the later stage's while the earlier stage
+//! still holds its micro-batches' activations.
+//!
 //! # Known differences from torch, kept
 //! - Gloo's reduce-scatter clones its input (and the counter sees 12 bytes more); NCCL and the
 //!   trainer's collectives do not. The report notes the steady peak torch's CPU/Gloo run would
@@ -71,7 +88,7 @@
 //!   persistent buffers) are not mirrored: they hold nothing the counter sees.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{c_int, c_void};
 use std::rc::Rc;
 use std::time::Instant;
@@ -127,25 +144,49 @@ pub fn check(plan: &Plan) -> Result<()> {
              unsharded between micro-batches)",
         ));
     }
-    if !matches!(p.pp_schedule, PpSchedule::GPipe | PpSchedule::OneFOneB) {
+    if !matches!(
+        p.pp_schedule,
+        PpSchedule::GPipe | PpSchedule::OneFOneB | PpSchedule::Interleaved1F1B
+    ) {
         return Err(unsupported(
             "parallel.pp_schedule",
             format!("\"{}\"", p.pp_schedule),
-            "gpipe or 1f1b",
+            "gpipe, 1f1b or interleaved-1f1b",
         ));
     }
-    if p.pp_virtual_stages != 1 {
+    let v = p.pp_virtual_stages;
+    if v != 1 && p.pp_schedule != PpSchedule::Interleaved1F1B {
         return Err(unsupported(
             "parallel.pp_virtual_stages",
-            p.pp_virtual_stages,
-            "1 (one stage per rank)",
+            v,
+            "1 (one stage per rank) unless pp_schedule is interleaved-1f1b",
         ));
     }
-    if p.pp > plan.model.layers {
+    if p.pp * v > plan.model.layers {
         return Err(unsupported(
             "parallel.pp",
-            p.pp,
-            &format!("at most the model's {} layers", plan.model.layers),
+            format!("{} x {v} virtual stages", p.pp),
+            &format!("at most the model's {} layers in all", plan.model.layers),
+        ));
+    }
+    let n = plan.batch.grad_accum_steps;
+    if p.pp_schedule == PpSchedule::Interleaved1F1B && n % (n / p.pp).max(1) != 0 {
+        return Err(unsupported(
+            "batch.grad_accum_steps",
+            n,
+            &format!(
+                "a multiple of max(1, grad_accum_steps / pp) = {} under interleaved-1f1b \
+                 (torch's ScheduleInterleaved1F1B requires it)",
+                (n / p.pp).max(1)
+            ),
+        ));
+    }
+    if p.pp_schedule == PpSchedule::Interleaved1F1B && p.dp_shard > 1 && v > 3 {
+        return Err(unsupported(
+            "parallel.pp_virtual_stages",
+            v,
+            "at most 3 under FSDP: torch's runtime keeps three stages unsharded and reshards \
+             a fourth between its micro-batches, which is not run yet",
         ));
     }
     if p.pp_schedule == PpSchedule::OneFOneB && plan.batch.grad_accum_steps < p.pp {
@@ -354,7 +395,9 @@ unsafe extern "C" fn hook(
 struct Stage<'a> {
     hooks: Box<Hooks>,
     pg: &'a ProcessGroup,
-    stage: i64,
+    /// The global stage index, and the pipeline's ranks (stage s lives on rank s mod pp).
+    index: i64,
+    pp: i64,
     n: usize,
     mbs: i64,
     ac: Checkpointing,
@@ -364,6 +407,11 @@ struct Stage<'a> {
     grad_bufs: Vec<Tensor>,
     /// `fwd_cache`: (output, input) from forward to backward.
     fwd_cache: Vec<Option<(Tensor, Tensor)>>,
+    /// `bwd_cache`: the input gradient from a multi-stage schedule's backward to its SEND_B.
+    bwd_cache: Vec<Option<Tensor>>,
+    /// A multi-stage schedule's UNSHARD issued the all-gathers, not yet waited on
+    /// (`_PipelineScheduleRuntime.unshard_ops`).
+    unshard_pending: bool,
     /// `_internal_losses`.
     internal_losses: Vec<Tensor>,
     /// The step's token ids (first stage) and labels (last stage): `inp`, `labels`.
@@ -375,6 +423,13 @@ struct Stage<'a> {
 
 const ACT: i64 = 0;
 const GRAD: i64 = 1;
+
+/// The point-to-point tag of what stage `to` receives for micro-batch `mb` of `n` (its
+/// activation or its output gradient). torch sends everything with tag 0 and relies on the
+/// order of the ops on both sides; distinct tags match the same messages whatever the order.
+fn p2p_tag(kind: i64, to: i64, mb: usize, n: usize) -> i64 {
+    2 * (to * n as i64 + mb as i64) + kind
+}
 
 fn wait_all(works: &[Work]) -> TResult<()> {
     works.iter().try_for_each(Work::wait)
@@ -388,9 +443,9 @@ impl Stage<'_> {
         self.hooks.0.borrow().last
     }
 
-    /// `_prepare_forward_infra` / `_prepare_backward_infra`: the receive buffers, made at the
-    /// first step (`torch.empty`, with requires_grad for the activations).
-    fn make_buffers(&mut self, kind: Kind, hidden: i64, seq: i64) -> TResult<()> {
+    /// `_prepare_forward_infra`: the activation receive buffers, made at the first step
+    /// (`torch.empty` with requires_grad).
+    fn make_act_buffers(&mut self, kind: Kind, hidden: i64, seq: i64) -> TResult<()> {
         let shape = [self.mbs, seq, hidden];
         if !self.first() && self.act_bufs.is_empty() {
             for _ in 0..self.n {
@@ -398,6 +453,12 @@ impl Stage<'_> {
                 self.act_bufs.push(t);
             }
         }
+        Ok(())
+    }
+
+    /// `_prepare_backward_infra`: the output-gradient receive buffers, made at the first step.
+    fn make_grad_buffers(&mut self, kind: Kind, hidden: i64, seq: i64) -> TResult<()> {
+        let shape = [self.mbs, seq, hidden];
         if !self.last() && self.grad_bufs.is_empty() {
             for _ in 0..self.n {
                 self.grad_bufs
@@ -413,8 +474,8 @@ impl Stage<'_> {
         }
         Ok(vec![self.pg.irecv(
             &self.act_bufs[k],
-            self.stage - 1,
-            ACT,
+            (self.index - 1).rem_euclid(self.pp),
+            p2p_tag(ACT, self.index, k, self.n),
         )?])
     }
     fn recv_bwd(&self, k: usize) -> TResult<Vec<Work>> {
@@ -423,8 +484,8 @@ impl Stage<'_> {
         }
         Ok(vec![self.pg.irecv(
             &self.grad_bufs[k],
-            self.stage + 1,
-            GRAD,
+            (self.index + 1) % self.pp,
+            p2p_tag(GRAD, self.index, k, self.n),
         )?])
     }
     /// `get_fwd_send_ops`: the tensors a forward send holds (none on the last stage).
@@ -435,15 +496,22 @@ impl Stage<'_> {
             vec![output.shallow_clone()]
         }
     }
-    /// `_batch_p2p` of sends: each Work holds its tensor until dropped.
+    /// `_batch_p2p` of sends to stage `to`: each Work holds its tensor until dropped.
     fn fire(&self, sends: &[Tensor], to: i64, tag: i64) -> TResult<Vec<Work>> {
-        sends.iter().map(|t| self.pg.isend(t, to, tag)).collect()
+        sends
+            .iter()
+            .map(|t| self.pg.isend(t, to.rem_euclid(self.pp), tag))
+            .collect()
     }
-    fn fire_fwd(&self, sends: &[Tensor]) -> TResult<Vec<Work>> {
-        self.fire(sends, self.stage + 1, ACT)
+    /// The forward send of micro-batch `k`'s output.
+    fn fire_fwd(&self, sends: &[Tensor], k: usize) -> TResult<Vec<Work>> {
+        let to = self.index + 1;
+        self.fire(sends, to, p2p_tag(ACT, to, k, self.n))
     }
-    fn fire_bwd(&self, sends: &[Tensor]) -> TResult<Vec<Work>> {
-        self.fire(sends, self.stage - 1, GRAD)
+    /// The backward send of micro-batch `k`'s input gradient.
+    fn fire_bwd(&self, sends: &[Tensor], k: usize) -> TResult<Vec<Work>> {
+        let to = self.index - 1;
+        self.fire(sends, to, p2p_tag(GRAD, to, k, self.n))
     }
 
     /// `forward_one_chunk`: the stage module's forward of micro-batch `k`, cached.
@@ -581,6 +649,57 @@ impl Stage<'_> {
         }
     }
 
+    /// The stage's FSDP groups in `submod.modules()` order: the stage module's own group (where
+    /// it has parameters) first, then the blocks'.
+    fn groups_in_module_order(&self) -> Vec<usize> {
+        let st = self.hooks.0.borrow();
+        st.root_group().into_iter().chain(0..st.blocks).collect()
+    }
+
+    /// `UNSHARD` (schedules.py:2109): `unshard(async_op=True)` on every FSDP module of the
+    /// stage, each issuing its group's all-gather; the outputs stay until the stage's next
+    /// compute action waits on them. Nothing without FSDP.
+    fn unshard_all(&mut self) -> TResult<()> {
+        let order = self.groups_in_module_order();
+        let mut st = self.hooks.0.borrow_mut();
+        if let Some(f) = st.fsdp() {
+            for g in order {
+                f.unshard(g)?;
+            }
+            self.unshard_pending = true;
+        }
+        Ok(())
+    }
+
+    /// `_assert_unsharded` (schedules.py:2018): the pending unshards waited on in the order
+    /// they were issued, outside FSDP's forward, so that each all-gather output is freed right
+    /// after its copy-out (`wait_for_unshard`, fsdp/_fully_shard/_fsdp_param_group.py:348).
+    fn assert_unsharded(&mut self) -> TResult<()> {
+        if !std::mem::take(&mut self.unshard_pending) {
+            return Ok(());
+        }
+        let order = self.groups_in_module_order();
+        let mut st = self.hooks.0.borrow_mut();
+        let f = st.fsdp().expect("an unshard was issued under FSDP");
+        for g in order {
+            f.wait_for_unshard(g, false)?;
+        }
+        Ok(())
+    }
+
+    /// `RESHARD` (schedules.py:2121): every group's unsharded parameters freed (none left after
+    /// the stage's REDUCE_GRAD, which resharded them).
+    fn reshard_all(&mut self) -> TResult<()> {
+        let order = self.groups_in_module_order();
+        let mut st = self.hooks.0.borrow_mut();
+        if let Some(f) = st.fsdp() {
+            for g in order {
+                f.reshard(g)?;
+            }
+        }
+        Ok(())
+    }
+
     /// `perform_reduce_grad(n)` (stage.py:989), called by the schedule while its own
     /// variables still hold what they hold. Under FSDP every group's post-backward with sync
     /// and reshard on, in `all_states` order (the stage module's root first, then the blocks):
@@ -667,6 +786,253 @@ impl Collectives for GlooAccounted {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The multi-stage schedules' action lists, as torch 2.11 lowers them.
+
+/// One action of a multi-stage schedule's lowered list (torch 2.11
+/// torch/distributed/pipelining/schedules.py `_Action`, `_ComputationType` at :45).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Op {
+    /// `F`: the stage's forward of a micro-batch.
+    Forward,
+    /// `B`: its whole backward.
+    Backward,
+    SendF,
+    SendB,
+    RecvF,
+    RecvB,
+    /// FSDP's explicit all-gather of every group of the stage (`UNSHARD`).
+    Unshard,
+    Reshard,
+    /// `perform_reduce_grad` after the stage's last backward.
+    ReduceGrad,
+}
+
+/// A stage's action; `mb` is 0 for the three that have no micro-batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Action {
+    stage: usize,
+    op: Op,
+    mb: usize,
+}
+
+impl Action {
+    fn new(stage: usize, op: Op, mb: usize) -> Action {
+        Action { stage, op, mb }
+    }
+}
+
+impl std::fmt::Display for Action {
+    /// As torch's `_Action.__str__` prints it ("2F0", "0SEND_B3", "2REDUCE_GRAD").
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let op = match self.op {
+            Op::Forward => "F",
+            Op::Backward => "B",
+            Op::SendF => "SEND_F",
+            Op::SendB => "SEND_B",
+            Op::RecvF => "RECV_F",
+            Op::RecvB => "RECV_B",
+            Op::Unshard => "UNSHARD",
+            Op::Reshard => "RESHARD",
+            Op::ReduceGrad => "REDUCE_GRAD",
+        };
+        write!(f, "{}{op}", self.stage)?;
+        if matches!(self.op, Op::Unshard | Op::Reshard | Op::ReduceGrad) {
+            Ok(())
+        } else {
+            write!(f, "{}", self.mb)
+        }
+    }
+}
+
+/// The shape of an interleaved schedule: `pp` ranks of `v` stages each (rank r holds stages
+/// r, r + pp, ...: torch's default `stage_index_to_group_rank`, stage.py:200, and
+/// torchtitan's "loop" assignment), `n` micro-batches.
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    pp: usize,
+    v: usize,
+    n: usize,
+}
+
+impl Layout {
+    fn stages(&self) -> usize {
+        self.pp * self.v
+    }
+    fn rank_of(&self, stage: usize) -> usize {
+        stage % self.pp
+    }
+    /// `number_of_rounds = max(1, n // pp)` and `microbatches_per_round = n // rounds`
+    /// (schedules.py:2546-2548); torch refuses an `n` that the rounds do not divide.
+    fn rounds(&self) -> usize {
+        (self.n / self.pp).max(1)
+    }
+    fn per_round(&self) -> usize {
+        self.n / self.rounds()
+    }
+
+    /// `ScheduleInterleaved1F1B._calculate_single_rank_operations(rank)` (schedules.py:2568)
+    /// without its idle slots: `_get_warmup_ops` (:2488) forwards, `min((v - 1) x per_round +
+    /// 2 (pp - 1 - rank), n v)`, then a forward and a backward in turn, then the remaining
+    /// backwards (`_get_1f1b_rank_ops`, :2351). Forward step k runs local stage
+    /// `(k / per_round) mod v`; backward step k (counted from the warm-up's end) local stage
+    /// `v - 1 - (k / per_round) mod v`; each stage takes its micro-batches in order.
+    fn interleaved_1f1b(&self, rank: usize) -> Vec<Action> {
+        let (pp, v, n, mpr) = (self.pp, self.v, self.n, self.per_round());
+        let ops = n * v;
+        let warmup = ((v - 1) * mpr + 2 * (pp - 1 - rank)).min(ops);
+        let fwd_stage = |k: usize| ((k / mpr) % v) * pp + rank;
+        let bwd_stage = |k: usize| (v - 1 - ((k - warmup) / mpr) % v) * pp + rank;
+        let (mut fwd_mb, mut bwd_mb) = (vec![0; pp * v], vec![0; pp * v]);
+        let next = |counts: &mut Vec<usize>, stage: usize| {
+            counts[stage] += 1;
+            counts[stage] - 1
+        };
+        let mut out = Vec::with_capacity(2 * ops);
+        // warm-up forwards, then (ops - warmup) forward-backward pairs, then `warmup` backwards
+        for k in 0..ops + warmup {
+            if k < ops {
+                let s = fwd_stage(k);
+                out.push(Action::new(s, Op::Forward, next(&mut fwd_mb, s)));
+            }
+            if k >= warmup {
+                let s = bwd_stage(k);
+                out.push(Action::new(s, Op::Backward, next(&mut bwd_mb, s)));
+            }
+        }
+        out
+    }
+
+    /// Every rank's list as `_PipelineScheduleRuntime._prepare_schedule_with_comms` lowers the
+    /// compute-only lists (schedules.py:1917): `_add_unshard_reshard`, `_add_reduce_grad`, then
+    /// `_add_send_recv` over all ranks together.
+    fn lowered(&self, compute: impl Fn(usize) -> Vec<Action>) -> Vec<Vec<Action>> {
+        let per_rank = (0..self.pp)
+            .map(|r| self.add_reduce_grad(add_unshard_reshard(&compute(r))))
+            .collect();
+        self.add_send_recv(per_rank)
+    }
+
+    /// `_add_reduce_grad` (schedules.py:1051): a stage's REDUCE_GRAD right after its n-th
+    /// backward.
+    fn add_reduce_grad(&self, actions: Vec<Action>) -> Vec<Action> {
+        let mut count = vec![0; self.stages()];
+        let mut out = Vec::with_capacity(actions.len() + self.v);
+        for a in actions {
+            out.push(a);
+            if a.op == Op::Backward {
+                count[a.stage] += 1;
+                if count[a.stage] == self.n {
+                    out.push(Action::new(a.stage, Op::ReduceGrad, 0));
+                }
+            }
+        }
+        out
+    }
+
+    /// `_add_send_recv` (schedules.py:1205): the ranks' lists are walked together, one action
+    /// of each rank per round in rank order; an action waits until what it consumes was
+    /// received (a forward its RECV_F, a backward its RECV_B: `_ready_to_schedule`); a forward
+    /// or backward whose neighbour stage lives on another rank is followed by its send, and
+    /// the receiver's list gets the matching receive at that moment.
+    fn add_send_recv(&self, mut lists: Vec<Vec<Action>>) -> Vec<Vec<Action>> {
+        let last = self.stages() - 1;
+        let comms = |a: &Action| -> Option<(Action, Action)> {
+            match a.op {
+                Op::Forward if a.stage != last => Some((
+                    Action::new(a.stage, Op::SendF, a.mb),
+                    Action::new(a.stage + 1, Op::RecvF, a.mb),
+                )),
+                Op::Backward if a.stage != 0 => Some((
+                    Action::new(a.stage, Op::SendB, a.mb),
+                    Action::new(a.stage - 1, Op::RecvB, a.mb),
+                )),
+                _ => None,
+            }
+            .filter(|(_, recv)| self.rank_of(recv.stage) != self.rank_of(a.stage))
+        };
+        let ready = |a: &Action, done: &HashSet<Action>| match a.op {
+            Op::Forward if a.stage != 0 => {
+                done.contains(&Action::new(a.stage, Op::RecvF, a.mb))
+                    || done.contains(&Action::new(a.stage - 1, Op::Forward, a.mb))
+            }
+            Op::Backward if a.stage != last => {
+                done.contains(&Action::new(a.stage, Op::RecvB, a.mb))
+                    || done.contains(&Action::new(a.stage + 1, Op::Backward, a.mb))
+            }
+            _ => true,
+        };
+        let mut out: Vec<Vec<Action>> = vec![Vec::new(); self.pp];
+        let mut done: Vec<HashSet<Action>> = vec![HashSet::new(); self.pp];
+        for l in &mut lists {
+            l.reverse();
+        }
+        while lists.iter().any(|l| !l.is_empty()) {
+            let mut progress = false;
+            for rank in 0..self.pp {
+                let Some(&a) = lists[rank].last() else {
+                    continue;
+                };
+                if !ready(&a, &done[rank]) {
+                    continue;
+                }
+                out[rank].push(a);
+                done[rank].insert(a);
+                if let Some((send, recv)) = comms(&a) {
+                    out[rank].push(send);
+                    done[rank].insert(send);
+                    let to = self.rank_of(recv.stage);
+                    out[to].push(recv);
+                    done[to].insert(recv);
+                }
+                lists[rank].pop();
+                progress = true;
+            }
+            assert!(progress, "a malformed schedule: no rank can go on");
+        }
+        out
+    }
+}
+
+/// `_add_unshard_reshard` (schedules.py:1084, `max_active_stages` 3): before each compute
+/// action, the stages among the next three distinct ones still to compute that are not
+/// unsharded get an UNSHARD, and unsharded stages not among them a RESHARD (in ascending
+/// stage order, as CPython iterates a small set of small ints); the stages still unsharded
+/// at the end are resharded.
+fn add_unshard_reshard(compute: &[Action]) -> Vec<Action> {
+    const MAX_ACTIVE: usize = 3;
+    let mut active: std::collections::BTreeSet<usize> = Default::default();
+    let mut out = Vec::with_capacity(compute.len() + 8);
+    for (i, a) in compute.iter().enumerate() {
+        let mut next: Vec<usize> = Vec::with_capacity(MAX_ACTIVE);
+        for b in &compute[i..] {
+            if !next.contains(&b.stage) {
+                next.push(b.stage);
+                if next.len() == MAX_ACTIVE {
+                    break;
+                }
+            }
+        }
+        let evict: Vec<usize> = active
+            .iter()
+            .copied()
+            .filter(|s| !next.contains(s))
+            .collect();
+        for s in evict {
+            active.remove(&s);
+            out.push(Action::new(s, Op::Reshard, 0));
+        }
+        for &s in &next {
+            if active.insert(s) {
+                out.push(Action::new(s, Op::Unshard, 0));
+            }
+        }
+        out.push(*a);
+    }
+    out.extend(active.iter().map(|&s| Action::new(s, Op::Reshard, 0)));
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
 // Measurement: the schedule's time cut into forward and backward windows.
 
 /// Which phase the current window belongs to, and the merged peaks of each phase.
@@ -742,7 +1108,7 @@ fn gpipe(st: &mut Stage, win: &mut Windows) -> std::result::Result<(), Fail> {
         output = Some(st.forward(i)?);
         let out = output.as_ref().expect("just set");
         let sends = st.fwd_sends(out);
-        fwd_sends_to_wait.extend(st.fire_fwd(&sends)?);
+        fwd_sends_to_wait.extend(st.fire_fwd(&sends, i)?);
         drop(sends);
         st.compute_loss(i, out)?;
     }
@@ -755,7 +1121,7 @@ fn gpipe(st: &mut Stage, win: &mut Windows) -> std::result::Result<(), Fail> {
         loss = st.loss_of(i);
         let grad = st.backward(i, loss.as_ref())?;
         if let Some(g) = grad {
-            bwd_sends_to_wait.extend(st.fire_bwd(&[g])?);
+            bwd_sends_to_wait.extend(st.fire_bwd(&[g], i)?);
         }
     }
     wait_all(&bwd_sends_to_wait)?;
@@ -770,7 +1136,7 @@ fn gpipe(st: &mut Stage, win: &mut Windows) -> std::result::Result<(), Fail> {
 /// mirrored by one here, so that the tensors they hold live as long.
 fn one_f_one_b(st: &mut Stage, win: &mut Windows, pp: usize) -> std::result::Result<(), Fail> {
     let n = st.n;
-    let warmup = n.min(pp - st.stage as usize);
+    let warmup = n.min(pp - st.index as usize);
     let (mut f, mut b) = (0, 0);
     let mut send_work: Vec<Work> = Vec::new();
     let mut fwd_sends: Vec<Tensor> = Vec::new();
@@ -784,7 +1150,7 @@ fn one_f_one_b(st: &mut Stage, win: &mut Windows, pp: usize) -> std::result::Res
         fwd_sends = st.fwd_sends(out);
         if f != warmup - 1 {
             // Safe to fire; the last warm-up send is fused with the first backward's receive.
-            send_work = st.fire_fwd(&fwd_sends)?;
+            send_work = st.fire_fwd(&fwd_sends, f)?;
         }
         st.compute_loss(f, out)?;
         f += 1;
@@ -793,7 +1159,7 @@ fn one_f_one_b(st: &mut Stage, win: &mut Windows, pp: usize) -> std::result::Res
     let mut loss: Option<Tensor>;
     loop {
         win.enter(Phase::Backward)?;
-        let mut works = st.fire_fwd(&fwd_sends)?;
+        let mut works = st.fire_fwd(&fwd_sends, f - 1)?;
         works.extend(st.recv_bwd(b)?);
         wait_all(&works)?;
         drop(works);
@@ -805,7 +1171,7 @@ fn one_f_one_b(st: &mut Stage, win: &mut Windows, pp: usize) -> std::result::Res
             break;
         }
         win.enter(Phase::Forward)?;
-        let mut works = st.fire_bwd(&bwd_sends)?;
+        let mut works = st.fire_bwd(&bwd_sends, b - 1)?;
         works.extend(st.recv_fwd(f)?);
         wait_all(&works)?;
         drop(works);
@@ -815,7 +1181,7 @@ fn one_f_one_b(st: &mut Stage, win: &mut Windows, pp: usize) -> std::result::Res
         fwd_sends = st.fwd_sends(out);
         f += 1;
     }
-    send_work = st.fire_bwd(&bwd_sends)?;
+    send_work = st.fire_bwd(&bwd_sends, b - 1)?;
     while b < n {
         win.enter(Phase::Backward)?;
         wait_all(&st.recv_bwd(b)?)?;
@@ -823,13 +1189,82 @@ fn one_f_one_b(st: &mut Stage, win: &mut Windows, pp: usize) -> std::result::Res
         let grad = st.backward(b, loss.as_ref())?;
         wait_all(&send_work)?;
         bwd_sends = grad.into_iter().collect();
-        send_work = st.fire_bwd(&bwd_sends)?;
+        send_work = st.fire_bwd(&bwd_sends, b)?;
         b += 1;
     }
     wait_all(&send_work)?;
     st.update_losses();
     st.perform_reduce_grad()?;
     drop((output, loss, send_work, fwd_sends, bwd_sends));
+    Ok(())
+}
+
+/// `_PipelineScheduleRuntime._step_microbatches` (schedules.py:2031) over this rank's lowered
+/// list (`Layout::lowered`): each action as `_perform_action` runs it. Its local variables
+/// (a forward's output, a backward's loss) end with the action; every send's Works go to
+/// `send_ops`, which holds them (and their tensors: stage outputs, input gradients) until all
+/// actions ran, then waits on them last first; receives are waited on by the forward or
+/// backward that reads them. `chunks[k]` is global stage `rank + k x pp`.
+fn run_actions(
+    chunks: &mut [Stage],
+    actions: &[Action],
+    pp: usize,
+    win: &mut Windows,
+) -> std::result::Result<(), Fail> {
+    let mut send_ops: Vec<Vec<Work>> = Vec::new();
+    let mut fwd_recv_ops: HashMap<(usize, usize), Vec<Work>> = HashMap::new();
+    let mut bwd_recv_ops: HashMap<(usize, usize), Vec<Work>> = HashMap::new();
+    for a in actions {
+        let st = &mut chunks[a.stage / pp];
+        let key = (a.stage, a.mb);
+        match a.op {
+            Op::SendF => {
+                // `get_fwd_send_ops`: the cached output.
+                let (out, _) = st.fwd_cache[a.mb].as_ref().expect("forward ran first");
+                let sends = st.fwd_sends(out);
+                send_ops.push(st.fire_fwd(&sends, a.mb)?);
+            }
+            Op::SendB => {
+                // `get_bwd_send_ops` pops the input gradient from `bwd_cache`.
+                let grads: Vec<Tensor> = st.bwd_cache[a.mb].take().into_iter().collect();
+                send_ops.push(st.fire_bwd(&grads, a.mb)?);
+            }
+            Op::RecvF => {
+                fwd_recv_ops.insert(key, st.recv_fwd(a.mb)?);
+            }
+            Op::RecvB => {
+                bwd_recv_ops.insert(key, st.recv_bwd(a.mb)?);
+            }
+            Op::Unshard => st.unshard_all()?,
+            Op::Reshard => st.reshard_all()?,
+            Op::Forward => {
+                win.enter(Phase::Forward)?;
+                st.assert_unsharded()?;
+                if let Some(works) = fwd_recv_ops.remove(&key) {
+                    wait_all(&works)?;
+                }
+                let output = st.forward(a.mb)?;
+                st.compute_loss(a.mb, &output)?;
+            }
+            Op::Backward => {
+                win.enter(Phase::Backward)?;
+                st.assert_unsharded()?;
+                if let Some(works) = bwd_recv_ops.remove(&key) {
+                    wait_all(&works)?;
+                }
+                let loss = st.loss_of(a.mb);
+                let grad = st.backward(a.mb, loss.as_ref())?;
+                st.bwd_cache[a.mb] = grad;
+            }
+            Op::ReduceGrad => st.perform_reduce_grad()?,
+        }
+    }
+    while let Some(works) = send_ops.pop() {
+        wait_all(&works)?;
+    }
+    for st in chunks.iter_mut() {
+        st.update_losses();
+    }
     Ok(())
 }
 
@@ -857,8 +1292,12 @@ pub fn train_stage(
     let pg = mesh.pp.as_ref().expect("a pipeline job has a pp group");
     let (stage, pp) = (mesh.stage(), mesh.pp_size());
     let m = &plan.model;
-    let (first_layer, count) = stage_layers(m.layers, pp, stage);
-    let (first, last) = (stage == 0, stage + 1 == pp);
+    let v = plan.parallel.pp_virtual_stages;
+    let stages = pp * v;
+    // This rank's stages: rank + k x pp (torchtitan's "loop" assignment), each split from the
+    // model's layers as torchtitan splits them over all the stages.
+    let stage_ids: Vec<u64> = (0..v).map(|k| stage + k * pp).collect();
+    let (first, last) = (stage == 0, stage_ids.contains(&(stages - 1)));
     let dtype = kind(plan.precision.param);
     let dp_shard = plan.parallel.dp_shard as i64;
     let env = if dp_shard > 1 {
@@ -903,32 +1342,12 @@ pub fn train_stage(
     let setup_start = meter.start()?;
     let base = ffi::counter(Channel::Device).0 - meter.allocated()?;
     let gloo_high = Rc::new(Cell::new(0u64));
-    let (params, leaves, freqs) = (|| -> TResult<_> {
-        let block: Vec<(u64, u64)> = m.block_params().iter().map(|p| (p.rows, p.cols)).collect();
-        let block_norms: Vec<bool> = block.iter().map(|&(_, c)| c == 1).collect();
-        // The stage's blocks (global index, weights), then its root weights.
-        let mut blocks: Vec<(u64, Vec<Tensor>)> = Vec::new();
-        for i in 0..m.layers {
-            let full = init_weights(&block, &block_norms)?;
-            if (first_layer..first_layer + count).contains(&i) {
-                blocks.push((i, full));
-            }
-        }
-        let root: Vec<(u64, u64)> = m.root_params().iter().map(|p| (p.rows, p.cols)).collect();
-        let root_norms: Vec<bool> = root.iter().map(|&(_, c)| c == 1).collect();
-        let full = init_weights(&root, &root_norms)?;
-        // ModelSpec::root_params: tok_embeddings, the final norm, the output projection.
-        let mut root_kept: Vec<(trace::Module, Tensor)> = Vec::new();
-        for (k, t) in full.into_iter().enumerate() {
-            let module = match k {
-                0 => trace::Module::TokEmbeddings,
-                1 => trace::Module::Norm,
-                _ => trace::Module::Output,
-            };
-            if (k == 0 && first) || (k > 0 && last) {
-                root_kept.push((module, t));
-            }
-        }
+    // One stage's parameters: FSDP2 groups over its blocks and its root, or plain leaves; and
+    // its own rotary table (torchtitan's, one per stage module).
+    #[allow(clippy::type_complexity)]
+    let build_stage_params = |blocks: Vec<(u64, Vec<Tensor>)>,
+                              root_kept: Vec<(trace::Module, Tensor)>|
+     -> TResult<(Params, Vec<Tensor>, Tensor)> {
         if dp_shard > 1 {
             // `fully_shard` on every block, then on the stage module (its own parameters).
             let mut groups = Vec::new();
@@ -988,43 +1407,101 @@ pub fn train_stage(
             .collect::<TResult<Vec<_>>>()?;
         let leaves = shards.iter().map(|s| s.view.shallow_clone()).collect();
         Ok((Params::Plain(shards), leaves, freqs()?))
+    };
+    let holds = |g: u64, i: u64| {
+        let (f, c) = stage_layers(m.layers, stages, g);
+        (f..f + c).contains(&i)
+    };
+    let built = (|| -> TResult<Vec<(Params, Vec<Tensor>, Tensor)>> {
+        let block: Vec<(u64, u64)> = m.block_params().iter().map(|p| (p.rows, p.cols)).collect();
+        let block_norms: Vec<bool> = block.iter().map(|&(_, c)| c == 1).collect();
+        // The rank's blocks (global index, weights), in layer order, then the root weights.
+        let mut blocks: Vec<(u64, Vec<Tensor>)> = Vec::new();
+        for i in 0..m.layers {
+            let full = init_weights(&block, &block_norms)?;
+            if stage_ids.iter().any(|&g| holds(g, i)) {
+                blocks.push((i, full));
+            }
+        }
+        let root: Vec<(u64, u64)> = m.root_params().iter().map(|p| (p.rows, p.cols)).collect();
+        let root_norms: Vec<bool> = root.iter().map(|&(_, c)| c == 1).collect();
+        // ModelSpec::root_params: tok_embeddings (stage 0's), the final norm and the output
+        // projection (the last stage's).
+        let mut root_full: Vec<Option<Tensor>> = init_weights(&root, &root_norms)?
+            .into_iter()
+            .map(Some)
+            .collect();
+        let modules = [
+            trace::Module::TokEmbeddings,
+            trace::Module::Norm,
+            trace::Module::Output,
+        ];
+        let mut out = Vec::with_capacity(stage_ids.len());
+        for &g in &stage_ids {
+            let count = stage_layers(m.layers, stages, g).1 as usize;
+            let blocks: Vec<(u64, Vec<Tensor>)> = blocks.drain(..count).collect();
+            let root_kept: Vec<(trace::Module, Tensor)> = (0..3)
+                .filter(|&k| if k == 0 { g == 0 } else { g + 1 == stages })
+                .filter_map(|k| root_full[k].take().map(|t| (modules[k], t)))
+                .collect();
+            out.push(build_stage_params(blocks, root_kept)?);
+        }
+        Ok(out)
     })()
     .map_err(rt)?;
     let setup = meter.finish(setup_start)?;
 
-    let hooks = Box::new(Hooks(RefCell::new(StageModel {
-        spec: m.clone(),
-        dims: Dims::new(m),
-        flavor: Flavor {
-            gqa: plan.implementation.gqa,
-            logits: plan.implementation.logits,
-        },
-        freqs,
-        leaves,
-        per_block: m.block_params().iter().count(),
-        blocks: count as usize,
-        first,
-        last,
-        ckpt: HashMap::new(),
-        params,
-        error: None,
-    })));
     let n = plan.batch.grad_accum_steps as usize;
-    let mut st = Stage {
-        hooks,
-        pg,
-        stage: stage as i64,
-        n,
-        mbs: plan.batch.micro_batch_size as i64,
-        ac: plan.activation_checkpointing,
-        act_bufs: Vec::new(),
-        grad_bufs: Vec::new(),
-        fwd_cache: (0..n).map(|_| None).collect(),
-        internal_losses: Vec::new(),
-        tokens: None,
-        labels: None,
-        losses: Vec::new(),
-    };
+    let mut chunks: Vec<Stage> = built
+        .into_iter()
+        .zip(&stage_ids)
+        .map(|((params, leaves, freqs), &g)| Stage {
+            hooks: Box::new(Hooks(RefCell::new(StageModel {
+                spec: m.clone(),
+                dims: Dims::new(m),
+                flavor: Flavor {
+                    gqa: plan.implementation.gqa,
+                    logits: plan.implementation.logits,
+                },
+                freqs,
+                leaves,
+                per_block: m.block_params().iter().count(),
+                blocks: stage_layers(m.layers, stages, g).1 as usize,
+                first: g == 0,
+                last: g + 1 == stages,
+                ckpt: HashMap::new(),
+                params,
+                error: None,
+            }))),
+            pg,
+            index: g as i64,
+            pp: pp as i64,
+            n,
+            mbs: plan.batch.micro_batch_size as i64,
+            ac: plan.activation_checkpointing,
+            act_bufs: Vec::new(),
+            grad_bufs: Vec::new(),
+            fwd_cache: (0..n).map(|_| None).collect(),
+            bwd_cache: (0..n).map(|_| None).collect(),
+            unshard_pending: false,
+            internal_losses: Vec::new(),
+            tokens: None,
+            labels: None,
+            losses: Vec::new(),
+        })
+        .collect();
+    let last_chunk = chunks.len() - 1;
+    // A multi-stage schedule's list of actions on this rank, as torch lowers it.
+    let actions = (plan.parallel.pp_schedule == PpSchedule::Interleaved1F1B).then(|| {
+        let layout = Layout {
+            pp: pp as usize,
+            v: v as usize,
+            n,
+        };
+        layout
+            .lowered(|r| layout.interleaved_1f1b(r))
+            .swap_remove(stage as usize)
+    });
     let cfg = OptConfig {
         kind: plan.optimizer,
         imp: plan.implementation.optimizer,
@@ -1044,13 +1521,15 @@ pub fn train_stage(
             std::process::abort();
         }
         // `opt.zero_grad()`: gradients set to None.
-        st.hooks
-            .0
-            .borrow_mut()
-            .params
-            .shards_mut()
-            .into_iter()
-            .for_each(|sh| sh.grad = None);
+        for st in &chunks {
+            st.hooks
+                .0
+                .borrow_mut()
+                .params
+                .shards_mut()
+                .into_iter()
+                .for_each(|sh| sh.grad = None);
+        }
         pg.barrier().map_err(rt)?;
         gloo_high.set(0);
         let mut win = Windows::new(&meter)?;
@@ -1080,18 +1559,27 @@ pub fn train_stage(
             };
             if first {
                 // `inp = toks[:, :-1].clone()`: the new tensor, then the old one freed.
-                st.tokens = Some(env.copy_to(&toks.f_narrow(1, 0, s as i64)?, Place::Device)?);
+                chunks[0].tokens =
+                    Some(env.copy_to(&toks.f_narrow(1, 0, s as i64)?, Place::Device)?);
             }
             if last {
-                st.labels = Some(env.copy_to(&toks.f_narrow(1, 1, s as i64)?, Place::Device)?);
+                chunks[last_chunk].labels =
+                    Some(env.copy_to(&toks.f_narrow(1, 1, s as i64)?, Place::Device)?);
                 // `losses = []`
-                st.losses.clear();
+                chunks[last_chunk].losses.clear();
             }
             drop(toks);
-            st.make_buffers(dtype, m.hidden as i64, s as i64)?;
-            match plan.parallel.pp_schedule {
-                PpSchedule::GPipe => gpipe(&mut st, &mut win)?,
-                _ => one_f_one_b(&mut st, &mut win, pp as usize)?,
+            // Every stage's forward infrastructure, then every stage's backward one.
+            for st in chunks.iter_mut() {
+                st.make_act_buffers(dtype, m.hidden as i64, s as i64)?;
+            }
+            for st in chunks.iter_mut() {
+                st.make_grad_buffers(dtype, m.hidden as i64, s as i64)?;
+            }
+            match (plan.parallel.pp_schedule, &actions) {
+                (PpSchedule::GPipe, _) => gpipe(&mut chunks[0], &mut win)?,
+                (_, Some(actions)) => run_actions(&mut chunks, actions, pp as usize, &mut win)?,
+                _ => one_f_one_b(&mut chunks[0], &mut win, pp as usize)?,
             }
             Ok(())
         })();
@@ -1116,22 +1604,24 @@ pub fn train_stage(
         let (norm, loss) = (|| -> TResult<(f64, f64)> {
             let _off = ffi::channel(Channel::Off);
             let mut sq = 0.0;
-            let mut model = st.hooks.0.borrow_mut();
-            for g in model
-                .params
-                .shards_mut()
-                .into_iter()
-                .filter_map(|sh| sh.grad.as_ref())
-            {
-                sq += g
-                    .f_to_kind(Kind::Double)?
-                    .f_square()?
-                    .f_sum(Kind::Double)?
-                    .f_double_value(&[])?;
-            }
             let mut loss = 0.0;
-            for l in &st.losses {
-                loss += l.f_double_value(&[])? / n as f64;
+            for st in &chunks {
+                let mut model = st.hooks.0.borrow_mut();
+                for g in model
+                    .params
+                    .shards_mut()
+                    .into_iter()
+                    .filter_map(|sh| sh.grad.as_ref())
+                {
+                    sq += g
+                        .f_to_kind(Kind::Double)?
+                        .f_square()?
+                        .f_sum(Kind::Double)?
+                        .f_double_value(&[])?;
+                }
+                for l in &st.losses {
+                    loss += l.f_double_value(&[])? / n as f64;
+                }
             }
             // Every rank holds its own shards; each data-parallel position's last stage the
             // loss of its rows.
@@ -1150,11 +1640,15 @@ pub fn train_stage(
             ..cfg
         };
         let start = meter.start()?;
-        let mut model = st.hooks.0.borrow_mut();
-        let mut all: Vec<&mut Shard> = model.params.shards_mut();
+        // One optimizer over every stage of the rank, in stage order.
+        let mut models: Vec<_> = chunks.iter().map(|st| st.hooks.0.borrow_mut()).collect();
+        let mut all: Vec<&mut Shard> = models
+            .iter_mut()
+            .flat_map(|m| m.params.shards_mut())
+            .collect();
         let r = optim::step(&cfg, &env, &mut all, false);
         drop(all);
-        drop(model);
+        drop(models);
         let opt = meter.finish(start)?;
         match r {
             Ok(()) => {}
@@ -1191,7 +1685,7 @@ pub fn train_stage(
             eprintln!("memplan-progress {step} {} {loss}", opts.steps);
         }
     }
-    drop(st);
+    drop(chunks);
     let elapsed = started.elapsed().as_secs_f64();
     let peak = |f: fn(&PhaseMemory) -> u64| {
         steps
@@ -1202,11 +1696,18 @@ pub fn train_stage(
     };
     let mut notes = vec![
         format!(
-            "rank {} of a {}-process pipeline over c10d Gloo: stage {stage} of {pp} (layers \
-             {first_layer}..{}{}{}), {} schedule over {n} micro-batches; {}",
+            "rank {} of a {}-process pipeline over c10d Gloo: {} of {stages}{}{}, {} schedule \
+             over {n} micro-batches; {}",
             mesh.env.rank,
             mesh.env.world,
-            first_layer + count,
+            stage_ids
+                .iter()
+                .map(|&g| {
+                    let (f, c) = stage_layers(m.layers, stages, g);
+                    format!("stage {g} (layers {f}..{})", f + c)
+                })
+                .collect::<Vec<_>>()
+                .join(" and "),
             if first { ", the embedding" } else { "" },
             if last {
                 ", the final norm and output"
@@ -1270,6 +1771,44 @@ pub fn train_stage(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// torch 2.11's own lowered lists (`pipelining_reference.py --ir`), rank by rank.
+    fn torch_lists(schedule: &str) -> Vec<(Layout, usize, String)> {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/pipelining_ir_torch_2.11.txt"
+        );
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.splitn(6, ' ');
+                (w.next()? == schedule).then(|| {
+                    let mut num = || w.next().unwrap().parse::<usize>().unwrap();
+                    let (pp, v, n, rank) = (num(), num(), num(), num());
+                    (Layout { pp, v, n }, rank, w.next().unwrap().to_string())
+                })
+            })
+            .collect()
+    }
+
+    fn show(actions: &[Action]) -> String {
+        actions
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn interleaved_1f1b_lists_are_torchs_action_for_action() {
+        let cases = torch_lists("interleaved-1f1b");
+        assert_eq!(cases.len(), 38);
+        for (layout, rank, torch) in cases {
+            let ours = layout.lowered(|r| layout.interleaved_1f1b(r));
+            assert_eq!(show(&ours[rank]), torch, "{layout:?} rank {rank}");
+        }
+    }
 
     #[test]
     fn stages_split_layers_as_torchtitan_with_the_remainder_first() {
