@@ -20,21 +20,25 @@ use serde_json::Value;
 
 const FP32: &str = "pipelining_torch_2.11.jsonl";
 const BF16: &str = "pipelining_torch_2.11_bf16.jsonl";
+/// `ScheduleInterleaved1F1B` with `"v"` stages per rank (tiny-deep: 8 layers).
+const INTERLEAVED: &str = "pipelining_interleaved_torch_2.11.jsonl";
 
 fn records() -> Vec<Value> {
     common::records(FP32)
 }
 
 /// The plan of a record (`.float()` logits as the reference's model returns them), with `pp`
-/// stages of `dp` data-parallel ranks each (FSDP2 over them when 2) or, for `pp` 1, the
-/// single-process trainer's plan of the same batch. A record's `"param": "bf16"` computes in
+/// ranks of `dp` data-parallel ranks each (FSDP2 over them when 2), each rank holding the
+/// record's `"v"` stages (1 when absent), or, for `pp` 1, the single-process trainer's plan of
+/// the same batch. A record's `"param": "bf16"` computes in
 /// bf16: the whole stage cast without FSDP, a MixedPrecisionPolicy(bf16, reduce fp32) over
 /// fp32 shards with it, as the reference does.
 fn plan_json(c: &Value, pp: u64, dp: u64, micro_batches: u64) -> String {
     let parallel = if pp > 1 {
         format!(
-            r#"{{"pp":{pp},"dp_shard":{dp},"pp_schedule":{}}}"#,
-            c["schedule"]
+            r#"{{"pp":{pp},"dp_shard":{dp},"pp_schedule":{},"pp_virtual_stages":{}}}"#,
+            c["schedule"],
+            c["v"].as_u64().unwrap_or(1)
         )
     } else {
         format!(r#"{{"dp_shard":{dp}}}"#)
@@ -63,12 +67,19 @@ fn train(plan: &str, nproc: u64, steps: u64) -> Vec<Value> {
     common::train(plan, nproc, steps, "pp_stage")
 }
 
-/// Parameter tensors a stage of a bias-free Llama holds: 9 per block (two norms, seven
-/// projections), the embedding on the first stage, the final norm and the output projection on
-/// the last; layers split as torchtitan splits them.
-fn param_tensors(layers: u64, pp: u64, stage: u64) -> u64 {
-    let blocks = layers / pp + u64::from(stage < layers % pp);
-    9 * blocks + u64::from(stage == 0) + 2 * u64::from(stage + 1 == pp)
+/// Parameter tensors pipeline rank `rank` of a bias-free Llama holds with `v` stages per rank
+/// (rank r holds stages r, r + pp, ...): 9 per block (two norms, seven projections), the
+/// embedding with stage 0, the final norm and the output projection with the last stage;
+/// layers split over the pp x v stages as torchtitan splits them.
+fn param_tensors(layers: u64, pp: u64, v: u64, rank: u64) -> u64 {
+    let stages = pp * v;
+    (0..v)
+        .map(|k| rank + k * pp)
+        .map(|s| {
+            let blocks = layers / stages + u64::from(s < layers % stages);
+            9 * blocks + u64::from(s == 0) + 2 * u64::from(s + 1 == stages)
+        })
+        .sum()
 }
 
 /// What torch's reference reaches on Gloo that a GPU would not, as the trainer reports it
@@ -101,6 +112,7 @@ fn gloo_peak(r: &Value) -> u64 {
 fn stages_match_torch_in(file: &str, index: usize) {
     let c = &common::records(file)[index];
     let pp = c["pp"].as_u64().unwrap();
+    let v = c["v"].as_u64().unwrap_or(1);
     let dp = c["dp_shard"].as_u64().unwrap();
     let n = c["micro_batches"].as_u64().unwrap();
     let reports = train(&plan_json(c, pp, dp, n), pp * dp, 3);
@@ -120,7 +132,7 @@ fn stages_match_torch_in(file: &str, index: usize) {
             ours
         };
         assert_eq!(
-            on_gloo + common::torch_only_bytes(param_tensors(layers(model), pp, stage as u64)),
+            on_gloo + common::torch_only_bytes(param_tensors(layers(model), pp, v, stage as u64)),
             torch,
             "{c}: stage {stage} (rank {})",
             r["rank"]
@@ -128,7 +140,7 @@ fn stages_match_torch_in(file: &str, index: usize) {
         // The step scalars are where a GPU keeps them: on the host.
         assert_eq!(
             r["steady_step"]["optimizer"]["peak_host_bytes"].as_u64(),
-            Some(4 * param_tensors(layers(model), pp, stage as u64)),
+            Some(4 * param_tensors(layers(model), pp, v, stage as u64)),
             "{c}: stage {stage}"
         );
     }
@@ -305,4 +317,74 @@ fn fsdp_stages_learn_as_the_pipeline_without_fsdp() {
     let (a, b) = (grad_norm(&fsdp[0], 0), grad_norm(&plain[0], 0));
     assert!((a - b).abs() < 1e-5 * b, "{a} vs {b}");
     assert!(l[3] < l[0], "learns: {l:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Interleaved 1F1B: several stages per rank (torch's ScheduleInterleaved1F1B).
+
+/// Record `index` of the interleaved records: every rank, with all its stages, holds what
+/// torch's holds, less the same itemised bytes.
+fn interleaved_ranks_match_torch(index: usize) {
+    let c = &common::records(INTERLEAVED)[index];
+    assert!(c["v"].as_u64().unwrap() > 1, "{c}");
+    stages_match_torch_in(INTERLEAVED, index);
+}
+
+#[test]
+fn interleaved_ranks_hold_what_torch_holds() {
+    interleaved_ranks_match_torch(0); // tiny-deep, pp 2 x 2 stages, 4 micro-batches of 2 x 64
+}
+
+/// Four ranks: the chunks pass activations from rank 3 back to rank 0 and gradients the other
+/// way, and the warm-up differs on every rank.
+#[test]
+fn interleaved_four_ranks_hold_what_torch_holds() {
+    interleaved_ranks_match_torch(5); // tiny-deep, pp 4 x 2 stages, 4 micro-batches of 1 x 64
+}
+
+/// Four stages per rank, one layer each.
+#[test]
+fn interleaved_four_stages_per_rank_hold_what_torch_holds() {
+    interleaved_ranks_match_torch(11); // tiny-deep, pp 2 x 4 stages, 4 micro-batches of 1 x 64
+}
+
+/// FSDP2 inside every stage: the runtime's UNSHARD all-gathers both stages of a rank before
+/// the first forward, and each stage's REDUCE_GRAD reduce-scatters right after its last
+/// backward, the later stage's while the earlier one still holds its activations.
+#[test]
+fn fsdp_interleaved_ranks_hold_what_torch_holds() {
+    interleaved_ranks_match_torch(8); // tiny-deep, pp 2 x 2 stages x dp 2, 4 micro-batches
+}
+
+#[test]
+fn fsdp_interleaved_under_full_checkpointing_holds_what_torch_holds() {
+    interleaved_ranks_match_torch(12); // tiny-deep, pp 2 x 2 stages x dp 2, 8 micro-batches, AC full
+}
+
+/// Every interleaved record (fourteen, 38 ranks; about a minute on 2 cores).
+#[test]
+#[ignore]
+fn every_interleaved_record_holds_what_torch_holds() {
+    for i in 0..common::records(INTERLEAVED).len() {
+        interleaved_ranks_match_torch(i);
+    }
+}
+
+/// Interleaving changes when each micro-batch's forward and backward run, not what they
+/// compute: every stage accumulates its micro-batches' gradients in the same order as 1F1B,
+/// so the job learns as the one-stage-per-rank pipeline, to the last bit.
+#[test]
+fn interleaved_learns_exactly_as_one_f_one_b() {
+    let c = &common::records(INTERLEAVED)[0];
+    let interleaved = train(&plan_json(c, 2, 1, 4), 2, 3);
+    let mut one = c.clone();
+    one["schedule"] = "1f1b".into();
+    one["v"] = 1.into();
+    let one = train(&plan_json(&one, 2, 1, 4), 2, 3);
+    for r in &interleaved {
+        assert_eq!(losses(r), losses(&one[0]));
+        assert_eq!(grad_norm(r, 0), grad_norm(&one[0], 0));
+    }
+    let l = losses(&interleaved[0]);
+    assert!(l[2] < l[0], "learns: {l:?}");
 }
