@@ -34,7 +34,8 @@
 //! dataloader. Fp16, selective per-op checkpointing and what the plan asks that the trainer
 //! does not execute (`check_supported`) are refused with an error; HSDP, tensor, pipeline and
 //! context parallelism run only as real multi-process jobs (pipelining: [`pipeline`], a stage
-//! per rank, GPipe and 1F1B, with or without FSDP2 inside a stage; tensor parallelism:
+//! per rank under GPipe and 1F1B or several under interleaved 1F1B, with or without FSDP2
+//! inside a stage; tensor parallelism:
 //! [`tensor_parallel`], with or without SP and loss parallelism, and under FSDP on a
 //! (dp_shard, tp) mesh; context parallelism: [`context_parallel`], a sequence shard per rank in
 //! torch's ring attention, under this module's FSDP over dp_shard x cp). Mixture-of-experts

@@ -1810,6 +1810,40 @@ mod tests {
         }
     }
 
+    /// A tiny-deep plan of `pp` ranks x `dp` FSDP ranks, `v` stages per rank, `n` micro-batches.
+    fn plan(schedule: &str, pp: u64, dp: u64, v: u64, n: u64) -> Plan {
+        let json = format!(
+            r#"{{"model":"tiny-deep","gpu":"cpu","num_gpus":{},
+                "parallel":{{"pp":{pp},"dp_shard":{dp},"pp_schedule":"{schedule}",
+                             "pp_virtual_stages":{v}}},
+                "batch":{{"micro_batch_size":1,"seq_len":64,"grad_accum_steps":{n}}},
+                "precision":{{"param":"fp32","master":"fp32","reduce":"fp32"}},
+                "implementation":{{"logits":"float-output"}}}}"#,
+            pp * dp
+        );
+        let f: crate::plan::PlanFile = serde_json::from_str(&json).unwrap();
+        f.resolve().unwrap()
+    }
+
+    #[test]
+    fn refuses_the_interleaved_plans_torch_or_this_trainer_does_not_run() {
+        let il = "interleaved-1f1b";
+        let refused = |p: Plan, field: &str| {
+            let e = check(&p).unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        };
+        check(&plan(il, 2, 1, 4, 4)).unwrap();
+        check(&plan(il, 4, 1, 2, 2)).unwrap();
+        check(&plan(il, 2, 2, 3, 4)).unwrap();
+        // Rounds of max(1, n / pp) micro-batches: 10 over 4 ranks is 2 rounds of 5; 9 over 2
+        // ranks would be 4 rounds, which do not divide 9 (torch's ValueError).
+        check(&plan(il, 4, 1, 2, 10)).unwrap();
+        refused(plan(il, 2, 1, 2, 9), "batch.grad_accum_steps");
+        // FSDP with a fourth stage on the rank: torch's runtime reshards it mid-schedule.
+        refused(plan(il, 2, 2, 4, 4), "parallel.pp_virtual_stages");
+        refused(plan("zb-h1", 2, 1, 1, 4), "parallel.pp_schedule");
+    }
+
     #[test]
     fn stages_split_layers_as_torchtitan_with_the_remainder_first() {
         let split: Vec<_> = (0..4).map(|s| stage_layers(10, 4, s)).collect();
