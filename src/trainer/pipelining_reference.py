@@ -21,7 +21,9 @@ model: "return_outputs" (default false: the last stage does not keep merged logi
 passes), "steps" (default 2), "pp" (stages, default 2; --nproc_per_node = pp x dp_shard),
 "ac" ("full" wraps every block in torch's checkpoint_wrapper; default none), "param" ("bf16": see
 below; default fp32), "v" (stages per rank, default 1; rank r holds global stages r, r + pp, ... as
-torchtitan assigns them, for the schedules "interleaved-1f1b" and "interleaved-zb"). Each rank's tokens/labels for the whole step (mbs * n_microbatches
+torchtitan assigns them, for the schedules "interleaved-1f1b" and "interleaved-zb"; "interleaved-zb" with
+"v": 1 is torch's ScheduleInterleavedZeroBubble with one stage per rank, which torchtitan and memplan's plans
+call zb-h1: tests/data/pipelining_zb_torch_2.11.jsonl). Each rank's tokens/labels for the whole step (mbs * n_microbatches
 rows) are made inside the counted region on the stage that consumes them.
 """
 import ctypes, json, math, os, sys
