@@ -845,8 +845,9 @@ impl std::fmt::Display for Action {
 }
 
 /// The shape of an interleaved schedule: `pp` ranks of `v` stages each (rank r holds stages
-/// r, r + pp, ...: torch's default `stage_index_to_group_rank`, stage.py:200, and
-/// torchtitan's "loop" assignment), `n` micro-batches.
+/// r, r + pp, ...: `generate_stage_to_rank_mapping(style="loop")`, pipelining/_utils.py:91,
+/// which PipelineScheduleMulti sets on its stages, and torchtitan's "loop" assignment), `n`
+/// micro-batches.
 #[derive(Clone, Copy, Debug)]
 struct Layout {
     pp: usize,
@@ -862,7 +863,7 @@ impl Layout {
         stage % self.pp
     }
     /// `number_of_rounds = max(1, n // pp)` and `microbatches_per_round = n // rounds`
-    /// (schedules.py:2546-2548); torch refuses an `n` that the rounds do not divide.
+    /// (schedules.py:2549-2551); torch refuses an `n` that the rounds do not divide.
     fn rounds(&self) -> usize {
         (self.n / self.pp).max(1)
     }
