@@ -1071,6 +1071,19 @@ impl PlanFile {
                 "1 unless pp_schedule is interleaved-1f1b",
             ));
         }
+        // torch 2.11's ScheduleInterleaved1F1B runs `max(1, m / pp)` rounds and refuses a
+        // micro-batch count they do not divide (`schedules.py` l.2549-2551).
+        let rounds = (grad_accum_steps / pp).max(1);
+        if pp > 1 && pp_schedule == PpSchedule::Interleaved1F1B && grad_accum_steps % rounds != 0 {
+            return Err(Error::invalid(
+                "batch.grad_accum_steps",
+                grad_accum_steps,
+                format!(
+                    "a multiple of its rounds, max(1, grad_accum_steps / pp) = {rounds}, under \
+                     interleaved-1f1b (torch's ScheduleInterleaved1F1B refuses others)"
+                ),
+            ));
+        }
         if pp * pp_virtual_stages > model.layers {
             return Err(Error::invalid(
                 "parallel.pp_virtual_stages",

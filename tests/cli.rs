@@ -640,3 +640,29 @@ fn autocast_is_refused_where_fsdp_casts_instead() {
         .stderr(predicate::str::contains("--autocast"))
         .stderr(predicate::str::contains("one GPU per model replica"));
 }
+
+/// Interleaved 1F1B with a micro-batch count its rounds do not divide, which torch refuses,
+/// is a one-line error naming the field (it was an arithmetic overflow in the estimator).
+#[test]
+fn interleaved_micro_batches_its_rounds_do_not_divide_are_refused() {
+    memplan()
+        .args([
+            "estimate",
+            "--model",
+            "tiny-deep",
+            "--num-gpus",
+            "2",
+            "--pp",
+            "2",
+            "--pp-schedule",
+            "interleaved-1f1b",
+            "--pp-virtual-stages",
+            "2",
+            "--grad-accum-steps",
+            "9",
+        ])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("batch.grad_accum_steps"))
+        .stderr(predicate::str::contains("= 4"));
+}
