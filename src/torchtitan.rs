@@ -47,7 +47,7 @@
 //! | `training.enable_cpu_offload` | `offload` full / none |
 //! | `compile.enable`, `training.compile` | `compile` |
 //! | `data_parallel_replicate_degree`, `data_parallel_shard_degree` (-1 allowed), `tensor_parallel_degree`, `pipeline_parallel_degree`, `context_parallel_degree`, `expert_parallel_degree`, `expert_tensor_parallel_degree` under `[parallelism]`, `[experimental]` or `[training]` | `parallel.dp_replicate`, `dp_shard`, `tp`, `pp`, `cp`, `ep`, `etp` |
-//! | `pipeline_parallel_schedule`: 1F1B, GPipe, Interleaved1F1B, InterleavedZeroBubble, ZBVZeroBubble (others, and a schedule CSV, are rejected) | `parallel.pp_schedule`: 1f1b, gpipe, interleaved-1f1b, zb-h1, zb-h1 (the two looped zero-bubble schedules are estimated as ZB-H1 with one stage per rank) |
+//! | `pipeline_parallel_schedule`: 1F1B, GPipe, Interleaved1F1B, InterleavedZeroBubble, ZBVZeroBubble (others, and a schedule CSV, are rejected) | `parallel.pp_schedule`: 1f1b, gpipe, interleaved-1f1b, zb-h1, zb-h1 (the two looped zero-bubble schedules map to ZB-H1 with one stage per rank, which the plan then refuses: not modelled) |
 //! | stages per rank of Interleaved1F1B: from `pipeline_parallel_layers_per_stage`, `pipeline_parallel_split_points` or `module_fqns_per_model_part`, else 2 | `parallel.pp_virtual_stages` |
 //! | with pp > 1: `pipeline_parallel_microbatch_size` (default 1), or the count `pipeline_parallel_microbatches` (2024, default pp) | `batch.micro_batch_size` = the micro-batch, `batch.grad_accum_steps` x= micro-batches per local batch |
 //! | `fsdp_reshard_after_forward` under `[parallelism]` or (February to March 2025) `[training]`: always, never, default (= not pp) | `reshard_after_forward` |
