@@ -255,7 +255,7 @@ pub struct PlanArgs {
     /// Tensor parallel degree inside experts.
     #[arg(long, allow_negative_numbers = true)]
     pub etp: Option<i64>,
-    /// Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1.
+    /// Pipeline schedule: gpipe, 1f1b, interleaved-1f1b (zb-h1 is refused: not modelled).
     #[arg(long)]
     pub pp_schedule: Option<String>,
     /// Virtual pipeline stages per rank (interleaved schedules).

@@ -96,7 +96,7 @@ pub struct ParallelFile {
     pub ep: Option<i64>,
     /// Tensor parallel degree inside each expert.
     pub etp: Option<i64>,
-    /// Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1.
+    /// Pipeline schedule: gpipe, 1f1b, interleaved-1f1b (zb-h1 is refused: not modelled).
     pub pp_schedule: Option<String>,
     /// Virtual stages per rank for interleaved schedules.
     pub pp_virtual_stages: Option<i64>,
