@@ -133,18 +133,18 @@ pub fn check(plan: &Plan) -> Result<()> {
             "1 under tensor parallelism: TP x HSDP and TP x PP are not run yet",
         ));
     }
-    if p.dp_shard > 1 {
-        if !matches!(
+    if p.dp_shard > 1
+        && !matches!(
             plan.implementation.fsdp_units,
             FsdpUnits::RootKeepLast | FsdpUnits::RootReshardedKeepLast
-        ) {
-            return Err(unsupported(
-                "implementation.fsdp_units",
-                format!("\"{}\"", plan.implementation.fsdp_units),
-                "root-keep-last or root-resharded-keep-last under TP x FSDP (torchtitan's \
-                 units: a block each, and the root)",
-            ));
-        }
+        )
+    {
+        return Err(unsupported(
+            "implementation.fsdp_units",
+            format!("\"{}\"", plan.implementation.fsdp_units),
+            "root-keep-last or root-resharded-keep-last under TP x FSDP (torchtitan's \
+             units: a block each, and the root)",
+        ));
     }
     if plan.implementation.loss_parallel && plan.implementation.logits != Logits::FloatOutput {
         return Err(unsupported(
