@@ -218,8 +218,9 @@ pub struct PlanArgs {
     /// Built-in example plan, e.g. seed-8b-2x48g-offload (see `memplan profiles`).
     #[arg(long, conflicts_with = "plan")]
     pub example: Option<String>,
-    /// A torchtitan job config (TOML); give the world size with --num-gpus and the GPU with
-    /// --gpu, as torchrun would.
+    /// A torchtitan job config (TOML, to 0.2.x; or torchtitan 0.3's Trainer.Config as
+    /// --debug.save_config_file writes it, JSON); give the world size with --num-gpus and the
+    /// GPU with --gpu, as torchrun would.
     #[arg(long, conflicts_with_all = ["plan", "example"])]
     pub torchtitan: Option<PathBuf>,
     /// Model profile name or path to a Hugging Face config.json.
@@ -305,7 +306,7 @@ pub struct PlanArgs {
     /// Keep every block's gathered parameters from forward to backward.
     #[arg(long)]
     pub no_reshard_after_forward: bool,
-    /// flash, efficient, math.
+    /// flash, efficient, math, flex (FlexAttention with a document block mask).
     #[arg(long)]
     pub attention: Option<String>,
     /// eager, fused, composite.
@@ -314,7 +315,8 @@ pub struct PlanArgs {
     /// repeat-kv, native.
     #[arg(long)]
     pub gqa: Option<String>,
-    /// float-output, float-output-kept, float-in-loss, compute-dtype.
+    /// float-output, float-output-kept, float-in-loss, float-in-loss-kept, compute-dtype,
+    /// chunked (torchtitan 0.3's chunked loss).
     #[arg(long)]
     pub logits: Option<String>,
     /// foreach, fused, per-param, fused-bf16-states (Adam's states in bf16, torchtitan 0.3).
@@ -324,15 +326,29 @@ pub struct PlanArgs {
     #[arg(long)]
     pub loss_parallel: Option<bool>,
     /// complex (torchtitan's freqs_cis for 2 x seq), complex-seq (for seq, torchtitan of 2025
-    /// on), cos-sin (Hugging Face's per-forward cos and sin).
+    /// on), cos-sin (Hugging Face's per-forward cos and sin), per-layer (torchtitan 0.3: a
+    /// cache per layer, gathered by positions).
     #[arg(long)]
     pub rotary: Option<String>,
     /// FSDP units and what stays gathered after forward: root-keep-last,
     /// root-resharded-keep-last, root, split, split-always.
     #[arg(long)]
     pub fsdp_units: Option<String>,
+    /// Sequence chunks of the chunked loss (--logits chunked; torchtitan 0.3's default 8).
+    #[arg(long, allow_negative_numbers = true)]
+    pub loss_chunks: Option<i64>,
+    /// separate, fused-copies (torchtitan 0.3's one wqkv matmul split into q, k, v copies).
+    #[arg(long)]
+    pub qkv: Option<String>,
+    /// What zero_grad does between steps: set-to-none, zeros (kept; torchtitan 0.3's default).
+    #[arg(long)]
+    pub zero_grad: Option<String>,
+    /// FSDP wraps the model on one GPU too (torchtitan 0.3): compute-dtype copies even in fp32.
+    #[arg(long)]
+    pub fsdp_one_gpu: Option<bool>,
     /// The framework whose implementation choices are the defaults: torchtitan-2024.12,
-    /// torchtitan-0.2, hf-transformers (`memplan profiles` lists them). Implementation flags still override.
+    /// torchtitan-0.2, torchtitan-0.3, hf-transformers, plain-pytorch (`memplan profiles`
+    /// lists them). Implementation flags still override.
     #[arg(long)]
     pub preset: Option<String>,
     /// LoRA adapter rank on a frozen base (peft's `r`); turns LoRA on.
@@ -428,6 +444,10 @@ impl PlanArgs {
             loss_parallel: self.loss_parallel,
             rotary: self.rotary.clone(),
             fsdp_units: self.fsdp_units.clone(),
+            loss_chunks: self.loss_chunks,
+            qkv: self.qkv.clone(),
+            zero_grad: self.zero_grad.clone(),
+            fsdp_one_gpu: self.fsdp_one_gpu,
         };
         top.preset = self.preset.clone();
         if self.lora_rank.is_some()
@@ -543,6 +563,27 @@ impl PlanArgs {
         }
         let more = [
             (self.rotary.is_some(), "implementation.rotary", "--rotary"),
+            (
+                self.fsdp_units.is_some(),
+                "implementation.fsdp_units",
+                "--fsdp-units",
+            ),
+            (
+                self.loss_chunks.is_some(),
+                "implementation.loss_chunks",
+                "--loss-chunks",
+            ),
+            (self.qkv.is_some(), "implementation.qkv", "--qkv"),
+            (
+                self.zero_grad.is_some(),
+                "implementation.zero_grad",
+                "--zero-grad",
+            ),
+            (
+                self.fsdp_one_gpu.is_some(),
+                "implementation.fsdp_one_gpu",
+                "--fsdp-one-gpu",
+            ),
             (
                 self.cp_rotate.is_some(),
                 "parallel.cp_rotate",

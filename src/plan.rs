@@ -137,6 +137,10 @@ pub struct ImplementationFile {
     pub loss_parallel: Option<bool>,
     pub rotary: Option<String>,
     pub fsdp_units: Option<String>,
+    pub loss_chunks: Option<i64>,
+    pub qkv: Option<String>,
+    pub zero_grad: Option<String>,
+    pub fsdp_one_gpu: Option<bool>,
 }
 
 /// A named choice parsed from text, with the list of accepted spellings for errors.
@@ -324,6 +328,13 @@ choice!(
         Efficient = "efficient" | "mem-efficient",
         /// The math fallback: materialises and saves the seq x seq attention probabilities.
         Math = "math",
+        /// FlexAttention with a document block mask (torchtitan 0.3's default, compiled on a
+        /// GPU): saves what flash does (q, k, v, output in the query's layout, fp32
+        /// log-sum-exp; torch `flex_attention` HOP, `_inductor/kernel/flex/flex_attention.py`),
+        /// and each step holds the `BlockMask` built from `positions`
+        /// (`models/common/decoder.py`, `get_attention_masks`): int32 block counts and indices
+        /// and the mask function's per-token document table.
+        Flex = "flex",
     }
 );
 
@@ -371,6 +382,14 @@ choice!(
         FloatInLossKept = "float-in-loss-kept",
         /// Cross-entropy in the compute dtype, no upcast.
         ComputeDtype = "compute-dtype",
+        /// torchtitan 0.3's `ChunkedLossWrapper` (`components/loss.py`): the model returns the
+        /// final norm's output; the loss detaches it, splits it into `loss_chunks` sequence
+        /// chunks and runs the output projection, an fp32 cross-entropy and their backward
+        /// chunk by chunk, accumulating the hidden states' gradient in an fp32 buffer and the
+        /// output weight's unsharded gradient across chunks; the [B, S, V] logits never
+        /// exist whole. Under FSDP [norm, output] is gathered for the loop and resharded
+        /// after it, and gathered again for the final norm's backward.
+        Chunked = "chunked" | "chunked-loss",
     }
 );
 
@@ -417,6 +436,13 @@ choice!(
         /// (`update_from_config` sets `max_seq_len = training.seq_len`; 4 x seq x head_dim
         /// bytes).
         ComplexSeq = "complex-seq",
+        /// torchtitan 0.3: every attention layer's RoPE module holds its own complex64 cache
+        /// for `seq_len` positions (`models/common/rope.py`, `register_buffer("cache")` per
+        /// layer: 4 x seq x head_dim bytes each), the step's int64 `positions` are an input,
+        /// and each forward gathers the cache rows by position ([B, S, 1, head_dim/2]
+        /// complex64), which the rotation's multiply saves: 4 x head_dim bytes per token per
+        /// block.
+        PerLayer = "per-layer",
     }
 );
 
@@ -444,6 +470,33 @@ choice!(
         Split = "split",
         /// As split, every unit resharded (`fsdp_reshard_after_forward = "always"`).
         SplitAlways = "split-always",
+    }
+);
+
+choice!(
+    /// How q, k and v are projected.
+    Qkv, "implementation.qkv" {
+        /// Three linears (or the model profile's own fused projection).
+        Separate = "separate",
+        /// torchtitan 0.3's `FusedQKVLinear` (`models/common/attention.py`): one wqkv matmul
+        /// whose output is split into contiguous q, k, v copies (V is a copy, not a view).
+        /// Saved tensors are those of three linears; selective-op checkpointing keeps the
+        /// fused output (the block's first of five matmuls), e(q + 2kv) per token.
+        FusedCopies = "fused-copies" | "fused",
+    }
+);
+
+choice!(
+    /// What `zero_grad` does with the sharded gradients between steps.
+    ZeroGrad, "implementation.zero_grad" {
+        /// `set_to_none=True`: freed after the optimizer step, made again by the next
+        /// backward.
+        SetToNone = "set-to-none" | "none",
+        /// Zeroed in place and kept: torchtitan 0.3's `train_step` calls
+        /// `zero_grad(set_to_none=training.disable_cuda_graphs)` (`trainer.py`), False by
+        /// default, so from the second step on every sharded gradient is alive through the
+        /// forward and the whole backward.
+        Zeros = "zeros" | "keep",
     }
 );
 
@@ -524,6 +577,15 @@ pub struct Implementation {
     /// computed on the shards (torchtitan's default, `disable_loss_parallel = false`); off,
     /// every rank gathers the whole vocabulary's logits. No effect without TP.
     pub loss_parallel: bool,
+    /// Sequence chunks of the chunked loss ([`Logits::Chunked`]; torchtitan's
+    /// `ChunkedLossWrapper.Config.num_chunks`, default 8).
+    pub loss_chunks: u64,
+    pub qkv: Qkv,
+    pub zero_grad: ZeroGrad,
+    /// FSDP wraps the model on one GPU too (torchtitan 0.3's `parallelize_llama` always calls
+    /// `fully_shard`, "to install the MixedPrecisionPolicy"): each unit is copied while it
+    /// computes and its gradients pass through a reduce-scatter input, in fp32 as in bf16.
+    pub fsdp_one_gpu: bool,
 }
 
 impl Default for Implementation {
@@ -539,6 +601,10 @@ impl Default for Implementation {
             rotary: Rotary::Complex,
             fsdp_units: FsdpUnits::RootKeepLast,
             loss_parallel: true,
+            loss_chunks: 8,
+            qkv: Qkv::Separate,
+            zero_grad: ZeroGrad::SetToNone,
+            fsdp_one_gpu: false,
         }
     }
 }
@@ -561,6 +627,12 @@ choice! {
         /// a rotary table for `seq_len` positions, and the FSDP units embedding, blocks and
         /// [norm, output].
         Torchtitan02 = "torchtitan-0.2" | "torchtitan-0.2.2" | "torchtitan-2025",
+        /// torchtitan 0.3.0 (September 2026, on torch 2.15; measured with its own Llama3
+        /// model, `parallelize_llama`, chunked loss, optimizers and `Trainer.train_step` on
+        /// CPU): as 0.2, plus FlexAttention's block mask, a RoPE cache per layer indexed by
+        /// `positions`, one fused wqkv projection, the chunked loss (8 chunks; no [B, S, V]
+        /// logits), FSDP even on one GPU, and gradients zeroed, not freed, between steps.
+        Torchtitan03 = "torchtitan-0.3" | "torchtitan-0.3.0",
         /// A training loop written by hand on torch 2.11 as its tutorials write it (measured):
         /// `nn.RMSNorm`, SDPA with `enable_gqa`, a rotary table for `seq_len`, the loss
         /// `F.cross_entropy(logits.float(), ...)` with the logits kept through backward,
@@ -572,9 +644,10 @@ choice! {
 
 impl Preset {
     /// Every preset, for `memplan profiles`.
-    pub const ALL: [Preset; 4] = [
+    pub const ALL: [Preset; 5] = [
         Preset::Torchtitan2024,
         Preset::Torchtitan02,
+        Preset::Torchtitan03,
         Preset::HfTransformers,
         Preset::PlainPytorch,
     ];
@@ -592,6 +665,7 @@ impl Preset {
                 rotary: Rotary::CosSin,
                 fsdp_units: FsdpUnits::Split,
                 loss_parallel: true,
+                ..Implementation::default()
             },
             Preset::Torchtitan02 => Implementation {
                 attention: Attention::Flash,
@@ -602,6 +676,21 @@ impl Preset {
                 rotary: Rotary::ComplexSeq,
                 fsdp_units: FsdpUnits::Split,
                 loss_parallel: true,
+                ..Implementation::default()
+            },
+            Preset::Torchtitan03 => Implementation {
+                attention: Attention::Flex,
+                rmsnorm: RmsNorm::Fused,
+                gqa: Gqa::Native,
+                logits: Logits::Chunked,
+                optimizer: OptimizerImpl::Fused,
+                rotary: Rotary::PerLayer,
+                fsdp_units: FsdpUnits::Split,
+                loss_parallel: true,
+                loss_chunks: 8,
+                qkv: Qkv::FusedCopies,
+                zero_grad: ZeroGrad::Zeros,
+                fsdp_one_gpu: true,
             },
             Preset::PlainPytorch => Implementation {
                 attention: Attention::Flash,
@@ -612,6 +701,7 @@ impl Preset {
                 rotary: Rotary::ComplexSeq,
                 fsdp_units: FsdpUnits::Root,
                 loss_parallel: true,
+                ..Implementation::default()
             },
         }
     }
@@ -1129,6 +1219,13 @@ impl PlanFile {
             rotary: parse_opt("implementation.rotary", &im.rotary, d.rotary)?,
             fsdp_units: parse_opt("implementation.fsdp_units", &im.fsdp_units, d.fsdp_units)?,
             loss_parallel: im.loss_parallel.unwrap_or(d.loss_parallel),
+            loss_chunks: match im.loss_chunks {
+                None => d.loss_chunks,
+                Some(c) => bounded("implementation.loss_chunks", c, 1)? as u64,
+            },
+            qkv: parse_opt("implementation.qkv", &im.qkv, d.qkv)?,
+            zero_grad: parse_opt("implementation.zero_grad", &im.zero_grad, d.zero_grad)?,
+            fsdp_one_gpu: im.fsdp_one_gpu.unwrap_or(d.fsdp_one_gpu),
         };
         let host_ram = host_ram(self.host_ram.as_ref())?;
         let moe_capacity_milli = match self.moe_capacity_factor {
@@ -1204,6 +1301,27 @@ impl PlanFile {
                 "fused-bf16-states with adamw or adam and offload none (torchtitan's pre-hook \
                  makes bf16 states for Adam only, and the mixed-precision kernel is CUDA's)",
             ));
+        }
+        if implementation.logits == Logits::Chunked {
+            if pp > 1 {
+                return Err(Error::invalid(
+                    "implementation.logits",
+                    format!("\"chunked\" with pp {pp}"),
+                    "another logits mode under pipelining (torchtitan 0.3's chunked loss on a \
+                     pipeline's last stage is not modelled)",
+                ));
+            }
+            let local = seq_len / cp;
+            if local % implementation.loss_chunks != 0 {
+                return Err(Error::invalid(
+                    "implementation.loss_chunks",
+                    implementation.loss_chunks,
+                    format!(
+                        "a divisor of the sequence a rank holds ({local}): torchtitan's \
+                         ChunkedLossWrapper splits it into equal chunks"
+                    ),
+                ));
+            }
         }
         if optimizer.factored() {
             let sharded = [dp_shard, tp, cp, ep].iter().any(|&d| d > 1);

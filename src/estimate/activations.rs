@@ -93,6 +93,13 @@ pub struct BlockActivations {
     /// Bytes the first block saves less than the others when its input needs no gradient
     /// (LoRA: the embedding is frozen, so nothing before the first adapter needs one).
     pub first_block_less: u128,
+    /// torchtitan 0.3's block ([`torchtitan03_block`]): what the stage's last block holds at
+    /// two moments of its forward, per token, beyond the earlier blocks' saved tensors: at
+    /// its second rotation's output (`rope_peak`: where a checkpointed block's forward peaks)
+    /// and at its last residual add (`add_peak`, without checkpointing: every saved tensor,
+    /// w2's output and the block's output). Zero for other blocks.
+    pub rope_peak: u128,
+    pub add_peak: u128,
 }
 
 /// (hidden, q width, k/v width, intermediate) of a block: h, heads x head_dim, kv_heads x
@@ -122,7 +129,7 @@ pub(crate) fn kv_seen(plan: &Plan) -> u128 {
 fn probabilities(plan: &Plan, e: u128) -> u128 {
     match plan.implementation.attention {
         Attention::Math => e * plan.model.heads as u128 * plan.batch.seq_len as u128,
-        Attention::Flash | Attention::Efficient => 0,
+        Attention::Flash | Attention::Efficient | Attention::Flex => 0,
     }
 }
 
@@ -131,7 +138,10 @@ fn probabilities(plan: &Plan, e: u128) -> u128 {
 /// probabilities.
 fn attention_saved(plan: &Plan, e: u128) -> u128 {
     let q = plan.model.q_dim() as u128;
-    e * (2 * q + 2 * kv_seen(plan)) + 4 * plan.model.heads as u128 + probabilities(plan, e)
+    e * (2 * q + 2 * kv_seen(plan))
+        + 4 * plan.model.heads as u128
+        + probabilities(plan, e)
+        + rope_rows(plan)
 }
 
 /// Per-token saved bytes of one block for `plan`: a dense block, or an MoE block when
@@ -215,7 +225,13 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
         Attention::Math if m.attn_softcap => div((e + 4) * heads * seq, tp),
         _ => 0,
     };
-    let attention = div(e * (q + kv_seen + v_saved + q), tp) + lse + quadratic + softcap; // q, k, v, out
+    // torchtitan 0.3's per-layer RoPE cache gathered by `positions` ([B, S, 1, head_dim / 2]
+    // complex64, saved by the rotation's multiply: `models/common/rope.py`,
+    // `_reshape_for_broadcast`); the same on every TP rank. Measured on CPU: 8,192 B per block
+    // at 128 tokens of head_dim 16 (docs/research/torchtitan-0.3.0-measured.md).
+    let rope_rows = rope_rows(plan);
+    let attention =
+        div(e * (q + kv_seen + v_saved + q), tp) + lse + quadratic + softcap + rope_rows; // q, k, v, out
                                                                                           // `output.transpose(1, 2).contiguous()` into wo: flash and memory-efficient attention
                                                                                           // (CUDA, and the CPU flash kernel) return their output as a transposed view of a
                                                                                           // (batch, seq, heads, head_dim) buffer, so `.contiguous()` is a no-op and wo saves the
@@ -304,7 +320,10 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
     // recomputed.
     let sac_attention = div(e * q, tp) + lse;
     let kv_tp = div(e * kv, tp);
-    let sac_qkv = if m.fused_qkv {
+    // torchtitan 0.3's fused wqkv is the block's first of five matmuls: its whole output is
+    // kept (then wo and w3 are recomputed, w1 and w2 kept, as with three linears).
+    let copies = imp.qkv == crate::plan::Qkv::FusedCopies;
+    let sac_qkv = if m.fused_qkv || copies {
         fused_qkv
     } else {
         div(e * q, tp) + kv_tp
@@ -314,7 +333,9 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
     // V unexpanded (the fused qkv output when V is a view of it), the wq output when a q norm
     // saves its input, the FFN's kept matmul output, and Gemma's w2 output when the norm
     // after the MLP saves its input (without TP, where w2's output is that input).
+    // (torchtitan 0.3's split copies: the fused output is not among the no-AC saved tensors.)
     let qkv_overlap = match (m.fused_qkv, imp.gqa) {
+        _ if copies && !m.fused_qkv => 0,
         (true, _) if v_is_view => fused_qkv,
         (true, _) => 0,
         (false, Gqa::Native) => kv_tp,
@@ -356,7 +377,53 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
         input_alias: shared,
         per_block,
         first_block_less: 0,
+        rope_peak: if torchtitan03_block(plan, moe) {
+            // The attention norm's input (the block's) and rstd, its output, the split's q,
+            // k, v copies, the gathered cache rows, q and k in fp32 and their rotated
+            // complex products (fp32 bytes), and the rotated q and k back in e; under
+            // selective-op also the kept wqkv output. Measured on CPU (tiny: 237,568 B of
+            // the last block at 128 tokens beside its input, full AC).
+            // (A checkpointed block's norm keeps no rstd: its saved tensors are discarded.)
+            2 * e * h
+                + if plan.activation_checkpointing == crate::plan::Checkpointing::None {
+                    4
+                } else {
+                    0
+                }
+                + e * (q + 2 * kv)
+                + rope_rows
+                + 8 * (q + kv)
+                + e * (q + kv)
+                + if plan.activation_checkpointing == crate::plan::Checkpointing::SelectiveOp {
+                    e * (q + 2 * kv)
+                } else {
+                    0
+                }
+        } else {
+            0
+        },
+        add_peak: if torchtitan03_block(plan, moe)
+            && plan.activation_checkpointing == crate::plan::Checkpointing::None
+        {
+            no_ac + 2 * e * h
+        } else {
+            0
+        },
     }
+}
+
+/// Whether the block is torchtitan 0.3's dense Llama block whose forward moments were measured
+/// (fused wqkv split into copies, the per-layer RoPE cache gathered by position), without TP,
+/// CP, LoRA, float8 or compile.
+pub(crate) fn torchtitan03_block(plan: &Plan, moe: bool) -> bool {
+    !moe && plan.implementation.qkv == crate::plan::Qkv::FusedCopies
+        && plan.implementation.rotary == crate::plan::Rotary::PerLayer
+        && plan.model.is_llama_block()
+        && plan.lora.is_none()
+        && !plan.compile
+        && !plan.float8
+        && plan.parallel.tp == 1
+        && plan.parallel.cp == 1
 }
 
 /// Whether the attention output reaches wo as a copy that wo saves: the math backend's
@@ -366,6 +433,16 @@ pub fn block_activations(plan: &Plan, moe: bool) -> BlockActivations {
 /// call is a no-op.
 pub(crate) fn attention_output_copied(plan: &Plan) -> bool {
     plan.implementation.attention == Attention::Math || plan.parallel.cp > 1
+}
+
+/// Per-token bytes of the RoPE cache rows one block gathers by `positions` and saves
+/// (torchtitan 0.3, [`crate::plan::Rotary::PerLayer`]): complex64 for head_dim / 2 pairs,
+/// 4 x head_dim.
+pub(crate) fn rope_rows(plan: &Plan) -> u128 {
+    match plan.implementation.rotary {
+        crate::plan::Rotary::PerLayer => 4 * plan.model.head_dim as u128,
+        _ => 0,
+    }
 }
 
 /// What ring attention's backward (torch 2.11 `_templated_ring_attention_backward`) holds
@@ -433,6 +510,8 @@ fn autocast_block(plan: &Plan) -> BlockActivations {
         input_alias: norm_input_saved(m.norm, fused_norm, 4, h),
         per_block: 0,
         first_block_less: 0,
+        rope_peak: 0,
+        add_peak: 0,
     }
 }
 
@@ -537,6 +616,8 @@ fn lora_block(plan: &Plan, lora: crate::plan::Lora) -> BlockActivations {
         } else {
             norm + first_less_masks
         },
+        rope_peak: 0,
+        add_peak: 0,
     }
 }
 

@@ -83,7 +83,7 @@ pub fn logits_bytes(plan: &Plan, tokens: u128) -> LogitsBytes {
     // [`script`], summed in closed form for speed (a unit test checks them against it).
     let (projection, fwd, bwd) = per_logit(plan.implementation.logits, e);
     let freed = match plan.implementation.logits {
-        Logits::ComputeDtype => 0,
+        Logits::ComputeDtype | Logits::Chunked => 0,
         _ if e < 4 => e * tv,
         _ => 0,
     };
@@ -117,10 +117,10 @@ pub fn logits_bytes(plan: &Plan, tokens: u128) -> LogitsBytes {
             0
         },
         parallel_loss: lp * tv + lp_tokens,
-        loss_grad: if plan.implementation.logits == Logits::ComputeDtype {
-            e * tv
-        } else {
-            4 * tv
+        loss_grad: match plan.implementation.logits {
+            Logits::ComputeDtype => e * tv,
+            Logits::Chunked => 0,
+            _ => 4 * tv,
         },
     }
 }
@@ -147,7 +147,10 @@ pub fn vocab(plan: &Plan) -> u128 {
 /// shard against 12 without it, with TP 2 on CPU).
 #[inline]
 fn loss_parallel_extra(plan: &Plan, e: u128) -> u128 {
-    if plan.parallel.tp > 1 && plan.implementation.loss_parallel {
+    if plan.parallel.tp > 1
+        && plan.implementation.loss_parallel
+        && plan.implementation.logits != Logits::Chunked
+    {
         if plan.implementation.logits == Logits::ComputeDtype {
             e
         } else {
@@ -189,6 +192,7 @@ pub fn loss_input_slot(plan: &Plan) -> Slot {
 fn loss_input_and_log_softmax(mode: Logits, e: u128) -> (u128, u128) {
     match mode {
         Logits::ComputeDtype => (e, e),
+        Logits::Chunked => (0, 0),
         Logits::FloatInLoss | Logits::FloatInLossKept => (e, 4),
         Logits::FloatOutput | Logits::FloatOutputKept => (4, 4),
     }
@@ -208,6 +212,111 @@ fn per_logit(mode: Logits, e: u128) -> (u128, u128, u128) {
         Logits::FloatInLossKept if e == 4 => (e, 8, 16),
         Logits::FloatInLossKept => (e, e + 8, 12 + e),
         Logits::ComputeDtype => (e, 2 * e, 3 * e),
+        // The chunked loss has no [B, S, V] logits ([`chunked`]).
+        Logits::Chunked => (0, 0, 0),
+    }
+}
+
+/// torchtitan 0.3's chunked loss ([`Logits::Chunked`], `components/loss.py`,
+/// `ChunkedLossWrapper.__call__`) on one rank, for T tokens in N chunks of c = T / N, V
+/// vocabulary entries, hidden h and compute dtype e. Measured on CPU with torchtitan 0.3.0's
+/// own wrapper (docs/research/torchtitan-0.3.0-measured.md).
+///
+/// Through the loop: each chunk of the detached hidden states made contiguous (`_chunk_local`:
+/// e h T in all), the label and (with torchtitan's `positions`) position chunks (8 T each),
+/// and the `GradAccumulator`'s fp32 buffer (`zeros_like`, 4 h T). Per chunk, the output
+/// projection's logits (e c V, bound until the next chunk's), then `cross_entropy(pred.float())`
+/// and its backward at once (`chunk_loss.backward()`): the fp32 copy, log-softmax's output,
+/// nll's gradient and log-softmax's backward result (4 c V each, the copy freed before the
+/// backward), then the logits' gradient in e, and the projection's backward: its weight's
+/// unsharded gradient (e V h) and the chunk's input gradient (e c h). Under FSDP that weight's
+/// gradient accumulates across chunks unreduced (`set_requires_gradient_sync(False)` until the
+/// last chunk) in the reduce dtype when it is wider: torch 2.15 FSDP2 casts it at the first
+/// chunk's post-backward (`_fsdp_param_group.py`, `_set_unsharded_grad_dtypes`,
+/// `param.grad_dtype`), and every later chunk's gradient is cast by `AccumulateGrad` before
+/// the in-place add, so the r V h sum, the new e V h gradient and its r V h cast are alive
+/// together. The last chunk's reduce-scatter input (r V h) is kept by FSDP2 until the next
+/// unit's reduce-scatter, the final norm's at the start of the decoder's backward.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChunkedLoss {
+    /// Alive through the loop (logits category).
+    pub buffers: u128,
+    /// At the loop's highest moment: the chunk's logits and cross-entropy buffers and input
+    /// gradient (logits category), and the output weight's unsharded gradients (gradient
+    /// buffers).
+    pub peak_logits: u128,
+    pub peak_grads: u128,
+    /// The gradient the decoder's backward starts from: the accumulator cast to the compute
+    /// dtype (`grad_accumulator.result().to(hidden_states.dtype)`, the buffer itself in fp32),
+    /// saved by `_DecoderOutputGradientBackProp` until the final norm's backward: e h T.
+    pub incoming: u128,
+    /// The output weight's reduce-scatter input, kept into the decoder's backward.
+    pub rs_kept: u128,
+}
+
+/// [`ChunkedLoss`] for `tokens` on this rank; `output` is the output weight's unsharded
+/// elements, `fsdp` whether FSDP holds it (its gradient accumulates unsharded and is
+/// reduce-scattered) rather than the parameter itself (its gradient is the master-dtype
+/// `.grad`, counted with the gradients).
+pub fn chunked(plan: &Plan, tokens: u128, output: u128, fsdp: bool) -> ChunkedLoss {
+    let pr = &plan.precision;
+    let (e, r) = (pr.param.bytes() as u128, pr.reduce.bytes() as u128);
+    let h = plan.model.hidden as u128;
+    let n = plan.implementation.loss_chunks as u128;
+    let c = super::div(tokens, n);
+    let cv = c * vocab(plan);
+    let positions = match plan.implementation.rotary {
+        crate::plan::Rotary::PerLayer => 8 * tokens,
+        _ => 0,
+    };
+    // (With one sequence per rank each chunk is a contiguous slice: `.contiguous()` copies
+    // nothing; measured at batch 1.)
+    let copies = if plan.batch.micro_batch_size > 1 {
+        e * h * tokens + 8 * tokens + positions
+    } else {
+        0
+    };
+    let buffers = copies + 4 * h * tokens;
+    let logits = e * cv;
+    let input_grad = e * c * h;
+    // The logits' gradient the projection's backward reads: the fp32 result cast to e, or the
+    // result itself in fp32.
+    let grad_logits = if e < 4 { e * cv } else { 4 * cv };
+    let (new, acc, cast, rs) = if fsdp {
+        let acc_dtype = if r > e { r } else { e };
+        (
+            e * output,
+            if n >= 2 { acc_dtype * output } else { 0 },
+            if r > e { r * output } else { 0 },
+            r * output,
+        )
+    } else {
+        (pr.master.bytes() as u128 * output, 0, 0, 0)
+    };
+    // (logits-category bytes, gradient bytes) at each candidate moment of a chunk after the
+    // first (the sum so far exists): cross-entropy's backward, the projection's backward with
+    // both its outputs, and AccumulateGrad's cast; with one chunk, the reduce-scatter input
+    // beside the new gradient.
+    let moments = [
+        (logits + 12 * cv, acc),
+        (logits + grad_logits + input_grad, acc + new),
+        (logits + input_grad, acc + new + cast),
+        if n == 1 && fsdp {
+            (logits + input_grad, new + rs)
+        } else {
+            (0, 0)
+        },
+    ];
+    let (peak_logits, peak_grads) =
+        moments
+            .into_iter()
+            .fold((0, 0), |b, m| if m.0 + m.1 > b.0 + b.1 { m } else { b });
+    ChunkedLoss {
+        buffers,
+        peak_logits,
+        peak_grads,
+        incoming: e * h * tokens,
+        rs_kept: rs,
     }
 }
 
@@ -255,6 +364,12 @@ pub fn script(plan: &Plan) -> ([Step; 12], usize) {
     let e = plan.precision.param.bytes() as u128;
     let cap = if plan.model.final_logit_softcap { e } else { 0 };
     let mut out = [At(Moment::Projection); 12];
+    // The chunk loop has no whole-batch logits: its tensors are [`chunked`]'s, which the trace
+    // walks itself.
+    if plan.implementation.logits == Logits::Chunked {
+        (out[1], out[2]) = (At(Moment::Loss), At(Moment::LossBackward));
+        return (out, 3);
+    }
     let mut n = 0;
     {
         let mut push = |s: Step| {
@@ -299,6 +414,8 @@ pub fn script(plan: &Plan) -> ([Step; 12], usize) {
                 push(Alloc(LogSoftmax, e));
                 Some((Pred, e))
             }
+            // (Returned above.)
+            Logits::Chunked => None,
         };
         push(At(Moment::Loss));
         if matches!(

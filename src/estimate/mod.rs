@@ -181,9 +181,11 @@ pub(crate) struct Stage {
     logits: logits::LogitsBytes,
     /// Token ids, labels, loss and rotary table.
     inputs: u128,
-    /// Of the inputs, the rotary table and the pipeline's receive buffers.
+    /// Of the inputs, the rotary table and the pipeline's receive buffers, and FlexAttention's
+    /// block mask (alive from the mask's making to the end of the backward).
     rotary: u128,
     p2p: u128,
+    mask: u128,
     /// [`block_backward`] of the stage's larger block, for unsharded compute-dtype weight
     /// gradients and for master-dtype ones (FSDP off and no cast).
     working: [[u128; 4]; 2],
@@ -389,6 +391,32 @@ fn interleaved_peak(plan: &Plan, rank: u64, c: &Chunks) -> (u128, u128, u128, u1
     best.1
 }
 
+/// The FlexAttention `BlockMask` torchtitan 0.3 builds each step from `positions`
+/// (`models/common/decoder.py`, `_create_flex_attention_mask_for_document`, block size 128,
+/// torch `nn/attention/flex_attention.py`, `create_block_mask`), alive from before the
+/// forward to the end of the backward: per batch row, int32 block counts (`kv_num_blocks`,
+/// `full_kv_num_blocks`, `q_num_blocks`, `full_q_num_blocks`: 4 x nq each) and block indices
+/// (four of 4 x nq x nk), and the packed-document mask function's captured table
+/// (`models/common/attention.py`, `get_efficient_causal_mask_mod_for_packed_document`:
+/// int32 `doc_end_by_token` [B, S]; with one row, `document_id` [S] and `offsets` of S + 1
+/// rounded up to 128). Measured: 576 B at B 2, S 64.
+fn block_mask_bytes(plan: &Plan) -> u128 {
+    if plan.implementation.attention != crate::plan::Attention::Flex {
+        return 0;
+    }
+    let (b, s) = (
+        plan.batch.micro_batch_size as u128,
+        plan.batch.seq_len as u128,
+    );
+    let blocks = s.div_ceil(128);
+    let table = if b == 1 {
+        4 * s + 4 * (s + 1).div_ceil(128) * 128
+    } else {
+        4 * b * s
+    };
+    16 * b * blocks * (1 + blocks) + table
+}
+
 #[inline]
 fn stage(plan: &Plan, index: u64) -> Stage {
     let b = &plan.batch;
@@ -427,9 +455,17 @@ fn stage(plan: &Plan, index: u64) -> Stage {
     } else {
         (tokens, 0)
     };
+    // torchtitan 0.3: the step's int64 `positions` (every stage: its RoPE and masks read
+    // them) and, with FlexAttention, the `BlockMask` built from them.
+    let positions = match plan.implementation.rotary {
+        crate::plan::Rotary::PerLayer => 8 * ids_tokens * whole_step,
+        _ => 0,
+    };
     let ids = 8 * ids_tokens * whole_step * (p.first as u128 + p.last as u128)
         + 4 * p.last as u128
-        + cp_frame;
+        + cp_frame
+        + positions;
+    let mask = block_mask_bytes(plan);
     // Every model part of a pipeline rank carries its own rotary table (torchtitan splits the
     // model by copying it whole and deleting what a stage lacks; measured: one 8 x seq x
     // head_dim table per virtual stage).
@@ -441,6 +477,11 @@ fn stage(plan: &Plan, index: u64) -> Stage {
     let rotary = match plan.implementation.rotary {
         crate::plan::Rotary::Complex => parts * 8 * b.seq_len as u128 * m.head_dim as u128,
         crate::plan::Rotary::ComplexSeq => parts * 4 * b.seq_len as u128 * m.head_dim as u128,
+        // One cache per attention layer of the stage (torchtitan 0.3 builds a RoPE module,
+        // with its buffer, in every attention; `update_from_config` sizes each to seq_len).
+        crate::plan::Rotary::PerLayer => {
+            p.layers() as u128 * 4 * b.seq_len as u128 * m.head_dim as u128
+        }
         // Hugging Face's cos and sin take the hidden states' dtype: the compute dtype, or
         // under autocast the fp32 of the residual stream.
         crate::plan::Rotary::CosSin => {
@@ -475,9 +516,10 @@ fn stage(plan: &Plan, index: u64) -> Stage {
         0
     };
     Stage {
-        inputs: ids + rotary + p2p,
+        inputs: ids + rotary + p2p + mask,
         rotary,
         p2p,
+        mask,
         logits: if p.last {
             logits::logits_bytes(plan, tokens)
         } else {
@@ -669,9 +711,12 @@ pub(crate) struct Quantities {
     pub workspace: u128,
     pub workspace_forward: u128,
     pub inputs: u128,
-    /// Of the inputs, the rotary table and the pipeline's receive buffers.
+    /// Of the inputs, the rotary table and the pipeline's receive buffers, and the block mask
+    /// (made each step before the forward; `forward_backward_step`'s local, gone by the
+    /// optimizer step: measured 576 B less there on tiny).
     pub rotary: u128,
     pub p2p: u128,
+    pub mask: u128,
     /// Sharded master parameters, optimizer states, every sharded gradient, on the device.
     pub master: u128,
     pub states: u128,
@@ -739,6 +784,11 @@ pub(crate) struct Quantities {
     /// [norm, output] unit's sharded gradients through the blocks' backward, and its
     /// reduce-scatter input through the last block's.
     pub prefetch_first: u128,
+    /// Whether backward's prefetch of the next unit allocates anything before that unit runs:
+    /// not under FSDP on one GPU, where torch 2.15's `FSDPParamGroup.unshard` returns at
+    /// once and `wait_for_unshard` makes the unsharded copies when the unit runs
+    /// (`_fsdp_param_group.py`, "world_size == 1").
+    pub prefetches: bool,
     /// Under expert parallelism with an expert-FSDP mesh of one rank: the routed experts of a
     /// prefetched block, which are not gathered in advance (FSDP2's world-size-1 unshard
     /// makes their copy only when the block runs).
@@ -759,6 +809,27 @@ pub(crate) struct Quantities {
     pub root_grads: u128,
     pub root_rs: u128,
     pub opt_temporaries: u128,
+    /// torchtitan 0.3's chunked loss on this stage (zero without it), and [norm, output]'s
+    /// parameters its loop gathers (under the split units).
+    pub chunked: logits::ChunkedLoss,
+    pub loop_u: u128,
+    /// The chunked loss: what [norm, output]'s unshard for the final norm's backward holds
+    /// beside the copied-out parameters for a moment (the all-gather output; on one GPU the
+    /// output weight's cast to the compute dtype, torch 2.15 `_fsdp_param_group.py`,
+    /// `wait_for_unshard`, world size 1).
+    pub tail_unshard: u128,
+    /// The chunked loss: the bytes [norm, output]'s all-gather in forward holds beside the last
+    /// block's retained all-gather output (its cast input and output; on one GPU its copies and
+    /// the output weight's cast), when the norm runs.
+    pub tail_gather: u128,
+    /// torchtitan 0.3 (FSDP everywhere): a block's reduce-scatter output (its shard of the
+    /// reduce-dtype gradients) and the input gradient it passes on, at its post-backward.
+    pub post_reduce: u128,
+    pub block_grad_out: u128,
+    /// torchtitan 0.3's block: the stage's last block's bytes at its rotation and at its last
+    /// residual add ([`activations::BlockActivations::rope_peak`]), for one micro-batch.
+    pub rope_moment: u128,
+    pub add_moment: u128,
 }
 
 /// The cuBLAS workspace the first step's forward does not hold yet: the autograd thread's,
@@ -774,7 +845,9 @@ fn first_forward_lacks_workspace(plan: &Plan) -> u128 {
 }
 
 #[inline]
-pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
+/// `steady`: a steady step's quantities (else the first step's: they differ when gradients are
+/// zeroed, not freed, between steps, [`crate::plan::ZeroGrad::Zeros`]).
+pub(crate) fn quantities(plan: &Plan, st: &Stage, steady: bool) -> Quantities {
     let p = &st.p;
     let pr = &plan.precision;
     let (e, m, r) = (
@@ -804,12 +877,20 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     // into an unsharded buffer of its own (`_fsdp_param_group.py` l.368-392) even at fp32, so
     // it has copies where one device does not (docs/research/hsdp-torch-2.11-measured.md).
     let hsdp_solo = plan.parallel.dp_replicate > 1 && n == 1;
-    let copies =
-        (!lora || lora_fsdp) && !pr.autocast && (n > 1 || pr.param != pr.master || hsdp_solo);
+    // torchtitan 0.3 wraps the model in FSDP on one GPU too ([`Implementation::fsdp_one_gpu`]):
+    // copies in fp32 as well (measured on CPU: fp32 copies of each block while it computes).
+    let copies = (!lora || lora_fsdp)
+        && !pr.autocast
+        && (n > 1 || pr.param != pr.master || hsdp_solo || plan.implementation.fsdp_one_gpu);
     let on_gpu_params = plan.offload != Offload::Full;
     let states_on_gpu = plan.offload == Offload::None;
     let shard = p.shard_total();
-    let accum = plan.batch.grad_accum_steps > 1 || plan.parallel.pp > 1;
+    // Gradients zeroed, not freed (torchtitan 0.3): a steady step finds every sharded
+    // gradient alive from its start, as accumulation's later micro-batches do.
+    let zeroed = steady
+        && plan.implementation.zero_grad == crate::plan::ZeroGrad::Zeros
+        && plan.parallel.pp == 1;
+    let accum = plan.batch.grad_accum_steps > 1 || plan.parallel.pp > 1 || zeroed;
     let par = &plan.parallel;
     let pipelined = par.pp > 1;
     let micro = plan.batch.grad_accum_steps as u128;
@@ -1106,8 +1187,58 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
     } else {
         0
     };
+    // torchtitan 0.3's chunked loss ([`logits::chunked`]). Under the split units its loop
+    // gathers [norm, output] (`lm_head.unshard()`) and reshards it after the last chunk
+    // (`lm_head.reshard()`; and it leaves the unit's reshard-after-forward on, so from the
+    // second step the unit is resharded as the model returns whatever the policy); the output
+    // weight's gradient is reduce-scattered in the loop, so the unit's post-backward after the
+    // final norm's backward reduces the norm's alone.
+    let chunked = plan.implementation.logits == crate::plan::Logits::Chunked && p.last;
+    // FSDP on one GPU ([`crate::plan::Implementation::fsdp_one_gpu`]): no prefetch is
+    // materialised ([`Quantities::prefetches`]).
+    let solo_fsdp = copies && n == 1 && plan.implementation.fsdp_one_gpu;
+    let ch = if chunked {
+        logits::chunked(plan, st.tokens, p.output_unsharded, copies && split)
+    } else {
+        logits::ChunkedLoss::default()
+    };
+    let tail_norm = div(tail_u, e).saturating_sub(p.output_unsharded);
     Quantities {
         m,
+        chunked: ch,
+        loop_u: if chunked && split { tail_u } else { 0 },
+        post_reduce: if copies && plan.implementation.fsdp_one_gpu && !fsdp_pp {
+            div((big.unsharded - experts_solo) * r, n as u128)
+        } else {
+            0
+        },
+        block_grad_out: div(
+            st.tokens * plan.model.hidden as u128 * e,
+            if par.sp { par.tp as u128 } else { 1 },
+        ),
+        tail_gather: match (chunked && split, gathers) {
+            (false, _) => 0,
+            (true, true) if pr.param != pr.master => div(tail_u, n as u128) + tail_u,
+            (true, true) => tail_u,
+            (true, false) if pr.param != pr.master => tail_u + p.output_unsharded * e,
+            (true, false) => tail_u,
+        },
+        tail_unshard: match (chunked && split, gathers) {
+            (false, _) => 0,
+            (true, true) => tail_u,
+            (true, false) if pr.param != pr.master => p.output_unsharded * e,
+            (true, false) => 0,
+        },
+        rope_moment: if p.dense_layers > 0 && p.moe_layers == 0 {
+            st.tokens * st.dense.rope_peak
+        } else {
+            0
+        },
+        add_moment: if p.dense_layers > 0 && p.moe_layers == 0 {
+            st.tokens * st.dense.add_peak
+        } else {
+            0
+        },
         layers,
         walk: if interleaved.is_some() {
             div(layers, par.pp_virtual_stages as u128).max(1)
@@ -1122,6 +1253,7 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         inputs: st.inputs,
         rotary: st.rotary,
         p2p: st.p2p,
+        mask: st.mask,
         master: match (on_gpu_params, lora) {
             (false, _) => 0,
             (true, false) => shard * m,
@@ -1240,7 +1372,12 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
             1
         },
         retained_u: if split { tail_u - peft_norm } else { block_u },
-        prefetch_first: if split && reshard { emb_u * e } else { 0 },
+        prefetch_first: if split && reshard && !solo_fsdp {
+            emb_u * e
+        } else {
+            0
+        },
+        prefetches: !solo_fsdp,
         // At one shard rank FSDP2's prefetch (`unshard`, l.324-335) allocates nothing: a
         // prefetched block's copy is made only when it runs.
         prefetch_less: experts_solo * e + if hsdp_solo && !pipelined { block_u } else { 0 },
@@ -1250,10 +1387,10 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
         } else {
             0
         },
-        tail_rs: if split && !lora {
-            div(tail_u, e) * r
-        } else {
-            0
+        tail_rs: match (split && !lora, chunked) {
+            (true, false) => div(tail_u, e) * r,
+            (true, true) => tail_norm * r,
+            (false, _) => 0,
         },
         embedding_grad,
         // Under CPU offload each block's fp32 shard is copied to the device for its
@@ -1323,9 +1460,11 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage) -> Quantities {
 }
 
 /// Allocated bytes of every phase of a steady step for a stage, in [`PHASES`] order (the
-/// first step's are the same less the optimizer states, outside its optimizer phase).
-fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
-    let q = quantities(plan, st);
+/// first step's are the same less the optimizer states, outside its optimizer phase), or with
+/// `steady` false the first step's quantities (they differ when gradients are kept between
+/// steps).
+fn steady_phases(plan: &Plan, st: &Stage, steady: bool) -> [Wide; 5] {
+    let q = quantities(plan, st, steady);
     let ac = plan.activation_checkpointing;
     let mut base = Wide::default();
     base.0[9] = q.workspace;
@@ -1387,11 +1526,88 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                     blocks_mb + q.others_forward,
                     lg.kept_in_step,
                 );
-                let (u, a_, l) = [loss, projection, last_gather, block_end]
-                    .into_iter()
-                    .max_by_key(|(u, a_, l)| u + a_ + l)
-                    .unwrap_or(loss);
+                // torchtitan 0.3's block: inside the last block's forward, at its rotation
+                // (the earlier blocks' saved tensors beside it), and at its last residual add
+                // (measured on CPU; a checkpointed block's forward peaks at the first).
+                let (rope, add) = if q.rope_moment > 0 {
+                    let earlier = div(blocks_mb * q.walk.saturating_sub(1), q.walk.max(1));
+                    (
+                        (
+                            block_end.0,
+                            earlier + q.others_forward + q.rope_moment,
+                            block_end.2,
+                        ),
+                        if q.add_moment > 0 {
+                            (
+                                block_end.0,
+                                earlier + q.others_forward + q.add_moment,
+                                block_end.2,
+                            )
+                        } else {
+                            (0, 0, 0)
+                        },
+                    )
+                } else {
+                    ((0, 0, 0), (0, 0, 0))
+                };
+                // The chunked loss's [norm, output] all-gather, before the norm: every block's
+                // saved tensors and the last block's output (the norm's input), the last
+                // block's all-gather output still retained (resharded or, without resharding,
+                // every block still gathered). Measured on CPU: the forward's peak where the
+                // output weight outweighs a block.
+                let tail_gather = if q.tail_gather > 0 {
+                    let held_blocks = if plan.reshard_after_forward {
+                        0
+                    } else {
+                        layers
+                    };
+                    let sp = if plan.parallel.sp {
+                        plan.parallel.tp as u128
+                    } else {
+                        1
+                    };
+                    (
+                        q.root_u_blocks
+                            + (held_blocks + u128::from(gathers)) * block_u
+                            + q.tail_gather,
+                        blocks_mb
+                            + q.others_forward
+                            + div(
+                                st.tokens
+                                    * plan.model.hidden as u128
+                                    * plan.precision.param.bytes() as u128,
+                                sp,
+                            ),
+                        lg.kept_in_step,
+                    )
+                } else {
+                    (0, 0, 0)
+                };
+                let (u, a_, l) = [
+                    loss,
+                    projection,
+                    last_gather,
+                    block_end,
+                    rope,
+                    add,
+                    tail_gather,
+                ]
+                .into_iter()
+                .max_by_key(|(u, a_, l)| u + a_ + l)
+                .unwrap_or(loss);
                 (w.0[1], w.0[6], w.0[8]) = (u, a_, l);
+            }
+            Phase::LossBackward if q.chunked.buffers > 0 => {
+                // torchtitan 0.3's chunk loop at its highest moment ([`logits::chunked`]):
+                // [norm, output] gathered for it (under the split units, beside what forward
+                // left gathered), every activation and the head, the loop's buffers, the
+                // chunk's logits and the output weight's unsharded gradients.
+                let ch = q.chunked;
+                w.0[1] = root_u.max(q.loop_u) + held * block_u;
+                w.0[2] = grads_prior;
+                w.0[3] = ch.peak_grads;
+                w.0[6] = acts;
+                w.0[8] = ch.buffers + ch.peak_logits;
             }
             Phase::LossBackward => {
                 w.0[1] = root_u + held * block_u;
@@ -1425,6 +1641,42 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                 let shard_bytes = q.block_grad;
                 let (all, l) = (layers.max(1), q.walk.max(1));
                 let mut best = (0u128, [0u128; 5]);
+                if q.loop_u > 0 {
+                    // torchtitan 0.3's chunked loss under the split units: the final norm's
+                    // backward, before any block's. Its unit [norm, output] is gathered again,
+                    // the last block prefetched (every block still gathered without
+                    // resharding), the output weight's reduce-scatter input still kept from
+                    // the loop; the norm's incoming gradient (the loss's accumulated one), its
+                    // input gradient and weight gradient beside every activation and the
+                    // norm's own saved tensors (its output was freed by `del pred`). Measured
+                    // on CPU (docs/research/torchtitan-0.3.0-measured.md): as a GPU's fused
+                    // norm allocates only its outputs, this moment outweighs the last block's
+                    // backward when [norm, output] does (large vocabularies).
+                    // Three moments, in order: [norm, output]'s own unshard (its all-gather
+                    // output beside the copied-out parameters; on one GPU the output weight's
+                    // cast beside its copy), the last block's prefetch (its cast all-gather
+                    // input beside its output), and the norm's backward: the highest.
+                    let ch = q.chunked;
+                    let prefetch = plan.reshard_after_forward && q.prefetches;
+                    let held_blocks = if !plan.reshard_after_forward { all } else { 0 };
+                    let block = u128::from(prefetch) * block_u;
+                    let cast = if prefetch && q.gathers { q.cast_in } else { 0 };
+                    let norm = ch.incoming
+                        + plan.model.hidden as u128 * plan.precision.param.bytes() as u128;
+                    let moments = [(q.tail_unshard, 0), (block + cast, 0), (block, norm)];
+                    let (u, w_) =
+                        moments
+                            .into_iter()
+                            .fold((0, 0), |b, m| if m.0 + m.1 > b.0 + b.1 { m } else { b });
+                    let c = [
+                        q.root_u_blocks + q.loop_u + held_blocks * block_u + u,
+                        grads_prior + q.tail_grads,
+                        out_grad + ch.rs_kept,
+                        others + blocks_mb + q.head.saturating_sub(ch.incoming),
+                        ch.incoming + w_,
+                    ];
+                    best = (c.iter().sum(), c);
+                }
                 for j in [0, 1, l.saturating_sub(2), l - 1] {
                     if j >= l {
                         continue;
@@ -1433,7 +1685,7 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                     let gathered = if q.fsdp_pp && !plan.reshard_after_forward {
                         all
                     } else if plan.reshard_after_forward {
-                        2.min(l - j)
+                        (1 + u128::from(q.prefetches)).min(l - j)
                     } else {
                         l - j
                     };
@@ -1468,6 +1720,32 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                             best = (t, c);
                         }
                     }
+                    // torchtitan 0.3 (FSDP everywhere): the block's post-backward, its
+                    // reduce-scatter output made beside the input (the previous block's input
+                    // freed first, the block resharded, its unsharded gradients copied into the
+                    // input and freed): torch 2.15 `_fsdp_collectives.py`, `foreach_reduce`.
+                    // On one GPU the output is as large as the input (measured: the backward's
+                    // peak at batch 1).
+                    if q.post_reduce > 0 {
+                        let next = if plan.reshard_after_forward && q.prefetches && j + 1 < l {
+                            block_u
+                        } else if !plan.reshard_after_forward {
+                            (l - j - 1) * block_u
+                        } else {
+                            0
+                        };
+                        let c = [
+                            q.root_u_blocks + next + if j + 1 == l { q.prefetch_first } else { 0 },
+                            fixed[1],
+                            out_grad + rs + q.post_reduce,
+                            others + div(blocks_mb * (l - j - 1), l),
+                            q.block_grad_out,
+                        ];
+                        let t = c.iter().sum();
+                        if t > best.0 {
+                            best = (t, c);
+                        }
+                    }
                 }
                 let c = best.1;
                 (w.0[1], w.0[2], w.0[3], w.0[6], w.0[7]) = (c[0], c[1], c[2], c[3], c[4]);
@@ -1491,6 +1769,7 @@ fn steady_phases(plan: &Plan, st: &Stage) -> [Wide; 5] {
                 }
             }
             Phase::Optimizer => {
+                w.0[10] -= q.mask;
                 w.0[2] = grads_all;
                 w.0[4] = q.states;
                 w.0[5] = q.opt_temporaries;
@@ -1645,11 +1924,23 @@ fn estimate_for(plan: &Plan, only: Option<u64>) -> Result<Estimate> {
         }
         f
     };
+    // Gradients kept between steps: the first step's own phases (steady otherwise).
+    let zeroed = plan.implementation.zero_grad == crate::plan::ZeroGrad::Zeros;
     let build = |s: u64| {
         let st = stage(plan, s);
-        let walls = steady_phases(plan, &st);
-        let top = walls.iter().map(Wide::total).max().unwrap_or(0);
-        (top, st, walls)
+        let walls = steady_phases(plan, &st, true);
+        let first = if zeroed {
+            steady_phases(plan, &st, false)
+        } else {
+            walls
+        };
+        let top = walls
+            .iter()
+            .chain(first.iter())
+            .map(Wide::total)
+            .max()
+            .unwrap_or(0);
+        (top, st, (walls, first))
     };
     let mut stage_index = only.unwrap_or(0);
     let (top, mut st, mut walls) = build(stage_index);
@@ -1680,9 +1971,9 @@ fn estimate_for(plan: &Plan, only: Option<u64>) -> Result<Estimate> {
     let (runtime_w, capacity_w) = (runtime.get() as u128, capacity.get() as u128);
     for i in 0..10 {
         let w = if i < 5 {
-            first_of(&walls[i], PHASES[i])
+            first_of(&walls.1[i], PHASES[i])
         } else {
-            walls[i - 5]
+            walls.0[i - 5]
         };
         let allocated = w.total();
         // Every component is at most the total, so a total that fits 64 bits is checked once.
@@ -1702,9 +1993,9 @@ fn estimate_for(plan: &Plan, only: Option<u64>) -> Result<Estimate> {
     }
     let (phase, first) = (PHASES[peak.1 % 5], peak.1 < 5);
     let wide = if first {
-        first_of(&walls[peak.1], phase)
+        first_of(&walls.1[peak.1], phase)
     } else {
-        walls[peak.1 - 5]
+        walls.0[peak.1 - 5]
     };
     let breakdown = wide.into_breakdown()?;
     let peak_allocated = breakdown.total();

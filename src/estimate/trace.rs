@@ -322,7 +322,10 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
             format!("at most {MAX_TRACED_LAYERS} blocks per pipeline stage for a trace"),
         ));
     }
-    let q = quantities(plan, &st);
+    // The first step's quantities and a steady step's (they differ when gradients are kept
+    // between steps).
+    let qs = [quantities(plan, &st, false), quantities(plan, &st, true)];
+    let q = qs[0];
     let p = &st.p;
     let first_layer = (0..stage_index)
         .map(|s| super::params::stage_layers(plan.model.layers, plan.parallel.pp, s))
@@ -362,7 +365,7 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
         0,
     )?;
     w.alloc(
-        q.inputs - q.rotary - q.p2p,
+        q.inputs - q.rotary - q.p2p - q.mask,
         Category::Inputs,
         Owner::new(Module::Inputs, Part::Ids),
         0,
@@ -448,9 +451,20 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
     let mut backward_workspace = false;
     for first in [true, false] {
         w.first = first;
-        // torchtitan's `zero_grad()`: the gradients are set to None.
-        w.free_all(&mut grads);
+        let q = qs[usize::from(!first)];
+        // torchtitan's `zero_grad()`: the gradients are set to None (kept, zeroed, under
+        // [`crate::plan::ZeroGrad::Zeros`]).
+        if plan.implementation.zero_grad == crate::plan::ZeroGrad::SetToNone || pipelined {
+            w.free_all(&mut grads);
+        }
         w.begin(Section::Forward, walked[0]);
+        // FlexAttention's block mask, made before the forward, gone by the optimizer step.
+        let mask = w.alloc(
+            q.mask,
+            Category::Inputs,
+            Owner::new(Module::Inputs, Part::Ids),
+            0,
+        )?;
         // A pipeline stage: the other micro-batches in flight, and the gradients of earlier
         // micro-batches, as the estimator counts them.
         let mut others = w.alloc(
@@ -513,6 +527,7 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
             let mut acts: Vec<Vec<Option<T>>> = Vec::with_capacity(l as usize);
             let mut retained: Option<T> = None;
             let (mut last_gather, mut block_end) = ((0, 0), (0, 0));
+            let (mut rope, mut add) = ((0, 0), (0, 0));
             for i in 0..l {
                 if q.gathers {
                     let cast = w.alloc(
@@ -560,6 +575,18 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                 } else {
                     0
                 };
+                // torchtitan 0.3's block: the last block at its rotation, before it keeps
+                // anything (`Quantities::rope_moment`).
+                if i == l - 1 && q.rope_moment > 0 {
+                    let t = w.alloc(
+                        q.rope_moment,
+                        Category::Activations,
+                        layer(i, Part::Attention),
+                        0,
+                    )?;
+                    rope = w.now();
+                    w.free(t);
+                }
                 let mut mine = Vec::new();
                 match &saved {
                     Some((list, attn)) if list.iter().sum::<u128>() * st.tokens == a => {
@@ -596,6 +623,18 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                 acts.push(mine);
                 if i == l - 1 {
                     block_end = w.now();
+                    // And at its last residual add: w2's output and the block's beside its
+                    // saved tensors.
+                    if q.add_moment > 0 {
+                        let t = w.alloc(
+                            q.add_moment.saturating_sub(a),
+                            Category::Activations,
+                            layer(i, Part::FeedForward),
+                            0,
+                        )?;
+                        add = w.now();
+                        w.free(t);
+                    }
                 }
                 // Post-forward: reshard, but for the last block (torchtitan of 2024), or every
                 // block ([`crate::plan::FsdpUnits`]).
@@ -606,6 +645,31 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
             if !q.gathers && q.held == 0 {
                 w.free_all(&mut params[l as usize - 1]);
             }
+            // The chunked loss: [norm, output]'s all-gather before the norm, beside the last
+            // block's output and retained all-gather output (`Quantities::tail_gather`).
+            let mut tail_gather = (0, 0);
+            if q.tail_gather > 0 {
+                let out = w.alloc(
+                    st.tokens * plan.model.hidden as u128 * e
+                        / if plan.parallel.sp {
+                            plan.parallel.tp as u128
+                        } else {
+                            1
+                        },
+                    Category::Activations,
+                    layer(l - 1, Part::FeedForward),
+                    0,
+                )?;
+                let gather = w.alloc(
+                    q.tail_gather,
+                    Category::UnshardedParams,
+                    Owner::new(Module::Output, Part::AllGather),
+                    ALL_GATHER_STREAM,
+                )?;
+                tail_gather = w.now();
+                w.free(gather);
+                w.free(out);
+            }
             // The split units' [norm, output] all-gather: its output is the one retained.
             let mut tail = w.alloc(
                 q.head_u - q.root_u_blocks,
@@ -613,7 +677,8 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                 Owner::new(Module::Output, Part::Whole),
                 0,
             )?;
-            if q.retained_u != q.block_u {
+            // (One rank gathers nothing: no all-gather output to retain.)
+            if q.gathers && q.retained_u != q.block_u {
                 w.free(retained.take());
                 retained = w.alloc(
                     q.retained_u,
@@ -622,8 +687,17 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                     ALL_GATHER_STREAM,
                 )?;
             }
+            // The chunked loss: the norm's output (the model's, `pred`) is freed by `del pred`
+            // after the loss, the norm's own saved tensors by its backward.
+            let chunk = q.chunked;
             let head = w.alloc(
-                q.head,
+                q.head - chunk.incoming,
+                Category::Activations,
+                Owner::new(Module::Norm, Part::Whole),
+                0,
+            )?;
+            let mut pred = w.alloc(
+                chunk.incoming,
                 Category::Activations,
                 Owner::new(Module::Norm, Part::Whole),
                 0,
@@ -640,6 +714,7 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
             // returns.
             let tv = tokens * vocab;
             let mut slots: [Option<T>; 7] = [None; 7];
+            let (mut rs_kept, mut incoming) = (None, None);
             let (mut projection, mut loss, mut loss_backward) = ((0, 0), (0, 0), (0, 0));
             for step in &script[..script_len] {
                 match *step {
@@ -683,10 +758,18 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                         if marked {
                             // The estimator's choice among equal candidates: the last of
                             // (loss, projection, last gather, last block's end).
-                            let best = [loss, projection, last_gather, block_end]
-                                .into_iter()
-                                .max_by_key(|c| c.1)
-                                .unwrap_or(loss);
+                            let best = [
+                                loss,
+                                projection,
+                                last_gather,
+                                block_end,
+                                rope,
+                                add,
+                                tail_gather,
+                            ]
+                            .into_iter()
+                            .max_by_key(|c| c.1)
+                            .unwrap_or(loss);
                             w.point(PHASES[0].name(), best.0);
                         }
                         w.begin(Section::Backward, micro);
@@ -719,6 +802,58 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                                 0,
                             )?;
                         }
+                    }
+                    Step::At(Moment::LossBackward) if chunk.buffers > 0 => {
+                        // The chunk loop at its highest moment ([`logits::chunked`]), with
+                        // [norm, output] gathered again when forward resharded it.
+                        if tail.is_none() {
+                            tail = w.alloc(
+                                q.loop_u,
+                                Category::UnshardedParams,
+                                Owner::new(Module::Output, Part::Whole),
+                                0,
+                            )?;
+                        }
+                        let buffers = w.alloc(
+                            chunk.buffers,
+                            Category::Logits,
+                            Owner::new(Module::Loss, Part::Whole),
+                            0,
+                        )?;
+                        let logits = w.alloc(
+                            chunk.peak_logits,
+                            Category::Logits,
+                            Owner::new(Module::Output, Part::Logits),
+                            0,
+                        )?;
+                        let grad = w.alloc(
+                            chunk.peak_grads,
+                            Category::GradientBuffers,
+                            Owner::new(Module::Output, Part::Grad),
+                            0,
+                        )?;
+                        loss_backward = w.now();
+                        w.free(grad);
+                        w.free(logits);
+                        // The last chunk's reduce-scatter input stays; the loop reshards
+                        // [norm, output] (the norm's output and the accumulated gradient, in
+                        // the compute dtype, outlive it).
+                        rs_kept = w.alloc(
+                            chunk.rs_kept,
+                            Category::GradientBuffers,
+                            Owner::new(Module::Output, Part::ReduceScatter),
+                            0,
+                        )?;
+                        if q.loop_u > 0 {
+                            w.free(tail.take());
+                        }
+                        incoming = w.alloc(
+                            chunk.incoming,
+                            Category::BackwardWorkingSet,
+                            Owner::new(Module::Loss, Part::Grad),
+                            0,
+                        )?;
+                        w.free(buffers);
                     }
                     Step::At(Moment::LossBackward) => loss_backward = w.now(),
                 }
@@ -779,7 +914,12 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                 Owner::new(Module::Output, Part::Grad),
                 0,
             )?;
-            w.free(head);
+            // `del pred` (the chunked loss's model output).
+            w.free(pred.take());
+            let mut head = head;
+            if chunk.buffers == 0 {
+                w.free(head.take());
+            }
             // The split units' [norm, output] post-backward: resharded, its gradients reduced
             // into their shards, its reduce-scatter input kept until the next unit's.
             w.free(tail.take());
@@ -791,6 +931,75 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                 Owner::new(Module::Output, Part::Grad),
                 REDUCE_SCATTER_STREAM,
             )?;
+            let mut best = (0usize, 0u128, false);
+            if q.loop_u > 0 {
+                // The chunked loss: the final norm's backward, [norm, output] gathered again
+                // and the last block prefetched, beside the loss's accumulated gradient and
+                // the kept reduce-scatter input.
+                let transient = w.alloc(
+                    q.tail_unshard,
+                    Category::UnshardedParams,
+                    Owner::new(Module::Output, Part::AllGather),
+                    ALL_GATHER_STREAM,
+                )?;
+                tail = w.alloc(
+                    q.loop_u,
+                    Category::UnshardedParams,
+                    Owner::new(Module::Output, Part::Whole),
+                    0,
+                )?;
+                let at = w.now();
+                best = (at.0, at.1, true);
+                w.free(transient);
+                let mut cast = None;
+                if q.prefetches && params[l as usize - 1].is_empty() {
+                    if q.gathers {
+                        cast = w.alloc(
+                            q.cast_in,
+                            Category::UnshardedParams,
+                            layer(l - 1, Part::Shard),
+                            ALL_GATHER_STREAM,
+                        )?;
+                    }
+                    params[l as usize - 1] = w.alloc_split(
+                        q.block_u,
+                        unsharded_sizes,
+                        Category::UnshardedParams,
+                        layer(l - 1, Part::Whole),
+                        0,
+                    )?;
+                }
+                let at = w.now();
+                if at.1 > best.1 {
+                    best = (at.0, at.1, true);
+                }
+                w.free(cast);
+                let grad_in = w.alloc(
+                    chunk.incoming,
+                    Category::BackwardWorkingSet,
+                    Owner::new(Module::Norm, Part::Grad),
+                    0,
+                )?;
+                let grad_w = w.alloc(
+                    plan.model.hidden as u128 * e,
+                    Category::BackwardWorkingSet,
+                    Owner::new(Module::Norm, Part::Grad),
+                    0,
+                )?;
+                let at = w.now();
+                if at.1 > best.1 {
+                    best = (at.0, at.1, true);
+                }
+                // The norm's post-backward: its gradient reduced (the reduce-scatter input
+                // below), the unit resharded; its input gradient is the last block's incoming
+                // one, which the block's working set counts.
+                w.free(grad_w);
+                w.free(grad_in);
+                w.free(tail.take());
+            }
+            w.free(head.take());
+            w.free(incoming.take());
+            w.free(rs_kept.take());
             let mut rs_prev = w.alloc(
                 q.tail_rs,
                 Category::GradientBuffers,
@@ -800,12 +1009,11 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
             let mut prefetched = None;
             let mut partial = vec![false; l as usize];
             // The blocks, from the last.
-            let mut best = (0usize, 0u128, false);
             for j in 0..lw {
                 let i = l - 1 - j;
                 // Prefetch the next block to run (the one before); experts on a one-rank mesh
                 // are copied only when their block runs (`Quantities::prefetch_less`).
-                if i > 0 && params[i as usize - 1].is_empty() {
+                if q.prefetches && i > 0 && params[i as usize - 1].is_empty() {
                     params[i as usize - 1] = w.alloc_split(
                         q.block_u - q.prefetch_less,
                         unsharded_sizes.filter(|_| q.prefetch_less == 0),
@@ -889,6 +1097,28 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
                     layer(i, Part::ReduceScatter),
                     0,
                 )?;
+                // FSDP everywhere (torchtitan 0.3): the reduce-scatter output beside its
+                // input and the input gradient passed on (`Quantities::post_reduce`).
+                if q.post_reduce > 0 {
+                    let grad = w.alloc(
+                        q.block_grad_out,
+                        Category::BackwardWorkingSet,
+                        layer(i, Part::Grad),
+                        0,
+                    )?;
+                    let out = w.alloc(
+                        q.post_reduce,
+                        Category::GradientBuffers,
+                        layer(i, Part::ReduceScatter),
+                        REDUCE_SCATTER_STREAM,
+                    )?;
+                    let now = w.now();
+                    if now.1 > best.1 {
+                        best = (now.0, now.1, true);
+                    }
+                    w.free(out);
+                    w.free(grad);
+                }
                 if !grads_exist {
                     block_grads.push(w.alloc(
                         share(q.blocks_grads, l, j),
@@ -992,6 +1222,7 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
         }
         // The optimizer step.
         w.begin(Section::Optimizer, 0);
+        w.free(mask);
         w.free(others.take());
         w.free(sent.take());
         if first {
@@ -1076,6 +1307,12 @@ mod tests {
         r#"{"model":"tiny","gpu":"cpu","num_gpus":2,"preset":"hf-transformers","precision":{"param":"fp32","master":"fp32","reduce":"fp32"},"batch":{"micro_batch_size":2,"seq_len":64},"lora":{"rank":16,"targets":"all-linear","dropout":0.05}}"#,
         r#"{"model":"llama3-8b","gpu":"h100-80g","num_gpus":8,"preset":"hf-transformers","precision":{"param":"bf16","master":"fp32","reduce":"bf16"},"batch":{"micro_batch_size":2,"seq_len":4096},"activation_checkpointing":"full","lora":{"rank":16,"targets":"attention","dropout":0.05}}"#,
         r#"{"model":"llama3-8b","gpu":"h100-80g","num_gpus":8,"batch":{"micro_batch_size":1,"seq_len":2048},"lora":{"rank":64,"targets":"all-linear"}}"#,
+        r#"{"model":"tiny","gpu":"cpu","num_gpus":2,"preset":"torchtitan-0.3","batch":{"micro_batch_size":2,"seq_len":64}}"#,
+        r#"{"model":"tiny","gpu":"cpu","num_gpus":1,"preset":"torchtitan-0.3","precision":{"param":"fp32","master":"fp32","reduce":"fp32"},"batch":{"micro_batch_size":1,"seq_len":64},"activation_checkpointing":"full"}"#,
+        r#"{"model":"small","gpu":"cpu","num_gpus":4,"preset":"torchtitan-0.3","implementation":{"fsdp_units":"split-always"},"batch":{"micro_batch_size":2,"seq_len":128},"activation_checkpointing":"selective-op"}"#,
+        r#"{"model":"llama3-8b","gpu":"h100-80g","num_gpus":8,"preset":"torchtitan-0.3","batch":{"micro_batch_size":1,"seq_len":8192},"activation_checkpointing":"full"}"#,
+        r#"{"model":"llama3-8b","gpu":"h100-80g","num_gpus":8,"preset":"torchtitan-0.3","reshard_after_forward":false,"batch":{"micro_batch_size":2,"seq_len":4096},"activation_checkpointing":"selective-op","implementation":{"zero_grad":"set-to-none","loss_chunks":4}}"#,
+        r#"{"model":"llama3-8b","gpu":"h100-80g","num_gpus":1,"preset":"torchtitan-0.3","batch":{"micro_batch_size":1,"seq_len":2048},"activation_checkpointing":"full"}"#,
     ];
 
     #[test]

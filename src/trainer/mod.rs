@@ -332,7 +332,38 @@ fn check_supported(plan: &Plan, distributed: bool) -> Result<()> {
     }
     // What the trainer does not execute is refused, never run as something else.
     let imp = &plan.implementation;
-    let refused: [(bool, &str, String, &str); 10] = [
+    let refused: [(bool, &str, String, &str); 15] = [
+        (
+            imp.logits == crate::plan::Logits::Chunked,
+            "implementation.logits",
+            "\"chunked\"".into(),
+            "float-output, float-in-loss, compute-dtype or a kept mode: the trainer computes \
+             the whole batch's logits",
+        ),
+        (
+            imp.qkv == crate::plan::Qkv::FusedCopies,
+            "implementation.qkv",
+            "\"fused-copies\"".into(),
+            "separate: the trainer projects q, k and v with three linears",
+        ),
+        (
+            imp.zero_grad == crate::plan::ZeroGrad::Zeros,
+            "implementation.zero_grad",
+            "\"zeros\"".into(),
+            "set-to-none: the trainer frees the gradients after each step",
+        ),
+        (
+            imp.fsdp_one_gpu,
+            "implementation.fsdp_one_gpu",
+            "true".into(),
+            "false: the trainer wraps FSDP only over more than one rank",
+        ),
+        (
+            imp.rotary == crate::plan::Rotary::PerLayer,
+            "implementation.rotary",
+            "\"per-layer\"".into(),
+            "complex or complex-seq: the trainer builds one freqs_cis table",
+        ),
         (
             imp.optimizer == crate::plan::OptimizerImpl::FusedBf16States,
             "implementation.optimizer",

@@ -388,7 +388,10 @@ pub fn head_with(h: Tensor, norm: &Tensor, output: &Tensor, f: Flavor) -> TResul
     let logits = n.f_linear(output, None::<&Tensor>)?;
     let out = match f.logits {
         Logits::FloatOutput | Logits::FloatOutputKept => logits.f_to_kind(Kind::Float)?,
-        Logits::FloatInLoss | Logits::FloatInLossKept | Logits::ComputeDtype => logits,
+        // (The chunked loss is refused before a step runs.)
+        Logits::FloatInLoss | Logits::FloatInLossKept | Logits::ComputeDtype | Logits::Chunked => {
+            logits
+        }
     };
     drop(n);
     Ok(out)
