@@ -1,4 +1,5 @@
-//! torchtitan job configs (TOML) as plan input: `memplan estimate --torchtitan train.toml`.
+//! torchtitan job configs (TOML, and torchtitan 0.3's saved JSON) as plan input:
+//! `memplan estimate --torchtitan train.toml`.
 //!
 //! A torchtitan user already has the file that says what to train; this module reads it into a
 //! [`Job`]: a [`PlanFile`], the warnings the user should see, and for each plan field the TOML
@@ -25,6 +26,14 @@
 //!   TOML layout): `[parallelism]` (from 785c34c, 2025-03-18), `local_batch_size` and
 //!   `global_batch_size` (8570415, 2025-06-05), `model.converters` (57387af, 2025-02-15),
 //!   `[compile] enable` (08b8b24, 2025-08-20), `optimizer.implementation` (6e49885, 2025-02-24).
+//! - 0.3.0 (2026-09-03, [`from_json_str`]): no TOML; the `Trainer.Config` it saves with
+//!   `--debug.save_config_file` (JSON) is read through the same sections, plus `[loss]`
+//!   `num_chunks` (`ChunkedLossWrapper`) and `training.disable_cuda_graphs`; any 0.3-only key
+//!   (`loss.*`, `training.disable_cuda_graphs`, `parallelism.spmd_backend`,
+//!   `enable_sequence_parallel`, `enable_fsdp_symm_mem`) makes it a 0.3 config: preset
+//!   `torchtitan-0.3`, logits `chunked` with `loss_chunks` = `num_chunks` (a `[loss]` without
+//!   it: the plain cross-entropy, `float-in-loss`), `zero_grad` `set-to-none` when CUDA graphs
+//!   are disabled, and selective-op checkpointing when none is named.
 //! - Known keys (`TORCHTITAN_KEYS`): every key declared in those two files at f6a9daa, at
 //!   9810191~1, and at each commit between them that changed either file, so a config written
 //!   for any torchtitan of that span warns about typos only.
@@ -136,6 +145,9 @@ struct JobConfig {
     float8: Float8,
     compile: Compile,
     optimizer: Optimizer,
+    /// torchtitan 0.3's `loss` (`ChunkedLossWrapper.Config`: `num_chunks`; a plain
+    /// `CrossEntropyLoss.Config` has only `global_vocab_size`).
+    loss: Loss,
 }
 
 /// Section names of [`JobConfig`], for finding the key behind a type error.
@@ -148,7 +160,14 @@ const SECTIONS: &[&str] = &[
     "float8",
     "compile",
     "optimizer",
+    "loss",
 ];
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Loss {
+    num_chunks: Option<i64>,
+}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
@@ -183,6 +202,8 @@ struct Training {
     fsdp_reshard_after_forward: Option<String>,
     /// 2024 to March 2025; later under `[parallelism]`.
     disable_loss_parallel: Option<bool>,
+    /// torchtitan 0.3: False (the default) keeps the gradients between steps (`zero_grad(set_to_none=False)`).
+    disable_cuda_graphs: Option<bool>,
 }
 
 /// `[parallelism]` (2025); also 2024's `[experimental]`, which held the pipeline and context
@@ -356,10 +377,11 @@ struct Written {
     float8: KeysOf,
     compile: KeysOf,
     optimizer: KeysOf,
+    loss: KeysOf,
 }
 
 impl Written {
-    fn sections(&self) -> [(&'static str, &KeysOf); 8] {
+    fn sections(&self) -> [(&'static str, &KeysOf); 9] {
         [
             ("model", &self.model),
             ("training", &self.training),
@@ -369,6 +391,7 @@ impl Written {
             ("float8", &self.float8),
             ("compile", &self.compile),
             ("optimizer", &self.optimizer),
+            ("loss", &self.loss),
         ]
     }
 }
@@ -436,6 +459,7 @@ const TORCHTITAN_KEYS: &[(&str, &[&str])] = &[
             "dataset_path",
             "debug_moe_force_load_balance", // 99fee81 (2025-10-03) to 8228c08 (2025-10-28)
             "deterministic",                // to 8228c08 (2025-10-28)
+            "disable_cuda_graphs",          // 0.3.0
             "disable_loss_parallel",        // to 38e7ee7 (2025-03-14)
             "dtype",                        // from e99e16c (2025-09-16)
             "enable_cpu_offload",
@@ -465,6 +489,8 @@ const TORCHTITAN_KEYS: &[(&str, &[&str])] = &[
             "disable_loss_parallel",                     // from 785c34c (2025-03-18)
             "enable_async_tensor_parallel",              // from 785c34c (2025-03-18)
             "enable_compiled_autograd", // 785c34c (2025-03-18) to 10d694b (2025-10-24)
+            "enable_fsdp_symm_mem",     // 0.3.0
+            "enable_sequence_parallel", // 0.3.0
             "expert_parallel_comm_backend", // from 36a4b69 (2025-12-17)
             "expert_parallel_degree",   // from 01f4e50 (2025-07-08)
             "expert_tensor_parallel_degree", // from aeb3a4b (2025-08-13)
@@ -480,6 +506,7 @@ const TORCHTITAN_KEYS: &[(&str, &[&str])] = &[
             "pipeline_parallel_schedule", // from 785c34c (2025-03-18)
             "pipeline_parallel_schedule_csv", // from 785c34c (2025-03-18)
             "pipeline_parallel_split_points", // 785c34c (2025-03-18) to a82b77a (2025-10-12)
+            "spmd_backend",             // 0.3.0
             "tensor_parallel_degree",   // from 785c34c (2025-03-18)
         ],
     ),
@@ -552,6 +579,9 @@ const TORCHTITAN_KEYS: &[(&str, &[&str])] = &[
             "weight_decay", // from 7c8301a (2025-06-11)
         ],
     ),
+    // torchtitan 0.3.0 (2026-09-03) has no TOML: its `Trainer.Config` as saved by
+    // `--debug.save_config_file` (JSON, [`from_json_str`]) is read through this table too.
+    ("loss", &["global_vocab_size", "num_chunks"]), // 0.3.0
 ];
 
 /// Keys memplan reads that torchtitan never declared in that section. They are used, with a
@@ -613,10 +643,230 @@ const DEFAULT_LOCAL_BATCH: i64 = 8;
 /// torchtitan's default `training.seq_len`.
 const DEFAULT_SEQ_LEN: i64 = 2048;
 
-/// Reads a torchtitan job config file (at most 1 MiB) into a plan.
+/// Reads a torchtitan job config file (at most 1 MiB) into a plan: TOML (torchtitan to 0.2.x),
+/// or JSON, torchtitan 0.3's saved `Trainer.Config` ([`from_json_str`]).
 pub fn read(path: &Path) -> Result<Job> {
     let text = crate::input::read_text(path, "torchtitan config")?;
-    from_toml_str(&text, &path.display().to_string())
+    let origin = path.display().to_string();
+    let json = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"))
+        || crate::input::strip_bom(&text).trim_start().starts_with('{');
+    if json {
+        from_json_str(&text, &origin)
+    } else {
+        from_toml_str(&text, &origin)
+    }
+}
+
+/// Reads torchtitan 0.3's configuration. 0.3.0 has no TOML: a run is `--module llama3 --config
+/// llama3_8b` (a Python function returning a `Trainer.Config`) with `--section.key`
+/// overrides, and `--debug.save_config_file NAME` writes the resolved config as JSON
+/// (`trainer.py`, `Trainer.Config.to_dict`; `--debug.print_config` logs the same). This takes
+/// that JSON: `model_spec` (name, flavor), and of `training`, `parallelism`, `compile`,
+/// `optimizer` and `loss` the keys the TOML reader knows, each read as in a TOML file of the
+/// same sections; `activation_checkpoint` is its policy's fields (`null` for none,
+/// `force_recompute_mm_shapes_by_fqns` for selective, `memory_budget` for memory-budget, the
+/// bare base fields for full) and `optimizer.param_groups` names the optimizer. The result is
+/// a torchtitan 0.3 config: preset `torchtitan-0.3`, said in [`Job::note`].
+///
+/// ```
+/// let job = memplan::torchtitan::from_json_str(
+///     r#"{"model_spec": {"name": "llama3", "flavor": "8B", "model": {}},
+///         "training": {"local_batch_size": 1, "seq_len": 8192, "disable_cuda_graphs": false},
+///         "parallelism": {"data_parallel_shard_degree": -1, "spmd_backend": "spmd_types"},
+///         "activation_checkpoint": {"preserve_rng_state": true, "force_recompute_mm_shapes_by_fqns": []},
+///         "optimizer": {"param_groups": [{"pattern": ".*", "optimizer_name": "AdamW"}], "implementation": "fused"},
+///         "loss": {"num_chunks": 8, "loss_fn": {"global_vocab_size": 128256}}}"#,
+///     "config.json",
+/// )
+/// .unwrap();
+/// assert_eq!(job.plan.preset.as_deref(), Some("torchtitan-0.3"));
+/// assert_eq!(job.plan.implementation.logits.as_deref(), Some("chunked"));
+/// assert_eq!(job.plan.activation_checkpointing.as_deref(), Some("selective-op"));
+/// assert!(job.note.unwrap().contains("torchtitan-0.3"));
+/// ```
+pub fn from_json_str(text: &str, origin: &str) -> Result<Job> {
+    let doc: serde_json::Value =
+        serde_json::from_str(crate::input::strip_bom(text)).map_err(|e| {
+            Error::input(format!(
+                "torchtitan config {origin}: malformed JSON at line {} column {}: {}",
+                e.line(),
+                e.column(),
+                one_line(&e.to_string())
+            ))
+        })?;
+    let obj = doc
+        .as_object()
+        .filter(|o| {
+            o.contains_key("training")
+                && o.contains_key("parallelism")
+                && (o.contains_key("model_spec") || o.contains_key("loss"))
+        })
+        .ok_or_else(|| {
+            Error::input(format!(
+                "torchtitan config {origin}: a JSON config is torchtitan 0.3's Trainer.Config as \
+                 it saves it (--debug.save_config_file): an object with training, parallelism, \
+                 model_spec and loss"
+            ))
+        })?;
+    let section = |name: &str| obj.get(name).and_then(|v| v.as_object());
+    let mut t = toml::Table::new();
+    let mut copy =
+        |name: &str, from: Option<&serde_json::Map<String, serde_json::Value>>, keys: &[&str]| {
+            let mut out = toml::Table::new();
+            for &k in keys {
+                if let Some(v) = from.and_then(|f| f.get(k)).and_then(json_to_toml) {
+                    out.insert(k.to_string(), v);
+                }
+            }
+            if !out.is_empty() {
+                t.insert(name.to_string(), toml::Value::Table(out));
+            }
+        };
+    copy("model", section("model_spec"), &["name", "flavor"]);
+    copy(
+        "training",
+        section("training"),
+        &[
+            "local_batch_size",
+            "global_batch_size",
+            "seq_len",
+            "mixed_precision_param",
+            "mixed_precision_reduce",
+            "dtype",
+            "enable_cpu_offload",
+            "disable_cuda_graphs",
+        ],
+    );
+    let mut parallelism = section("parallelism").cloned().unwrap_or_default();
+    // An empty schedule file name is 0.3's "none".
+    if parallelism
+        .get("pipeline_parallel_schedule_csv")
+        .is_some_and(|v| v.as_str() == Some(""))
+    {
+        parallelism.remove("pipeline_parallel_schedule_csv");
+    }
+    copy(
+        "parallelism",
+        Some(&parallelism),
+        &[
+            "data_parallel_replicate_degree",
+            "data_parallel_shard_degree",
+            "tensor_parallel_degree",
+            "pipeline_parallel_degree",
+            "context_parallel_degree",
+            "expert_parallel_degree",
+            "pipeline_parallel_schedule",
+            "pipeline_parallel_schedule_csv",
+            "pipeline_parallel_microbatch_size",
+            "pipeline_parallel_layers_per_stage",
+            "pipeline_parallel_first_stage_less_layers",
+            "pipeline_parallel_last_stage_less_layers",
+            "module_fqns_per_model_part",
+            "fsdp_reshard_after_forward",
+            "spmd_backend",
+            "enable_sequence_parallel",
+        ],
+    );
+    copy("compile", section("compile"), &["enable"]);
+    copy("loss", section("loss"), &["num_chunks"]);
+    if section("loss").is_some_and(|l| !l.contains_key("num_chunks")) {
+        // The plain cross-entropy: the section says so.
+        let mut l = toml::Table::new();
+        l.insert("global_vocab_size".into(), toml::Value::Integer(0));
+        t.insert("loss".into(), toml::Value::Table(l));
+    }
+    // The checkpointing policy, by its fields.
+    let mode = match obj.get("activation_checkpoint") {
+        None => None,
+        Some(serde_json::Value::Null) => Some("none"),
+        Some(serde_json::Value::Object(ac)) if ac.contains_key("memory_budget") => {
+            Some("memory_budget")
+        }
+        Some(serde_json::Value::Object(ac))
+            if ac.contains_key("force_recompute_mm_shapes_by_fqns") =>
+        {
+            Some("selective")
+        }
+        Some(serde_json::Value::Object(_)) => Some("full"),
+        Some(_) => {
+            return Err(Error::invalid(
+                "activation_checkpoint",
+                "not an object",
+                "null or a checkpointing policy's fields",
+            ))
+        }
+    };
+    if let Some(mode) = mode {
+        let mut ac = toml::Table::new();
+        ac.insert("mode".into(), toml::Value::String(mode.into()));
+        if mode == "selective" {
+            ac.insert(
+                "selective_ac_option".into(),
+                toml::Value::String("op".into()),
+            );
+        }
+        t.insert("activation_checkpoint".into(), toml::Value::Table(ac));
+    }
+    // The optimizer: its implementation, and the name every parameter group uses.
+    if let Some(o) = section("optimizer") {
+        let mut out = toml::Table::new();
+        if let Some(v) = o.get("implementation").and_then(json_to_toml) {
+            out.insert("implementation".into(), v);
+        }
+        let mut names: Vec<&str> = o
+            .get("param_groups")
+            .and_then(|g| g.as_array())
+            .map(|groups| {
+                groups
+                    .iter()
+                    .filter_map(|g| g.get("optimizer_name").and_then(|n| n.as_str()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.dedup();
+        match names.as_slice() {
+            [] => {}
+            [one] => {
+                out.insert("name".into(), toml::Value::String(one.to_string()));
+            }
+            many => {
+                return Err(Error::invalid(
+                    "optimizer.param_groups",
+                    format!("{many:?}"),
+                    "one optimizer for every parameter group (AdamW or Adam)",
+                ))
+            }
+        }
+        if !out.is_empty() {
+            t.insert("optimizer".into(), toml::Value::Table(out));
+        }
+    }
+    let text = toml::to_string(&t)
+        .map_err(|e| Error::input(format!("torchtitan config {origin}: {e}")))?;
+    from_toml_str(&text, origin)
+}
+
+/// A JSON value as TOML (None for null, which TOML cannot write: the key is left out).
+fn json_to_toml(v: &serde_json::Value) -> Option<toml::Value> {
+    Some(match v {
+        serde_json::Value::Null => return None,
+        serde_json::Value::Bool(b) => toml::Value::Boolean(*b),
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => toml::Value::Integer(i),
+            None => toml::Value::Float(n.as_f64()?),
+        },
+        serde_json::Value::String(s) => toml::Value::String(s.clone()),
+        serde_json::Value::Array(a) => {
+            toml::Value::Array(a.iter().filter_map(json_to_toml).collect())
+        }
+        serde_json::Value::Object(o) => toml::Value::Table(
+            o.iter()
+                .filter_map(|(k, v)| json_to_toml(v).map(|v| (k.clone(), v)))
+                .collect(),
+        ),
+    })
 }
 
 /// Turns the text of a torchtitan job config into a plan; `origin` (a file name) goes into
@@ -1280,6 +1530,57 @@ impl Reader<'_> {
                     self.set("implementation.loss_parallel", key);
                 }
             }
+        }
+        // A torchtitan 0.3 config ([`from_json_str`]: its saved `Trainer.Config`; or a TOML
+        // written with its keys): the `torchtitan-0.3` preset (measured with torchtitan
+        // 0.3.0's own step on CPU: docs/research/torchtitan-0.3.0-measured.md), its chunked
+        // loss from `loss.num_chunks` (a `[loss]` without it is the plain cross-entropy),
+        // `training.disable_cuda_graphs` deciding whether gradients survive `zero_grad`, and
+        // selective (op) checkpointing when none is named (0.3's `Trainer.Config` default).
+        let layout_03 = self.lines.iter().any(|(k, _)| {
+            k.starts_with("loss.")
+                || k == "training.disable_cuda_graphs"
+                || k == "parallelism.spmd_backend"
+                || k == "parallelism.enable_sequence_parallel"
+                || k == "parallelism.enable_fsdp_symm_mem"
+        });
+        if layout_03 && plan.preset.is_none() {
+            plan.preset = Some("torchtitan-0.3".to_string());
+            if always && plan.implementation.fsdp_units.is_none() {
+                plan.implementation.fsdp_units = Some("split-always".to_string());
+            }
+            match cfg.loss.num_chunks {
+                Some(n) => {
+                    plan.implementation.logits = Some("chunked".to_string());
+                    plan.implementation.loss_chunks = Some(n);
+                    self.set("implementation.logits", "loss.num_chunks");
+                    self.set("implementation.loss_chunks", "loss.num_chunks");
+                }
+                None if self.lines.iter().any(|(k, _)| k.starts_with("loss.")) => {
+                    plan.implementation.logits = Some("float-in-loss".to_string());
+                    self.set("implementation.logits", "loss");
+                }
+                None => {}
+            }
+            if let Some(off) = cfg.training.disable_cuda_graphs {
+                plan.implementation.zero_grad =
+                    Some(if off { "set-to-none" } else { "zeros" }.to_string());
+                self.set("implementation.zero_grad", "training.disable_cuda_graphs");
+            }
+            // 0.3 has only op-level selective checkpointing (`SelectiveAC`).
+            let ac = &cfg.activation_checkpoint;
+            let selective = ac
+                .mode
+                .as_deref()
+                .is_none_or(|m| m.trim().eq_ignore_ascii_case("selective"));
+            if selective && ac.selective_ac_option.is_none() {
+                plan.activation_checkpointing = Some("selective-op".to_string());
+            }
+            self.note = Some(format!(
+                "torchtitan config {}: a torchtitan 0.3 config: preset torchtitan-0.3 (measured \
+                 against torchtitan 0.3.0's own step)",
+                self.origin
+            ));
         }
         // A config of the 2025 layout is a torchtitan of 0.1 to 0.2.x, whose step differs
         // from the December 2024 one memplan models (measured with torchtitan 0.2.2's own code

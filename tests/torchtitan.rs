@@ -1286,3 +1286,96 @@ fn a_2025_reshard_policy_sets_the_fsdp_units() {
         assert_eq!(plan.reshard_after_forward, reshard, "{policy}");
     }
 }
+
+/// torchtitan 0.3.0 has no TOML: its `Trainer.Config` as `--debug.save_config_file` writes it
+/// (JSON; the fixture is llama3_8b's from 0.3.0's config registry, with a batch of 2 and the
+/// model's own fields trimmed) is read, and picks the `torchtitan-0.3` preset and says so: the
+/// chunked loss with its chunks, gradients kept (CUDA graphs on), selective (op) checkpointing
+/// from the policy's fields, AdamW from the parameter groups.
+#[test]
+fn a_torchtitan_0_3_saved_config_picks_the_torchtitan_0_3_preset_and_says_so() {
+    let job = read(&fixture("llama3_8b_0.3.json")).unwrap();
+    let p = &job.plan;
+    assert_eq!(p.preset.as_deref(), Some("torchtitan-0.3"));
+    assert!(job
+        .note
+        .as_deref()
+        .unwrap()
+        .contains("torchtitan 0.3 config: preset torchtitan-0.3"));
+    assert_eq!(p.model.as_deref(), Some("llama3-8b"));
+    assert_eq!(p.batch.micro_batch_size, Some(2));
+    assert_eq!(p.batch.seq_len, Some(8192));
+    assert_eq!(p.activation_checkpointing.as_deref(), Some("selective-op"));
+    assert_eq!(p.implementation.logits.as_deref(), Some("chunked"));
+    assert_eq!(p.implementation.loss_chunks, Some(8));
+    assert_eq!(p.implementation.zero_grad.as_deref(), Some("zeros"));
+    assert_eq!(p.optimizer.as_deref(), Some("adamw"));
+    assert_eq!(p.implementation.optimizer.as_deref(), Some("fused"));
+    assert!(job.warnings.is_empty(), "{:?}", job.warnings);
+    let plan = with_gpus(p.clone(), 8).resolve().unwrap();
+    assert_eq!(plan.preset, memplan::plan::Preset::Torchtitan03);
+    assert_eq!(plan.parallel.dp_shard, 8);
+    assert!(plan.implementation.fsdp_one_gpu);
+    assert!(memplan::estimate::estimate(&plan).is_ok());
+}
+
+/// A TOML written with torchtitan 0.3's keys (`[loss]`, `training.disable_cuda_graphs`,
+/// `parallelism.spmd_backend`, ...) is a 0.3 config too; 0.3 checkpoints selectively by op
+/// unless told otherwise, and `disable_cuda_graphs = true` frees the gradients.
+#[test]
+fn torchtitan_0_3_keys_in_a_toml_pick_the_torchtitan_0_3_preset() {
+    let job = from_toml_str(
+        &format!(
+            "{LLAMA3_8B}[training]\nlocal_batch_size = 1\ndisable_cuda_graphs = true\n\
+             [loss]\nnum_chunks = 4\n"
+        ),
+        "train.toml",
+    )
+    .unwrap();
+    assert_eq!(job.plan.preset.as_deref(), Some("torchtitan-0.3"));
+    assert_eq!(job.plan.implementation.loss_chunks, Some(4));
+    assert_eq!(
+        job.plan.implementation.zero_grad.as_deref(),
+        Some("set-to-none")
+    );
+    assert_eq!(
+        job.plan.activation_checkpointing.as_deref(),
+        Some("selective-op")
+    );
+    assert!(job.warnings.is_empty(), "{:?}", job.warnings);
+    // The plain cross-entropy: a `[loss]` without chunks.
+    let job = from_toml_str(
+        &format!("{LLAMA3_8B}[parallelism]\nspmd_backend = \"spmd_types\"\n[loss]\nglobal_vocab_size = 128256\n"),
+        "train.toml",
+    )
+    .unwrap();
+    assert_eq!(job.plan.preset.as_deref(), Some("torchtitan-0.3"));
+    assert_eq!(
+        job.plan.implementation.logits.as_deref(),
+        Some("float-in-loss")
+    );
+}
+
+/// What a 0.3 JSON cannot be: another JSON document, a memory-budget policy (not modelled),
+/// or parameter groups with different optimizers.
+#[test]
+fn a_json_config_that_is_not_torchtitan_0_3_or_not_modelled_is_refused() {
+    use memplan::torchtitan::from_json_str;
+    let e = from_json_str(r#"{"model": "llama3-8b"}"#, "c.json").unwrap_err();
+    assert_eq!(e.kind(), Kind::Input);
+    assert!(e.to_string().contains("Trainer.Config"), "{e}");
+    let base = std::fs::read_to_string(fixture("llama3_8b_0.3.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&base).unwrap();
+    v["activation_checkpoint"] = serde_json::json!({"memory_budget": 0.5});
+    let e = from_json_str(&v.to_string(), "c.json").unwrap_err();
+    assert_eq!(e.field(), Some("activation_checkpoint.mode"), "{e}");
+    let mut v: serde_json::Value = serde_json::from_str(&base).unwrap();
+    v["optimizer"]["param_groups"] = serde_json::json!([
+        {"pattern": "bias", "optimizer_name": "AdamW"},
+        {"pattern": ".*", "optimizer_name": "DistMuon"}
+    ]);
+    let e = from_json_str(&v.to_string(), "c.json").unwrap_err();
+    assert_eq!(e.field(), Some("optimizer.param_groups"), "{e}");
+    let e = from_json_str("{", "c.json").unwrap_err();
+    assert!(e.to_string().contains("malformed JSON"), "{e}");
+}
