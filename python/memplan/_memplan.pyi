@@ -91,6 +91,10 @@ def estimate(
     optimizer_impl: Optional[str] = None,
     rotary: Optional[str] = None,
     fsdp_units: Optional[str] = None,
+    loss_chunks: Optional[int] = None,
+    qkv: Optional[str] = None,
+    zero_grad: Optional[str] = None,
+    fsdp_one_gpu: Optional[bool] = None,
     preset: Optional[str] = None,
 ) -> Estimate:
     """Estimate one plan.

@@ -212,6 +212,10 @@ const FIELDS: &[&str] = &[
     "optimizer_impl",
     "rotary",
     "fsdp_units",
+    "loss_chunks",
+    "qkv",
+    "zero_grad",
+    "fsdp_one_gpu",
     "preset",
 ];
 
@@ -358,6 +362,10 @@ fn source(
             "optimizer_impl" => a.optimizer_impl = Some(str_arg(key, &v)?),
             "rotary" => a.rotary = Some(str_arg(key, &v)?),
             "fsdp_units" => a.fsdp_units = Some(str_arg(key, &v)?),
+            "loss_chunks" => a.loss_chunks = Some(int_arg(key, &v)?),
+            "qkv" => a.qkv = Some(str_arg(key, &v)?),
+            "zero_grad" => a.zero_grad = Some(str_arg(key, &v)?),
+            "fsdp_one_gpu" => a.fsdp_one_gpu = Some(bool_arg(key, &v)?),
             "preset" => a.preset = Some(str_arg(key, &v)?),
             _ => {
                 return Err(Error::invalid(
