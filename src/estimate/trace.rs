@@ -234,15 +234,15 @@ fn saved_tensors(plan: &Plan, ac: crate::plan::Checkpointing) -> Option<(Vec<u12
     match ac {
         Checkpointing::Full => return Some((vec![div(e * h, sp)], 1)),
         Checkpointing::SelectiveOp => {
-            // Block input, wq and wv outputs, attention output and log-sum-exp, w1 and w2
-            // outputs.
-            v.extend([
-                div(e * h, sp),
-                div(e * q, tp),
-                div(e * kv, tp),
-                div(e * q, tp),
-                div(4 * heads, tp),
-            ]);
+            // Block input, wq and wv outputs (torchtitan 0.3: the fused wqkv's), attention
+            // output and log-sum-exp, w1 and w2 outputs.
+            v.push(div(e * h, sp));
+            if plan.implementation.qkv == crate::plan::Qkv::FusedCopies {
+                v.push(div(e * (q + 2 * kv), tp));
+            } else {
+                v.extend([div(e * q, tp), div(e * kv, tp)]);
+            }
+            v.extend([div(e * q, tp), div(4 * heads, tp)]);
             let attn = v.len();
             v.extend([div(e * f, tp), e * h]);
             return Some((v, attn));
@@ -259,6 +259,11 @@ fn saved_tensors(plan: &Plan, ac: crate::plan::Checkpointing) -> Option<(Vec<u12
         div(e * q, tp),
         div(4 * heads, tp),
     ]);
+    // torchtitan 0.3: the RoPE cache rows the block gathers.
+    let rope = super::activations::rope_rows(plan);
+    if rope > 0 {
+        v.push(rope);
+    }
     if math {
         v.push(div(e * heads * plan.batch.seq_len as u128, tp));
     }
