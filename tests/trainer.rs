@@ -306,6 +306,11 @@ fn refuses_what_it_cannot_emulate() {
             "implementation.fsdp_units",
         ),
         (r#""preset":"torchtitan-0.2""#, "implementation.rmsnorm"),
+        (r#""preset":"torchtitan-0.3""#, "implementation.logits"),
+        (
+            r#""implementation":{"zero_grad":"zeros"}"#,
+            "implementation.zero_grad",
+        ),
     ] {
         let e = train(&plan(&tiny(extra)), &opts).unwrap_err();
         assert_eq!(e.kind(), memplan::error::Kind::Input, "{extra}: {e}");
