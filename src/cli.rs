@@ -364,6 +364,36 @@ pub struct PlanArgs {
     /// quantisation); none by default.
     #[arg(long)]
     pub lora_quant: Option<String>,
+    /// DeepSpeed ZeRO stage, 2 or 3, over --num-gpus data-parallel ranks instead of FSDP
+    /// (Transformers Trainer / accelerate; implies --preset hf-transformers).
+    #[arg(long, allow_negative_numbers = true)]
+    pub zero: Option<i64>,
+    /// ZeRO's bucket and threshold keys as the Transformers docs' configs write them, "auto"
+    /// (filled from the hidden size); without it, DeepSpeed's defaults (accelerate without a
+    /// config file).
+    #[arg(long)]
+    pub zero_auto: bool,
+    /// ZeRO reduce_bucket_size: elements (5e8 allowed) or auto.
+    #[arg(long)]
+    pub zero_reduce_bucket_size: Option<String>,
+    /// ZeRO-3 stage3_prefetch_bucket_size: elements or auto.
+    #[arg(long)]
+    pub zero_prefetch_bucket_size: Option<String>,
+    /// ZeRO-3 stage3_param_persistence_threshold: elements or auto.
+    #[arg(long)]
+    pub zero_param_persistence_threshold: Option<String>,
+    /// ZeRO-3 stage3_max_live_parameters.
+    #[arg(long)]
+    pub zero_max_live_parameters: Option<String>,
+    /// ZeRO-3 stage3_max_reuse_distance.
+    #[arg(long)]
+    pub zero_max_reuse_distance: Option<String>,
+    /// ZeRO overlap_comm (default: true for stage 3, false for stage 2).
+    #[arg(long)]
+    pub zero_overlap_comm: Option<bool>,
+    /// ZeRO contiguous_gradients (default true).
+    #[arg(long)]
+    pub zero_contiguous_gradients: Option<bool>,
 }
 
 impl PlanArgs {
@@ -420,6 +450,7 @@ impl PlanArgs {
             pp_schedule: self.pp_schedule.clone(),
             pp_virtual_stages: self.pp_virtual_stages,
             cp_rotate: self.cp_rotate.clone(),
+            zero: self.zero_file(),
         };
         top.batch = plan::BatchFile {
             micro_batch_size: self.micro_batch_size,
@@ -472,6 +503,39 @@ impl PlanArgs {
             top.parallel.dp_shard = Some(-1);
         }
         Ok((base.overlay(top), job))
+    }
+
+    /// `parallel.zero` from the --zero flags, None when none is given.
+    fn zero_file(&self) -> Option<plan::ZeroFile> {
+        // --zero-auto fills the keys the Transformers docs' config of the stage says "auto".
+        let text = |v: &Option<String>, stage3: bool| {
+            v.clone()
+                .or_else(|| {
+                    (self.zero_auto && (!stage3 || self.zero != Some(2)))
+                        .then(|| "auto".to_string())
+                })
+                .map(|t| match t.trim().parse::<f64>() {
+                    Ok(x) => serde_json::json!(x),
+                    Err(_) => serde_json::Value::String(t),
+                })
+        };
+        let z = plan::ZeroFile {
+            stage: self.zero,
+            reduce_bucket_size: text(&self.zero_reduce_bucket_size, false),
+            prefetch_bucket_size: text(&self.zero_prefetch_bucket_size, true),
+            param_persistence_threshold: text(&self.zero_param_persistence_threshold, true),
+            max_live_parameters: self
+                .zero_max_live_parameters
+                .clone()
+                .map(serde_json::Value::String),
+            max_reuse_distance: self
+                .zero_max_reuse_distance
+                .clone()
+                .map(serde_json::Value::String),
+            overlap_comm: self.zero_overlap_comm,
+            contiguous_gradients: self.zero_contiguous_gradients,
+        };
+        (z != plan::ZeroFile::default()).then_some(z)
     }
 
     /// (plan field, flag) for every plan field a flag set, so errors name the flag.
@@ -603,6 +667,37 @@ impl PlanArgs {
             ),
             (self.lora_quant.is_some(), "lora.quant", "--lora-quant"),
             (self.autocast, "precision.autocast", "--autocast"),
+            (self.zero.is_some(), "parallel.zero.stage", "--zero"),
+            (
+                self.zero_reduce_bucket_size.is_some(),
+                "parallel.zero.reduce_bucket_size",
+                "--zero-reduce-bucket-size",
+            ),
+            (
+                self.zero_prefetch_bucket_size.is_some(),
+                "parallel.zero.prefetch_bucket_size",
+                "--zero-prefetch-bucket-size",
+            ),
+            (
+                self.zero_param_persistence_threshold.is_some(),
+                "parallel.zero.param_persistence_threshold",
+                "--zero-param-persistence-threshold",
+            ),
+            (
+                self.zero_max_live_parameters.is_some(),
+                "parallel.zero.max_live_parameters",
+                "--zero-max-live-parameters",
+            ),
+            (
+                self.zero_max_reuse_distance.is_some(),
+                "parallel.zero.max_reuse_distance",
+                "--zero-max-reuse-distance",
+            ),
+            (
+                self.zero_contiguous_gradients.is_some(),
+                "parallel.zero.contiguous_gradients",
+                "--zero-contiguous-gradients",
+            ),
         ];
         v.extend(more.iter().filter(|m| m.0).map(|m| (m.1, m.2)));
         v

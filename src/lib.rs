@@ -30,3 +30,4 @@ pub mod trainer;
 pub mod units;
 #[cfg(feature = "trainer")]
 pub mod validate;
+pub mod zero;

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::profiles::{self, GpuSpec, ModelSpec};
 use crate::units::Bytes;
+pub use crate::zero::ZeroFile;
 
 /// Largest degree, batch or sequence accepted: far beyond any real plan, small enough that
 /// products of a few of them stay inside 64 bits (the arithmetic is checked regardless).
@@ -102,6 +103,9 @@ pub struct ParallelFile {
     pub pp_virtual_stages: Option<i64>,
     /// How ring attention passes K and V: allgather (torchtitan's default) or alltoall.
     pub cp_rotate: Option<String>,
+    /// DeepSpeed ZeRO-2 or ZeRO-3 over num_gpus data-parallel ranks instead of FSDP
+    /// ([`crate::zero`]).
+    pub zero: Option<crate::zero::ZeroFile>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -534,6 +538,9 @@ pub struct Parallel {
     /// Virtual stages per rank (1 unless interleaved).
     pub pp_virtual_stages: u64,
     pub cp_rotate: CpRotate,
+    /// DeepSpeed ZeRO over dp_shard (= num_gpus) ranks, in place of FSDP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zero: Option<crate::zero::Zero>,
 }
 
 impl Parallel {
@@ -1208,7 +1215,12 @@ impl PlanFile {
             ));
         }
         let im = &self.implementation;
-        let preset = parse_opt("preset", &self.preset, Preset::Torchtitan2024)?;
+        // DeepSpeed ZeRO is modelled for Transformers' Trainer / accelerate: its preset.
+        let default_preset = match p.zero {
+            Some(_) => Preset::HfTransformers,
+            None => Preset::Torchtitan2024,
+        };
+        let preset = parse_opt("preset", &self.preset, default_preset)?;
         let d = preset.implementation();
         let implementation = Implementation {
             attention: parse_opt("implementation.attention", &im.attention, d.attention)?,
@@ -1383,6 +1395,19 @@ impl PlanFile {
                  gradients are reduced in less precision than they are computed"
             ));
         }
+        let zero = match &p.zero {
+            None => None,
+            Some(z) => Some(resolve_zero(
+                self,
+                z,
+                &model,
+                [dp_replicate, tp, pp, cp, ep],
+                (param, master, autocast, preset),
+                (&implementation, optimizer, offload),
+                (grad_accum_steps, activation_checkpointing, num_gpus),
+                &mut warnings,
+            )?),
+        };
         Ok(Plan {
             model,
             gpu,
@@ -1401,6 +1426,7 @@ impl PlanFile {
                 pp_schedule,
                 pp_virtual_stages,
                 cp_rotate,
+                zero,
             },
             batch: Batch {
                 micro_batch_size,
@@ -1435,6 +1461,103 @@ impl PlanFile {
             warnings,
         })
     }
+}
+
+/// `parallel.zero` resolved, and the rest of the plan checked against what was measured
+/// under DeepSpeed ZeRO ([`crate::zero`]).
+#[allow(clippy::too_many_arguments)]
+fn resolve_zero(
+    f: &PlanFile,
+    z: &crate::zero::ZeroFile,
+    model: &ModelSpec,
+    [dp_replicate, tp, pp, cp, ep]: [u64; 5],
+    (param, master, autocast, preset): (DType, DType, bool, Preset),
+    (im, optimizer, offload): (&Implementation, Optimizer, Offload),
+    (grad_accum, ac, num_gpus): (u64, Checkpointing, u64),
+    warnings: &mut Vec<String>,
+) -> Result<crate::zero::Zero> {
+    let reduce_set = match &f.precision.reduce {
+        Some(r) => Some(DType::parse(r)?),
+        None => None,
+    };
+    let shown = |v: &dyn fmt::Display| format!("\"{v}\"");
+    crate::zero::check_plan(
+        [
+            ("parallel.dp_replicate", dp_replicate),
+            ("parallel.tp", tp),
+            ("parallel.pp", pp),
+            ("parallel.cp", cp),
+            ("parallel.ep", ep),
+        ],
+        param,
+        master,
+        reduce_set,
+        autocast,
+        &[
+            (
+                "preset",
+                shown(&preset),
+                preset != Preset::HfTransformers,
+                "hf-transformers with parallel.zero (measured under Transformers' Trainer step)",
+            ),
+            (
+                "offload",
+                shown(&offload),
+                offload != Offload::None,
+                "none with parallel.zero (ZeRO-Offload and ZeRO-Infinity were not measured)",
+            ),
+            (
+                "lora",
+                "an adapter".to_string(),
+                f.lora.is_some(),
+                "no lora with parallel.zero (LoRA under ZeRO was not measured)",
+            ),
+            (
+                "optimizer",
+                shown(&optimizer),
+                !matches!(optimizer, Optimizer::AdamW | Optimizer::Adam),
+                "adamw or adam with parallel.zero (Trainer's adamw_torch_fused was measured)",
+            ),
+            (
+                "implementation.optimizer",
+                shown(&im.optimizer),
+                im.optimizer != OptimizerImpl::Fused,
+                "fused with parallel.zero (Trainer's adamw_torch_fused, the one measured)",
+            ),
+            (
+                "batch.grad_accum_steps",
+                grad_accum.to_string(),
+                grad_accum != 1,
+                "1 with parallel.zero (accumulation under ZeRO was not measured)",
+            ),
+            (
+                "activation_checkpointing",
+                shown(&ac),
+                !matches!(ac, Checkpointing::None | Checkpointing::Full),
+                "none or full with parallel.zero (Trainer's gradient_checkpointing)",
+            ),
+            (
+                "float8",
+                "true".to_string(),
+                f.float8 == Some(true) || f.compile == Some(true),
+                "false, and compile false, with parallel.zero (not measured)",
+            ),
+            (
+                "model",
+                format!("{:?}", model.name),
+                model.moe.is_some() || !model.is_llama_block(),
+                "a dense Llama-block decoder with parallel.zero (the layout measured)",
+            ),
+        ],
+    )?;
+    crate::zero::resolve(
+        z,
+        &crate::zero::Context {
+            model,
+            ranks: num_gpus,
+        },
+        warnings,
+    )
 }
 
 /// Autocast checked against what the estimator models: a dense Llama-block decoder

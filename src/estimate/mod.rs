@@ -34,6 +34,7 @@ pub mod overhead;
 pub mod params;
 pub mod simulate;
 pub mod trace;
+pub mod zero;
 
 use serde::Serialize;
 
@@ -1464,6 +1465,9 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage, steady: bool) -> Quantities {
 /// `steady` false the first step's quantities (they differ when gradients are kept between
 /// steps).
 fn steady_phases(plan: &Plan, st: &Stage, steady: bool) -> [Wide; 5] {
+    if let Some(z) = &plan.parallel.zero {
+        return zero::phases(plan, st, z);
+    }
     let q = quantities(plan, st, steady);
     let ac = plan.activation_checkpointing;
     let mut base = Wide::default();
@@ -1851,7 +1855,11 @@ fn simulated(
     conf_text: &str,
 ) -> Result<Estimate> {
     let layers = params::stage_layers(plan.model.layers, plan.parallel.pp, est.per_gpu.stage);
-    if !plan.gpu.caching_allocator || layers > trace::MAX_TRACED_LAYERS {
+    // (ZeRO's phases are not mirrored in the event trace: no simulation.)
+    if !plan.gpu.caching_allocator
+        || layers > trace::MAX_TRACED_LAYERS
+        || plan.parallel.zero.is_some()
+    {
         return Ok(est);
     }
     let t = trace::trace_with(plan, est.per_gpu.stage, trace::Detail::Groups)?;

@@ -307,6 +307,14 @@ pub fn trace_with(plan: &Plan, stage_index: u64, detail: Detail) -> Result<Trace
             format!("a pipeline stage from 0 to {}", plan.parallel.pp - 1),
         ));
     }
+    if plan.parallel.zero.is_some() {
+        return Err(Error::invalid(
+            "parallel.zero",
+            "a ZeRO plan",
+            "no parallel.zero for an event trace (DeepSpeed ZeRO's phases are estimated, \
+             not traced event by event)",
+        ));
+    }
     let st = stage(plan, stage_index);
     // Of one block's backward working set, the recomputed activations (checkpointing); of
     // its saved activations without checkpointing, the feed-forward half's.

@@ -135,7 +135,14 @@ pub fn plan_summary(p: &Plan) -> String {
     let mut deg = vec![];
     for (name, v) in [
         ("dp_replicate", par.dp_replicate),
-        ("fsdp", par.dp_shard),
+        (
+            match par.zero.map(|z| z.stage) {
+                Some(2) => "deepspeed zero-2",
+                Some(_) => "deepspeed zero-3",
+                None => "fsdp",
+            },
+            par.dp_shard,
+        ),
         ("tp", par.tp),
         ("pp", par.pp),
         ("cp", par.cp),
@@ -235,7 +242,10 @@ pub fn layout(c: &Candidate) -> String {
     if p.dp_replicate > 1 {
         parts.push(format!("rep {}", p.dp_replicate));
     }
-    parts.push(format!("fsdp {}", p.dp_shard));
+    match &p.zero {
+        Some(z) => parts.push(format!("deepspeed zero-{} {}", z.stage, p.dp_shard)),
+        None => parts.push(format!("fsdp {}", p.dp_shard)),
+    }
     for (name, v) in [("tp", p.tp), ("pp", p.pp), ("cp", p.cp), ("ep", p.ep)] {
         if v > 1 {
             parts.push(format!("{name} {v}"));
