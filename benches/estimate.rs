@@ -18,6 +18,35 @@ fn one(c: &mut Criterion) {
     });
 }
 
+/// DeepSpeed ZeRO-2 and ZeRO-3 ("auto" buckets) on 8 GPUs: the ZeRO-2 estimate takes each
+/// rank's grads_in_partition, the most loaded rank's.
+fn zero(c: &mut Criterion) {
+    for (name, zero) in [
+        (
+            "estimate/one (llama3-8b zero-2 auto, 8 GPUs)",
+            r#"{"stage":2,"reduce_bucket_size":"auto","overlap_comm":true}"#,
+        ),
+        (
+            "estimate/one (small zero-3 auto, 8 GPUs)",
+            r#"{"stage":3,"reduce_bucket_size":"auto","prefetch_bucket_size":"auto","param_persistence_threshold":"auto"}"#,
+        ),
+    ] {
+        let (model, seq) = if name.contains("8b") {
+            ("llama3-8b", 2048)
+        } else {
+            ("small", 512)
+        };
+        let plan = serde_json::from_str::<PlanFile>(&format!(
+            r#"{{"model":"{model}","gpu":"h100-80g","num_gpus":8,"batch":{{"micro_batch_size":1,"seq_len":{seq}}},
+                "activation_checkpointing":"full","parallel":{{"zero":{zero}}}}}"#
+        ))
+        .unwrap()
+        .resolve()
+        .unwrap();
+        c.bench_function(name, |b| b.iter(|| estimate(black_box(&plan)).unwrap()));
+    }
+}
+
 /// 100,000 plans: FSDP degrees x checkpointing modes x offload modes x micro-batches x
 /// accumulation x sequence lengths (9 x 4 x 3 x 64 x 15 = 103,680, truncated at 100,000),
 /// each estimated in full, on one thread.
@@ -116,5 +145,5 @@ fn traced(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, one, sweep, search_64, traced);
+criterion_group!(benches, one, zero, sweep, search_64, traced);
 criterion_main!(benches);

@@ -1435,7 +1435,8 @@ impl PlanFile {
             },
             precision: Precision {
                 param,
-                reduce,
+                // ZeRO reduces in the model dtype (communication_data_type).
+                reduce: if zero.is_some() { param } else { reduce },
                 master,
                 autocast,
             },

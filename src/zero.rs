@@ -108,14 +108,14 @@ pub struct Group {
     pub period: ParamList,
     pub reps: u64,
     pub tail: u64,
+    /// Elements of one period.
+    pub per: u128,
 }
 
 impl Group {
     /// Elements of the group.
     pub fn numel(&self) -> u128 {
-        self.head as u128
-            + self.reps as u128 * self.period.iter().map(|p| p.numel() as u128).sum::<u128>()
-            + self.tail as u128
+        self.head as u128 + self.reps as u128 * self.per + self.tail as u128
     }
     /// Every tensor's numel, as (numel, how many such tensors).
     pub fn tensors(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
@@ -134,10 +134,12 @@ impl Group {
         if x < head {
             return (0, head);
         }
-        let per: u128 = self.period.iter().map(|p| p.numel() as u128).sum();
+        let per = self.per;
         let body = per * self.reps as u128;
         if x < head + body {
-            let (k, mut off) = ((x - head) / per, (x - head) % per);
+            // (64-bit division: every group of an accepted model is below 2^64 elements.)
+            let (x_, per_) = ((x - head) as u64, per as u64);
+            let (k, mut off) = ((x_ / per_) as u128, (x_ % per_) as u128);
             let mut start = head + k * per;
             for p in self.period.iter() {
                 let n = p.numel() as u128;
@@ -197,15 +199,18 @@ pub fn groups(m: &ModelSpec) -> [Group; 2] {
         vecs = rot;
     }
     let (v, h) = (m.vocab, m.hidden);
+    let per = |l: &ParamList| l.iter().map(|p| p.numel() as u128).sum();
     [
         Group {
             head: v * h,
+            per: per(&mats),
             period: mats,
             reps: m.layers,
             tail: if m.tied_embeddings { 0 } else { v * h },
         },
         Group {
             head: 0,
+            per: per(&vecs),
             period: vecs,
             reps: m.layers,
             tail: h,
@@ -444,5 +449,5 @@ pub fn check_plan(
 /// Partition elements of one parameter under ZeRO-3: ceil(numel / n)
 /// (partition_parameters.py:1690-1696, 1816-1817).
 pub fn z3_partition(numel: u64, n: u64) -> u128 {
-    (numel as u128).div_ceil(n as u128)
+    numel.div_ceil(n) as u128
 }

@@ -58,7 +58,7 @@ fn stage2(plan: &Plan, z: &Zero, gs: &[Group; 2], n: u128, e: u128) -> Owned {
         g_count += 1;
         // A_g = ceil(phi / 2n) 2n: alignment nccl_start_alignment_factor 2 x n (l.387,
         // l.436-446); part_g = A_g / n.
-        let a = phi.div_ceil(2 * n) * 2 * n;
+        let a = div(phi + 2 * n - 1, 2 * n) * 2 * n;
         part[i] = div(a, n);
         lp += e * a;
         parts += part[i];
@@ -106,7 +106,8 @@ fn stage2(plan: &Plan, z: &Zero, gs: &[Group; 2], n: u128, e: u128) -> Owned {
         m.vocab * m.hidden
     } as u128
         + m.hidden as u128;
-    let early = head + m.block_param_count() as u128 > z.reduce_bucket_size as u128;
+    let block = gs.iter().map(|g| g.per).sum::<u128>();
+    let early = head + block > z.reduce_bucket_size as u128;
     Owned {
         master: 4 * parts,
         static_params: lp,
