@@ -311,6 +311,10 @@ fn refuses_what_it_cannot_emulate() {
             r#""implementation":{"zero_grad":"zeros"}"#,
             "implementation.zero_grad",
         ),
+        (
+            r#""num_gpus":2,"preset":"hf-transformers","parallel":{"zero":{"stage":3}}"#,
+            "parallel.zero",
+        ),
     ] {
         let e = train(&plan(&tiny(extra)), &opts).unwrap_err();
         assert_eq!(e.kind(), memplan::error::Kind::Input, "{extra}: {e}");

@@ -332,7 +332,14 @@ fn check_supported(plan: &Plan, distributed: bool) -> Result<()> {
     }
     // What the trainer does not execute is refused, never run as something else.
     let imp = &plan.implementation;
-    let refused: [(bool, &str, String, &str); 15] = [
+    let refused: [(bool, &str, String, &str); 16] = [
+        (
+            plan.parallel.zero.is_some(),
+            "parallel.zero",
+            "a DeepSpeed ZeRO stage".into(),
+            "absent: the trainer runs FSDP2, not DeepSpeed (ZeRO plans are estimated and \
+             measured against DeepSpeed itself: src/trainer/deepspeed_reference.py)",
+        ),
         (
             imp.logits == crate::plan::Logits::Chunked,
             "implementation.logits",
