@@ -1464,6 +1464,7 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage, steady: bool) -> Quantities {
 /// first step's are the same less the optimizer states, outside its optimizer phase), or with
 /// `steady` false the first step's quantities (they differ when gradients are kept between
 /// steps).
+#[inline]
 fn steady_phases(plan: &Plan, st: &Stage, steady: bool) -> [Wide; 5] {
     if let Some(z) = &plan.parallel.zero {
         return zero::phases(plan, st, z);
@@ -1934,17 +1935,14 @@ fn estimate_for(plan: &Plan, only: Option<u64>) -> Result<Estimate> {
     };
     // Gradients kept between steps: the first step's own phases (steady otherwise).
     let zeroed = plan.implementation.zero_grad == crate::plan::ZeroGrad::Zeros;
+    // (The first step's walls only where they differ: copying them costs the fast path.)
     let build = |s: u64| {
         let st = stage(plan, s);
         let walls = steady_phases(plan, &st, true);
-        let first = if zeroed {
-            steady_phases(plan, &st, false)
-        } else {
-            walls
-        };
+        let first = zeroed.then(|| steady_phases(plan, &st, false));
         let top = walls
             .iter()
-            .chain(first.iter())
+            .chain(first.iter().flatten())
             .map(Wide::total)
             .max()
             .unwrap_or(0);
@@ -1979,7 +1977,7 @@ fn estimate_for(plan: &Plan, only: Option<u64>) -> Result<Estimate> {
     let (runtime_w, capacity_w) = (runtime.get() as u128, capacity.get() as u128);
     for i in 0..10 {
         let w = if i < 5 {
-            first_of(&walls.1[i], PHASES[i])
+            first_of(&walls.1.as_ref().unwrap_or(&walls.0)[i], PHASES[i])
         } else {
             walls.0[i - 5]
         };
@@ -2001,7 +1999,7 @@ fn estimate_for(plan: &Plan, only: Option<u64>) -> Result<Estimate> {
     }
     let (phase, first) = (PHASES[peak.1 % 5], peak.1 < 5);
     let wide = if first {
-        first_of(&walls.1[peak.1], phase)
+        first_of(&walls.1.as_ref().unwrap_or(&walls.0)[peak.1], phase)
     } else {
         walls.0[peak.1 - 5]
     };
