@@ -62,6 +62,9 @@ pub enum Gather {
     WholeModel,
     /// prefetch_bucket_size 0 and max_reuse_distance 0: only the module running.
     CurrentModule,
+    /// Any other setting on a model whose module order [`z3_replay`] knows: the bytes come
+    /// from replaying the coordinator.
+    Replay,
 }
 
 /// DeepSpeed's defaults (`runtime/zero/config.py`: reduce_bucket_size l.113,
@@ -366,6 +369,9 @@ fn gather_rule(z: &Zero, cx: &Context) -> Result<Gather> {
         // One rank gathers nothing (NoGatherHandle, partition_parameters.py:1559-1560).
         return Ok(Gather::WholeModel);
     }
+    if z3_replayable(cx.model) {
+        return Ok(Gather::Replay);
+    }
     if (z.prefetch_bucket_size > 0 && non_persistent <= z.max_live_parameters as u128)
         || z.max_reuse_distance as u128 >= 2 * total
     {
@@ -381,7 +387,8 @@ fn gather_rule(z: &Zero, cx: &Context) -> Result<Gather> {
             "at least the model's {non_persistent} non-persistent parameters with \
              prefetch_bucket_size above 0, or max_reuse_distance at least {} (twice the \
              model), or prefetch_bucket_size 0 with max_reuse_distance 0: otherwise ZeRO-3's \
-             gathered parameters depend on a replay of its prefetch, which memplan does not model",
+             gathered parameters need a replay of its prefetch, which memplan has only for a \
+             Llama model (untied head, RMSNorm, no biases, up to {REPLAY_MAX_LAYERS} layers)",
             2 * total
         ),
     ))
@@ -450,4 +457,273 @@ pub fn check_plan(
 /// (partition_parameters.py:1690-1696, 1816-1817).
 pub fn z3_partition(numel: u64, n: u64) -> u128 {
     numel.div_ceil(n) as u128
+}
+
+/// Layers up to which ZeRO-3's coordinator is replayed (fixed buffers on the stack; Llama
+/// 3.1 405B has 126).
+pub const REPLAY_MAX_LAYERS: u64 = 160;
+const REPLAY_PARAMS: usize = 3 + 9 * REPLAY_MAX_LAYERS as usize;
+/// Forward (4 + 13 L + 2 module calls) and backward with checkpoint recompute (4 + 25 L + 1).
+const REPLAY_TRACE: usize = 11 + 38 * REPLAY_MAX_LAYERS as usize;
+const NO_PARAM: u16 = u16::MAX;
+
+/// Whether [`z3_replay`] knows the model's module order: a Llama block (input_layernorm,
+/// q, k, v, o, post_attention_layernorm, gate, up, down; RMSNorm, no biases) and an untied
+/// output projection, every module holding at most one parameter, as the measured tiny and
+/// small models.
+pub fn z3_replayable(m: &ModelSpec) -> bool {
+    let b = m.block_params();
+    let mut shape = [false; 9];
+    for (s, p) in shape.iter_mut().zip(b.iter()) {
+        *s = p.cols > 1;
+    }
+    b.len() == 9
+        && m.layers >= 1
+        && m.layers <= REPLAY_MAX_LAYERS
+        && m.moe.is_none()
+        && !m.tied_embeddings
+        && m.norm == crate::profiles::NormKind::Rms
+        && shape == [false, true, true, true, true, false, true, true, true]
+}
+
+/// ZeRO-3's gathered parameters (bytes, persistent ones excluded) at the points memplan
+/// estimates: forward (its largest), the loss's backward, a block's backward (the largest
+/// over the blocks) and the embedding's backward (the last module).
+///
+/// Replays DeepSpeed's `PartitionedParameterCoordinator` (partitioned_param_coordinator.py,
+/// deepspeed 0.19.8) over a Llama model's module calls as the trace recorded by
+/// src/trainer/deepspeed_reference.py has them: the forward (root, model, embedding, rotary,
+/// per layer: layer, input_layernorm, self_attn, q, k, v, o, post_attention_layernorm, mlp,
+/// gate, act, up, down; norm, head), then the backward (root, head, model, norm, per layer
+/// from the last: layer, mlp, down, under full checkpointing the layer's recompute
+/// (input_layernorm .. down without the layer and rotary), up, act, gate,
+/// post_attention_layernorm, self_attn, o, v, k, q, input_layernorm; embedding). At each
+/// module call:
+/// - fetch (`_fetch_sub_module_impl` l.353-490): its parameter is gathered alone (a buffer of
+///   ceil(numel/n) n elements, partition_parameters.py:1376-1391) unless available or in
+///   flight; one in flight is waited, which copies every parameter of its handle out of the
+///   flat buffer (numel each, l.782-795);
+/// - the parameter-use queue advances past the module's parameter when it was not already
+///   marked as used here, then prefetch pops uses (marking each parameter used at that
+///   point) until the numel of new parameters reaches min(max_live - available numel,
+///   prefetch_bucket_size), gathering them as one handle (sum of ceil(numel/n) n);
+/// - release (`release_sub_module` l.494-534, `__params_to_release` l.634-664): the module's
+///   parameter unless persistent, marked as used after this module, or used again before
+///   max_reuse_distance numel of parameter uses.
+///
+/// Equal, on every trace position, to the replay of docs/research/deepspeed-zero-measured.md
+/// (its `simulate_z3`), which reproduces the measured gathered bytes of all 20 ZeRO-3 plans;
+/// tests/deepspeed.rs checks llama3-8b against it. Runs over about 13 L + 13 L (25 L under
+/// checkpointing) module calls with stack buffers, no allocation: a few microseconds for an
+/// 8B model, spent by ZeRO-3 plans only. `None` when the model is not [`z3_replayable`].
+pub fn z3_replay(m: &ModelSpec, z: &Zero, n: u64, e: u64, ac: bool) -> Option<[u128; 4]> {
+    if !z3_replayable(m) {
+        return None;
+    }
+    if n <= 1 {
+        return Some([0; 4]);
+    }
+    let layers = m.layers as usize;
+    let block = m.block_params();
+    // Parameter ids: 0 the embedding, 1 + 9 i + k layer i's k-th tensor in block order, then
+    // the final norm and the head.
+    let n_params = 3 + 9 * layers;
+    let (norm, head) = (n_params - 2, n_params - 1);
+    let mut numel = [0u64; REPLAY_PARAMS];
+    numel[0] = m.vocab * m.hidden;
+    for i in 0..layers {
+        for (k, p) in block.iter().enumerate() {
+            numel[1 + 9 * i + k] = p.numel();
+        }
+    }
+    numel[norm] = m.hidden;
+    numel[head] = m.vocab * m.hidden;
+    let p = |i: usize, k: usize| (1 + 9 * i + k) as u16;
+    let mut trace = [NO_PARAM; REPLAY_TRACE];
+    let mut len = 0;
+    fn push(trace: &mut [u16], len: &mut usize, ids: &[u16]) {
+        trace[*len..*len + ids.len()].copy_from_slice(ids);
+        *len += ids.len();
+    }
+    const X: u16 = NO_PARAM;
+    push(&mut trace, &mut len, &[X, X, 0, X]);
+    for i in 0..layers {
+        push(
+            &mut trace,
+            &mut len,
+            &[X, p(i, 0), X, p(i, 1), p(i, 2), p(i, 3), p(i, 4), p(i, 5)],
+        );
+        push(&mut trace, &mut len, &[X, p(i, 6), X, p(i, 7), p(i, 8)]);
+    }
+    push(&mut trace, &mut len, &[norm as u16, head as u16]);
+    let boundary = len;
+    push(&mut trace, &mut len, &[X, head as u16, X, norm as u16]);
+    for i in (0..layers).rev() {
+        push(&mut trace, &mut len, &[X, X, p(i, 8)]);
+        if ac {
+            push(
+                &mut trace,
+                &mut len,
+                &[p(i, 0), X, p(i, 1), p(i, 2), p(i, 3), p(i, 4), p(i, 5)],
+            );
+            push(&mut trace, &mut len, &[X, p(i, 6), X, p(i, 7), p(i, 8)]);
+        }
+        push(
+            &mut trace,
+            &mut len,
+            &[
+                p(i, 7),
+                X,
+                p(i, 6),
+                p(i, 5),
+                X,
+                p(i, 4),
+                p(i, 3),
+                p(i, 2),
+                p(i, 1),
+                p(i, 0),
+            ],
+        );
+    }
+    push(&mut trace, &mut len, &[0]);
+    let blocks_bwd = (boundary + 4, len - 1);
+    // prefix[j]: numel of the parameter uses before position j; next[j]: the next position
+    // using position j's parameter (len if none).
+    let mut prefix = [0u64; REPLAY_TRACE + 1];
+    let mut next = [0u16; REPLAY_TRACE];
+    let mut last = [len as u16; REPLAY_PARAMS];
+    for j in 0..len {
+        prefix[j + 1] = prefix[j]
+            + if trace[j] == X {
+                0
+            } else {
+                numel[trace[j] as usize]
+            };
+    }
+    for j in (0..len).rev() {
+        if trace[j] != X {
+            next[j] = last[trace[j] as usize];
+            last[trace[j] as usize] = j as u16;
+        }
+    }
+    const OFF: u8 = 0;
+    const AVAIL: u8 = 1;
+    const FLIGHT: u8 = 2;
+    let t = z.param_persistence_threshold;
+    let mut state = [OFF; REPLAY_PARAMS];
+    for id in 0..n_params {
+        if numel[id] <= t {
+            // Persistent: gathered whole for the whole step, counted apart.
+            state[id] = AVAIL;
+        }
+    }
+    let persistent = |id: usize| numel[id] <= t;
+    let padded = |id: usize| numel[id].div_ceil(n) * n * e;
+    let mut bytes = [0u64; REPLAY_PARAMS];
+    // In flight: the handle (its first parameter), the next parameter of the handle, and the
+    // flat buffer's bytes at the handle's first parameter.
+    let mut handle = [0u16; REPLAY_PARAMS];
+    let mut link = [NO_PARAM; REPLAY_PARAMS];
+    let mut flat = [0u64; REPLAY_PARAMS];
+    let mut most_recent = [i64::MIN; REPLAY_PARAMS];
+    let (mut total, mut live) = (0u64, 0u64);
+    // The queue: positions of the trace holding a parameter, from `q`.
+    let mut q = 0;
+    let advance = |q: &mut usize| {
+        while *q < len && trace[*q] == X {
+            *q += 1;
+        }
+    };
+    let mut out = [0u128; 4];
+    for s in 0..len {
+        let id = trace[s];
+        if id != X {
+            let id = id as usize;
+            match state[id] {
+                OFF => {
+                    state[id] = AVAIL;
+                    bytes[id] = padded(id);
+                    total += bytes[id];
+                    live += numel[id];
+                }
+                FLIGHT => {
+                    let h = handle[id] as usize;
+                    total -= flat[h];
+                    let mut k = h;
+                    while k != X as usize {
+                        state[k] = AVAIL;
+                        bytes[k] = numel[k] * e;
+                        total += bytes[k];
+                        k = link[k] as usize;
+                    }
+                }
+                _ => {}
+            }
+            if most_recent[id] < s as i64 {
+                advance(&mut q);
+                if q < len {
+                    most_recent[trace[q] as usize] = q as i64;
+                    q += 1;
+                }
+            }
+        }
+        let budget =
+            (z.max_live_parameters as i128 - live as i128).min(z.prefetch_bucket_size as i128);
+        let (mut got, mut first, mut prev, mut count, mut flat_bytes) =
+            (0i128, X as usize, X as usize, 0, 0);
+        while got < budget {
+            advance(&mut q);
+            if q >= len {
+                break;
+            }
+            let k = trace[q] as usize;
+            most_recent[k] = most_recent[k].max(q as i64);
+            q += 1;
+            if state[k] == OFF {
+                state[k] = FLIGHT;
+                if first == X as usize {
+                    first = k;
+                } else {
+                    link[prev] = k as u16;
+                }
+                link[k] = NO_PARAM;
+                prev = k;
+                handle[k] = first as u16;
+                count += 1;
+                got += numel[k] as i128;
+                flat_bytes += padded(k);
+            }
+        }
+        if count == 1 {
+            state[first] = AVAIL;
+            bytes[first] = flat_bytes;
+            total += flat_bytes;
+        } else if count > 1 {
+            flat[first] = flat_bytes;
+            total += flat_bytes;
+        }
+        live += got as u64;
+        let now = total as u128;
+        if s < boundary {
+            out[0] = out[0].max(now);
+        } else if s == boundary {
+            out[1] = now;
+        } else if s >= blocks_bwd.0 && s < blocks_bwd.1 {
+            out[2] = out[2].max(now);
+        } else if s == len - 1 {
+            out[3] = now;
+        }
+        if id != X {
+            let id = id as usize;
+            let step = s + 1;
+            let reused = (next[s] as usize) < len
+                && prefix[next[s] as usize] - prefix[step] < z.max_reuse_distance;
+            if !persistent(id) && most_recent[id] <= step as i64 && !reused && state[id] == AVAIL {
+                state[id] = OFF;
+                live -= numel[id];
+                total -= bytes[id];
+            }
+        }
+    }
+    Some(out)
 }

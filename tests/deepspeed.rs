@@ -98,28 +98,18 @@ fn err(pred: u64, measured: u64) -> f64 {
 /// bytes need a replay of ZeRO-3's prefetch.
 #[test]
 fn zero_plans_match_deepspeed_measured_on_cpu() {
-    let (mut modelled, mut refused) = (0, 0);
+    let mut modelled = 0;
     for r in records("deepspeed_zero_torch_2.11.jsonl") {
         let name = r["name"].as_str().unwrap().to_string();
         let json = plan_json(&r, &resolved_zero(&r));
-        let c = &r["knobs"]["zero_config_resolved"];
-        if c["max_reuse_distance"] == 0
-            && c["prefetch_bucket_size"] != 0
-            && name.contains("maxlive")
-        {
-            let e = resolve(&json).unwrap_err();
-            assert_eq!(
-                e.field(),
-                Some("parallel.zero.max_live_parameters"),
-                "{name}"
-            );
-            refused += 1;
-            continue;
-        }
         let e = estimate(&resolve(&json).unwrap()).unwrap();
         let mp = measured_phases(&r);
         let measured = *mp.iter().max().unwrap();
         let pred = e.per_gpu.peak_allocated_bytes.get();
+        println!(
+            "| {name} | {measured} | {pred} | {:+.2}% |",
+            100.0 * err(pred, measured)
+        );
         assert!(
             err(pred, measured).abs() <= 0.03,
             "{name}: {pred} vs {measured}"
@@ -135,7 +125,7 @@ fn zero_plans_match_deepspeed_measured_on_cpu() {
         }
         modelled += 1;
     }
-    assert_eq!((modelled, refused), (32, 2));
+    assert_eq!(modelled, 34);
 }
 
 /// "auto" resolves as accelerate and Trainer fill it (h², int(0.9 h²), 10 h) and absent keys
@@ -222,12 +212,14 @@ fn unmeasured_combinations_are_refused_with_the_field() {
             base("", r#"{"stage":3,"contiguous_gradients":false}"#),
             "parallel.zero.contiguous_gradients",
         ),
+        // Outside the replay's module order (tied embeddings) and the two simple rules.
         (
             base(
                 "",
                 r#"{"stage":3,"max_reuse_distance":0,"max_live_parameters":1000,
                     "param_persistence_threshold":"auto"}"#,
-            ),
+            )
+            .replace(r#""model":"tiny""#, r#""model":"tiny-tied""#),
             "parallel.zero.max_live_parameters",
         ),
     ];
@@ -242,3 +234,120 @@ fn unmeasured_combinations_are_refused_with_the_field() {
     let ok = resolve(&base("", r#"{"stage":3}"#)).unwrap();
     assert_eq!(ok.preset, memplan::plan::Preset::HfTransformers);
 }
+
+/// The Rust replay of ZeRO-3's parameter coordinator (`memplan::zero::z3_replay`) against the
+/// Python one that reproduces the 20 measured ZeRO-3 plans: on each of them, and on models far
+/// larger than measured. Gathered bytes without the persistent parameters: [forward's
+/// largest, at the loss's backward, a block's backward (largest), the embedding's backward].
+#[test]
+fn zero3_replay_equals_the_python_replay() {
+    // Measured plans: every position of the recorded module traces (the Python replay's
+    // values, `simulate_z3` in the analysis of docs/research/deepspeed-zero-measured.md).
+    let measured: [(&str, [u128; 4]); 5] = [
+        ("T-z3-bf16", [266240, 266240, 233472, 32768]),
+        ("T-z3-bf16-reuse0-pf0", [32768, 0, 22528, 32768]),
+        (
+            "T-z3-bf16-reuse0-maxlive40k",
+            [108544, 100352, 100352, 32768],
+        ),
+        (
+            "S-z3-bf16-reuse0-maxlive1m",
+            [2981888, 2105344, 3022848, 1048576],
+        ),
+        ("S-z3-fp32-ac", [16842752, 16842752, 14745600, 2097152]),
+    ];
+    for r in records("deepspeed_zero_torch_2.11.jsonl") {
+        let name = r["name"].as_str().unwrap();
+        let Some((_, want)) = measured.iter().find(|(n, _)| *n == name) else {
+            continue;
+        };
+        let p = resolve(&plan_json(&r, &resolved_zero(&r))).unwrap();
+        let z = p.parallel.zero.unwrap();
+        let ac = r["knobs"]["activation_checkpointing"] == true;
+        let e = p.precision.param.bytes() as u64;
+        let got = memplan::zero::z3_replay(&p.model, &z, p.num_gpus, e, ac);
+        assert_eq!(got, Some(*want), "{name}");
+    }
+    // Not measured: the Python replay (analyze.simulate_z3) on a synthetic Llama module trace
+    // (synth.llama_trace, and under checkpointing the recorded order: each layer's recompute
+    // after its down_proj's backward hook), 8 ranks, bf16, max_live and max_reuse 1e9.
+    // "default": DeepSpeed's defaults (prefetch 5e7, persistence 1e5); "auto": Trainer's
+    // (0.9 h^2, 10 h). The last: auto, max_live_parameters 3e8, max_reuse_distance 0.
+    let big: [(&str, &str, bool, [u128; 4]); 9] = [
+        (
+            "llama3-8b",
+            r#"{"stage":3}"#,
+            false,
+            [3030384640, 2040528896, 2996830208, 1050673152],
+        ),
+        (
+            "llama3-8b",
+            r#"{"stage":3}"#,
+            true,
+            [3030384640, 2040528896, 2996830208, 1050673152],
+        ),
+        (
+            "llama3-8b",
+            AUTO3,
+            false,
+            [3030384640, 2040528896, 2996830208, 1050673152],
+        ),
+        (
+            "llama3-8b",
+            AUTO3,
+            true,
+            [3030384640, 2040528896, 2996830208, 1050673152],
+        ),
+        (
+            "llama3-70b",
+            r#"{"stage":3}"#,
+            false,
+            [3812622336, 2101346304, 3980394496, 2101346304],
+        ),
+        (
+            "llama3-70b",
+            r#"{"stage":3}"#,
+            true,
+            [3812622336, 2101346304, 3980394496, 2101346304],
+        ),
+        (
+            "llama3-70b",
+            AUTO3,
+            false,
+            [3812622336, 2101346304, 3980394496, 2101346304],
+        ),
+        (
+            "llama3-70b",
+            AUTO3,
+            true,
+            [3812622336, 2101346304, 3980394496, 2101346304],
+        ),
+        (
+            "llama3-8b",
+            r#"{"stage":3,"prefetch_bucket_size":"auto","param_persistence_threshold":"auto",
+                "max_live_parameters":3e8,"max_reuse_distance":0}"#,
+            true,
+            [1604321280, 1050673152, 1570766848, 1050673152],
+        ),
+    ];
+    for (model, zero, ac, want) in big {
+        let json = format!(
+            r#"{{"model":"{model}","gpu":"h100-80g","num_gpus":8,"preset":"hf-transformers",
+                "batch":{{"micro_batch_size":1,"seq_len":4096}},
+                "precision":{{"param":"bf16","master":"fp32"}},
+                "activation_checkpointing":"{}","parallel":{{"zero":{zero}}}}}"#,
+            if ac { "full" } else { "none" }
+        );
+        let p = resolve(&json).unwrap();
+        let z = p.parallel.zero.unwrap();
+        assert_eq!(z.gather, memplan::zero::Gather::Replay);
+        let got = memplan::zero::z3_replay(&p.model, &z, 8, 2, ac);
+        assert_eq!(got, Some(want), "{model} {zero} ac={ac}");
+        // And the plan is estimated.
+        assert!(estimate(&p).is_ok(), "{model} {zero}");
+    }
+}
+
+/// The Transformers docs' ZeRO-3 config.
+const AUTO3: &str = r#"{"stage":3,"reduce_bucket_size":"auto","prefetch_bucket_size":"auto",
+    "param_persistence_threshold":"auto","overlap_comm":true}"#;

@@ -19,7 +19,7 @@
 
 use super::{div, overhead, quantities, Phase, Stage, Wide, PHASES};
 use crate::plan::{Checkpointing, Plan};
-use crate::zero::{groups, z3_partition, Gather, Group, Zero, SUB_GROUP_SIZE};
+use crate::zero::{groups, z3_partition, z3_replay, Gather, Group, Zero, SUB_GROUP_SIZE};
 
 /// Ranks up to which ZeRO-2's `grads_in_partition` is taken exactly, rank by rank; beyond,
 /// its bound (the partition and the two parameters straddling its ends), so that an estimate
@@ -195,6 +195,12 @@ fn stage3(plan: &Plan, z: &Zero, gs: &[Group; 2], n: u64, e: u128) -> Owned {
         Gather::WholeModel => [whole, whole, whole - head, embedding, 0],
         // Only the module running: nothing at the loss, one linear inside a block.
         Gather::CurrentModule => [0, 0, biggest, embedding, 0],
+        // A few microseconds, ZeRO-3 plans only (see [`crate::zero::z3_replay`]).
+        Gather::Replay => {
+            let ac = plan.activation_checkpointing == Checkpointing::Full;
+            let [f, l, b, end] = z3_replay(m, z, n, e as u64, ac).unwrap_or_default();
+            [f, l, b, end, 0]
+        }
     };
     // Partitions of every parameter (one flat buffer, `defragment` zero/utils.py:215-243);
     // persistent parameters gathered whole (l.1376-1391), released at the optimizer step
