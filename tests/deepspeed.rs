@@ -256,11 +256,13 @@ fn zero3_replay_equals_the_python_replay() {
         ),
         ("S-z3-fp32-ac", [16842752, 16842752, 14745600, 2097152]),
     ];
+    let mut checked = 0;
     for r in records("deepspeed_zero_torch_2.11.jsonl") {
         let name = r["name"].as_str().unwrap();
         let Some((_, want)) = measured.iter().find(|(n, _)| *n == name) else {
             continue;
         };
+        checked += 1;
         let p = resolve(&plan_json(&r, &resolved_zero(&r))).unwrap();
         let z = p.parallel.zero.unwrap();
         let ac = r["knobs"]["activation_checkpointing"] == true;
@@ -268,12 +270,19 @@ fn zero3_replay_equals_the_python_replay() {
         let got = memplan::zero::z3_replay(&p.model, &z, p.num_gpus, e, ac);
         assert_eq!(got, Some(*want), "{name}");
     }
+    assert_eq!(checked, measured.len());
     // Not measured: the Python replay (analyze.simulate_z3) on a synthetic Llama module trace
     // (synth.llama_trace, and under checkpointing the recorded order: each layer's recompute
     // after its down_proj's backward hook), 8 ranks, bf16, max_live and max_reuse 1e9.
     // "default": DeepSpeed's defaults (prefetch 5e7, persistence 1e5); "auto": Trainer's
     // (0.9 h^2, 10 h). The last: auto, max_live_parameters 3e8, max_reuse_distance 0.
-    let big: [(&str, &str, bool, [u128; 4]); 9] = [
+    let big: [(&str, &str, bool, [u128; 4]); 10] = [
+        (
+            "llama3.1-405b",
+            AUTO3,
+            true,
+            [5947523072, 4202692608, 5343543296, 4202692608],
+        ),
         (
             "llama3-8b",
             r#"{"stage":3}"#,
