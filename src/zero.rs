@@ -487,7 +487,7 @@ pub fn z3_replayable(m: &ModelSpec) -> bool {
 }
 
 /// ZeRO-3's gathered parameters (bytes, persistent ones excluded) at the points memplan
-/// estimates: forward (its largest), the loss's backward, a block's backward (the largest
+/// estimates: forward (the larger of the last block's end and the loss), the loss's backward, a block's backward (the largest
 /// over the blocks) and the embedding's backward (the last module).
 ///
 /// Replays DeepSpeed's `PartitionedParameterCoordinator` (partitioned_param_coordinator.py,
@@ -706,8 +706,9 @@ pub fn z3_replay(m: &ModelSpec, z: &Zero, n: u64, e: u64, ac: bool) -> Option<[u
         }
         live += got as u64;
         let now = total as u128;
-        if s < boundary {
-            out[0] = out[0].max(now);
+        if s == boundary - 3 {
+            // During the last block's down projection (the end of the blocks).
+            out[0] = now;
         } else if s == boundary {
             out[1] = now;
         } else if s >= blocks_bwd.0 && s < blocks_bwd.1 {
@@ -725,6 +726,10 @@ pub fn z3_replay(m: &ModelSpec, z: &Zero, n: u64, e: u64, ac: bool) -> Option<[u
                 live -= numel[id];
                 total -= bytes[id];
             }
+        }
+        if s == boundary - 1 {
+            // At the loss, once the head has been released or kept.
+            out[0] = out[0].max(total as u128);
         }
     }
     Some(out)
