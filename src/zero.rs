@@ -53,7 +53,8 @@ pub struct Zero {
     pub gather: Gather,
 }
 
-/// What ZeRO-3's parameter coordinator keeps gathered, where memplan has a simple rule for it.
+/// What ZeRO-3's parameter coordinator keeps gathered: replayed, or a simple rule for models the
+/// replay does not know.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Gather {
@@ -341,7 +342,9 @@ pub fn resolve(f: &ZeroFile, cx: &Context, warnings: &mut Vec<String>) -> Result
     Ok(z)
 }
 
-/// ZeRO-3's gathered parameters follow a simple rule in two cases; others are refused.
+/// How ZeRO-3's gathered parameters are estimated: by [`z3_replay`] on a model whose module
+/// order it knows (every Llama-shaped model, whatever the settings); otherwise by a simple
+/// rule in two cases, others refused.
 ///
 /// The coordinator (partitioned_param_coordinator.py `_fetch_sub_module_impl` l.353-490,
 /// `release_sub_module` l.494-534, `__params_to_release` l.634-664) prefetches after every
@@ -355,7 +358,9 @@ pub fn resolve(f: &ZeroFile, cx: &Context, warnings: &mut Vec<String>) -> Result
 /// least twice the model's numel nothing used in forward is released before backward, whatever
 /// max_live_parameters (T-z3-bf16-maxlive40k); prefetch 0 and reuse 0 keep only the module
 /// running. With max_reuse_distance 0 and max_live_parameters below the model (and so, with
-/// the defaults, models beyond 1e9 non-persistent parameters) the bytes depend on the replay.
+/// the defaults, models beyond 1e9 non-persistent parameters) the bytes depend on the replay,
+/// which needs the module order: refused for the other models (tied embeddings, biases,
+/// LayerNorm, fused projections, MoE, 4 norms per block, over [`REPLAY_MAX_LAYERS`] layers).
 fn gather_rule(z: &Zero, cx: &Context) -> Result<Gather> {
     let gs = groups(cx.model);
     let total: u128 = gs.iter().map(Group::numel).sum();
