@@ -487,7 +487,13 @@ proptest! {
     // A trace walks every block of the step and the allocator simulation replays it: a tenth
     // of the cases (most flag vectors are refused before any estimate) keeps this target
     // within CI's time.
-    #![proptest_config(Config { cases: (cases() / 10).max(1), ..config() })]
+    // Flag vectors for other commands are rejected (about two in five): the reject budget
+    // grows with the cases, or a larger MEMPLAN_FUZZ_CASES aborts on proptest's default 1,024.
+    #![proptest_config(Config {
+        cases: (cases() / 10).max(1),
+        max_global_rejects: cases().max(1024),
+        ..config()
+    })]
 
     /// `timeline --format json -o -` on the plans of the flag target: the contract (exit code,
     /// one JSON document), a consistent trace, and at its phase points the estimate's figures
