@@ -666,3 +666,28 @@ fn interleaved_micro_batches_its_rounds_do_not_divide_are_refused() {
         .stderr(predicate::str::contains("batch.grad_accum_steps"))
         .stderr(predicate::str::contains("= 4"));
 }
+
+/// HSDP at one shard rank with EP on a one-rank expert mesh: the block's prefetch-less copy
+/// covers its experts (it was their sum, which underflowed in the trace; found by the fuzz
+/// target `flag_vectors`). Both commands answer (1: does not fit), neither panics.
+#[test]
+fn hsdp_at_one_shard_rank_with_expert_parallelism_is_estimated_and_traced() {
+    for cmd in [&["estimate"][..], &["timeline", "-o", "-"][..]] {
+        memplan()
+            .args(cmd)
+            .args([
+                "--model",
+                "mixtral-8x7b",
+                "--dp-replicate",
+                "2",
+                "--tp",
+                "2",
+                "--ep",
+                "2",
+                "--format",
+                "json",
+            ])
+            .assert()
+            .code(1);
+    }
+}

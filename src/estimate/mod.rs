@@ -1381,7 +1381,8 @@ pub(crate) fn quantities(plan: &Plan, st: &Stage, steady: bool) -> Quantities {
         prefetches: !solo_fsdp,
         // At one shard rank FSDP2's prefetch (`unshard`, l.324-335) allocates nothing: a
         // prefetched block's copy is made only when it runs.
-        prefetch_less: experts_solo * e + if hsdp_solo && !pipelined { block_u } else { 0 },
+        // (The whole block covers its experts: the larger of the two, not their sum.)
+        prefetch_less: (experts_solo * e).max(if hsdp_solo && !pipelined { block_u } else { 0 }),
         // (Accumulating into earlier micro-batches' shards, they exist already: `grads_prior`.)
         tail_grads: if split && !lora && on_gpu_params && grads_prior == 0 {
             (p.root_shard - emb_shard) * m
