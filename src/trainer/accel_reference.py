@@ -54,7 +54,7 @@ import torch
 torch.set_num_threads(1)
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from reference_shim import install_counter, OpTrace, FsdpTrace
+from reference_shim import install_counter, OpTrace, FsdpTrace, uncount_other_threads
 
 counter = install_counter(lib)  # channel 2 until set
 lib.mp_set_channel(2)
@@ -84,16 +84,6 @@ acc.state.fsdp_plugin = plugin
 if MP != "no":
     plugin.set_mixed_precision(MP)  # state.py: `if self._mixed_precision != "no": fsdp_plugin.set_mixed_precision(...)`
 rank, world = dist.get_rank(), dist.get_world_size()
-MAIN_TID = threading.get_native_id()
-
-
-def uncount_other_threads():
-    n = 0
-    for t in os.listdir("/proc/self/task"):
-        if int(t) != MAIN_TID:
-            lib.mp_uncount_thread(ctypes.c_int64(int(t)))
-            n += 1
-    return n
 
 
 if "profile" in cfg:
@@ -185,7 +175,7 @@ out = {"rank": rank, "world": world, "cfg": cfg, "distributed_type_before_hack":
        "static_local": static, "params": n_params, "steps": []}
 for step in range(STEPS):
     dist.barrier()
-    out["uncounted_threads"] = uncount_other_threads()
+    out["uncounted_threads"] = uncount_other_threads(lib)
     lib.mp_reset_peak(0)
     s0 = counter()[0]
     tracing = PT and step == STEPS - 1

@@ -48,7 +48,7 @@ them. "check": true first runs one uncounted whole-sequence forward/backward wit
 its loss and gradient norm beside the first CP step's (the CP loss averaged over the CP ranks); they
 agreed to 1e-7 for cp 2 and 4, both rotations, dp_shard 2 and full AC. Other keys: "rotate"
 ("allgather", torchtitan's default, or "alltoall"), "load_balance" (default true), "steps" (default 3),
-"gloo_threads" ("uncounted", the default, or "counted": see uncount_other_threads). With MPCP_OUT set
+"gloo_threads" ("uncounted", the default, or "counted": see reference_shim.uncount_other_threads). With MPCP_OUT set
 in the environment each rank also writes its JSON to $MPCP_OUT.<rank> (torchrun interleaves stdout).
 A plan's figure is each rank's lowest steady-step (step >= 1) peak over a few runs: a Gloo worker can
 still drop its Work's reference to a main-thread buffer late (a free on its own thread), which shows as
@@ -62,7 +62,7 @@ cfg = json.loads(sys.argv[2])
 import torch
 import torch.nn.functional as F
 from reference_llama import Transformer
-from reference_shim import install_counter
+from reference_shim import install_counter, uncount_other_threads
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -166,18 +166,6 @@ out = {"rank": rank, "cp_rank": cp_rank, "dp_rank": dp_rank, "cp": CP, "dp_shard
        "setup": setup, "steps": []}
 
 
-def uncount_other_threads():
-    """With "gloo_threads": "uncounted" (the default), allocations made on any thread but the main one
-    (Gloo's worker and transport threads, the store's) are not counted, as memplan's trainer registers
-    them (csrc/shim.cpp mp_uncount_thread): Gloo allocates scratch buffers on its own threads that NCCL
-    does not, and whether one is still alive at the main thread's peak is a matter of timing. Frees
-    are counted on whatever thread they happen. Autograd runs CPU backward on the calling thread."""
-    main = os.getpid()
-    for t in os.listdir("/proc/self/task"):
-        if int(t) != main:
-            lib.mp_uncount_thread(ctypes.c_int64(int(t)))
-
-
 def batch(step):
     # The same global sequence on every CP rank of a dp_shard group (torchtitan's dataloader is
     # indexed by the "batch" mesh: dp ranks only).
@@ -203,7 +191,7 @@ if cfg.get("check"):
 inp = labels = loss = None
 for step in range(cfg.get("steps", 3)):
     if cfg.get("gloo_threads", "uncounted") == "uncounted":
-        uncount_other_threads()
+        uncount_other_threads(lib)
     opt.zero_grad()
     dist.barrier()
     lib.mp_reset_peak(0)

@@ -76,7 +76,7 @@ import torch
 
 torch.set_num_threads(1)
 sys.path.insert(0, cfg.get("shim_py", "/work/main/src/trainer"))
-from reference_shim import install_counter
+from reference_shim import install_counter, uncount_other_threads
 
 counter = install_counter(lib)  # channel 2 until set
 lib.mp_set_channel(2)
@@ -124,16 +124,6 @@ acc = Accelerator(mixed_precision=MP, deepspeed_plugin=plugin,
                   kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
 rank, world = dist.get_rank(), dist.get_world_size()
 assert acc.num_processes == world, (acc.num_processes, world)
-MAIN_TID = threading.get_native_id()
-
-
-def uncount_other_threads():
-    n = 0
-    for t in os.listdir("/proc/self/task"):
-        if int(t) != MAIN_TID:
-            lib.mp_uncount_thread(ctypes.c_int64(int(t)))
-            n += 1
-    return n
 
 
 # ---- the tracer: OpTrace (reference_shim.py) plus the Python site of each allocating op ----
@@ -438,7 +428,7 @@ out["zero_buffers_setup"] = zero_buffers()
 step_ev = []
 for it in range(STEPS):
     dist.barrier()
-    out["uncounted_threads"] = uncount_other_threads()
+    out["uncounted_threads"] = uncount_other_threads(lib)
     if it == STEPS - 1:
         out["zero_buffers_steady"] = zero_buffers()
     marks.clear()

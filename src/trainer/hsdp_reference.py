@@ -75,7 +75,7 @@ from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils._python_dispatch import TorchDispatchMode
 from reference_llama import Transformer
-from reference_shim import install_counter
+from reference_shim import install_counter, uncount_other_threads
 
 counter = install_counter(lib)  # channel 2 (uncounted) until set otherwise
 
@@ -100,13 +100,6 @@ if R > 1:
 else:
     mesh = init_device_mesh("cpu", (SH,), mesh_dim_names=("dp_shard",))
     shard_rank, replica = mesh.get_local_rank("dp_shard"), 0
-MAIN_TID = threading.get_native_id()
-
-
-def uncount_other_threads():
-    for t in os.listdir("/proc/self/task"):
-        if int(t) != MAIN_TID:
-            lib.mp_uncount_thread(ctypes.c_int64(int(t)))
 
 
 scratch = {"c10d_calls": 0}
@@ -128,7 +121,7 @@ class GlooScratch(TorchDispatchMode):
 
 
 torch.manual_seed(0)
-uncount_other_threads()
+uncount_other_threads(lib)
 lib.mp_set_channel(0)
 lib.mp_reset_peak(0)
 base = counter()[0]
@@ -176,7 +169,7 @@ for step in range(STEPS):
     lib.mp_set_channel(2)
     dist.barrier()
     lib.mp_set_channel(0)
-    uncount_other_threads()
+    uncount_other_threads(lib)
     lib.mp_reset_peak(0)
     s0 = counter()[0]
     g = torch.Generator().manual_seed(1000 * step + replica * SH + shard_rank)

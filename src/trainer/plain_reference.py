@@ -62,7 +62,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
-from reference_shim import install_counter, OpTrace
+from reference_shim import install_counter, OpTrace, uncount_other_threads
 
 counter = install_counter(lib)  # channel 2 (uncounted) until set otherwise
 
@@ -170,13 +170,6 @@ else:
     rank, world = 0, 1
 
 
-def uncount_other_threads():
-    main = os.getpid()
-    for t in os.listdir("/proc/self/task"):
-        if int(t) != main:
-            lib.mp_uncount_thread(ctypes.c_int64(int(t)))
-
-
 from torch.utils._python_dispatch import TorchDispatchMode
 
 scratch = {"c10d_calls": 0}
@@ -201,7 +194,7 @@ class GlooScratch(TorchDispatchMode):
 
 
 torch.manual_seed(0)
-uncount_other_threads()
+uncount_other_threads(lib)
 lib.mp_set_channel(0)
 lib.mp_reset_peak(0)
 base = counter()[0]
@@ -309,7 +302,7 @@ if FSDP and cfg.get("gloo_scratch", "uncounted") == "uncounted":
 for step in range(STEPS):
     if FSDP:
         dist.barrier()
-    uncount_other_threads()
+    uncount_other_threads(lib)
     is_last = step == STEPS - 1
     if TRACE and step == STEPS - 2:  # record from the previous step's batch on (frees in the last step are known)
         lib.mp_trace_start()

@@ -1,6 +1,8 @@
 """memplan's counting CPU allocator (csrc/shim.cpp built as a shared library, loaded with ctypes)
 for the PyTorch reference scripts beside this file."""
 import ctypes
+import os
+import threading
 
 
 def install_counter(lib):
@@ -16,6 +18,23 @@ def install_counter(lib):
         return c.value, p.value
 
     return counter
+
+
+def uncount_other_threads(lib):
+    """Registers every thread of this process but the calling (main) one with the shim as
+    uncounted (csrc/shim.cpp mp_uncount_thread), as memplan's trainer does: Gloo's worker and
+    transport threads and the c10d store's allocate scratch buffers that NCCL does not, and
+    whether one is still alive at the main thread's peak is a matter of timing. Frees are counted
+    on whatever thread they happen; autograd runs CPU backward on the calling thread. Call it
+    again after threads may have started (a new process group, the first collective). Returns
+    how many threads it registered."""
+    main = threading.get_native_id()
+    n = 0
+    for t in os.listdir("/proc/self/task"):
+        if int(t) != main:
+            lib.mp_uncount_thread(ctypes.c_int64(int(t)))
+            n += 1
+    return n
 
 
 class OpTrace:

@@ -89,7 +89,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from reference_shim import install_counter
+from reference_shim import install_counter, uncount_other_threads
 
 counter = install_counter(lib)  # channel 2 (uncounted) until set otherwise
 
@@ -335,16 +335,7 @@ def data(step):
     return batch
 
 
-
-def uncount_other_threads():
-    """Gloo's worker and transport threads and the c10d store's: never counted (NCCL makes no such buffers)."""
-    main = os.getpid()
-    for t in os.listdir("/proc/self/task"):
-        if int(t) != main:
-            lib.mp_uncount_thread(ctypes.c_int64(int(t)))
-
-
-uncount_other_threads()
+uncount_other_threads(lib)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 c10d_calls = [0]
