@@ -104,8 +104,8 @@ use super::memory::{Meter, PhaseMemory};
 use super::model::{self, BlockWeights, Dims, Flavor, Local, TResult};
 use super::optim::{self, OptConfig};
 use super::{
-    checkpointed, default_lr, first_line, is_oom, synthetic_tokens, unsupported, OomReport, Phase,
-    StepReport, TrainOptions, TrainReport,
+    checkpointed, default_lr, first_line, is_oom, steps_peak, synthetic_tokens, tokens_per_second,
+    unsupported, OomReport, Phase, StepReport, TrainOptions, TrainReport,
 };
 use crate::error::{Error, Result};
 use crate::plan::{Checkpointing, DType, Logits, Offload, Plan};
@@ -1370,18 +1370,9 @@ pub fn train_moe(plan: &Plan, opts: &TrainOptions, mesh: Option<&Mesh>) -> Resul
             Err(e) => return Err(rt(e)),
         }
         let (forward, backward) = (fwd_m.unwrap_or_default(), bwd_m.unwrap_or_default());
-        steps.push(StepReport {
-            step,
-            loss,
-            grad_norm: norm,
-            peak_allocated_bytes: forward
-                .peak_allocated_bytes
-                .max(backward.peak_allocated_bytes)
-                .max(opt.peak_allocated_bytes),
-            forward,
-            backward,
-            optimizer: opt,
-        });
+        steps.push(StepReport::of_phases(
+            step, loss, norm, forward, backward, opt,
+        ));
         tokens_done += b * s;
         if opts.progress_lines {
             eprintln!("memplan-progress {step} {} {loss}", opts.steps);
@@ -1389,13 +1380,6 @@ pub fn train_moe(plan: &Plan, opts: &TrainOptions, mesh: Option<&Mesh>) -> Resul
     }
     drop(live);
     let elapsed = started.elapsed().as_secs_f64();
-    let peak = |f: fn(&PhaseMemory) -> u64| {
-        steps
-            .iter()
-            .flat_map(|s| [f(&s.forward), f(&s.backward), f(&s.optimizer)])
-            .max()
-            .unwrap_or(0)
-    };
     let mut notes = vec![
         format!(
             "torchtitan 0.2.2's MoE on one process: {e} experts, top-{}, dropless (no capacity \
@@ -1428,14 +1412,10 @@ pub fn train_moe(plan: &Plan, opts: &TrainOptions, mesh: Option<&Mesh>) -> Resul
         first_step: steps.first().cloned(),
         steady_step: steps.last().cloned(),
         losses: steps.iter().map(|s| s.loss).collect(),
-        peak_allocated_bytes: peak(|p| p.peak_allocated_bytes),
+        peak_allocated_bytes: steps_peak(&steps, |p| p.peak_allocated_bytes),
         peak_reserved_bytes: None,
-        peak_host_bytes: peak(|p| p.peak_host_bytes),
-        tokens_per_second: if elapsed > 0.0 {
-            tokens_done as f64 / elapsed
-        } else {
-            0.0
-        },
+        peak_host_bytes: steps_peak(&steps, |p| p.peak_host_bytes),
+        tokens_per_second: tokens_per_second(tokens_done, elapsed),
         oom,
         notes,
         steps,

@@ -176,6 +176,49 @@ pub struct StepReport {
     pub peak_allocated_bytes: u64,
 }
 
+impl StepReport {
+    /// A step's report from its three phases' memory: the step's peak is the highest of theirs.
+    pub(crate) fn of_phases(
+        step: u64,
+        loss: f64,
+        grad_norm: f64,
+        forward: PhaseMemory,
+        backward: PhaseMemory,
+        optimizer: PhaseMemory,
+    ) -> StepReport {
+        StepReport {
+            step,
+            loss,
+            grad_norm,
+            peak_allocated_bytes: forward
+                .peak_allocated_bytes
+                .max(backward.peak_allocated_bytes)
+                .max(optimizer.peak_allocated_bytes),
+            forward,
+            backward,
+            optimizer,
+        }
+    }
+}
+
+/// The highest `f` of any phase of `steps` (0 for none).
+pub(crate) fn steps_peak(steps: &[StepReport], f: fn(&PhaseMemory) -> u64) -> u64 {
+    steps
+        .iter()
+        .flat_map(|s| [f(&s.forward), f(&s.backward), f(&s.optimizer)])
+        .max()
+        .unwrap_or(0)
+}
+
+/// Tokens per second of a run (0 for a run that took no measurable time).
+pub(crate) fn tokens_per_second(tokens: u64, elapsed: f64) -> f64 {
+    if elapsed > 0.0 {
+        tokens as f64 / elapsed
+    } else {
+        0.0
+    }
+}
+
 /// Where a run ran out of memory.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct OomReport {
@@ -1176,18 +1219,9 @@ fn train_on(
             m.all_reduce_sum(&t).map_err(rt)?;
             loss = t.f_double_value(&[0]).map_err(rt)? / m.dp_world() as f64;
         }
-        steps.push(StepReport {
-            step,
-            loss,
-            grad_norm: norm,
-            peak_allocated_bytes: forward
-                .peak_allocated_bytes
-                .max(backward.peak_allocated_bytes)
-                .max(opt.peak_allocated_bytes),
-            forward,
-            backward,
-            optimizer: opt,
-        });
+        steps.push(StepReport::of_phases(
+            step, loss, norm, forward, backward, opt,
+        ));
         if between(step + 1) {
             recorder::pause();
         }
@@ -1206,14 +1240,6 @@ fn train_on(
         b.finish_and_clear();
     }
     let elapsed = started.elapsed().as_secs_f64();
-
-    let peak = |f: fn(&PhaseMemory) -> u64| {
-        steps
-            .iter()
-            .flat_map(|s| [f(&s.forward), f(&s.backward), f(&s.optimizer)])
-            .max()
-            .unwrap_or(0)
-    };
     let peak_reserved = steps
         .iter()
         .flat_map(|s| {
@@ -1311,14 +1337,10 @@ fn train_on(
         first_step: steps.first().cloned(),
         steady_step: steps.last().cloned(),
         losses: steps.iter().map(|s| s.loss).collect(),
-        peak_allocated_bytes: peak(|p| p.peak_allocated_bytes),
+        peak_allocated_bytes: steps_peak(&steps, |p| p.peak_allocated_bytes),
         peak_reserved_bytes: peak_reserved,
-        peak_host_bytes: peak(|p| p.peak_host_bytes),
-        tokens_per_second: if elapsed > 0.0 {
-            tokens as f64 / elapsed
-        } else {
-            0.0
-        },
+        peak_host_bytes: steps_peak(&steps, |p| p.peak_host_bytes),
+        tokens_per_second: tokens_per_second(tokens, elapsed),
         oom,
         notes,
         steps,
